@@ -1,0 +1,67 @@
+"""One exception tree for the archive, each class carrying its protocol mappings.
+
+::
+
+    PacsError                       0x0110 processing failure / 500
+    ├── InvalidInstance             0xC000 cannot understand   / 400
+    │   └── InvalidUID              0xC000                     / 400
+    ├── SOPClassMismatch            0xA900 does not match SOP class / 400
+    ├── DuplicateRejected           0x0111 duplicate SOP instance   / 409
+    ├── StorageFailure              0xA700 out of resources    / 507
+    └── IndexFailure                0xA700 out of resources    / 503
+
+The DIMSE adapters answer ``exc.dimse_status``; the HTTP layer answers
+``exc.http_status`` with ``str(exc)`` as the reason. Nothing else maps errors.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pacs.status import StoreStatus
+
+
+class PacsError(Exception):
+    """Root of every error the archive reports to a peer."""
+
+    dimse_status: ClassVar[int] = StoreStatus.PROCESSING_FAILURE
+    http_status: ClassVar[int] = 500
+
+
+class InvalidInstance(PacsError):
+    """The bytes are not a DICOM data set we can index (unparseable, missing keys)."""
+
+    dimse_status = StoreStatus.CANNOT_UNDERSTAND
+    http_status = 400
+
+
+class InvalidUID(InvalidInstance):
+    """A UID is missing or not a valid UID (PS3.5 9.1: digits and dots, at most 64)."""
+
+
+class SOPClassMismatch(PacsError):
+    """The data set's SOP Class UID differs from the one the peer announced."""
+
+    dimse_status = StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    http_status = 400
+
+
+class DuplicateRejected(PacsError):
+    """Same SOP Instance UID, different bytes, and the policy keeps the first copy."""
+
+    dimse_status = StoreStatus.DUPLICATE_SOP_INSTANCE
+    http_status = 409
+
+
+class StorageFailure(PacsError):
+    """The blob could not be written durably (disk full, I/O error)."""
+
+    dimse_status = StoreStatus.OUT_OF_RESOURCES
+    http_status = 507
+
+
+class IndexFailure(PacsError):
+    """The index could not commit the instance (database unavailable or locked too long)."""
+
+    dimse_status = StoreStatus.OUT_OF_RESOURCES
+    http_status = 503

@@ -1,0 +1,108 @@
+"""The DICOM File Format (PS3.10) around the data sets the archive keeps.
+
+Every stored file gets a zero preamble and a File Meta Information group written by us:
+the preamble of a received file is never kept (a DICOM/executable polyglot must not be
+served back), and a deterministic meta group makes the stored bytes a function of the
+data set and its transfer syntax alone, so "the same instance again" is a byte compare.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+from typing import BinaryIO
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+
+from pacs.errors import InvalidInstance
+from pacs.uids import require_uid
+
+PREAMBLE = b"\x00" * 128
+PREFIX = b"DICM"
+IMPLEMENTATION_CLASS_UID = "2.25.147689926215679578712708350289865579041"
+IMPLEMENTATION_VERSION_NAME = "FILMLESS_010"
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                    b"UT", b"UV"}
+_MAX_META_LENGTH = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FileMeta:
+    """The identifying part of a File Meta Information group."""
+
+    MediaStorageSOPClassUID: str
+    MediaStorageSOPInstanceUID: str
+    TransferSyntaxUID: str
+
+
+def encode_file_meta(meta: FileMeta) -> bytes:
+    """Preamble, prefix and group 0002 exactly as the archive writes them."""
+    fm = FileMetaDataset()
+    fm.FileMetaInformationVersion = b"\x00\x01"
+    fm.MediaStorageSOPClassUID = meta.MediaStorageSOPClassUID
+    fm.MediaStorageSOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    fm.TransferSyntaxUID = meta.TransferSyntaxUID
+    fm.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    fm.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_file_meta_info(buffer, fm, enforce_standard=True)
+    return PREAMBLE + PREFIX + buffer.getvalue()
+
+
+def read_file_meta(stream: BinaryIO) -> FileMeta:
+    """Read preamble, prefix and group 0002, leaving ``stream`` at the data set's first byte.
+
+    Only what a Part 10 file must carry is accepted: a "DICM" prefix at offset 128 and a
+    meta group naming the SOP Class, SOP Instance and transfer syntax.
+    """
+    head = stream.read(132)
+    if len(head) < 132 or head[128:132] != PREFIX:
+        raise InvalidInstance("not a DICOM Part 10 file: no 'DICM' prefix at offset 128")
+    raw = bytearray()
+    while True:
+        start = stream.tell()
+        tag_vr = stream.read(6)
+        if len(tag_vr) < 6 or struct.unpack("<H", tag_vr[:2])[0] != 0x0002:
+            stream.seek(start)
+            break
+        vr = tag_vr[4:6]
+        if vr in _LONG_LENGTH_VRS:
+            rest = stream.read(6)
+            if len(rest) < 6:
+                raise InvalidInstance("File Meta Information is truncated")
+            length = struct.unpack("<L", rest[2:])[0]
+        else:
+            rest = stream.read(2)
+            if len(rest) < 2:
+                raise InvalidInstance("File Meta Information is truncated")
+            length = struct.unpack("<H", rest)[0]
+        if len(raw) + length > _MAX_META_LENGTH:
+            raise InvalidInstance("File Meta Information is implausibly long")
+        value = stream.read(length)
+        if len(value) < length:
+            raise InvalidInstance("File Meta Information is truncated")
+        raw += tag_vr + rest + value
+    try:
+        ds = read_dataset(BytesIO(bytes(raw)), is_implicit_VR=False, is_little_endian=True)
+        sop_class = ds.get("MediaStorageSOPClassUID")
+        sop_instance = ds.get("MediaStorageSOPInstanceUID")
+        transfer_syntax = ds.get("TransferSyntaxUID")
+    except Exception as exc:  # pydicom raises many types for malformed input
+        raise InvalidInstance(f"File Meta Information cannot be parsed: {exc}") from exc
+    return FileMeta(
+        MediaStorageSOPClassUID=require_uid(_text(sop_class), "MediaStorageSOPClassUID"),
+        MediaStorageSOPInstanceUID=require_uid(
+            _text(sop_instance), "MediaStorageSOPInstanceUID"
+        ),
+        TransferSyntaxUID=require_uid(_text(transfer_syntax), "TransferSyntaxUID"),
+    )
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value).strip("\x00 ")

@@ -1,0 +1,54 @@
+"""DICOM status codes as named constants, grouped per service (PS3.4 Annex B, PS3.7 Annex C).
+
+Handlers return these names, never bare hex literals, so a reader can tell a refusal
+for lack of resources from one for a malformed data set.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class StatusCategory(IntEnum):
+    SUCCESS = 0
+    WARNING = 1
+    FAILURE = 2
+    CANCEL = 3
+    PENDING = 4
+
+
+class GeneralStatus(IntEnum):
+    """Statuses shared by every DIMSE service (PS3.7 Annex C)."""
+
+    SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
+class StoreStatus(IntEnum):
+    """C-STORE statuses (PS3.4 B.2.3) plus the general ones we use for it."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    PROCESSING_FAILURE = 0x0110
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    WARNING_COERCION = 0xB000
+    WARNING_ELEMENTS_DISCARDED = 0xB006
+    WARNING_DATA_SET_DOES_NOT_MATCH = 0xB007
+
+
+def category(code: int) -> StatusCategory:
+    """Classify a DIMSE status code the way PS3.7 C.1 groups them."""
+    if code == 0x0000:
+        return StatusCategory.SUCCESS
+    if code in (0xFF00, 0xFF01):
+        return StatusCategory.PENDING
+    if code == 0xFE00:
+        return StatusCategory.CANCEL
+    if code == 0x0001 or (code & 0xF000) == 0xB000 or code == 0x0107 or code == 0x0116:
+        return StatusCategory.WARNING
+    return StatusCategory.FAILURE

@@ -1,0 +1,153 @@
+"""The blob store: durable writes of whole DICOM files under a folder the archive owns.
+
+A write is: temporary file in ``staging/``, fsync, atomic rename into place, fsync of
+the directory (and of every directory created on the way). Paths are built only from
+validated UIDs and a content hash, so nothing a peer sends can name a path outside the
+data folder, and a replaced instance gets a new file instead of being rewritten in place.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pacs.errors import StorageFailure
+from pacs.uids import require_uid
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class StagedBlob:
+    """Bytes written and fsynced under ``staging/`` but not yet visible in the store."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+class FsBlobStore:
+    """Files under ``root/objects``, staged under ``root/staging`` on the same file system."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = root / "objects"
+        self.staging = root / "staging"
+        for folder in (self.root, self.objects, self.staging):
+            _ensure_dir(folder)
+
+    def stage(self, head: bytes, body: BinaryIO) -> StagedBlob:
+        """Write ``head`` then the rest of ``body`` to a new staging file, durably."""
+        path = self.staging / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "xb") as out:
+                digest.update(head)
+                out.write(head)
+                size += len(head)
+                while chunk := body.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            _unlink_quietly(path)
+            raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
+        return StagedBlob(path=path, size=size, sha256=digest.hexdigest())
+
+    def relative_path(
+        self, StudyInstanceUID: str, SeriesInstanceUID: str, SOPInstanceUID: str, sha256: str
+    ) -> str:
+        """Where an instance lives, relative to ``objects/``; UIDs are checked here again."""
+        study = require_uid(StudyInstanceUID, "StudyInstanceUID")
+        series = require_uid(SeriesInstanceUID, "SeriesInstanceUID")
+        sop = require_uid(SOPInstanceUID, "SOPInstanceUID")
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError("sha256 must be 64 lower-case hex digits")
+        fan = hashlib.sha1(study.encode("ascii"), usedforsecurity=False).hexdigest()
+        return f"{fan[:2]}/{fan[2:4]}/{study}/{series}/{sop}.{sha256[:16]}.dcm"
+
+    def commit(self, staged: StagedBlob, relative: str) -> Path:
+        """Move a staged blob to its place and make the new directory entry durable."""
+        target = self.path(relative)
+        try:
+            _ensure_dir(target.parent)
+            os.replace(staged.path, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            _unlink_quietly(staged.path)
+            raise StorageFailure(f"cannot store the instance: {_describe(exc)}") from exc
+        return target
+
+    def discard(self, staged: StagedBlob) -> None:
+        _unlink_quietly(staged.path)
+
+    def path(self, relative: str) -> Path:
+        resolved = (self.objects / relative).resolve()
+        if not resolved.is_relative_to(self.objects.resolve()):
+            raise ValueError(f"path {relative!r} escapes the store")
+        return resolved
+
+    def open(self, relative: str) -> BinaryIO:
+        return open(self.path(relative), "rb")
+
+    def delete(self, relative: str) -> None:
+        """Remove a blob and the directories it leaves empty, durably."""
+        target = self.path(relative)
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return
+        folder = target.parent
+        _fsync_dir(folder)
+        objects = self.objects.resolve()
+        while folder != objects:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            _fsync_dir(folder.parent)
+            folder = folder.parent
+
+
+def _ensure_dir(folder: Path) -> None:
+    """mkdir -p, fsyncing each parent that gained an entry so the path survives power loss."""
+    missing: list[Path] = []
+    probe = folder
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(created.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the archive's disk"
+    return exc.strerror or str(exc)

@@ -17,6 +17,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 
 from pacs.errors import InvalidInstance
 from pacs.uids import require_uid
@@ -25,8 +26,21 @@ PREAMBLE = b"\x00" * 128
 PREFIX = b"DICM"
 IMPLEMENTATION_CLASS_UID = "2.25.147689926215679578712708350289865579041"
 IMPLEMENTATION_VERSION_NAME = "FILMLESS_010"
-_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-                    b"UT", b"UV"}
+_LONG_LENGTH_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 _MAX_META_LENGTH = 64 * 1024
 
 
@@ -43,10 +57,10 @@ def encode_file_meta(meta: FileMeta) -> bytes:
     """Preamble, prefix and group 0002 exactly as the archive writes them."""
     fm = FileMetaDataset()
     fm.FileMetaInformationVersion = b"\x00\x01"
-    fm.MediaStorageSOPClassUID = meta.MediaStorageSOPClassUID
-    fm.MediaStorageSOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    fm.TransferSyntaxUID = meta.TransferSyntaxUID
-    fm.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    fm.MediaStorageSOPClassUID = UID(meta.MediaStorageSOPClassUID)
+    fm.MediaStorageSOPInstanceUID = UID(meta.MediaStorageSOPInstanceUID)
+    fm.TransferSyntaxUID = UID(meta.TransferSyntaxUID)
+    fm.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     fm.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     buffer = DicomBytesIO()
     buffer.is_little_endian = True
@@ -97,9 +111,7 @@ def read_file_meta(stream: BinaryIO) -> FileMeta:
         raise InvalidInstance(f"File Meta Information cannot be parsed: {exc}") from exc
     return FileMeta(
         MediaStorageSOPClassUID=require_uid(_text(sop_class), "MediaStorageSOPClassUID"),
-        MediaStorageSOPInstanceUID=require_uid(
-            _text(sop_instance), "MediaStorageSOPInstanceUID"
-        ),
+        MediaStorageSOPInstanceUID=require_uid(_text(sop_instance), "MediaStorageSOPInstanceUID"),
         TransferSyntaxUID=require_uid(_text(transfer_syntax), "TransferSyntaxUID"),
     )
 

@@ -49,6 +49,6 @@ def category(code: int) -> StatusCategory:
         return StatusCategory.PENDING
     if code == 0xFE00:
         return StatusCategory.CANCEL
-    if code == 0x0001 or (code & 0xF000) == 0xB000 or code == 0x0107 or code == 0x0116:
+    if code in (0x0001, 0x0107, 0x0116) or (code & 0xF000) == 0xB000:
         return StatusCategory.WARNING
     return StatusCategory.FAILURE

@@ -8,6 +8,7 @@ data folder, and a replaced instance gets a new file instead of being rewritten 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -141,10 +142,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _describe(exc: OSError) -> str:

@@ -18,8 +18,21 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _ITEM_DELIMITATION = (0xFFFE, 0xE00D)
 _SEQUENCE_DELIMITATION = (0xFFFE, 0xE0DD)
-_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-                    b"UT", b"UV"}
+_LONG_LENGTH_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 MAX_SEQUENCE_DEPTH = 32
 
 
@@ -101,3 +114,10 @@ def check_structure(path: Path, offset: int, *, explicit: bool, little: bool) ->
             raise InvalidInstance("the data set is empty")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             _Walker(buf, explicit, little).elements(offset, size, depth=0, in_item=False)
+
+
+def check_structure_bytes(data: bytes, *, explicit: bool, little: bool) -> None:
+    """The same check over an in-memory data set (an inflated deflated one)."""
+    if not data:
+        raise InvalidInstance("the data set is empty")
+    _Walker(data, explicit, little).elements(0, len(data), depth=0, in_item=False)

@@ -1,0 +1,133 @@
+"""The ``filmless`` command: serve, config show, import."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from filmless.app import build_archive, serve
+from filmless.settings import Settings, load_settings, to_toml
+from pacs.archive import Archive, Origin
+from pacs.errors import PacsError
+
+_REJECTIONS_SHOWN = 20
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="filmless", description=__doc__)
+    parser.add_argument("--config", type=Path, help="filmless.toml to read settings from")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the DIMSE server in the foreground")
+    config = commands.add_parser("config", help="settings")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser("show", help="print the effective settings as TOML")
+    imp = commands.add_parser("import", help="store DICOM files and folders in the archive")
+    imp.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        settings = load_settings(args.config)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        return 2
+    if args.command == "serve":
+        serve(settings)
+        return 0
+    if args.command == "config":
+        sys.stdout.write(to_toml(settings))
+        return 0
+    if args.command == "import":
+        return import_paths(settings, args.paths, console)
+    raise AssertionError(args.command)
+
+
+def _files(paths: Sequence[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            for folder, _dirs, names in os.walk(path):
+                for name in sorted(names):
+                    yield Path(folder) / name
+        else:
+            yield path
+
+
+def import_paths(settings: Settings, paths: Sequence[Path], console: Console) -> int:
+    """Store every file under ``paths`` through the one ingest path; 1 if any was refused."""
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        console.print(f"[red]no such file or folder:[/red] {', '.join(map(str, missing))}")
+        return 2
+    archive = build_archive(settings)
+    files = list(_files(paths))
+    counts: Counter[str] = Counter()
+    rejected: list[tuple[Path, str]] = []
+    columns = (
+        TextColumn("importing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("import", total=len(files))
+        for path in files:
+            result = _import_one(archive, path)
+            if isinstance(result, str):
+                counts[result] += 1
+            else:
+                counts["rejected"] += 1
+                rejected.append((path, result[1]))
+            progress.advance(task)
+    archive.index.dispose()
+    _summary(console, counts, rejected, len(files))
+    return 1 if rejected else 0
+
+
+def _import_one(archive: Archive, path: Path) -> str | tuple[None, str]:
+    try:
+        outcome = archive.ingest_file(path, Origin.IMPORT)
+    except PacsError as exc:
+        return (None, str(exc))
+    except OSError as exc:
+        return (None, f"cannot read the file: {exc.strerror or exc}")
+    return str(outcome.action)
+
+
+def _summary(
+    console: Console, counts: Counter[str], rejected: list[tuple[Path, str]], total: int
+) -> None:
+    table = Table(title=f"{total} files")
+    table.add_column("outcome")
+    table.add_column("files", justify="right")
+    for outcome in ("stored", "duplicate", "overwritten", "rejected"):
+        table.add_row(outcome, str(counts.get(outcome, 0)))
+    console.print(table)
+    for path, reason in rejected[:_REJECTIONS_SHOWN]:
+        console.print(f"[yellow]rejected[/yellow] {path}: {reason}")
+    if len(rejected) > _REJECTIONS_SHOWN:
+        console.print(f"... and {len(rejected) - _REJECTIONS_SHOWN} more rejected")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

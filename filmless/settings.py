@@ -1,0 +1,133 @@
+"""The one typed settings object, from ``filmless.toml`` and ``FILMLESS_*`` variables.
+
+Precedence, highest first: keyword overrides (tests, CLI flags), environment variables,
+the TOML file named by ``--config``, the embedded defaults. The defaults run a complete
+archive on one machine: SQLite and files under ``./data``, listening on loopback only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DuplicatePolicy = Literal["reject", "overwrite"]
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set; see ``filmless config show`` for the effective values."""
+
+    model_config = SettingsConfigDict(env_prefix="FILMLESS_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(Path("data"), description="blobs, staging files and the SQLite index")
+    index_url: str = Field(
+        "", description="SQLAlchemy URL of the index; empty = SQLite in data_dir"
+    )
+    ae_title: str = Field("FILMLESS", description="our AE title")
+    bind_address: str = Field("127.0.0.1", description="address DIMSE and HTTP listen on")
+    dimse_port: int = Field(11112, ge=1, le=65535)
+    http_port: int = Field(8080, ge=1, le=65535)
+    allowed_calling_aets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="calling AE titles accepted at association time; empty = any",
+    )
+    max_associations: int = Field(16, ge=1, description="concurrent DIMSE associations")
+    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for A-ASSOCIATE")
+    dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for a DIMSE message")
+    network_timeout: float = Field(60.0, gt=0, description="seconds an idle association lives")
+    max_pdu: int = Field(
+        1048576, ge=0, description="largest P-DATA PDU we accept, bytes (0 = no limit)"
+    )
+    duplicate_policy: DuplicatePolicy = Field(
+        "reject", description="same SOP Instance UID, different bytes: reject or overwrite"
+    )
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _split_aets(cls, value: Any) -> Any:
+        """Environment variables carry lists as ``A,B,C``; TOML carries real arrays."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        _require_ae_title(value)
+        return value
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_allowed(cls, value: list[str]) -> list[str]:
+        for title in value:
+            _require_ae_title(title)
+        return value
+
+    @model_validator(mode="after")
+    def _default_index(self) -> Settings:
+        if not self.index_url:
+            url = f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+            object.__setattr__(self, "index_url", url)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def _require_ae_title(value: str) -> None:
+    """PS3.5 AE: 1-16 characters of the default repertoire, no backslash, not all spaces."""
+    if not value.strip() or len(value) > 16 or "\\" in value or not value.isascii():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 ASCII characters)")
+    if any(ord(c) < 0x20 for c in value):
+        raise ValueError(f"{value!r} is not a valid AE title (control characters)")
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, reading ``config`` when given (a missing file is an error)."""
+    if config is None:
+        return Settings(**overrides)
+    if not config.is_file():
+        raise FileNotFoundError(f"configuration file {config} does not exist")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=config)
+
+    return _FromFile(**overrides)
+
+
+def to_toml(settings: Settings) -> str:
+    """The effective settings as TOML that ``--config`` reads back unchanged."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if field.description:
+            lines.append(f"# {field.description}")
+        lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

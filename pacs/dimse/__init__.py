@@ -1,0 +1,1 @@
+"""DIMSE services over pynetdicom: one module per service, one AE built in ``server``."""

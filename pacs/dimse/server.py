@@ -1,0 +1,63 @@
+"""The Application Entity: which services, SOP classes and transfer syntaxes we accept.
+
+Every storage SOP class pynetdicom knows is accepted in every transfer syntax pydicom
+knows, so a modality's proposal is accepted as sent and nothing is transcoded on the
+way in. Calling AE titles outside a non-empty allow-list are rejected during association
+negotiation (A-ASSOCIATE-RJ, "calling AE title not recognized").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs.archive import Archive
+from pacs.dimse.echo import handle_echo
+from pacs.dimse.store import make_store_handler
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(sorted(_STORAGE_CLASSES.values()))
+TRANSFER_SYNTAXES: tuple[str, ...] = tuple(str(uid) for uid in AllTransferSyntaxes)
+
+
+@dataclass(frozen=True, slots=True)
+class DimseConfig:
+    ae_title: str = "FILMLESS"
+    bind_address: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_pdu: int = 1048576
+
+
+def build_ae(config: DimseConfig) -> AE:
+    ae = AE(ae_title=config.ae_title)
+    ae.maximum_associations = config.max_associations
+    ae.acse_timeout = config.acse_timeout
+    ae.dimse_timeout = config.dimse_timeout
+    ae.network_timeout = config.network_timeout
+    ae.maximum_pdu_size = config.max_pdu
+    ae.require_calling_aet = list(config.allowed_calling_aets)
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+def start_dimse(archive: Archive, config: DimseConfig) -> ThreadedAssociationServer:
+    """Listen in background threads; the caller stops it with ``server.shutdown()``."""
+    ae = build_ae(config)
+    handlers: list[Any] = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, make_store_handler(archive)),
+    ]
+    server = ae.start_server((config.bind_address, config.port), block=False, evt_handlers=handlers)
+    assert server is not None  # non-blocking start always returns the server
+    return server

@@ -1,0 +1,236 @@
+"""Read the attributes the index keeps from a staged file, without touching pixel data.
+
+The data set is first walked for structural soundness (every length inside the file),
+then parsed by pydicom up to the pixel data with large values deferred, so the cost of
+indexing a 20 MB mammogram is the cost of its header. Values are kept as the text the
+modality sent (DICOM keywords as names); only person names get an extra normalised
+form for case- and accent-insensitive matching.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from pacs.errors import InvalidInstance, SOPClassMismatch
+from pacs.part10 import FileMeta
+from pacs.structure import check_structure, check_structure_bytes
+from pacs.uids import require_uid
+
+# Values longer than this stay on disk while the header is parsed.
+_DEFER_SIZE = 4096
+_MAX_INFLATED = 4 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class PatientAttributes:
+    PatientID: str
+    IssuerOfPatientID: str
+    PatientName: str
+    PatientBirthDate: str
+    PatientSex: str
+
+
+@dataclass(frozen=True, slots=True)
+class StudyAttributes:
+    StudyInstanceUID: str
+    StudyDate: str
+    StudyTime: str
+    AccessionNumber: str
+    StudyID: str
+    StudyDescription: str
+    ReferringPhysicianName: str
+    TimezoneOffsetFromUTC: str
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesAttributes:
+    SeriesInstanceUID: str
+    Modality: str
+    SeriesNumber: int | None
+    SeriesDescription: str
+    BodyPartExamined: str
+    Laterality: str
+    PerformedProcedureStepStartDate: str
+    PerformedProcedureStepStartTime: str
+    ScheduledProcedureStepID: str
+    RequestedProcedureID: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceAttributes:
+    SOPClassUID: str
+    SOPInstanceUID: str
+    InstanceNumber: int | None
+    Rows: int | None
+    Columns: int | None
+    BitsAllocated: int | None
+    NumberOfFrames: int | None
+    ContentDate: str
+    ContentTime: str
+    ImageType: str
+    ViewPosition: str
+    ImageLaterality: str
+    PresentationIntentType: str
+    PhotometricInterpretation: str
+    SpecificCharacterSet: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    patient: PatientAttributes
+    study: StudyAttributes
+    series: SeriesAttributes
+    instance: InstanceAttributes
+
+
+def normalise_name(name: str) -> str:
+    """Lower case, accents removed, component separators as spaces: the fuzzy-match form."""
+    decomposed = unicodedata.normalize("NFKD", name)
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(stripped.replace("^", " ").replace("=", " ").casefold().split())
+
+
+def read_header(path: Path, data_set_offset: int, meta: FileMeta) -> InstanceHeader:
+    """Validate the staged file at ``path`` and extract what the index stores."""
+    syntax = UID(meta.TransferSyntaxUID)
+    if not syntax.is_transfer_syntax:
+        raise InvalidInstance(f"transfer syntax {meta.TransferSyntaxUID} is not supported")
+    if syntax == DeflatedExplicitVRLittleEndian:
+        check_structure_bytes(_inflate(path, data_set_offset), explicit=True, little=True)
+    else:
+        check_structure(
+            path,
+            data_set_offset,
+            explicit=not syntax.is_implicit_VR,
+            little=syntax.is_little_endian,
+        )
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE, stop_before_pixels=True)
+        header = _extract(ds)
+    except (InvalidInstance, SOPClassMismatch):
+        raise
+    except (Exception, RecursionError) as exc:  # pydicom raises many types on bad input
+        raise InvalidInstance(f"data set cannot be parsed: {exc}") from exc
+    if header.instance.SOPClassUID != meta.MediaStorageSOPClassUID:
+        raise SOPClassMismatch(
+            f"data set SOP Class UID {header.instance.SOPClassUID} differs from the "
+            f"announced {meta.MediaStorageSOPClassUID}"
+        )
+    if header.instance.SOPInstanceUID != meta.MediaStorageSOPInstanceUID:
+        raise InvalidInstance(
+            f"data set SOP Instance UID {header.instance.SOPInstanceUID} differs from the "
+            f"announced {meta.MediaStorageSOPInstanceUID}"
+        )
+    return header
+
+
+def _inflate(path: Path, offset: int) -> bytes:
+    """Deflated data sets (PS3.5 A.5) are raw deflate streams after the meta group."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        out = bytearray()
+        try:
+            while chunk := fh.read(1 << 20):
+                out += inflater.decompress(chunk, _MAX_INFLATED - len(out))
+                if inflater.unconsumed_tail:
+                    raise InvalidInstance("deflated data set inflates beyond 4 GiB")
+            out += inflater.flush()
+        except zlib.error as exc:
+            raise InvalidInstance(f"deflated data set is corrupt: {exc}") from exc
+        if not inflater.eof:
+            raise InvalidInstance("deflated data set is truncated")
+    return bytes(out)
+
+
+def _extract(ds: Dataset) -> InstanceHeader:
+    request = _first_item(ds, "RequestAttributesSequence")
+    return InstanceHeader(
+        patient=PatientAttributes(
+            PatientID=_text(ds, "PatientID"),
+            IssuerOfPatientID=_text(ds, "IssuerOfPatientID"),
+            PatientName=_text(ds, "PatientName"),
+            PatientBirthDate=_text(ds, "PatientBirthDate"),
+            PatientSex=_text(ds, "PatientSex"),
+        ),
+        study=StudyAttributes(
+            StudyInstanceUID=require_uid(_text(ds, "StudyInstanceUID"), "StudyInstanceUID"),
+            StudyDate=_text(ds, "StudyDate"),
+            StudyTime=_text(ds, "StudyTime"),
+            AccessionNumber=_text(ds, "AccessionNumber"),
+            StudyID=_text(ds, "StudyID"),
+            StudyDescription=_text(ds, "StudyDescription"),
+            ReferringPhysicianName=_text(ds, "ReferringPhysicianName"),
+            TimezoneOffsetFromUTC=_text(ds, "TimezoneOffsetFromUTC"),
+        ),
+        series=SeriesAttributes(
+            SeriesInstanceUID=require_uid(_text(ds, "SeriesInstanceUID"), "SeriesInstanceUID"),
+            Modality=_text(ds, "Modality"),
+            SeriesNumber=_integer(ds, "SeriesNumber"),
+            SeriesDescription=_text(ds, "SeriesDescription"),
+            BodyPartExamined=_text(ds, "BodyPartExamined"),
+            Laterality=_text(ds, "Laterality"),
+            PerformedProcedureStepStartDate=_text(ds, "PerformedProcedureStepStartDate"),
+            PerformedProcedureStepStartTime=_text(ds, "PerformedProcedureStepStartTime"),
+            ScheduledProcedureStepID=_text(request, "ScheduledProcedureStepID"),
+            RequestedProcedureID=_text(request, "RequestedProcedureID"),
+        ),
+        instance=InstanceAttributes(
+            SOPClassUID=require_uid(_text(ds, "SOPClassUID"), "SOPClassUID"),
+            SOPInstanceUID=require_uid(_text(ds, "SOPInstanceUID"), "SOPInstanceUID"),
+            InstanceNumber=_integer(ds, "InstanceNumber"),
+            Rows=_integer(ds, "Rows"),
+            Columns=_integer(ds, "Columns"),
+            BitsAllocated=_integer(ds, "BitsAllocated"),
+            NumberOfFrames=_integer(ds, "NumberOfFrames"),
+            ContentDate=_text(ds, "ContentDate"),
+            ContentTime=_text(ds, "ContentTime"),
+            ImageType=_text(ds, "ImageType"),
+            ViewPosition=_text(ds, "ViewPosition"),
+            ImageLaterality=_text(ds, "ImageLaterality"),
+            PresentationIntentType=_text(ds, "PresentationIntentType"),
+            PhotometricInterpretation=_text(ds, "PhotometricInterpretation"),
+            SpecificCharacterSet=_text(ds, "SpecificCharacterSet"),
+        ),
+    )
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    sequence = ds.get(keyword)
+    if sequence is None or not isinstance(sequence, pydicom.Sequence) or len(sequence) == 0:
+        return None
+    item: Dataset = sequence[0]
+    return item
+
+
+def _text(ds: Dataset | None, keyword: str) -> str:
+    """An attribute as text: multiple values joined by backslash, empty when absent."""
+    if ds is None:
+        return ""
+    value: Any = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return "\\".join(str(v).strip() for v in value)
+    return str(value).strip("\x00 ")
+
+
+def _integer(ds: Dataset, keyword: str) -> int | None:
+    """IS/US values as int; an unreadable number is left out rather than failing the store."""
+    value: Any = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        value = value[0] if len(value) else None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

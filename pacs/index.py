@@ -1,0 +1,502 @@
+"""The SQL index: patient / study / series / instance, SQLAlchemy Core, SQLite or PostgreSQL.
+
+Columns are named by DICOM keyword and hold what C-FIND and QIDO-RS match or return by
+default (PS3.18 tables 10.6.3-3 to -5, PS3.4 C.6 unique and required keys). The derived
+attributes (ModalitiesInStudy, NumberOf...Related...) are kept up to date inside the
+same transaction that adds or removes an instance, so queries never count rows.
+
+Concurrency: on SQLite every write transaction starts with ``BEGIN IMMEDIATE`` (one
+writer at a time, no lock upgrade deadlocks; WAL lets readers go on); on PostgreSQL the
+study row is locked ``FOR UPDATE`` so that instances of one study commit one after the
+other while different studies commit in parallel. A transaction that loses a race
+(a unique key taken meanwhile, a lock timeout) is retried from the start.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy import (
+    Index as SqlIndex,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from pacs.errors import DuplicateRejected, IndexFailure, InvalidInstance
+from pacs.header import InstanceHeader, normalise_name
+
+DuplicatePolicy = Literal["reject", "overwrite"]
+
+metadata = MetaData()
+
+
+def _uid(name: str, **kwargs: Any) -> Column[str]:
+    return Column(name, String(64), nullable=False, **kwargs)
+
+
+def _text(name: str) -> Column[str]:
+    return Column(name, Text, nullable=False, default="")
+
+
+def _count(name: str) -> Column[int]:
+    return Column(name, Integer, nullable=False, default=0)
+
+
+patient = Table(
+    "patient",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    _text("PatientID"),
+    _text("IssuerOfPatientID"),
+    _text("PatientName"),
+    _text("PatientNameSearch"),
+    _text("PatientBirthDate"),
+    _text("PatientSex"),
+    _count("NumberOfPatientRelatedStudies"),
+    _count("NumberOfPatientRelatedSeries"),
+    _count("NumberOfPatientRelatedInstances"),
+    UniqueConstraint("PatientID", "IssuerOfPatientID", name="uq_patient_identity"),
+)
+
+study = Table(
+    "study",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", ForeignKey("patient.id"), nullable=False, index=True),
+    _uid("StudyInstanceUID", unique=True),
+    _text("StudyDate"),
+    _text("StudyTime"),
+    _text("AccessionNumber"),
+    _text("StudyID"),
+    _text("StudyDescription"),
+    _text("ReferringPhysicianName"),
+    _text("ReferringPhysicianNameSearch"),
+    _text("TimezoneOffsetFromUTC"),
+    _text("ModalitiesInStudy"),
+    _count("NumberOfStudyRelatedSeries"),
+    _count("NumberOfStudyRelatedInstances"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    SqlIndex("ix_study_date", "StudyDate"),
+    SqlIndex("ix_study_accession", "AccessionNumber"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_id", ForeignKey("study.id"), nullable=False, index=True),
+    _uid("SeriesInstanceUID", unique=True),
+    _text("Modality"),
+    Column("SeriesNumber", Integer),
+    _text("SeriesDescription"),
+    _text("BodyPartExamined"),
+    _text("Laterality"),
+    _text("PerformedProcedureStepStartDate"),
+    _text("PerformedProcedureStepStartTime"),
+    _text("ScheduledProcedureStepID"),
+    _text("RequestedProcedureID"),
+    _count("NumberOfSeriesRelatedInstances"),
+    SqlIndex("ix_series_modality", "Modality"),
+)
+
+instance = Table(
+    "instance",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("series_id", ForeignKey("series.id"), nullable=False, index=True),
+    _uid("SOPInstanceUID", unique=True),
+    _uid("SOPClassUID", index=True),
+    Column("InstanceNumber", Integer),
+    Column("Rows", Integer),
+    Column("Columns", Integer),
+    Column("BitsAllocated", Integer),
+    Column("NumberOfFrames", Integer),
+    _text("ContentDate"),
+    _text("ContentTime"),
+    _text("ImageType"),
+    _text("ViewPosition"),
+    _text("ImageLaterality"),
+    _text("PresentationIntentType"),
+    _text("PhotometricInterpretation"),
+    _text("SpecificCharacterSet"),
+    _uid("TransferSyntaxUID"),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("path", Text, nullable=False),
+    _text("origin"),
+    _text("SourceApplicationEntityTitle"),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+
+class IndexAction(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    OVERWRITTEN = "overwritten"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobFacts:
+    """What the store knows about the bytes of one instance."""
+
+    TransferSyntaxUID: str
+    size: int
+    sha256: str
+    path: str
+    origin: str
+    SourceApplicationEntityTitle: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """An indexed instance with the keys a caller needs to find its bytes."""
+
+    id: int
+    SOPInstanceUID: str
+    SOPClassUID: str
+    SeriesInstanceUID: str
+    StudyInstanceUID: str
+    TransferSyntaxUID: str
+    size: int
+    sha256: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class IndexOutcome:
+    action: IndexAction
+    record: InstanceRecord
+    replaced: InstanceRecord | None = None
+
+
+_RETRIES = 8
+
+
+class Index:
+    """The archive's database; one per process, safe to share between threads."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            self.writer = self._sqlite_engine(url, echo, begin="BEGIN IMMEDIATE")
+            self.reader = self._sqlite_engine(url, echo, begin="BEGIN")
+        else:
+            self.writer = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
+            self.reader = self.writer
+
+    @staticmethod
+    def _sqlite_engine(url: str, echo: bool, begin: str) -> Engine:
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _configure(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+            # Hand transaction control to the "begin" hook below (SQLAlchemy's recipe).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Connection) -> None:
+            connection.exec_driver_sql(begin)
+
+        return engine
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.writer)
+
+    def drop_schema(self) -> None:
+        metadata.drop_all(self.writer)
+
+    def dispose(self) -> None:
+        self.writer.dispose()
+        self.reader.dispose()
+
+    # -- reads -----------------------------------------------------------------------
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        try:
+            with self.reader.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"the index cannot be read: {_reason(exc)}") from exc
+
+    def instance(self, SOPInstanceUID: str) -> InstanceRecord | None:
+        with self.reading() as conn:
+            return _find_instance(conn, SOPInstanceUID)
+
+    def instances(self) -> list[InstanceRecord]:
+        with self.reading() as conn:
+            rows = conn.execute(_record_query().order_by(instance.c.id)).mappings()
+            return [InstanceRecord(**row) for row in rows]
+
+    # -- writes ----------------------------------------------------------------------
+
+    def add(self, header: InstanceHeader, blob: BlobFacts, policy: DuplicatePolicy) -> IndexOutcome:
+        """Index one instance under ``policy`` in one transaction, retrying lost races."""
+        for attempt in range(_RETRIES):
+            try:
+                with self.writer.begin() as conn:
+                    return _add(conn, header, blob, policy)
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == _RETRIES - 1 or not _retryable(exc):
+                    raise IndexFailure(f"the index cannot commit: {_reason(exc)}") from exc
+                time.sleep(0.01 * (attempt + 1))
+            except DBAPIError as exc:
+                raise IndexFailure(f"the index cannot commit: {_reason(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    def remove(self, SOPInstanceUID: str) -> InstanceRecord | None:
+        """Drop an instance and the parents it leaves empty; returns what was removed."""
+        try:
+            with self.writer.begin() as conn:
+                record = _find_instance(conn, SOPInstanceUID)
+                if record is not None:
+                    _remove(conn, record)
+                return record
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"the index cannot commit: {_reason(exc)}") from exc
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    if isinstance(exc, IntegrityError):
+        return True
+    text = str(exc.orig).lower()
+    return any(word in text for word in ("locked", "deadlock", "serialize", "busy"))
+
+
+def _reason(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).splitlines()[0]
+
+
+def _record_query() -> Any:
+    return (
+        select(
+            instance.c.id,
+            instance.c.SOPInstanceUID,
+            instance.c.SOPClassUID,
+            series.c.SeriesInstanceUID,
+            study.c.StudyInstanceUID,
+            instance.c.TransferSyntaxUID,
+            instance.c.size,
+            instance.c.sha256,
+            instance.c.path,
+        )
+        .join(series, instance.c.series_id == series.c.id)
+        .join(study, series.c.study_id == study.c.id)
+    )
+
+
+def _find_instance(conn: Connection, SOPInstanceUID: str) -> InstanceRecord | None:
+    row = (
+        conn.execute(_record_query().where(instance.c.SOPInstanceUID == SOPInstanceUID))
+        .mappings()
+        .first()
+    )
+    return None if row is None else InstanceRecord(**row)
+
+
+def _insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
+    """INSERT unless the unique key exists; True when this transaction created the row."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    if conn.dialect.name not in ("postgresql", "sqlite"):
+        raise IndexFailure(f"unsupported index database {conn.dialect.name}")
+    statement = dialect.insert(table).values(**values).on_conflict_do_nothing()
+    return bool(conn.execute(statement).rowcount == 1)
+
+
+def _add(
+    conn: Connection, header: InstanceHeader, blob: BlobFacts, policy: DuplicatePolicy
+) -> IndexOutcome:
+    existing = _find_instance(conn, header.instance.SOPInstanceUID)
+    replaced = None
+    if existing is not None:
+        if existing.sha256 == blob.sha256:
+            return IndexOutcome(IndexAction.DUPLICATE, existing)
+        if policy == "reject":
+            raise DuplicateRejected(
+                f"SOP Instance {existing.SOPInstanceUID} is already stored with different "
+                "content and the duplicate policy is 'reject'"
+            )
+        _remove(conn, existing)
+        replaced = existing
+    now = datetime.now(UTC)
+
+    # The study row is locked first: instances of one study commit one after the other.
+    study_id = conn.execute(
+        select(study.c.id)
+        .where(study.c.StudyInstanceUID == header.study.StudyInstanceUID)
+        .with_for_update()
+    ).scalar_one_or_none()
+    new_study = False
+    if study_id is None:
+        patient_values = asdict(header.patient)
+        patient_values["PatientNameSearch"] = normalise_name(header.patient.PatientName)
+        _insert_ignore(conn, patient, patient_values)
+        patient_id = conn.execute(
+            select(patient.c.id).where(
+                patient.c.PatientID == header.patient.PatientID,
+                patient.c.IssuerOfPatientID == header.patient.IssuerOfPatientID,
+            )
+        ).scalar_one()
+        study_values = asdict(header.study)
+        study_values.update(
+            patient_id=patient_id,
+            ReferringPhysicianNameSearch=normalise_name(header.study.ReferringPhysicianName),
+            created_at=now,
+            updated_at=now,
+        )
+        new_study = _insert_ignore(conn, study, study_values)
+        study_id = conn.execute(
+            select(study.c.id)
+            .where(study.c.StudyInstanceUID == header.study.StudyInstanceUID)
+            .with_for_update()
+        ).scalar_one()
+
+    series_values = asdict(header.series)
+    series_values["study_id"] = study_id
+    new_series = _insert_ignore(conn, series, series_values)
+    series_row = conn.execute(
+        select(series.c.id, series.c.study_id).where(
+            series.c.SeriesInstanceUID == header.series.SeriesInstanceUID
+        )
+    ).one()
+    if series_row.study_id != study_id:
+        raise InvalidInstance(
+            f"Series {header.series.SeriesInstanceUID} already belongs to another study "
+            f"than {header.study.StudyInstanceUID}"
+        )
+    instance_values = asdict(header.instance)
+    instance_values.update(asdict(blob), series_id=series_row.id, received_at=now)
+    conn.execute(instance.insert().values(**instance_values))
+
+    conn.execute(
+        update(series)
+        .where(series.c.id == series_row.id)
+        .values(NumberOfSeriesRelatedInstances=series.c.NumberOfSeriesRelatedInstances + 1)
+    )
+    parent_study = study_id
+    conn.execute(
+        update(study)
+        .where(study.c.id == parent_study)
+        .values(
+            NumberOfStudyRelatedInstances=study.c.NumberOfStudyRelatedInstances + 1,
+            NumberOfStudyRelatedSeries=study.c.NumberOfStudyRelatedSeries + int(new_series),
+            updated_at=now,
+        )
+    )
+    owner = conn.execute(select(study.c.patient_id).where(study.c.id == parent_study)).scalar_one()
+    conn.execute(
+        update(patient)
+        .where(patient.c.id == owner)
+        .values(
+            NumberOfPatientRelatedInstances=patient.c.NumberOfPatientRelatedInstances + 1,
+            NumberOfPatientRelatedSeries=patient.c.NumberOfPatientRelatedSeries + int(new_series),
+            NumberOfPatientRelatedStudies=patient.c.NumberOfPatientRelatedStudies + int(new_study),
+        )
+    )
+    if new_series:
+        _refresh_modalities(conn, parent_study)
+    record = _find_instance(conn, header.instance.SOPInstanceUID)
+    assert record is not None
+    action = IndexAction.STORED if replaced is None else IndexAction.OVERWRITTEN
+    return IndexOutcome(action, record, replaced)
+
+
+def _refresh_modalities(conn: Connection, study_id: int) -> None:
+    modalities = conn.execute(
+        select(series.c.Modality)
+        .where(series.c.study_id == study_id, series.c.Modality != "")
+        .distinct()
+        .order_by(series.c.Modality)
+    ).scalars()
+    conn.execute(
+        update(study).where(study.c.id == study_id).values(ModalitiesInStudy="\\".join(modalities))
+    )
+
+
+def _remove(conn: Connection, record: InstanceRecord) -> None:
+    series_row = conn.execute(
+        select(series.c.id, series.c.study_id, study.c.patient_id)
+        .join(study, series.c.study_id == study.c.id)
+        .where(series.c.SeriesInstanceUID == record.SeriesInstanceUID)
+    ).one()
+    conn.execute(
+        select(study.c.id).where(study.c.id == series_row.study_id).with_for_update()
+    ).scalar_one()
+    conn.execute(delete(instance).where(instance.c.id == record.id))
+    left = conn.execute(
+        update(series)
+        .where(series.c.id == series_row.id)
+        .values(NumberOfSeriesRelatedInstances=series.c.NumberOfSeriesRelatedInstances - 1)
+        .returning(series.c.NumberOfSeriesRelatedInstances)
+    ).scalar_one()
+    series_gone = left == 0
+    if series_gone:
+        conn.execute(delete(series).where(series.c.id == series_row.id))
+    study_left = conn.execute(
+        update(study)
+        .where(study.c.id == series_row.study_id)
+        .values(
+            NumberOfStudyRelatedInstances=study.c.NumberOfStudyRelatedInstances - 1,
+            NumberOfStudyRelatedSeries=study.c.NumberOfStudyRelatedSeries - int(series_gone),
+            updated_at=datetime.now(UTC),
+        )
+        .returning(study.c.NumberOfStudyRelatedInstances)
+    ).scalar_one()
+    study_gone = study_left == 0
+    if study_gone:
+        conn.execute(delete(study).where(study.c.id == series_row.study_id))
+    elif series_gone:
+        _refresh_modalities(conn, series_row.study_id)
+    patient_left = conn.execute(
+        update(patient)
+        .where(patient.c.id == series_row.patient_id)
+        .values(
+            NumberOfPatientRelatedInstances=patient.c.NumberOfPatientRelatedInstances - 1,
+            NumberOfPatientRelatedSeries=patient.c.NumberOfPatientRelatedSeries - int(series_gone),
+            NumberOfPatientRelatedStudies=patient.c.NumberOfPatientRelatedStudies - int(study_gone),
+        )
+        .returning(patient.c.NumberOfPatientRelatedInstances)
+    ).scalar_one()
+    if patient_left == 0:
+        conn.execute(delete(patient).where(patient.c.id == series_row.patient_id))
+
+
+def count_rows(conn: Connection, table: Table) -> int:
+    return int(conn.execute(select(func.count()).select_from(table)).scalar_one())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -93,11 +94,12 @@ class Patient:
 def _patient(rng: Rng, number: int) -> Patient:
     charset, name = _NAMES[number % len(_NAMES)]
     year = 1940 + int(rng.np.integers(60))
+    month, day = int(rng.np.integers(1, 13)), int(rng.np.integers(1, 29))
     return Patient(
         PatientID=f"FL{number:06d}",
         PatientName=name,
         SpecificCharacterSet=charset,
-        PatientBirthDate=f"{year}{int(rng.np.integers(1, 13)):02d}{int(rng.np.integers(1, 29)):02d}",
+        PatientBirthDate=f"{year}{month:02d}{day:02d}",
         PatientSex=rng.choice(("F", "M", "O")) if number % 7 else "F",
     )
 
@@ -186,7 +188,8 @@ def _chest(rng: Rng, rows: int, columns: int) -> NDArray[np.uint16]:
         body -= 1400 * np.sqrt(np.clip(1 - lung, 0, None))
     ribs = 180 * (np.sin(y / max(rows, 1) * 40) > 0.6)
     noise = rng.np.normal(0, 25, size=(rows, columns))
-    return np.clip(body + ribs + noise, 1, 4095).astype(np.uint16)
+    image: NDArray[np.uint16] = np.clip(body + ribs + noise, 1, 4095).astype(np.uint16)
+    return image
 
 
 def _breast(rng: Rng, rows: int, columns: int, right: bool) -> NDArray[np.uint16]:
@@ -460,8 +463,6 @@ def encode(ds: Dataset, syntax: UID) -> Dataset:
 
 def _jpeg_baseline(ds: Dataset) -> None:
     """8-bit colour as baseline JPEG with 4:2:2 chroma, the way fundus cameras send it."""
-    from PIL import Image  # only needed when writing lossy colour images
-
     pixels = ds.pixel_array
     image = Image.fromarray(pixels, mode="RGB")
     buffer = io.BytesIO()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -23,6 +24,11 @@ from pacs.errors import InvalidInstance, SOPClassMismatch
 from pacs.part10 import FileMeta
 from pacs.structure import check_structure, check_structure_bytes
 from pacs.uids import require_uid
+
+# The archive checks the attributes it indexes itself (UIDs strictly) and keeps every
+# other value exactly as sent; pydicom's per-value warnings on reading would only be noise
+# in the log of a busy archive, and they must not depend on a process's warning filters.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 # Values longer than this stay on disk while the header is parsed.
 _DEFER_SIZE = 4096

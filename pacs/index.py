@@ -336,8 +336,10 @@ def _insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> bo
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     if conn.dialect.name not in ("postgresql", "sqlite"):
         raise IndexFailure(f"unsupported index database {conn.dialect.name}")
-    statement = dialect.insert(table).values(**values).on_conflict_do_nothing()
-    return bool(conn.execute(statement).rowcount == 1)
+    statement = (
+        dialect.insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
+    )
+    return conn.execute(statement).first() is not None
 
 
 def _add(

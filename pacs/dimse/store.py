@@ -46,8 +46,10 @@ def make_store_handler(archive: Archive) -> Callable[[evt.Event], Dataset]:
                 raise SOPClassMismatch(
                     f"SOP Class {announced} sent on a context for {context.abstract_syntax}"
                 )
+            data_set = cast(BytesIO, request.DataSet)
+            data_set.seek(0)
             source = InstanceSource.from_data_set(
-                cast(BytesIO, request.DataSet),
+                data_set,
                 TransferSyntaxUID=str(context.transfer_syntax),
                 SOPClassUID=announced,
                 SOPInstanceUID=sop_instance,

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from pacs.errors import InvalidInstance, InvalidUID, SOPClassMismatch
+from pacs.header import normalise_name, read_header
+from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
+from tests.support.instances import ct_instance, part10
+
+
+def _stage(tmp_path: Path, data: bytes, meta: FileMeta | None = None) -> tuple[Path, int, FileMeta]:
+    stream = io.BytesIO(data)
+    found = read_file_meta(stream)
+    meta = meta or found
+    head = encode_file_meta(meta)
+    path = tmp_path / "staged.dcm"
+    path.write_bytes(head + stream.read())
+    return path, len(head), meta
+
+
+def test_reads_every_indexed_level(corpus: list[Path], tmp_path: Path) -> None:
+    for source in corpus:
+        ds = pydicom.dcmread(source)
+        path, offset, meta = _stage(tmp_path, source.read_bytes())
+        header = read_header(path, offset, meta)
+        assert header.instance.SOPInstanceUID == ds.SOPInstanceUID
+        assert header.study.StudyInstanceUID == ds.StudyInstanceUID
+        assert header.series.Modality == ds.Modality
+        assert header.patient.PatientName == str(ds.PatientName)
+        assert header.instance.Rows == ds.Rows
+        if ds.Modality == "MG":
+            assert header.instance.ViewPosition in ("CC", "MLO")
+            assert header.instance.ImageLaterality in ("L", "R")
+            assert header.instance.PresentationIntentType == "FOR PRESENTATION"
+
+
+def test_person_names_normalise_for_fuzzy_matching() -> None:
+    assert normalise_name("Müller^Jürgen") == "muller jurgen"
+    assert normalise_name("GARÇON^Amélie^^") == "garcon amelie"
+
+
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_missing_uid_is_refused(tmp_path: Path, keyword: str) -> None:
+    ds = ct_instance()
+    part10(ds)  # fills the meta group while the data set is still whole
+    delattr(ds, keyword)
+    path, offset, meta = _stage(tmp_path, part10(ds))
+    with pytest.raises(InvalidUID, match=keyword):
+        read_header(path, offset, meta)
+
+
+def test_malformed_uid_is_refused(tmp_path: Path) -> None:
+    ds = ct_instance(study="1.2.abc")
+    path, offset, meta = _stage(tmp_path, part10(ds))
+    with pytest.raises(InvalidUID, match="StudyInstanceUID"):
+        read_header(path, offset, meta)
+
+
+def test_announced_sop_class_must_match(tmp_path: Path) -> None:
+    ds = ct_instance()
+    stream = io.BytesIO(part10(ds))
+    meta = read_file_meta(stream)
+    wrong = FileMeta(
+        "1.2.840.10008.5.1.4.1.1.4", meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID
+    )
+    path, offset, _ = _stage(tmp_path, part10(ds), wrong)
+    with pytest.raises(SOPClassMismatch, match="differs from the announced"):
+        read_header(path, offset, wrong)
+
+
+def test_garbage_is_refused(tmp_path: Path) -> None:
+    meta = FileMeta("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1")
+    head = encode_file_meta(meta)
+    path = tmp_path / "garbage.dcm"
+    path.write_bytes(head + b"\x08\x00\x18\x00UI\xff\x7f" + b"x" * 40)
+    with pytest.raises(InvalidInstance):
+        read_header(path, len(head), meta)

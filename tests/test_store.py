@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+
+from pacs.errors import InvalidUID, StorageFailure
+from pacs.store import FsBlobStore
+
+STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+
+
+def test_stage_commit_delete(tmp_path: Path) -> None:
+    store = FsBlobStore(tmp_path)
+    staged = store.stage(b"head", io.BytesIO(b"body" * 1000))
+    assert staged.size == 4004
+    assert staged.sha256 == hashlib.sha256(b"head" + b"body" * 1000).hexdigest()
+    relative = store.relative_path(STUDY, SERIES, SOP, staged.sha256)
+    assert relative.endswith(f"{STUDY}/{SERIES}/{SOP}.{staged.sha256[:16]}.dcm")
+    target = store.commit(staged, relative)
+    assert target.read_bytes() == b"head" + b"body" * 1000
+    assert list(store.staging.iterdir()) == []
+    store.delete(relative)
+    assert not target.exists()
+    # Emptied folders go too, the store root stays.
+    assert list(store.objects.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("study", "series", "sop"),
+    [
+        ("..", SERIES, SOP),
+        (STUDY, "../..", SOP),
+        (STUDY, SERIES, "1.2/../../x"),
+        ("/etc", SERIES, SOP),
+    ],
+)
+def test_paths_only_from_valid_uids(tmp_path: Path, study: str, series: str, sop: str) -> None:
+    store = FsBlobStore(tmp_path)
+    with pytest.raises(InvalidUID):
+        store.relative_path(study, series, sop, "0" * 64)
+
+
+def test_no_path_escapes_the_store(tmp_path: Path) -> None:
+    store = FsBlobStore(tmp_path / "data")
+    with pytest.raises(ValueError, match="escapes"):
+        store.path("../../etc/passwd")
+
+
+def test_disk_full_is_a_storage_failure_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FsBlobStore(tmp_path)
+
+    def no_space(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pacs.store.os.fsync", no_space)
+    with pytest.raises(StorageFailure, match="no space left"):
+        store.stage(b"head", io.BytesIO(b"body"))
+    assert list(store.staging.iterdir()) == []

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from pacs.archive import InstanceSource
+from pacs.part10 import FileMeta, encode_file_meta
 
 
 def ct_instance(
@@ -54,14 +57,26 @@ def ct_instance(
     return ds
 
 
-def part10(ds: Dataset) -> bytes:
-    """``ds`` as a Part 10 file, its meta group filled from the data set."""
-    ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", CTImageStorage)
-    if "SOPInstanceUID" in ds:
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+def part10(ds: Dataset, *, fill_meta: bool = True) -> bytes:
+    """``ds`` as a Part 10 file; the meta group is filled from the data set unless told not
+    to, which is how a test makes the announced identity differ from the data set's."""
+    if fill_meta or "MediaStorageSOPClassUID" not in ds.file_meta:
+        ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", CTImageStorage)
+        if "SOPInstanceUID" in ds:
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    syntax = ds.file_meta.TransferSyntaxUID
+    body = DicomBytesIO()
+    body.is_little_endian = syntax.is_little_endian
+    body.is_implicit_VR = syntax.is_implicit_VR
+    write_dataset(body, ds)
+    head = encode_file_meta(
+        FileMeta(
+            str(ds.file_meta.MediaStorageSOPClassUID),
+            str(ds.file_meta.MediaStorageSOPInstanceUID),
+            str(syntax),
+        )
+    )
+    return head + body.getvalue()
 
 
 def write(ds: Dataset, path: Path) -> Path:

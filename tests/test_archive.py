@@ -12,6 +12,7 @@ import pytest
 from pacs.archive import Archive, InstanceSource, Origin
 from pacs.errors import (
     DuplicateRejected,
+    IndexFailure,
     InvalidInstance,
     InvalidUID,
     SOPClassMismatch,
@@ -147,8 +148,6 @@ def test_disk_error_on_commit_leaves_nothing(
 
 
 def test_index_failure_removes_the_blob(archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pacs.errors import IndexFailure
-
     def down(*_args: object) -> None:
         raise IndexFailure("the index cannot commit: database is locked")
 

@@ -1,0 +1,161 @@
+"""The ``filmless`` command: settings, import, and a real ``serve`` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from filmless.cli import main
+from filmless.settings import load_settings
+from pacs.index import Index
+from tests.conftest import free_port
+from tests.support.instances import ct_instance, write
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for key in list(os.environ):
+        if key.startswith("FILMLESS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("FILMLESS_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_settings_precedence(env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "filmless.toml"
+    config.write_text(
+        'ae_title = "FROMFILE"\ndimse_port = 2000\nallowed_calling_aets = ["A", "B"]\n'
+    )
+    settings = load_settings(config)
+    assert (settings.ae_title, settings.dimse_port, settings.allowed_calling_aets) == (
+        "FROMFILE",
+        2000,
+        ["A", "B"],
+    )
+    monkeypatch.setenv("FILMLESS_DIMSE_PORT", "3000")
+    monkeypatch.setenv("FILMLESS_ALLOWED_CALLING_AETS", "CT1, MR2")
+    settings = load_settings(config)
+    assert (settings.ae_title, settings.dimse_port, settings.allowed_calling_aets) == (
+        "FROMFILE",
+        3000,
+        ["CT1", "MR2"],
+    )
+    assert settings.index_url == f"sqlite:///{(env / 'index.sqlite').resolve()}"
+
+
+def test_defaults(env: Path) -> None:
+    settings = load_settings()
+    assert (settings.ae_title, settings.bind_address, settings.dimse_port) == (
+        "FILMLESS",
+        "127.0.0.1",
+        11112,
+    )
+    assert settings.duplicate_policy == "reject"
+    assert settings.allowed_calling_aets == []
+
+
+def test_config_show_round_trips(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "show"]) == 0
+    shown = capsys.readouterr().out
+    assert 'ae_title = "FILMLESS"' in shown
+    saved = tmp_path / "shown.toml"
+    saved.write_text(shown)
+    assert load_settings(saved).model_dump() == load_settings().model_dump()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        'ae_title = "WAY_TOO_LONG_AE_TITLE"',
+        'duplicate_policy = "keep-both"',
+        "dimse_port = 0",
+        "unknown = 1",
+    ],
+)
+def test_invalid_settings_exit_2(
+    env: Path, tmp_path: Path, content: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(content + "\n")
+    assert main(["--config", str(config), "config", "show"]) == 2
+    assert "invalid settings" in capsys.readouterr().err
+
+
+def test_import_folder(
+    env: Path, tmp_path: Path, corpus: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "incoming"
+    shutil.copytree(corpus[0].parent.parent, folder)
+    (folder / "notes.txt").write_text("not DICOM")
+    duplicate = folder / "again.dcm"
+    shutil.copy(corpus[0], duplicate)
+    assert main(["import", str(folder)]) == 1  # one file refused
+    err = capsys.readouterr().err
+    assert "notes.txt" in err
+    assert "DICM" in err
+    index = Index(load_settings().index_url)
+    assert len(index.instances()) == len(corpus)
+    index.dispose()
+    # Importing again: all duplicates, nothing refused besides the text file.
+    assert main(["import", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "duplicate" in err
+
+
+def test_import_missing_path(env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["import", str(tmp_path / "nowhere")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def _wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def test_serve_process(env: Path, tmp_path: Path) -> None:
+    """``filmless serve`` as ``make serve`` runs it: C-ECHO, C-STORE, clean SIGTERM."""
+    port = free_port()
+    environment = {**os.environ, "FILMLESS_DIMSE_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "filmless.cli", "serve"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for_port(port)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+        assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        path = write(ct_instance(), tmp_path / "ct.dcm")
+        assert assoc.send_c_store(dcmread(path)).Status == 0
+        assoc.release()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output.decode()
+    assert b"DIMSE listening" in output
+    index = Index(load_settings().index_url)
+    assert len(index.instances()) == 1
+    index.dispose()

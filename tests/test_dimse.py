@@ -1,0 +1,283 @@
+"""C-ECHO and C-STORE over loopback with pynetdicom SCUs, every status checked."""
+
+from __future__ import annotations
+
+import errno
+import io
+from collections import defaultdict
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from pacs.archive import Archive
+from pacs.dimse.server import STORAGE_SOP_CLASSES, DimseConfig, start_dimse
+from pacs.index import count_rows, instance
+from pacs.part10 import read_file_meta
+from pacs.status import StoreStatus
+from tests.conftest import free_port, make_archive
+from tests.support.instances import ct_instance, part10
+from tests.support.scu import associate, context_id, send_raw
+
+CT_CONTEXT = [
+    (CTImageStorage, [ExplicitVRLittleEndian]),
+    (MRImageStorage, [ExplicitVRLittleEndian]),
+]
+
+
+def _body(data: bytes) -> tuple[str, str, str, bytes]:
+    stream = io.BytesIO(data)
+    meta = read_file_meta(stream)
+    return (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+        meta.TransferSyntaxUID,
+        stream.read(),
+    )
+
+
+def _store(config: DimseConfig, data: bytes) -> pydicom.Dataset:
+    sop_class, sop_instance, syntax, body = _body(data)
+    assoc = associate(config, [(sop_class, [syntax])])
+    assert assoc.is_established
+    try:
+        return send_raw(
+            assoc,
+            context_id=context_id(assoc, sop_class, syntax),
+            SOPClassUID=sop_class,
+            SOPInstanceUID=sop_instance,
+            data_set=body,
+        )
+    finally:
+        assoc.release()
+
+
+def _nothing_left(archive: Archive) -> None:
+    assert list(archive.store.staging.iterdir()) == []
+    assert [p for p in archive.store.objects.rglob("*") if p.is_file()] == []
+    with archive.index.reading() as conn:
+        assert count_rows(conn, instance) == 0
+
+
+def test_echo(dimse_server: DimseConfig) -> None:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", dimse_server.port, ae_title="FILMLESS")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_every_storage_class_is_accepted(dimse_server: DimseConfig) -> None:
+    assert len(STORAGE_SOP_CLASSES) > 150
+    # pynetdicom proposes at most 128 contexts per association: ask in slices.
+    for start in range(0, len(STORAGE_SOP_CLASSES), 120):
+        chunk = STORAGE_SOP_CLASSES[start : start + 120]
+        assoc = associate(dimse_server, [(uid, [ExplicitVRLittleEndian]) for uid in chunk])
+        assert assoc.is_established
+        assert {cx.abstract_syntax for cx in assoc.accepted_contexts} == set(chunk)
+        assoc.release()
+
+
+def test_corpus_stored_as_sent(
+    archive: Archive, dimse_server: DimseConfig, corpus: list[Path]
+) -> None:
+    """Every instance in its own transfer syntax; index and bytes checked one by one."""
+    by_context: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    bodies: dict[str, tuple[str, bytes]] = {}
+    for path in corpus:
+        sop_class, sop_instance, syntax, body = _body(path.read_bytes())
+        by_context[(sop_class, syntax)].append(path)
+        bodies[sop_instance] = (syntax, body)
+    assert len({syntax for _, syntax in by_context}) >= 8
+    assoc = associate(dimse_server, [(c, [s]) for c, s in by_context])
+    assert assoc.is_established
+    for (sop_class, syntax), paths in by_context.items():
+        cx = context_id(assoc, sop_class, syntax)
+        for path in paths:
+            _, sop_instance, _, body = _body(path.read_bytes())
+            status = send_raw(
+                assoc,
+                context_id=cx,
+                SOPClassUID=sop_class,
+                SOPInstanceUID=sop_instance,
+                data_set=body,
+            )
+            assert status.Status == StoreStatus.SUCCESS, status
+    assoc.release()
+    records = archive.index.instances()
+    assert len(records) == len(corpus)
+    for record in records:
+        syntax, body = bodies[record.SOPInstanceUID]
+        assert record.TransferSyntaxUID == syntax
+        with archive.open(record) as stored:
+            data = stored.read()
+        assert _body(data)[3] == body
+        assert record.size == len(data)
+    assert list(archive.store.staging.iterdir()) == []
+
+
+def _announced_ct() -> pydicom.Dataset:
+    ds = ct_instance()
+    part10(ds)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "reason"),
+    [
+        (lambda ds: delattr(ds, "SOPInstanceUID"), StoreStatus.CANNOT_UNDERSTAND, "SOPInstanceUID"),
+        (
+            lambda ds: delattr(ds, "StudyInstanceUID"),
+            StoreStatus.CANNOT_UNDERSTAND,
+            "StudyInstanceUID",
+        ),
+        (
+            lambda ds: setattr(ds, "StudyInstanceUID", "1.2.x.3"),
+            StoreStatus.CANNOT_UNDERSTAND,
+            "StudyInstanceUID",
+        ),
+        (
+            lambda ds: delattr(ds, "SeriesInstanceUID"),
+            StoreStatus.CANNOT_UNDERSTAND,
+            "SeriesInstanceUID",
+        ),
+        (
+            lambda ds: setattr(ds, "SeriesInstanceUID", "1.02.3"),
+            StoreStatus.CANNOT_UNDERSTAND,
+            "SeriesInstanceUID",
+        ),
+        (
+            lambda ds: setattr(ds, "SOPClassUID", MRImageStorage),
+            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOP Class",
+        ),
+    ],
+    ids=[
+        "no-sop-instance",
+        "no-study",
+        "bad-study",
+        "no-series",
+        "bad-series",
+        "sop-class-in-data-set",
+    ],
+)
+def test_bad_instances_get_a_failure_status(
+    archive: Archive, dimse_server: DimseConfig, mutate: object, status: int, reason: str
+) -> None:
+    ds = _announced_ct()
+    assert callable(mutate)
+    mutate(ds)
+    answer = _store(dimse_server, part10(ds, fill_meta=False))
+    assert answer.Status == status
+    assert reason in answer.ErrorComment
+    _nothing_left(archive)
+
+
+def test_unparseable_data_set(archive: Archive, dimse_server: DimseConfig) -> None:
+    sop_class, sop_instance, syntax, body = _body(part10(ct_instance()))
+    assoc = associate(dimse_server, CT_CONTEXT)
+    for broken in (body[:-9], body[:200] + b"\xff\xff\xff\xff" * 8, b"\x00" * 3):
+        answer = send_raw(
+            assoc,
+            context_id=context_id(assoc, sop_class, syntax),
+            SOPClassUID=sop_class,
+            SOPInstanceUID=sop_instance,
+            data_set=broken,
+        )
+        assert answer.Status == StoreStatus.CANNOT_UNDERSTAND
+    assoc.release()
+    _nothing_left(archive)
+
+
+def test_malformed_affected_sop_instance_uid(archive: Archive, dimse_server: DimseConfig) -> None:
+    sop_class, _, syntax, body = _body(part10(ct_instance()))
+    assoc = associate(dimse_server, CT_CONTEXT)
+    answer = send_raw(
+        assoc,
+        context_id=context_id(assoc, sop_class, syntax),
+        SOPClassUID=sop_class,
+        SOPInstanceUID="1.2.3.abc",
+        data_set=body,
+    )
+    assoc.release()
+    assert answer.Status == StoreStatus.CANNOT_UNDERSTAND
+    _nothing_left(archive)
+
+
+def test_sop_class_differs_from_presentation_context(
+    archive: Archive, dimse_server: DimseConfig
+) -> None:
+    _, sop_instance, syntax, body = _body(part10(ct_instance()))
+    assoc = associate(dimse_server, CT_CONTEXT)
+    answer = send_raw(
+        assoc,
+        context_id=context_id(assoc, MRImageStorage, syntax),
+        SOPClassUID=CTImageStorage,
+        SOPInstanceUID=sop_instance,
+        data_set=body,
+    )
+    assoc.release()
+    assert answer.Status == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    _nothing_left(archive)
+
+
+def test_disk_write_error(
+    archive: Archive, dimse_server: DimseConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pacs.store.os.fsync", disk_full)
+    answer = _store(dimse_server, part10(ct_instance()))
+    assert answer.Status == StoreStatus.OUT_OF_RESOURCES
+    assert "no space left" in answer.ErrorComment
+    monkeypatch.undo()
+    _nothing_left(archive)
+
+
+def test_duplicates_under_reject(archive: Archive, dimse_server: DimseConfig) -> None:
+    ds = ct_instance()
+    assert _store(dimse_server, part10(ds)).Status == StoreStatus.SUCCESS
+    assert _store(dimse_server, part10(ds)).Status == StoreStatus.SUCCESS
+    ds.PatientName = "Other^Name"
+    answer = _store(dimse_server, part10(ds))
+    assert answer.Status == StoreStatus.DUPLICATE_SOP_INSTANCE
+    records = archive.index.instances()
+    assert len(records) == 1
+    with archive.open(records[0]) as stored:
+        assert str(pydicom.dcmread(stored).PatientName) == "Test^Patient"
+
+
+def test_duplicates_under_overwrite(tmp_path: Path, archive: Archive) -> None:
+    overwriting = make_archive(archive.store.root, archive.index, policy="overwrite")
+    config = DimseConfig(port=free_port())
+    server = start_dimse(overwriting, config)
+    try:
+        ds = ct_instance()
+        assert _store(config, part10(ds)).Status == StoreStatus.SUCCESS
+        ds.PatientName = "Other^Name"
+        assert _store(config, part10(ds)).Status == StoreStatus.SUCCESS
+    finally:
+        server.shutdown()
+    records = overwriting.index.instances()
+    assert len(records) == 1
+    with overwriting.open(records[0]) as stored:
+        assert str(pydicom.dcmread(stored).PatientName) == "Other^Name"
+    assert len([p for p in overwriting.store.objects.rglob("*") if p.is_file()]) == 1
+
+
+def test_calling_ae_allow_list(archive: Archive) -> None:
+    config = DimseConfig(port=free_port(), allowed_calling_aets=("MODALITY",))
+    server = start_dimse(archive, config)
+    try:
+        refused = associate(config, CT_CONTEXT, calling="INTRUDER")
+        assert refused.is_rejected
+        accepted = associate(config, CT_CONTEXT, calling="MODALITY")
+        assert accepted.is_established
+        accepted.release()
+    finally:
+        server.shutdown()

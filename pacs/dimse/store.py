@@ -67,7 +67,7 @@ def make_store_handler(archive: Archive) -> Callable[[evt.Event], Dataset]:
         except Exception:
             log.exception("C-STORE %s from %s failed", sop_instance[:64], calling)
             return status_dataset(StoreStatus.PROCESSING_FAILURE, "internal error, see log")
-        log.info("C-STORE %s from %s: %s", sop_instance, calling, outcome.action)
+        log.debug("C-STORE %s from %s: %s", sop_instance, calling, outcome.action)
         return status_dataset(StoreStatus.SUCCESS)
 
     return handle_store

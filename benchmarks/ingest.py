@@ -1,0 +1,461 @@
+"""C-STORE ingest throughput: filmless against Orthanc, dcmtk ``storescu`` processes as senders.
+
+For each workload (small: 512x512 CT slices; large: 2500x2048 16-bit chest X-rays) the
+same files are sent over C parallel associations to a freshly started server with an
+empty archive, R times; we report instances/s and MB/s (min/median/max) and, next to
+it, the sequential write rate of the disk the archive lives on, measured with fsync.
+
+Orthanc 1.10 cannot bind its DICOM port to loopback, so when it takes part the whole
+benchmark runs in a private network namespace (``unshare --net``, loopback only): both
+servers and all senders see the same network and nothing listens outside.
+
+    python -m benchmarks.ingest --small 400 --large 40 --concurrency 4 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from sqlalchemy import create_engine, func, select
+
+from pacs.index import instance
+from scripts.synthetic_corpus import Patient, Rng, chest_dx, ct_series
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS = Path(__file__).parent / "results"
+console = Console(stderr=True)
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    files: list[Path]
+    total_bytes: int
+
+
+@dataclass
+class Run:
+    server: str
+    workload: str
+    repeat: int
+    instances: int
+    seconds: float
+    stored: int
+
+    @property
+    def instances_per_s(self) -> float:
+        return self.instances / self.seconds
+
+
+@dataclass
+class Summary:
+    server: str
+    workload: str
+    instances: int
+    megabytes: float
+    instances_per_s: dict[str, float] = field(default_factory=dict)
+    megabytes_per_s: dict[str, float] = field(default_factory=dict)
+
+
+def _patient() -> Patient:
+    return Patient("BENCH", "Bench^Mark", "", "19700101", "O")
+
+
+def _write(ds: Dataset, path: Path) -> int:
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path.stat().st_size
+
+
+def make_small(folder: Path, count: int) -> Workload:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = Rng(1)
+    files, size = [], 0
+    for i, ds in enumerate(ct_series(rng, _patient(), count, "20260101", "BENCHCT")):
+        path = folder / f"ct{i:06d}.dcm"
+        size += _write(ds, path)
+        files.append(path)
+    return Workload("small", "512x512 16-bit CT slice", files, size)
+
+
+def make_large(folder: Path, count: int) -> Workload:
+    """Chest X-rays at full size; two pixel patterns reused, UIDs unique per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = Rng(2)
+    templates = chest_dx(rng, _patient(), 1.0, "20260101", "BENCHDX")
+    files, size = [], 0
+    for i in range(count):
+        ds = templates[i % 2]
+        ds.SOPInstanceUID = rng.uid()
+        if i % 2 == 0:
+            ds.SeriesInstanceUID = templates[1].SeriesInstanceUID = rng.uid()
+        path = folder / f"dx{i:06d}.dcm"
+        size += _write(ds, path)
+        files.append(path)
+    return Workload("large", "2500x2048 16-bit chest X-ray", files, size)
+
+
+def disk_write_rate(folder: Path, megabytes: int = 1024) -> float:
+    """Sequential write of one file in 8 MiB blocks, fsync included, in MB/s."""
+    block = np.random.default_rng(0).bytes(8 << 20)
+    path = folder / "disk-rate.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as out:
+        for _ in range(megabytes // 8):
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return megabytes * (1 << 20) / 1e6 / seconds
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"no server on port {port}")
+
+
+class Server:
+    name: str
+    ae_title: str
+
+    @contextmanager
+    def running(self, folder: Path, port: int) -> Iterator[None]:
+        raise NotImplementedError
+
+    def count(self, folder: Path) -> int:
+        raise NotImplementedError
+
+
+class FilmlessServer(Server):
+    name = "filmless"
+    ae_title = "FILMLESS"
+
+    @contextmanager
+    def running(self, folder: Path, port: int) -> Iterator[None]:
+        env = {
+            **os.environ,
+            "FILMLESS_DATA_DIR": str(folder),
+            "FILMLESS_DIMSE_PORT": str(port),
+            "FILMLESS_MAX_ASSOCIATIONS": "64",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "filmless.cli", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for_port(port)
+            yield
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+    def count(self, folder: Path) -> int:
+        engine = create_engine(f"sqlite:///{folder / 'index.sqlite'}")
+        with engine.connect() as conn:
+            stored = int(conn.execute(select(func.count()).select_from(instance)).scalar_one())
+        engine.dispose()
+        return stored
+
+
+class OrthancServer(Server):
+    name = "orthanc"
+    ae_title = "ORTHANC"
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.http_port = 0
+
+    @contextmanager
+    def running(self, folder: Path, port: int) -> Iterator[None]:
+        self.http_port = _free_port()
+        config = {
+            "Name": "bench",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "DicomAet": self.ae_title,
+            "DicomPort": port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "StorageCompression": False,
+            "SyncStorageArea": True,
+            "DicomThreadsCount": 4,
+            "Plugins": [],
+        }
+        path = folder / "orthanc.json"
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+        process = subprocess.Popen(
+            [self.binary, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            _wait_for_port(port)
+            _wait_for_port(self.http_port)
+            yield
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+    def count(self, folder: Path) -> int:
+        url = f"http://127.0.0.1:{self.http_port}/statistics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return int(json.load(response)["CountInstances"])
+
+
+def send(files: list[Path], port: int, ae_title: str, concurrency: int) -> float:
+    """Seconds for C storescu processes to send ``files`` (one association each)."""
+    chunks = [files[i::concurrency] for i in range(concurrency)]
+    start = time.perf_counter()
+    processes = [
+        subprocess.Popen(
+            ["storescu", "-aec", ae_title, "-aet", "BENCH", "127.0.0.1", str(port)]
+            + [str(p) for p in chunk],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+        if chunk
+    ]
+    failures = []
+    for process in processes:
+        _, err = process.communicate(timeout=3600)
+        if process.returncode != 0:
+            failures.append(err.decode(errors="replace")[-500:])
+    seconds = time.perf_counter() - start
+    if failures:
+        raise RuntimeError(f"storescu failed: {failures[0]}")
+    return seconds
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
+
+
+def summarise(runs: list[Run], workloads: dict[str, Workload]) -> list[Summary]:
+    out = []
+    for key in sorted({(r.server, r.workload) for r in runs}):
+        group = [r for r in runs if (r.server, r.workload) == key]
+        workload = workloads[key[1]]
+        megabytes = workload.total_bytes / 1e6
+        out.append(
+            Summary(
+                server=key[0],
+                workload=key[1],
+                instances=len(workload.files),
+                megabytes=megabytes,
+                instances_per_s=_stats([r.instances_per_s for r in group]),
+                megabytes_per_s=_stats([megabytes / r.seconds for r in group]),
+            )
+        )
+    return out
+
+
+def markdown(summaries: list[Summary], disk_rate: float, meta: dict[str, object]) -> str:
+    lines = [
+        "# Ingest benchmark",
+        "",
+        f"`{meta['command']}` on {meta['machine']}, {meta['date']}.",
+        f"Disk sequential write (fsync): **{disk_rate:.0f} MB/s**.",
+        "",
+        "| server | workload | instances | MB | inst/s min | inst/s median | inst/s max "
+        "| MB/s median | % of disk |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        ips, mbs = s.instances_per_s, s.megabytes_per_s
+        lines.append(
+            f"| {s.server} | {s.workload} | {s.instances} | {s.megabytes:.0f} "
+            f"| {ips['min']:.1f} | {ips['median']:.1f} | {ips['max']:.1f} "
+            f"| {mbs['median']:.1f} | {100 * mbs['median'] / disk_rate:.0f}% |"
+        )
+    by_key = {(s.server, s.workload): s for s in summaries}
+    ratios = []
+    for workload in ("small", "large"):
+        ours, theirs = by_key.get(("filmless", workload)), by_key.get(("orthanc", workload))
+        if ours and theirs:
+            ratio = ours.instances_per_s["median"] / theirs.instances_per_s["median"]
+            ratios.append(f"- {workload}: filmless / Orthanc = **{ratio:.2f}x** (median inst/s)")
+    if ratios:
+        lines += ["", *ratios]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: list[Summary], disk_rate: float, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, workload, unit in ((axes[0], "small", "inst/s"), (axes[1], "large", "MB/s")):
+        chosen = [s for s in summaries if s.workload == workload]
+        values = [s.instances_per_s if unit == "inst/s" else s.megabytes_per_s for s in chosen]
+        medians = [v["median"] for v in values]
+        errors = [
+            [v["median"] - v["min"] for v in values],
+            [v["max"] - v["median"] for v in values],
+        ]
+        axis.bar([s.server for s in chosen], medians, yerr=errors, capsize=6, color="#4a7bb7")
+        if unit == "MB/s":
+            axis.axhline(disk_rate, color="#c0392b", linestyle="--", label="disk write rate")
+            axis.axhline(0.8 * disk_rate, color="#e67e22", linestyle=":", label="80% of disk")
+            axis.legend()
+        axis.set_title(f"{workload}: {unit} (median, min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _in_private_network() -> bool:
+    return os.environ.get("FILMLESS_BENCH_NETNS") == "1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--small", type=int, default=400, help="small instances per run")
+    parser.add_argument("--large", type=int, default=40, help="large instances per run")
+    parser.add_argument("--concurrency", type=int, default=4, help="parallel associations")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--orthanc", choices=["auto", "no"], default="auto")
+    parser.add_argument("--work-dir", type=Path, help="where data is written (default: temp)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    orthanc_binary = shutil.which("Orthanc") if args.orthanc == "auto" else None
+    if orthanc_binary and not _in_private_network():
+        unshare = shutil.which("unshare")
+        if unshare and os.geteuid() == 0:
+            command = [sys.executable, "-m", "benchmarks.ingest", *(argv or sys.argv[1:])]
+            script = 'ip link set lo up && exec "$@"'
+            env = {**os.environ, "FILMLESS_BENCH_NETNS": "1"}
+            return subprocess.call([unshare, "--net", "sh", "-c", script, "sh", *command], env=env)
+        console.print("Orthanc found but no private network namespace possible: skipping it")
+        orthanc_binary = None
+    if shutil.which("storescu") is None:
+        console.print("[red]dcmtk's storescu is required (apt-get install dcmtk)[/red]")
+        return 2
+
+    servers: list[Server] = [FilmlessServer()]
+    if orthanc_binary:
+        servers.append(OrthancServer(orthanc_binary))
+    work = Path(tempfile.mkdtemp(prefix="filmless-bench-", dir=args.work_dir))
+    try:
+        with console.status("generating workloads"):
+            workloads = {}
+            if args.small:
+                workloads["small"] = make_small(work / "in-small", args.small)
+            if args.large:
+                workloads["large"] = make_large(work / "in-large", args.large)
+        with console.status("measuring the disk"):
+            disk_rate = disk_write_rate(work)
+        runs: list[Run] = []
+        total = len(workloads) * args.repeats * len(servers)
+        with Progress(console=console) as progress:
+            task = progress.add_task("runs", total=total)
+            for workload in workloads.values():
+                for repeat in range(args.repeats):
+                    for server in servers:
+                        folder = work / f"{server.name}-{workload.name}-{repeat}"
+                        port = _free_port()
+                        with server.running(folder, port):
+                            seconds = send(workload.files, port, server.ae_title, args.concurrency)
+                            stored = server.count(folder)
+                        runs.append(
+                            Run(
+                                server.name,
+                                workload.name,
+                                repeat,
+                                len(workload.files),
+                                seconds,
+                                stored,
+                            )
+                        )
+                        if stored != len(workload.files):
+                            raise RuntimeError(
+                                f"{server.name} stored {stored} of {len(workload.files)}"
+                            )
+                        shutil.rmtree(folder)
+                        progress.advance(task)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    summaries = summarise(runs, workloads)
+    meta: dict[str, object] = {
+        "command": "python -m benchmarks.ingest " + " ".join(argv or sys.argv[1:]),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.python_version()})",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "concurrency": args.concurrency,
+        "repeats": args.repeats,
+        "workloads": {w.name: w.description for w in workloads.values()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "meta": meta,
+        "disk_write_mb_per_s": disk_rate,
+        "runs": [asdict(r) | {"instances_per_s": r.instances_per_s} for r in runs],
+        "summary": [asdict(s) for s in summaries],
+    }
+    (args.out / "ingest.json").write_text(json.dumps(result, indent=2))
+    report = markdown(summaries, disk_rate, meta)
+    (args.out / "ingest.md").write_text(report)
+    plot(summaries, disk_rate, args.out / "ingest.png")
+    table = Table(title="ingest")
+    for column in ("server", "workload", "inst/s median", "MB/s median"):
+        table.add_column(column)
+    for s in summaries:
+        table.add_row(
+            s.server,
+            s.workload,
+            f"{s.instances_per_s['median']:.1f}",
+            f"{s.megabytes_per_s['median']:.1f}",
+        )
+    console.print(table)
+    console.print(f"disk write rate {disk_rate:.0f} MB/s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -331,15 +331,16 @@ def _find_instance(conn: Connection, SOPInstanceUID: str) -> InstanceRecord | No
     return None if row is None else InstanceRecord(**row)
 
 
-def _insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
-    """INSERT unless the unique key exists; True when this transaction created the row."""
+def _insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> int | None:
+    """INSERT unless the unique key exists; the new row's id, None when it existed."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     if conn.dialect.name not in ("postgresql", "sqlite"):
         raise IndexFailure(f"unsupported index database {conn.dialect.name}")
     statement = (
         dialect.insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
     )
-    return conn.execute(statement).first() is not None
+    created = conn.execute(statement).first()
+    return None if created is None else int(created[0])
 
 
 def _add(
@@ -360,22 +361,19 @@ def _add(
     now = datetime.now(UTC)
 
     # The study row is locked first: instances of one study commit one after the other.
-    study_id = conn.execute(
-        select(study.c.id)
-        .where(study.c.StudyInstanceUID == header.study.StudyInstanceUID)
-        .with_for_update()
-    ).scalar_one_or_none()
+    study_row = _study_for_update(conn, header.study.StudyInstanceUID)
     new_study = False
-    if study_id is None:
+    if study_row is None:
         patient_values = asdict(header.patient)
         patient_values["PatientNameSearch"] = normalise_name(header.patient.PatientName)
-        _insert_ignore(conn, patient, patient_values)
-        patient_id = conn.execute(
-            select(patient.c.id).where(
-                patient.c.PatientID == header.patient.PatientID,
-                patient.c.IssuerOfPatientID == header.patient.IssuerOfPatientID,
-            )
-        ).scalar_one()
+        patient_id = _insert_ignore(conn, patient, patient_values)
+        if patient_id is None:
+            patient_id = conn.execute(
+                select(patient.c.id).where(
+                    patient.c.PatientID == header.patient.PatientID,
+                    patient.c.IssuerOfPatientID == header.patient.IssuerOfPatientID,
+                )
+            ).scalar_one()
         study_values = asdict(header.study)
         study_values.update(
             patient_id=patient_id,
@@ -383,46 +381,52 @@ def _add(
             created_at=now,
             updated_at=now,
         )
-        new_study = _insert_ignore(conn, study, study_values)
-        study_id = conn.execute(
-            select(study.c.id)
-            .where(study.c.StudyInstanceUID == header.study.StudyInstanceUID)
-            .with_for_update()
-        ).scalar_one()
+        new_study = _insert_ignore(conn, study, study_values) is not None
+        study_row = _study_for_update(conn, header.study.StudyInstanceUID)
+        assert study_row is not None
+    study_id, owner = study_row
 
-    series_values = asdict(header.series)
-    series_values["study_id"] = study_id
-    new_series = _insert_ignore(conn, series, series_values)
     series_row = conn.execute(
         select(series.c.id, series.c.study_id).where(
             series.c.SeriesInstanceUID == header.series.SeriesInstanceUID
         )
-    ).one()
-    if series_row.study_id != study_id:
+    ).first()
+    new_series = False
+    if series_row is None:
+        series_values = asdict(header.series)
+        series_values["study_id"] = study_id
+        new_series = _insert_ignore(conn, series, series_values) is not None
+        series_row = conn.execute(
+            select(series.c.id, series.c.study_id).where(
+                series.c.SeriesInstanceUID == header.series.SeriesInstanceUID
+            )
+        ).one()
+    series_id, series_study = series_row
+    if series_study != study_id:
         raise InvalidInstance(
             f"Series {header.series.SeriesInstanceUID} already belongs to another study "
             f"than {header.study.StudyInstanceUID}"
         )
     instance_values = asdict(header.instance)
-    instance_values.update(asdict(blob), series_id=series_row.id, received_at=now)
-    conn.execute(instance.insert().values(**instance_values))
+    instance_values.update(asdict(blob), series_id=series_id, received_at=now)
+    instance_id = conn.execute(
+        instance.insert().values(**instance_values).returning(instance.c.id)
+    ).scalar_one()
 
     conn.execute(
         update(series)
-        .where(series.c.id == series_row.id)
+        .where(series.c.id == series_id)
         .values(NumberOfSeriesRelatedInstances=series.c.NumberOfSeriesRelatedInstances + 1)
     )
-    parent_study = study_id
     conn.execute(
         update(study)
-        .where(study.c.id == parent_study)
+        .where(study.c.id == study_id)
         .values(
             NumberOfStudyRelatedInstances=study.c.NumberOfStudyRelatedInstances + 1,
             NumberOfStudyRelatedSeries=study.c.NumberOfStudyRelatedSeries + int(new_series),
             updated_at=now,
         )
     )
-    owner = conn.execute(select(study.c.patient_id).where(study.c.id == parent_study)).scalar_one()
     conn.execute(
         update(patient)
         .where(patient.c.id == owner)
@@ -433,11 +437,29 @@ def _add(
         )
     )
     if new_series:
-        _refresh_modalities(conn, parent_study)
-    record = _find_instance(conn, header.instance.SOPInstanceUID)
-    assert record is not None
+        _refresh_modalities(conn, study_id)
+    record = InstanceRecord(
+        id=instance_id,
+        SOPInstanceUID=header.instance.SOPInstanceUID,
+        SOPClassUID=header.instance.SOPClassUID,
+        SeriesInstanceUID=header.series.SeriesInstanceUID,
+        StudyInstanceUID=header.study.StudyInstanceUID,
+        TransferSyntaxUID=blob.TransferSyntaxUID,
+        size=blob.size,
+        sha256=blob.sha256,
+        path=blob.path,
+    )
     action = IndexAction.STORED if replaced is None else IndexAction.OVERWRITTEN
     return IndexOutcome(action, record, replaced)
+
+
+def _study_for_update(conn: Connection, StudyInstanceUID: str) -> tuple[int, int] | None:
+    row = conn.execute(
+        select(study.c.id, study.c.patient_id)
+        .where(study.c.StudyInstanceUID == StudyInstanceUID)
+        .with_for_update()
+    ).first()
+    return None if row is None else (row[0], row[1])
 
 
 def _refresh_modalities(conn: Connection, study_id: int) -> None:

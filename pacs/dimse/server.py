@@ -14,11 +14,11 @@ from typing import Any
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.archive import Archive
 from pacs.dimse.echo import handle_echo
 from pacs.dimse.store import make_store_handler
+from pacs.dimse.transport import FilmlessServer, serve_in_thread
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(sorted(_STORAGE_CLASSES.values()))
 TRANSFER_SYNTAXES: tuple[str, ...] = tuple(str(uid) for uid in AllTransferSyntaxes)
@@ -51,13 +51,11 @@ def build_ae(config: DimseConfig) -> AE:
     return ae
 
 
-def start_dimse(archive: Archive, config: DimseConfig) -> ThreadedAssociationServer:
+def start_dimse(archive: Archive, config: DimseConfig) -> FilmlessServer:
     """Listen in background threads; the caller stops it with ``server.shutdown()``."""
     ae = build_ae(config)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(archive)),
     ]
-    server = ae.start_server((config.bind_address, config.port), block=False, evt_handlers=handlers)
-    assert server is not None  # non-blocking start always returns the server
-    return server
+    return serve_in_thread(ae, (config.bind_address, config.port), handlers)

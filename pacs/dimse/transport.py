@@ -1,0 +1,118 @@
+"""The socket side of the DIMSE server: how PDUs are read, configured around pynetdicom.
+
+pynetdicom reads a PDU by calling ``recv(4096)`` in a Python loop and growing a
+bytearray, which under several concurrent associations spends most of the server's CPU
+on loop iterations and GIL hand-offs rather than on storing instances. Here the PDU
+body is read with ``recv_into`` straight into one buffer of its announced length, and
+that length is checked against the limit we negotiated before anything is allocated,
+so a peer that announces a 4 GiB PDU gets its connection closed, not a 4 GiB buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+if TYPE_CHECKING:
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+
+log = logging.getLogger(__name__)
+
+# Association negotiation PDUs are not bounded by the maximum PDU length; 128 proposed
+# contexts with a few transfer syntaxes each fit comfortably in this.
+MIN_PDU_LIMIT = 1 << 20
+_RECV_BLOCK = 1 << 20
+
+
+class BoundedSocket(AssociationSocket):
+    """An AssociationSocket that reads whole PDUs efficiently and refuses oversize ones."""
+
+    pdu_limit: int = MIN_PDU_LIMIT
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.pdu_limit:
+            # The DUL treats OSError as a closed transport (Evt17) and aborts.
+            raise OSError(
+                f"peer announced a {nr_bytes} byte PDU, more than the {self.pdu_limit} allowed"
+            )
+        assert self.socket is not None
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            count = self.socket.recv_into(view[received:], min(nr_bytes - received, _RECV_BLOCK))
+            if count == 0:
+                del view
+                return buffer[:received]
+            received += count
+        del view
+        return buffer
+
+
+class SharedPresentationContext(PresentationContext):
+    """A supported context whose per-association copy is cheap.
+
+    pynetdicom deep-copies every supported context for every association: with all
+    storage SOP classes in all transfer syntaxes that is thousands of UID objects and
+    tens of milliseconds per association. UIDs are immutable strings, so a copy of the
+    object with its own transfer syntax list is as safe and costs microseconds.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedPresentationContext:
+        clone = copy.copy(self)
+        clone._transfer_syntax = list(self._transfer_syntax)
+        return clone
+
+
+def shared_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
+    shared: list[PresentationContext] = []
+    for context in contexts:
+        clone = copy.copy(context)
+        clone.__class__ = SharedPresentationContext
+        shared.append(clone)
+    return shared
+
+
+class FilmlessRequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        assert isinstance(sock, AssociationSocket)
+        # Same object, same state (it already announced the connection to the DUL);
+        # only its recv changes.
+        sock.__class__ = BoundedSocket
+        assert isinstance(sock, BoundedSocket)
+        maximum = self.ae.maximum_pdu_size
+        sock.pdu_limit = max(MIN_PDU_LIMIT, maximum + 16) if maximum else 1 << 31
+        return assoc
+
+
+class FilmlessServer(ThreadedAssociationServer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["request_handler"] = FilmlessRequestHandler
+        super().__init__(*args, **kwargs)
+
+
+def serve_in_thread(ae: AE, address: tuple[str, int], evt_handlers: list[Any]) -> FilmlessServer:
+    """Bind now (errors surface to the caller), then accept in a daemon thread."""
+    server = ae.make_server(
+        address,
+        evt_handlers=evt_handlers,
+        contexts=shared_contexts(ae.supported_contexts),
+        server_class=FilmlessServer,
+    )
+    assert isinstance(server, FilmlessServer)
+    stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    thread = threading.Thread(
+        target=server.serve_forever, name=f"DimseAcceptor@{stamp}", daemon=True
+    )
+    thread.start()
+    ae._servers.append(server)  # so that server.shutdown() and ae.shutdown() find it
+    return server

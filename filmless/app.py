@@ -1,4 +1,4 @@
-"""Builds the running parts from the settings; the only place that knows all of them."""
+"""``filmless serve``: the archive, its DIMSE server (one process or a pool), until a signal."""
 
 from __future__ import annotations
 
@@ -7,54 +7,18 @@ import signal
 import threading
 from types import FrameType
 
+from filmless.dimse_pool import DimsePool
 from filmless.settings import Settings
-from pacs.archive import Archive
-from pacs.dimse.server import DimseConfig, start_dimse
-from pacs.events import EventBus
-from pacs.index import Index
-from pacs.store import FsBlobStore
+from filmless.wiring import build_archive, dimse_config, dimse_worker_count
+from pacs.dimse.server import start_dimse
 
 log = logging.getLogger("filmless")
-
-
-def build_archive(settings: Settings) -> Archive:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    index = Index(settings.index_url)
-    index.create_schema()
-    return Archive(
-        FsBlobStore(settings.data_dir),
-        index,
-        EventBus(),
-        duplicate_policy=settings.duplicate_policy,
-    )
-
-
-def dimse_config(settings: Settings) -> DimseConfig:
-    return DimseConfig(
-        ae_title=settings.ae_title,
-        bind_address=settings.bind_address,
-        port=settings.dimse_port,
-        allowed_calling_aets=tuple(settings.allowed_calling_aets),
-        max_associations=settings.max_associations,
-        acse_timeout=settings.acse_timeout,
-        dimse_timeout=settings.dimse_timeout,
-        network_timeout=settings.network_timeout,
-        max_pdu=settings.max_pdu,
-    )
 
 
 def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then stop accepting and let open associations end."""
     archive = build_archive(settings)
-    server = start_dimse(archive, dimse_config(settings))
-    log.info(
-        "DIMSE listening on %s:%d as AE %s; data in %s; index %s",
-        settings.bind_address,
-        settings.dimse_port,
-        settings.ae_title,
-        settings.data_dir.resolve(),
-        archive.index.url.render_as_string(hide_password=True),
-    )
+    workers = dimse_worker_count(settings)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -63,8 +27,25 @@ def serve(settings: Settings) -> None:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    if workers > 1:
+        pool = DimsePool(settings, workers)
+        pool.start()
+        stop_dimse = pool.stop
+    else:
+        server = start_dimse(archive, dimse_config(settings))
+        stop_dimse = server.shutdown
+    log.info(
+        "DIMSE listening on %s:%d as AE %s (%d worker%s); data in %s; index %s",
+        settings.bind_address,
+        settings.dimse_port,
+        settings.ae_title,
+        workers,
+        "s" if workers > 1 else "",
+        settings.data_dir.resolve(),
+        archive.index.url.render_as_string(hide_password=True),
+    )
     try:
         stop.wait()
     finally:
-        server.shutdown()
+        stop_dimse()
         archive.index.dispose()

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from filmless.app import build_archive, serve
+from filmless.app import serve
 from filmless.settings import Settings, load_settings, to_toml
+from filmless.wiring import build_archive, configure_logging
 from pacs.archive import Archive, Origin
 from pacs.errors import PacsError
 
@@ -41,12 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    configure_logging(verbose=args.verbose)
+    if args.command != "serve" and not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         settings = load_settings(args.config)
     except (ValidationError, FileNotFoundError, ValueError) as exc:

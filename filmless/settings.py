@@ -40,6 +40,9 @@ class Settings(BaseSettings):
         description="calling AE titles accepted at association time; empty = any",
     )
     max_associations: int = Field(16, ge=1, description="concurrent DIMSE associations")
+    dimse_workers: int = Field(
+        0, ge=0, description="processes storing DIMSE instances; 0 = one per CPU core"
+    )
     acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for A-ASSOCIATE")
     dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for a DIMSE message")
     network_timeout: float = Field(60.0, gt=0, description="seconds an idle association lives")

@@ -16,9 +16,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 
 from pacs.archive import Archive
+from pacs.dimse import associations
 from pacs.dimse.echo import handle_echo
 from pacs.dimse.store import make_store_handler
-from pacs.dimse.transport import FilmlessServer, serve_in_thread
+from pacs.dimse.transport import FilmlessServer, HandoffServer, handoff_server, serve_in_thread
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(sorted(_STORAGE_CLASSES.values()))
 TRANSFER_SYNTAXES: tuple[str, ...] = tuple(str(uid) for uid in AllTransferSyntaxes)
@@ -51,11 +52,20 @@ def build_ae(config: DimseConfig) -> AE:
     return ae
 
 
-def start_dimse(archive: Archive, config: DimseConfig) -> FilmlessServer:
-    """Listen in background threads; the caller stops it with ``server.shutdown()``."""
-    ae = build_ae(config)
-    handlers: list[Any] = [
+def service_handlers(archive: Archive) -> list[Any]:
+    return [
+        *associations.HANDLERS,
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(archive)),
     ]
-    return serve_in_thread(ae, (config.bind_address, config.port), handlers)
+
+
+def start_dimse(archive: Archive, config: DimseConfig) -> FilmlessServer:
+    """Listen in background threads; the caller stops it with ``server.shutdown()``."""
+    ae = build_ae(config)
+    return serve_in_thread(ae, (config.bind_address, config.port), service_handlers(archive))
+
+
+def start_handoff(archive: Archive, config: DimseConfig, extra: list[Any]) -> HandoffServer:
+    """A server for connections accepted elsewhere (see :class:`HandoffServer`)."""
+    return handoff_server(build_ae(config), service_handlers(archive) + extra)

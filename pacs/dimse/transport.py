@@ -10,8 +10,11 @@ so a peer that announces a 4 GiB PDU gets its connection closed, not a 4 GiB buf
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
+import socket
 import threading
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -115,4 +118,53 @@ def serve_in_thread(ae: AE, address: tuple[str, int], evt_handlers: list[Any]) -
     )
     thread.start()
     ae._servers.append(server)  # so that server.shutdown() and ae.shutdown() find it
+    return server
+
+
+class HandoffServer(FilmlessServer):
+    """Serves associations on connections that another process accepted.
+
+    A supervising process owns the listening socket and passes each accepted connection
+    over a Unix socket to the worker with the fewest open associations, so that every
+    core runs its own interpreter and no worker idles while another is overloaded.
+    """
+
+    def server_bind(self) -> None:
+        """Connections arrive through :meth:`serve_handoffs`, nothing to bind."""
+
+    def server_activate(self) -> None:
+        """Nothing listens here."""
+
+    def serve_handoffs(self, channel: socket.socket) -> None:
+        """Take connections from ``channel`` until it closes."""
+        while True:
+            try:
+                message, fds, _flags, _address = socket.recv_fds(channel, 1024, 1)
+            except OSError:
+                return
+            if not fds:
+                return
+            connection = socket.socket(fileno=fds[0])
+            try:
+                host, port = json.loads(message)
+            except ValueError:
+                host, port = "", 0
+            self.process_request(connection, (str(host), int(port)))
+
+    def shutdown(self) -> None:
+        """Stop taking connections and wait for the open associations to end."""
+        with contextlib.suppress(ValueError):
+            self.ae._servers.remove(self)
+        self.server_close()
+
+
+def handoff_server(ae: AE, evt_handlers: list[Any]) -> HandoffServer:
+    server = ae.make_server(
+        ("127.0.0.1", 0),
+        evt_handlers=evt_handlers,
+        contexts=shared_contexts(ae.supported_contexts),
+        server_class=HandoffServer,
+    )
+    assert isinstance(server, HandoffServer)
+    ae._servers.append(server)
     return server

@@ -1,0 +1,58 @@
+"""Builds the running parts from the settings: the archive, the DIMSE configuration, logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from filmless.settings import Settings
+from pacs.archive import Archive
+from pacs.dimse.server import DimseConfig
+from pacs.events import EventBus
+from pacs.index import Index
+from pacs.store import FsBlobStore
+
+
+def configure_logging(*, verbose: bool) -> None:
+    console = Console(stderr=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(processName)s %(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def dimse_worker_count(settings: Settings) -> int:
+    return settings.dimse_workers or os.cpu_count() or 1
+
+
+def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    index = Index(settings.index_url)
+    if create_schema:
+        index.create_schema()
+    return Archive(
+        FsBlobStore(settings.data_dir),
+        index,
+        EventBus(),
+        duplicate_policy=settings.duplicate_policy,
+    )
+
+
+def dimse_config(settings: Settings) -> DimseConfig:
+    return DimseConfig(
+        ae_title=settings.ae_title,
+        bind_address=settings.bind_address,
+        port=settings.dimse_port,
+        allowed_calling_aets=tuple(settings.allowed_calling_aets),
+        max_associations=settings.max_associations,
+        acse_timeout=settings.acse_timeout,
+        dimse_timeout=settings.dimse_timeout,
+        network_timeout=settings.network_timeout,
+        max_pdu=settings.max_pdu,
+    )

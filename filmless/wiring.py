@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -17,12 +18,18 @@ from pacs.store import FsBlobStore
 
 
 def configure_logging(*, verbose: bool) -> None:
-    console = Console(stderr=True)
+    """Rich output on a terminal; one plain line per record under a service manager."""
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler.setFormatter(logging.Formatter("%(processName)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+        )
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(processName)s %(name)s: %(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
+        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -158,4 +159,40 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
     assert b"DIMSE listening" in output
     index = Index(load_settings().index_url)
     assert len(index.instances()) == 1
+    index.dispose()
+
+
+def test_serve_spreads_associations_over_workers(env: Path, tmp_path: Path) -> None:
+    """With two worker processes, two concurrent associations land on different workers."""
+    port = free_port()
+    environment = {**os.environ, "FILMLESS_DIMSE_PORT": str(port), "FILMLESS_DIMSE_WORKERS": "2"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "filmless.cli", "serve"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for_port(port)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+        first = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
+        second = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
+        assert first.is_established
+        assert second.is_established
+        for n, assoc in enumerate((first, second)):
+            for i in range(3):
+                ds = ct_instance(study="1.2.3", series=f"1.2.3.{n}", seed=i)
+                assert assoc.send_c_store(ds).Status == 0
+        first.release()
+        second.release()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    log = output.decode()
+    assert process.returncode == 0, log
+    accepted = re.findall(r"(filmless-dimse-\d) pacs.dimse.associations: association accepted", log)
+    assert sorted(accepted) == ["filmless-dimse-0", "filmless-dimse-1"]
+    index = Index(load_settings().index_url)
+    assert len(index.instances()) == 6
     index.dispose()

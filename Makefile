@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: serve test lint bench-ingest clean
+.PHONY: serve test lint bench-ingest demo-data clean
 
 # torch goes in first and pinned: anything that depends on it later must not pull another build.
 $(BIN)/activate:
@@ -34,7 +34,11 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 bench-ingest: $(VENV)/.installed-test
-	$(BIN)/python -m benchmarks.ingest
+	$(BIN)/python -m benchmarks.ingest $(BENCH_ARGS)
+
+# A small synthetic corpus (DX chest, fundus, four-view mammography, CT) for trying things out.
+demo-data: $(VENV)/.installed
+	$(BIN)/python -m scripts.synthetic_corpus demo-data --patients 3 --scale 0.25 --uncompressed
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -479,7 +479,12 @@ Exam = Callable[[Rng, Patient, float, str, str], list[Dataset]]
 
 
 def generate(
-    patients: int, *, seed: int = 0, scale: float = 1.0, ct_slices: int = 8
+    patients: int,
+    *,
+    seed: int = 0,
+    scale: float = 1.0,
+    ct_slices: int = 8,
+    uncompressed: bool = False,
 ) -> Iterator[Dataset]:
     """Data sets for ``patients`` patients, each with a CXR, fundus, MG and CT study."""
     rng = Rng(seed)
@@ -495,7 +500,9 @@ def generate(
         for exam_number, exam in enumerate(exams):
             accession = f"A{number:05d}{exam_number}"
             for ds in exam(rng, patient, scale, date, accession):
-                if ds.SamplesPerPixel == 3:
+                if uncompressed:
+                    syntax = ExplicitVRLittleEndian
+                elif ds.SamplesPerPixel == 3:
                     syntax = COLOUR_SYNTAXES[colour % len(COLOUR_SYNTAXES)]
                     colour += 1
                 else:
@@ -505,11 +512,20 @@ def generate(
 
 
 def write_corpus(
-    out: Path, patients: int, *, seed: int = 0, scale: float = 1.0, ct_slices: int = 8
+    out: Path,
+    patients: int,
+    *,
+    seed: int = 0,
+    scale: float = 1.0,
+    ct_slices: int = 8,
+    uncompressed: bool = False,
 ) -> list[Path]:
     """Write the corpus as Part 10 files under ``out/<PatientID>/``; returns the paths."""
     paths = []
-    for ds in generate(patients, seed=seed, scale=scale, ct_slices=ct_slices):
+    corpus = generate(
+        patients, seed=seed, scale=scale, ct_slices=ct_slices, uncompressed=uncompressed
+    )
+    for ds in corpus:
         folder = out / str(ds.PatientID)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
@@ -525,9 +541,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="image size relative to real")
     parser.add_argument("--ct-slices", type=int, default=8)
+    parser.add_argument(
+        "--uncompressed", action="store_true", help="everything in Explicit VR Little Endian"
+    )
     args = parser.parse_args()
     paths = write_corpus(
-        args.out, args.patients, seed=args.seed, scale=args.scale, ct_slices=args.ct_slices
+        args.out,
+        args.patients,
+        seed=args.seed,
+        scale=args.scale,
+        ct_slices=args.ct_slices,
+        uncompressed=args.uncompressed,
     )
     size = sum(p.stat().st_size for p in paths)
     print(f"wrote {len(paths)} instances, {size / 1e6:.1f} MB, under {args.out}")

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    MRImageStorage,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -281,3 +288,23 @@ def test_calling_ae_allow_list(archive: Archive) -> None:
         accepted.release()
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("proposed", "accepted"),
+    [
+        ([ExplicitVRLittleEndian, JPEG2000Lossless], JPEG2000Lossless),
+        ([JPEGBaseline8Bit, ExplicitVRLittleEndian], ExplicitVRLittleEndian),
+        ([ImplicitVRLittleEndian, ExplicitVRLittleEndian], ExplicitVRLittleEndian),
+        ([JPEGBaseline8Bit], JPEGBaseline8Bit),
+    ],
+)
+def test_transfer_syntax_preference(
+    dimse_server: DimseConfig, proposed: list[str], accepted: str
+) -> None:
+    """Lossless compressed as sent, then uncompressed, lossy only when nothing else is offered."""
+    assoc = associate(dimse_server, [(CTImageStorage, proposed)])
+    assert assoc.is_established
+    assert assoc.accepted_contexts[0].transfer_syntax[0] == accepted
+    assert assoc.acceptor.implementation_version_name == "FILMLESS_010"
+    assoc.release()

@@ -20,9 +20,39 @@ from pacs.dimse import associations
 from pacs.dimse.echo import handle_echo
 from pacs.dimse.store import make_store_handler
 from pacs.dimse.transport import FilmlessServer, HandoffServer, handoff_server, serve_in_thread
+from pacs.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(sorted(_STORAGE_CLASSES.values()))
-TRANSFER_SYNTAXES: tuple[str, ...] = tuple(str(uid) for uid in AllTransferSyntaxes)
+# When one presentation context proposes several transfer syntaxes, the first of ours
+# that the requestor proposed is accepted (pynetdicom negotiates in the acceptor's order).
+# Lossless compressed syntaxes come first, so an image already compressed losslessly
+# arrives as it is; then the uncompressed ones; lossy syntaxes last, so that a modality
+# offering "lossy or uncompressed" for an uncompressed image never loses information.
+LOSSLESS_COMPRESSED: tuple[str, ...] = (
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K RPCL lossless
+    "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+)
+UNCOMPRESSED: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+)
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    *LOSSLESS_COMPRESSED,
+    *UNCOMPRESSED,
+    *(
+        str(uid)
+        for uid in AllTransferSyntaxes
+        if str(uid) not in LOSSLESS_COMPRESSED and str(uid) not in UNCOMPRESSED
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +70,8 @@ class DimseConfig:
 
 def build_ae(config: DimseConfig) -> AE:
     ae = AE(ae_title=config.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.maximum_associations = config.max_associations
     ae.acse_timeout = config.acse_timeout
     ae.dimse_timeout = config.dimse_timeout

@@ -126,7 +126,7 @@ class Archive:
             outcome = self.index.add(header, facts, self.duplicate_policy)
         except BaseException:
             # Lost a race to a different copy, or the database is down: the blob goes.
-            other = self.index_path_or_none(header.instance.SOPInstanceUID)
+            other = self._indexed_path(header.instance.SOPInstanceUID)
             if other != relative:
                 self.store.delete(relative)
             raise
@@ -143,7 +143,7 @@ class Archive:
             )
         return StoreOutcome(outcome.action, outcome.record)
 
-    def index_path_or_none(self, SOPInstanceUID: str) -> str | None:
+    def _indexed_path(self, SOPInstanceUID: str) -> str | None:
         try:
             record = self.index.instance(SOPInstanceUID)
         except PacsError:

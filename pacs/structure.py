@@ -37,9 +37,8 @@ MAX_SEQUENCE_DEPTH = 32
 
 
 class _Walker:
-    def __init__(self, buf: mmap.mmap | bytes, explicit: bool, little: bool) -> None:
+    def __init__(self, buf: mmap.mmap | bytes, little: bool) -> None:
         self.buf = buf
-        self.explicit = explicit
         self.order = "<" if little else ">"
 
     def _tag(self, pos: int, limit: int) -> tuple[int, int]:
@@ -48,7 +47,7 @@ class _Walker:
         group, element = struct.unpack_from(self.order + "HH", self.buf, pos)
         return group, element
 
-    def elements(self, pos: int, limit: int, depth: int, in_item: bool) -> int:
+    def elements(self, pos: int, limit: int, depth: int, in_item: bool, explicit: bool) -> int:
         """Skip elements up to ``limit`` (or an item delimiter); return the end position."""
         while pos < limit:
             tag = self._tag(pos, limit)
@@ -58,7 +57,8 @@ class _Walker:
                 raise InvalidInstance(f"unexpected item delimiter at byte {pos}")
             if tag[0] == 0xFFFE:
                 raise InvalidInstance(f"unexpected item tag ({tag[0]:04X},{tag[1]:04X})")
-            if self.explicit:
+            vr = b""
+            if explicit:
                 vr = bytes(self.buf[pos + 4 : pos + 6])
                 if vr in _LONG_LENGTH_VRS:
                     if pos + 12 > limit:
@@ -72,7 +72,8 @@ class _Walker:
                 (length,) = struct.unpack_from(self.order + "L", self.buf, pos + 4)
                 pos += 8
             if length == _UNDEFINED:
-                pos = self.items(pos, limit, depth + 1)
+                # An undefined-length UN holds implicit VR items (PS3.5 6.2.2).
+                pos = self.items(pos, limit, depth + 1, explicit and vr != b"UN")
             elif pos + length > limit:
                 raise InvalidInstance(
                     f"element ({tag[0]:04X},{tag[1]:04X}) claims {length} bytes but only "
@@ -84,7 +85,7 @@ class _Walker:
             raise InvalidInstance("a sequence item is missing its delimiter: truncated")
         return pos
 
-    def items(self, pos: int, limit: int, depth: int) -> int:
+    def items(self, pos: int, limit: int, depth: int, explicit: bool) -> int:
         """Skip the items of an undefined-length sequence or encapsulated pixel data."""
         if depth > MAX_SEQUENCE_DEPTH:
             raise InvalidInstance(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
@@ -99,7 +100,7 @@ class _Walker:
                     f"expected an item or sequence delimiter, found ({tag[0]:04X},{tag[1]:04X})"
                 )
             if length == _UNDEFINED:
-                pos = self.elements(pos, limit, depth, in_item=True)
+                pos = self.elements(pos, limit, depth, in_item=True, explicit=explicit)
             elif pos + length > limit:
                 raise InvalidInstance("a sequence item runs past the end: truncated")
             else:
@@ -113,11 +114,11 @@ def check_structure(path: Path, offset: int, *, explicit: bool, little: bool) ->
         if size == offset:
             raise InvalidInstance("the data set is empty")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _Walker(buf, explicit, little).elements(offset, size, depth=0, in_item=False)
+            _Walker(buf, little).elements(offset, size, depth=0, in_item=False, explicit=explicit)
 
 
 def check_structure_bytes(data: bytes, *, explicit: bool, little: bool) -> None:
     """The same check over an in-memory data set (an inflated deflated one)."""
     if not data:
         raise InvalidInstance("the data set is empty")
-    _Walker(data, explicit, little).elements(0, len(data), depth=0, in_item=False)
+    _Walker(data, little).elements(0, len(data), depth=0, in_item=False, explicit=explicit)

@@ -100,3 +100,16 @@ def test_structure_refuses_deep_nesting(tmp_path: Path) -> None:
     path.write_bytes(head + body)
     with pytest.raises(InvalidInstance, match="nested deeper"):
         check_structure(path, len(head), explicit=True, little=True)
+
+
+def test_structure_reads_undefined_length_un_as_implicit(tmp_path: Path) -> None:
+    """A private sequence sent as UN with undefined length holds implicit VR items."""
+    inner = struct.pack("<HHL", 0x0008, 0x0100, 4) + b"ABCD"  # implicit VR element
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner
+    item += struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    un = struct.pack("<HH2sHL", 0x0009, 0x1010, b"UN", 0, 0xFFFFFFFF) + item
+    un += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    head = encode_file_meta(FileMeta("1.2.840.10008.5.1.4.1.1.7", "1.2.3", ExplicitVRLittleEndian))
+    path = tmp_path / "un.dcm"
+    path.write_bytes(head + un)
+    check_structure(path, len(head), explicit=True, little=True)

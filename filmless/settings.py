@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     max_pdu: int = Field(
         1048576, ge=0, description="largest P-DATA PDU we accept, bytes (0 = no limit)"
     )
+    max_find_matches: int = Field(
+        10000, ge=1, description="C-FIND answers at most this many matches, else 0xA700"
+    )
     duplicate_policy: DuplicatePolicy = Field(
         "reject", description="same SOP Instance UID, different bytes: reject or overwrite"
     )

@@ -62,4 +62,5 @@ def dimse_config(settings: Settings) -> DimseConfig:
         dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout,
         max_pdu=settings.max_pdu,
+        max_find_matches=settings.max_find_matches,
     )

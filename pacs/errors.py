@@ -6,6 +6,7 @@
     ├── InvalidInstance             0xC000 cannot understand   / 400
     │   └── InvalidUID              0xC000                     / 400
     ├── SOPClassMismatch            0xA900 does not match SOP class / 400
+    ├── InvalidQuery                0xA900 identifier does not match / 400
     ├── DuplicateRejected           0x0111 duplicate SOP instance   / 409
     ├── StorageFailure              0xA700 out of resources    / 507
     └── IndexFailure                0xA700 out of resources    / 503
@@ -41,6 +42,13 @@ class InvalidUID(InvalidInstance):
 
 class SOPClassMismatch(PacsError):
     """The data set's SOP Class UID differs from the one the peer announced."""
+
+    dimse_status = StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    http_status = 400
+
+
+class InvalidQuery(PacsError):
+    """A query key or level the matching rules cannot accept (C-FIND, QIDO-RS)."""
 
     dimse_status = StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     http_status = 400

@@ -41,6 +41,21 @@ class StoreStatus(IntEnum):
     WARNING_DATA_SET_DOES_NOT_MATCH = 0xB007
 
 
+class QueryStatus(IntEnum):
+    """C-FIND, C-MOVE and C-GET statuses (PS3.4 C.4)."""
+
+    SUCCESS = 0x0000
+    PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01
+    CANCEL = 0xFE00
+    OUT_OF_RESOURCES = 0xA700
+    OUT_OF_RESOURCES_SUB_OPERATIONS = 0xA702
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    UNABLE_TO_PROCESS = 0xC000
+    SUB_OPERATIONS_COMPLETE_WITH_FAILURES = 0xB000
+
+
 def category(code: int) -> StatusCategory:
     """Classify a DIMSE status code the way PS3.7 C.1 groups them."""
     if code == 0x0000:

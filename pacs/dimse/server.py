@@ -16,7 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 
 from pacs.archive import Archive
-from pacs.dimse import associations
+from pacs.dimse import associations, find
 from pacs.dimse.echo import handle_echo
 from pacs.dimse.store import make_store_handler
 from pacs.dimse.transport import FilmlessServer, HandoffServer, handoff_server, serve_in_thread
@@ -66,6 +66,7 @@ class DimseConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_pdu: int = 1048576
+    max_find_matches: int = 10000
 
 
 def build_ae(config: DimseConfig) -> AE:
@@ -79,25 +80,35 @@ def build_ae(config: DimseConfig) -> AE:
     ae.maximum_pdu_size = config.max_pdu
     ae.require_calling_aet = list(config.allowed_calling_aets)
     ae.add_supported_context(Verification)
+    for model in find.MODELS:
+        ae.add_supported_context(model, list(UNCOMPRESSED))
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae
 
 
-def service_handlers(archive: Archive) -> list[Any]:
+def service_handlers(archive: Archive, config: DimseConfig) -> list[Any]:
     return [
         *associations.HANDLERS,
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(archive)),
+        (
+            evt.EVT_C_FIND,
+            find.make_find_handler(
+                archive, max_matches=config.max_find_matches, retrieve_ae_title=config.ae_title
+            ),
+        ),
+        (evt.EVT_SOP_EXTENDED, find.accept_extended_negotiation),
     ]
 
 
 def start_dimse(archive: Archive, config: DimseConfig) -> FilmlessServer:
     """Listen in background threads; the caller stops it with ``server.shutdown()``."""
     ae = build_ae(config)
-    return serve_in_thread(ae, (config.bind_address, config.port), service_handlers(archive))
+    handlers = service_handlers(archive, config)
+    return serve_in_thread(ae, (config.bind_address, config.port), handlers)
 
 
 def start_handoff(archive: Archive, config: DimseConfig, extra: list[Any]) -> HandoffServer:
     """A server for connections accepted elsewhere (see :class:`HandoffServer`)."""
-    return handoff_server(build_ae(config), service_handlers(archive) + extra)
+    return handoff_server(build_ae(config), service_handlers(archive, config) + extra)

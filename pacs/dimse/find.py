@@ -1,0 +1,235 @@
+"""C-FIND SCP (PS3.4 C.4.1) for the Patient Root and Study Root models, all levels.
+
+The identifier is decoded into a :class:`~pacs.query.Query` (the same engine QIDO-RS
+uses), matches are counted up to the configured limit, then streamed from one SELECT:
+each row becomes one pending response holding exactly the requested keys plus
+QueryRetrieveLevel, SpecificCharacterSet and RetrieveAETitle. C-CANCEL is checked before
+every response.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pydicom.charset
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+from pynetdicom import evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from pacs.archive import Archive
+from pacs.errors import InvalidQuery
+from pacs.query import ATTRIBUTES, Level, Model, Query, compile_query, count_query
+from pacs.status import QueryStatus
+
+log = logging.getLogger(__name__)
+
+MODELS: Mapping[str, Model] = {
+    PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: Model.STUDY_ROOT,
+}
+_CONTROL_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
+_MAX_COMMENT = 64
+_FUZZY_BYTE = 2  # PS3.4 C.5.1.1: byte 3 of the C-FIND extended negotiation
+_COMBINED_DATETIME_BYTE = 1
+
+Response = tuple[int | Dataset, Dataset | None]
+
+
+def failure(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment.replace("\\", "/")[:_MAX_COMMENT]
+    return status
+
+
+def _value_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def query_from_identifier(
+    identifier: Dataset, model: Model, *, fuzzy: bool = False, combined_datetime: bool = True
+) -> Query:
+    """Decode a C-FIND identifier into the protocol-free query."""
+    raw_level = str(identifier.get("QueryRetrieveLevel", "") or "").strip()
+    try:
+        level = Level(raw_level)
+    except ValueError as exc:
+        raise InvalidQuery(f"QueryRetrieveLevel {raw_level!r} is not valid") from exc
+    keys: dict[str, str] = {}
+    returned: list[str] = []
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in _CONTROL_KEYS:
+            continue
+        returned.append(keyword)
+        if element.VR == "SQ":
+            continue  # sequence matching is not supported; the sequence is returned
+        keys[keyword] = _value_text(element.value).strip()
+    return Query(
+        level=level,
+        model=model,
+        keys=keys,
+        return_keys=tuple(returned),
+        fuzzy=fuzzy,
+        combined_datetime=combined_datetime,
+    )
+
+
+def _encodable(values: list[str], charset: list[str]) -> bool:
+    encodings = pydicom.charset.convert_encodings(charset)
+    for value in values:
+        if value.isascii():
+            continue
+        if not any(_encodes(value, encoding) for encoding in encodings):
+            return False
+    return True
+
+
+def _encodes(value: str, encoding: str) -> bool:
+    try:
+        value.encode(encoding)
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
+def _response_charset(requested: list[str], texts: list[str]) -> list[str] | None:
+    """Answer in the requester's character set when it can carry the values, else UTF-8."""
+    if all(t.isascii() for t in texts):
+        return requested or None
+    if requested and _encodable(texts, requested):
+        return requested
+    return ["ISO_IR 192"]
+
+
+def encode_match(
+    row: Mapping[str, Any], identifier: Dataset, level: Level, retrieve_ae_title: str
+) -> Dataset:
+    """The pending-response identifier for one matching row."""
+    answer = Dataset()
+    texts: list[str] = []
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in _CONTROL_KEYS:
+            continue
+        if element.VR == "SQ":
+            answer.add_new(element.tag, "SQ", _sequence(keyword, row))
+            continue
+        value = row.get(keyword) if keyword in ATTRIBUTES else None
+        encoded = _as_vr(value, element.VR)
+        if isinstance(encoded, str):
+            texts.append(encoded)
+        answer.add_new(element.tag, element.VR, encoded)
+    requested = identifier.get("SpecificCharacterSet")
+    charset = _response_charset(
+        [str(c) for c in requested]
+        if isinstance(requested, MultiValue)
+        else ([str(requested)] if requested else []),
+        texts,
+    )
+    if charset:
+        answer.SpecificCharacterSet = charset if len(charset) > 1 else charset[0]
+    answer.QueryRetrieveLevel = level.value
+    answer.RetrieveAETitle = retrieve_ae_title
+    return answer
+
+
+def _sequence(keyword: str, row: Mapping[str, Any]) -> list[Dataset]:
+    if keyword != "RequestAttributesSequence":
+        return []
+    item = Dataset()
+    item.ScheduledProcedureStepID = row.get("ScheduledProcedureStepID") or ""
+    item.RequestedProcedureID = row.get("RequestedProcedureID") or ""
+    return [item] if item.ScheduledProcedureStepID or item.RequestedProcedureID else []
+
+
+def _as_vr(value: Any, vr: str) -> Any:
+    if value is None or value == "":
+        return None
+    if vr in ("US", "UL", "SS", "SL"):
+        return int(value)
+    if vr == "IS":
+        return str(int(value))
+    if vr == "PN":
+        return PersonName(str(value))
+    text = str(value)
+    return text.split("\\") if "\\" in text else text
+
+
+def make_find_handler(
+    archive: Archive, *, max_matches: int, retrieve_ae_title: str
+) -> Callable[[evt.Event], Iterator[Response]]:
+    def handle_find(event: evt.Event) -> Iterator[Response]:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        model = MODELS.get(sop_class)
+        if model is None:
+            yield failure(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "unknown model"), None
+            return
+        try:
+            identifier = event.identifier
+        except Exception as exc:  # pynetdicom raises what pydicom raises
+            yield failure(QueryStatus.UNABLE_TO_PROCESS, f"identifier unreadable: {exc}"), None
+            return
+        extended = {str(k): v for k, v in event.assoc.requestor.sop_class_extended.items()}.get(
+            sop_class, b""
+        )
+        try:
+            query = query_from_identifier(
+                identifier,
+                model,
+                fuzzy=len(extended) > _FUZZY_BYTE and extended[_FUZZY_BYTE] == 1,
+            )
+            with archive.index.reading() as conn:
+                count = conn.execute(count_query(query, at_most=max_matches + 1)).scalar_one()
+                if count > max_matches:
+                    yield (
+                        failure(
+                            QueryStatus.OUT_OF_RESOURCES,
+                            f"more than {max_matches} matches: refine the query",
+                        ),
+                        None,
+                    )
+                    return
+                rows = conn.execute(compile_query(query)).mappings()
+                for row in rows:
+                    if event.is_cancelled:
+                        yield QueryStatus.CANCEL, None
+                        return
+                    yield (
+                        QueryStatus.PENDING,
+                        encode_match(dict(row), identifier, query.level, retrieve_ae_title),
+                    )
+        except InvalidQuery as exc:
+            yield failure(exc.dimse_status, str(exc)), None
+            return
+        except Exception as exc:
+            log.exception("C-FIND failed")
+            yield failure(QueryStatus.UNABLE_TO_PROCESS, f"query failed: {exc}"), None
+            return
+
+    return handle_find
+
+
+def accept_extended_negotiation(event: evt.Event) -> dict[str, bytes]:
+    """Accept fuzzy person-name matching and combined date-time matching for C-FIND."""
+    accepted: dict[str, bytes] = {}
+    app_info: dict[str, bytes] = getattr(event, "app_info", {})
+    for uid, info in app_info.items():
+        if uid not in MODELS:
+            continue
+        reply = bytearray(info[:4])
+        if reply:
+            reply[0] = 0  # relational queries: not supported
+        accepted[uid] = bytes(reply)
+    return accepted

@@ -227,6 +227,8 @@ class Index:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=60000")
+            # DICOM matching is case-sensitive unless fuzzy; SQLite's LIKE is not by default.
+            cursor.execute("PRAGMA case_sensitive_like=ON")
             cursor.close()
 
         @event.listens_for(engine, "begin")

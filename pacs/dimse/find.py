@@ -128,8 +128,10 @@ def encode_match(
             continue
         value = row.get(keyword) if keyword in ATTRIBUTES else None
         encoded = _as_vr(value, element.VR)
-        if isinstance(encoded, str):
-            texts.append(encoded)
+        if isinstance(encoded, str | PersonName):
+            texts.append(str(encoded))
+        elif isinstance(encoded, list):
+            texts.extend(str(v) for v in encoded)
         answer.add_new(element.tag, element.VR, encoded)
     requested = identifier.get("SpecificCharacterSet")
     charset = _response_charset(

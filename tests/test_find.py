@@ -1,0 +1,413 @@
+"""C-FIND over loopback: dcmtk findscu and pynetdicom SCUs against the stored corpus."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from pacs.archive import Archive, Origin
+from pacs.dimse.find import make_find_handler
+from pacs.dimse.server import DimseConfig, start_dimse
+from pacs.index import Index
+from pacs.status import QueryStatus
+from tests.conftest import free_port, make_archive
+from tests.support.instances import ct_instance, source
+
+
+@dataclass
+class Stored:
+    """What the test stored, to check every answer against."""
+
+    studies: dict[str, Dataset] = field(default_factory=dict)
+    series: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    instances: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    patients: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+
+@dataclass
+class Server:
+    config: DimseConfig
+    stored: Stored
+    archive: Archive
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("find")
+    index = Index(f"sqlite:///{root / 'index.sqlite'}")
+    index.create_schema()
+    archive: Archive = make_archive(root / "data", index)
+    stored = Stored()
+    for path in corpus:
+        archive.ingest_file(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stored.studies.setdefault(ds.StudyInstanceUID, ds)
+        stored.series[ds.StudyInstanceUID].add(ds.SeriesInstanceUID)
+        stored.instances[ds.SeriesInstanceUID].add(ds.SOPInstanceUID)
+        stored.patients[ds.PatientID].add(ds.StudyInstanceUID)
+    japanese = ct_instance(patient_id="JP1", patient_name="Yamada^Tarou=山田^太郎=やまだ^たろう")
+    japanese.SpecificCharacterSet = ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    archive.ingest(source(japanese), Origin.IMPORT)
+    config = DimseConfig(port=free_port(), max_find_matches=500)
+    running = start_dimse(archive, config)
+    try:
+        yield Server(config, stored, archive)
+    finally:
+        running.shutdown()
+        index.dispose()
+
+
+def find(
+    server: Server, identifier: Dataset, model: str = StudyRootQueryRetrieveInformationModelFind
+) -> tuple[list[Dataset], Dataset]:
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", server.config.port, ae_title="FILMLESS")
+    assert assoc.is_established
+    matches: list[Dataset] = []
+    final = Dataset()
+    for status, answer in assoc.send_c_find(identifier, model):
+        if status.Status in (0xFF00, 0xFF01):
+            assert answer is not None
+            matches.append(answer)
+        else:
+            final = status
+    assoc.release()
+    return matches, final
+
+
+def study_query(**keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = ""
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_study_level_returns_exactly_the_requested_keys(server: Server) -> None:
+    matches, final = find(server, study_query(PatientName="", NumberOfStudyRelatedInstances=""))
+    assert final.Status == 0x0000
+    assert len(matches) == len(server.stored.studies) + 1
+    for answer in matches:
+        assert set(answer.dir()) <= {
+            "QueryRetrieveLevel",
+            "SpecificCharacterSet",
+            "RetrieveAETitle",
+            "StudyInstanceUID",
+            "PatientName",
+            "NumberOfStudyRelatedInstances",
+        }
+        assert answer.RetrieveAETitle == "FILMLESS"
+        uid = answer.StudyInstanceUID
+        if uid in server.stored.studies:
+            expected = sum(len(server.stored.instances[s]) for s in server.stored.series[uid])
+            assert int(answer.NumberOfStudyRelatedInstances) == expected
+            assert str(answer.PatientName) == str(server.stored.studies[uid].PatientName)
+
+
+def test_patient_root_patient_level(server: Server) -> None:
+    query = Dataset()
+    query.QueryRetrieveLevel = "PATIENT"
+    query.PatientID = "FL*"
+    query.NumberOfPatientRelatedStudies = ""
+    matches, final = find(server, query, PatientRootQueryRetrieveInformationModelFind)
+    assert final.Status == 0
+    assert {m.PatientID: int(m.NumberOfPatientRelatedStudies) for m in matches} == {
+        pid: len(studies) for pid, studies in server.stored.patients.items()
+    }
+
+
+def test_series_and_image_levels(server: Server) -> None:
+    study_uid = next(iter(server.stored.studies))
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = ""
+    query.Modality = ""
+    query.NumberOfSeriesRelatedInstances = ""
+    matches, _ = find(server, query)
+    assert {m.SeriesInstanceUID for m in matches} == server.stored.series[study_uid]
+    for m in matches:
+        assert m.StudyInstanceUID == study_uid
+        assert int(m.NumberOfSeriesRelatedInstances) == len(
+            server.stored.instances[m.SeriesInstanceUID]
+        )
+        image = Dataset()
+        image.QueryRetrieveLevel = "IMAGE"
+        image.StudyInstanceUID = study_uid
+        image.SeriesInstanceUID = m.SeriesInstanceUID
+        image.SOPInstanceUID = ""
+        image.InstanceNumber = ""
+        images, final = find(server, image)
+        assert final.Status == 0
+        assert {i.SOPInstanceUID for i in images} == server.stored.instances[m.SeriesInstanceUID]
+
+
+def test_non_ascii_names_utf8_and_iso2022(server: Server) -> None:
+    query = study_query(PatientName="Müller*", SpecificCharacterSet="ISO_IR 192")
+    matches, _ = find(server, query)
+    expected = {
+        u for u, ds in server.stored.studies.items() if str(ds.PatientName).startswith("Müller")
+    }
+    assert {m.StudyInstanceUID for m in matches} == expected
+    assert all(str(m.PatientName) == "Müller^Jürgen" for m in matches)
+
+    query = study_query(PatientName="*山田*", PatientID="")
+    query.SpecificCharacterSet = ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    matches, _ = find(server, query)
+    expected = {u for u, ds in server.stored.studies.items() if "山田" in str(ds.PatientName)}
+    assert {m.StudyInstanceUID for m in matches if m.PatientID != "JP1"} == expected
+    (japanese,) = [m for m in matches if m.PatientID == "JP1"]
+    # The answer comes back in the requester's ISO 2022 character set, decoded correctly.
+    assert list(japanese.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    assert japanese.PatientName.ideographic == "山田^太郎"
+    assert japanese.PatientName.phonetic == "やまだ^たろう"
+
+
+@pytest.mark.parametrize(
+    ("identifier", "status", "comment"),
+    [
+        (
+            {"QueryRetrieveLevel": "EVERYTHING"},
+            QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            "QueryRetrieveLevel",
+        ),
+        (
+            {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": ""},
+            QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            "StudyInstanceUID",
+        ),
+        (
+            {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.x"},
+            QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            "not a UID",
+        ),
+        (
+            {
+                "QueryRetrieveLevel": "IMAGE",
+                "StudyInstanceUID": "1.2",
+                "SeriesInstanceUID": "1.2.3",
+                "SOPInstanceUID": "",
+            },
+            0x0000,
+            "",
+        ),
+    ],
+)
+def test_bad_identifiers_get_a_status_with_a_reason(
+    server: Server, identifier: dict[str, str], status: int, comment: str
+) -> None:
+    query = Dataset()
+    for keyword, value in identifier.items():
+        setattr(query, keyword, value)
+    matches, final = find(server, query)
+    assert final.Status == status
+    assert matches == []
+    if comment:
+        assert comment in final.ErrorComment
+
+
+def test_too_many_matches_is_refused_before_any_answer(server: Server) -> None:
+    limited = Server(
+        DimseConfig(port=free_port(), max_find_matches=3), server.stored, server.archive
+    )
+    running = start_dimse(server.archive, limited.config)
+    try:
+        matches, final = find(limited, study_query())
+    finally:
+        running.shutdown()
+    assert final.Status == QueryStatus.OUT_OF_RESOURCES
+    assert "more than 3 matches" in final.ErrorComment
+    assert matches == []
+
+
+class _CancellingEvent:
+    """Stands in for pynetdicom's event: a C-CANCEL arrives after the first answer."""
+
+    def __init__(self, identifier: Dataset) -> None:
+        self.identifier = identifier
+        self.request = SimpleNamespace(
+            AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind
+        )
+        self.assoc = SimpleNamespace(requestor=SimpleNamespace(sop_class_extended={}))
+        self.answers = 0
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self.answers >= 1
+
+
+def test_cancel_stops_the_answers(server: Server) -> None:
+    handler = make_find_handler(server.archive, max_matches=1000, retrieve_ae_title="FILMLESS")
+    event = _CancellingEvent(study_query())
+    statuses = []
+    for status, _answer in handler(event):  # type: ignore[arg-type]
+        statuses.append(int(status) if isinstance(status, int) else status.Status)
+        event.answers += 1
+    assert statuses == [QueryStatus.PENDING, QueryStatus.CANCEL]
+
+
+FINDSCU = shutil.which("findscu")
+
+
+def findscu(server: Server, tmp_path: Path, *args: str, root: str = "-S") -> list[Dataset]:
+    out = tmp_path / f"rsp-{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
+    run = subprocess.run(
+        [
+            "findscu",
+            root,
+            "-aec",
+            "FILMLESS",
+            "-X",
+            "-od",
+            str(out),
+            *args,
+            "127.0.0.1",
+            str(server.config.port),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    return [pydicom.dcmread(p) for p in sorted(out.iterdir())]
+
+
+@pytest.mark.dcmtk
+@pytest.mark.skipif(FINDSCU is None, reason="dcmtk is not installed")
+def test_findscu(server: Server, tmp_path: Path) -> None:
+    stored = server.stored
+    every = findscu(server, tmp_path, "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID")
+    assert {d.StudyInstanceUID for d in every} == set(stored.studies) | {
+        d.StudyInstanceUID for d in every if d.StudyInstanceUID not in stored.studies
+    }
+    assert len(every) == len(stored.studies) + 1
+
+    wildcard = findscu(
+        server,
+        tmp_path,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "-k",
+        "PatientName=Smith*",
+    )
+    assert {d.StudyInstanceUID for d in wildcard} == {
+        u for u, ds in stored.studies.items() if str(ds.PatientName).startswith("Smith")
+    }
+
+    dates = sorted({ds.StudyDate for ds in stored.studies.values()})
+    low, high = dates[1], dates[3]
+    ranged = findscu(
+        server,
+        tmp_path,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "-k",
+        f"StudyDate={low}-{high}",
+    )
+    assert {d.StudyInstanceUID for d in ranged} == {
+        u for u, ds in stored.studies.items() if low <= ds.StudyDate <= high
+    }
+
+    two = sorted(stored.studies)[:2]
+    listed = findscu(
+        server,
+        tmp_path,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={two[0]}\\{two[1]}",
+    )
+    assert sorted(d.StudyInstanceUID for d in listed) == two
+
+    modality = findscu(
+        server,
+        tmp_path,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "-k",
+        "ModalitiesInStudy=MG",
+    )
+    assert {d.StudyInstanceUID for d in modality} == {
+        u for u, ds in stored.studies.items() if ds.Modality == "MG"
+    }
+
+    patients = findscu(
+        server,
+        tmp_path,
+        "-k",
+        "QueryRetrieveLevel=PATIENT",
+        "-k",
+        "PatientID",
+        "-k",
+        "PatientName",
+        root="-P",
+    )
+    assert {d.PatientID for d in patients} == set(stored.patients) | {"JP1"}
+
+    study_uid = two[0]
+    series = findscu(
+        server,
+        tmp_path,
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={study_uid}",
+        "-k",
+        "SeriesInstanceUID",
+        "-k",
+        "Modality",
+    )
+    assert {d.SeriesInstanceUID for d in series} == stored.series[study_uid]
+    series_uid = next(iter(stored.series[study_uid]))
+    images = findscu(
+        server,
+        tmp_path,
+        "-k",
+        "QueryRetrieveLevel=IMAGE",
+        "-k",
+        f"StudyInstanceUID={study_uid}",
+        "-k",
+        f"SeriesInstanceUID={series_uid}",
+        "-k",
+        "SOPInstanceUID",
+    )
+    assert {d.SOPInstanceUID for d in images} == stored.instances[series_uid]
+
+    utf8 = findscu(
+        server,
+        tmp_path,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "-k",
+        "SpecificCharacterSet=ISO_IR 192",
+        "-k",
+        "PatientName=Garçon*",
+    )
+    assert utf8
+    assert all(str(d.PatientName) == "Garçon^Amélie" for d in utf8)

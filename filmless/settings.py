@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_find_matches: int = Field(
         10000, ge=1, description="C-FIND answers at most this many matches, else 0xA700"
     )
+    move_destinations: dict[str, str] = Field(
+        default_factory=dict, description='C-MOVE destinations: AE title = "host:port"'
+    )
     duplicate_policy: DuplicatePolicy = Field(
         "reject", description="same SOP Instance UID, different bytes: reject or overwrite"
     )
@@ -75,6 +78,16 @@ class Settings(BaseSettings):
     def _check_allowed(cls, value: list[str]) -> list[str]:
         for title in value:
             _require_ae_title(title)
+        return value
+
+    @field_validator("move_destinations")
+    @classmethod
+    def _check_destinations(cls, value: dict[str, str]) -> dict[str, str]:
+        for title, address in value.items():
+            _require_ae_title(title)
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"move destination {title}: {address!r} is not host:port")
         return value
 
     @model_validator(mode="after")
@@ -135,5 +148,9 @@ def _toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'

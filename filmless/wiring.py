@@ -63,4 +63,8 @@ def dimse_config(settings: Settings) -> DimseConfig:
         network_timeout=settings.network_timeout,
         max_pdu=settings.max_pdu,
         max_find_matches=settings.max_find_matches,
+        move_destinations=tuple(
+            (title, address.rpartition(":")[0], int(address.rpartition(":")[2]))
+            for title, address in settings.move_destinations.items()
+        ),
     )

@@ -263,7 +263,7 @@ class Index:
 
     def instances(self) -> list[InstanceRecord]:
         with self.reading() as conn:
-            rows = conn.execute(_record_query().order_by(instance.c.id)).mappings()
+            rows = conn.execute(record_query().order_by(instance.c.id)).mappings()
             return [InstanceRecord(**row) for row in rows]
 
     # -- writes ----------------------------------------------------------------------
@@ -306,7 +306,8 @@ def _reason(exc: SQLAlchemyError) -> str:
     return str(orig if orig is not None else exc).splitlines()[0]
 
 
-def _record_query() -> Any:
+def record_query() -> Any:
+    """Instances with the keys needed to read their bytes, joined up to the study."""
     return (
         select(
             instance.c.id,
@@ -326,7 +327,7 @@ def _record_query() -> Any:
 
 def _find_instance(conn: Connection, SOPInstanceUID: str) -> InstanceRecord | None:
     row = (
-        conn.execute(_record_query().where(instance.c.SOPInstanceUID == SOPInstanceUID))
+        conn.execute(record_query().where(instance.c.SOPInstanceUID == SOPInstanceUID))
         .mappings()
         .first()
     )

@@ -30,7 +30,7 @@ from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true
 
 from pacs.errors import InvalidQuery
 from pacs.header import normalise_name
-from pacs.index import instance, patient, series, study
+from pacs.index import instance, patient, record_query, series, study
 from pacs.uids import is_valid_uid
 
 
@@ -354,3 +354,30 @@ def count_query(query: Query, *, at_most: int) -> Select[Any]:
 def keys_at_or_above(level: Level) -> Iterable[str]:
     depth = _DEPTH[level]
     return [k for k, a in ATTRIBUTES.items() if _DEPTH[a.level] <= depth]
+
+
+def compile_retrieve(query: Query) -> Select[Any]:
+    """The instances a C-MOVE or C-GET identifier names (PS3.4 C.4.2.2.1, C.4.3.2.1).
+
+    The unique key of the retrieve level must be given (a single UID or a list); unique
+    keys of the levels above narrow the match when present.
+    """
+    unique = UNIQUE_KEYS[query.level]
+    if not query.keys.get(unique):
+        raise InvalidQuery(f"{unique} is required to retrieve at {query.level} level")
+    wanted = {
+        keyword: value
+        for keyword, value in query.keys.items()
+        if keyword in UNIQUE_KEYS.values() and value
+    }
+    for keyword, value in wanted.items():
+        if _has_wildcard(value):
+            raise InvalidQuery(f"{keyword} cannot hold wildcards in a retrieve")
+    statement = (
+        record_query()
+        .join(patient, study.c.patient_id == patient.c.id)
+        .order_by(study.c.id, series.c.id, instance.c.id)
+    )
+    for keyword, value in wanted.items():
+        statement = statement.where(match_condition(ATTRIBUTES[keyword], value, fuzzy=False))
+    return statement  # type: ignore[no-any-return]

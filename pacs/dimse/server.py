@@ -16,7 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 
 from pacs.archive import Archive
-from pacs.dimse import associations, find
+from pacs.dimse import associations, find, retrieve
 from pacs.dimse.echo import handle_echo
 from pacs.dimse.store import make_store_handler
 from pacs.dimse.transport import FilmlessServer, HandoffServer, handoff_server, serve_in_thread
@@ -67,6 +67,8 @@ class DimseConfig:
     network_timeout: float = 60.0
     max_pdu: int = 1048576
     max_find_matches: int = 10000
+    # AE title -> (host, port) for C-MOVE
+    move_destinations: tuple[tuple[str, str, int], ...] = ()
 
 
 def build_ae(config: DimseConfig) -> AE:
@@ -80,10 +82,11 @@ def build_ae(config: DimseConfig) -> AE:
     ae.maximum_pdu_size = config.max_pdu
     ae.require_calling_aet = list(config.allowed_calling_aets)
     ae.add_supported_context(Verification)
-    for model in find.MODELS:
+    for model in (*find.MODELS, *retrieve.MOVE_MODELS, *retrieve.GET_MODELS):
         ae.add_supported_context(model, list(UNCOMPRESSED))
     for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        # Both roles: a C-GET requester proposes its storage contexts with us as SCU.
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
     return ae
 
 
@@ -99,6 +102,13 @@ def service_handlers(archive: Archive, config: DimseConfig) -> list[Any]:
             ),
         ),
         (evt.EVT_SOP_EXTENDED, find.accept_extended_negotiation),
+        (
+            evt.EVT_C_MOVE,
+            retrieve.make_move_handler(
+                archive, {ae: (host, port) for ae, host, port in config.move_destinations}
+            ),
+        ),
+        (evt.EVT_C_GET, retrieve.make_get_handler(archive)),
     ]
 
 

@@ -1,0 +1,153 @@
+"""C-MOVE and C-GET SCPs (PS3.4 C.4.2, C.4.3): the same instance selection, two transports.
+
+The identifier is decoded by the C-FIND decoder and resolved by
+:func:`pacs.query.compile_retrieve`. pynetdicom performs the C-STORE sub-operations and
+counts them; the handlers here yield one stored instance at a time, read from the blob
+store as it was received, so memory holds one instance whatever the size of the study.
+
+C-MOVE opens an association to a destination from the settings (unknown AE title:
+0xA801) proposing, per SOP class, the stored transfer syntax and the uncompressed ones.
+C-GET answers over the requester's association with the storage contexts it proposed
+(SCP role): an uncompressed instance is re-encoded into a syntax the requester accepted,
+a compressed one it did not accept is a failed sub-operation, logged with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    SecondaryCaptureImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from pacs.archive import Archive
+from pacs.dimse.find import failure, query_from_identifier
+from pacs.errors import InvalidQuery, PacsError
+from pacs.index import InstanceRecord
+from pacs.query import Model, compile_retrieve
+from pacs.status import QueryStatus
+
+log = logging.getLogger(__name__)
+
+MOVE_MODELS: Mapping[str, Model] = {
+    PatientRootQueryRetrieveInformationModelMove: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: Model.STUDY_ROOT,
+}
+GET_MODELS: Mapping[str, Model] = {
+    PatientRootQueryRetrieveInformationModelGet: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: Model.STUDY_ROOT,
+}
+_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+_MAX_CONTEXTS = 128
+
+
+def select_instances(archive: Archive, event: evt.Event, model: Model) -> list[InstanceRecord]:
+    """The records an identifier names; raises :class:`PacsError` with the reason."""
+    try:
+        identifier = event.identifier
+    except Exception as exc:  # pynetdicom raises what pydicom raises
+        raise InvalidQuery(f"identifier unreadable: {exc}") from exc
+    query = query_from_identifier(identifier, model)
+    with archive.index.reading() as conn:
+        rows = conn.execute(compile_retrieve(query)).mappings()
+        return [InstanceRecord(**row) for row in rows]
+
+
+def _contexts(records: list[InstanceRecord]) -> list[PresentationContext]:
+    """One context per stored (SOP class, transfer syntax), as sent; plus, per SOP class,
+    one offering the uncompressed syntaxes so that pynetdicom can convert between them.
+
+    A context accepts a single transfer syntax, so mixing syntaxes in one proposal would
+    let the destination pick one and fail every instance stored in another.
+    """
+    pairs: dict[tuple[str, str], None] = {}
+    classes: dict[str, None] = {}
+    for record in records:
+        pairs[(record.SOPClassUID, record.TransferSyntaxUID)] = None
+        classes[record.SOPClassUID] = None
+    contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+    contexts += [build_context(sop_class, list(_UNCOMPRESSED)) for sop_class in classes]
+    return contexts[:_MAX_CONTEXTS]
+
+
+def _read(archive: Archive, record: InstanceRecord) -> Dataset:
+    with archive.open(record) as stream:
+        return pydicom.dcmread(stream)
+
+
+def _sub_operations(
+    archive: Archive, event: evt.Event, records: list[InstanceRecord]
+) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    for record in records:
+        if event.is_cancelled:
+            yield QueryStatus.CANCEL, None
+            return
+        try:
+            dataset = _read(archive, record)
+        except Exception as exc:
+            log.error("cannot read %s for a retrieve: %s", record.SOPInstanceUID, exc)
+            placeholder = Dataset()
+            placeholder.SOPInstanceUID = record.SOPInstanceUID
+            yield QueryStatus.PENDING, placeholder  # fails as a sub-operation, counted
+            continue
+        yield QueryStatus.PENDING, dataset
+
+
+def make_move_handler(
+    archive: Archive, destinations: Mapping[str, tuple[str, int]]
+) -> Callable[[evt.Event], Iterator[Any]]:
+    def handle_move(event: evt.Event) -> Iterator[Any]:
+        model = MOVE_MODELS[str(event.request.AffectedSOPClassUID)]
+        destination = destinations.get(str(event.move_destination or "").strip())
+        if destination is None:
+            log.warning("C-MOVE to unknown destination %r", event.move_destination)
+            yield None, None
+            return
+        try:
+            records = select_instances(archive, event, model)
+            problem: PacsError | None = None
+        except PacsError as exc:
+            records, problem = [], exc
+        # pynetdicom opens the destination association before any status can be sent,
+        # even for a refusal: propose what every Storage SCP accepts in that case.
+        contexts = _contexts(records) or [
+            build_context(Verification),
+            build_context(CTImageStorage, _UNCOMPRESSED),
+            build_context(SecondaryCaptureImageStorage, _UNCOMPRESSED),
+        ]
+        yield destination[0], destination[1], {"contexts": contexts}
+        if problem is not None:
+            yield 1
+            yield failure(problem.dimse_status, str(problem)), None
+            return
+        yield len(records)
+        yield from _sub_operations(archive, event, records)
+
+    return handle_move
+
+
+def make_get_handler(archive: Archive) -> Callable[[evt.Event], Iterator[Any]]:
+    def handle_get(event: evt.Event) -> Iterator[Any]:
+        model = GET_MODELS[str(event.request.AffectedSOPClassUID)]
+        try:
+            records = select_instances(archive, event, model)
+        except PacsError as exc:
+            yield 1
+            yield failure(exc.dimse_status, str(exc)), None
+            return
+        yield len(records)
+        yield from _sub_operations(archive, event, records)
+
+    return handle_get

@@ -203,7 +203,12 @@ def make_find_handler(
                         None,
                     )
                     return
-                rows = conn.execute(compile_query(query)).mappings()
+                # Server-side cursor where the database has one: rows are fetched as
+                # they are sent, never all at once.
+                statement = compile_query(query).execution_options(
+                    stream_results=True, max_row_buffer=500
+                )
+                rows = conn.execute(statement).mappings()
                 for row in rows:
                     if event.is_cancelled:
                         yield QueryStatus.CANCEL, None

@@ -84,6 +84,14 @@ patient = Table(
     _count("NumberOfPatientRelatedSeries"),
     _count("NumberOfPatientRelatedInstances"),
     UniqueConstraint("PatientID", "IssuerOfPatientID", name="uq_patient_identity"),
+    # Prefix matching (``Smith*``) can use these: SQLite with case_sensitive_like, and
+    # PostgreSQL through the pattern operator class.
+    SqlIndex("ix_patient_name", "PatientName", postgresql_ops={"PatientName": "text_pattern_ops"}),
+    SqlIndex(
+        "ix_patient_name_search",
+        "PatientNameSearch",
+        postgresql_ops={"PatientNameSearch": "text_pattern_ops"},
+    ),
 )
 
 study = Table(
@@ -107,6 +115,7 @@ study = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     SqlIndex("ix_study_date", "StudyDate"),
     SqlIndex("ix_study_accession", "AccessionNumber"),
+    SqlIndex("ix_study_patient_date", "patient_id", "StudyDate"),
 )
 
 series = Table(

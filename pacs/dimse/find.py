@@ -173,8 +173,7 @@ def make_find_handler(
     archive: Archive, *, max_matches: int, retrieve_ae_title: str
 ) -> Callable[[evt.Event], Iterator[Response]]:
     def handle_find(event: evt.Event) -> Iterator[Response]:
-        sop_class = str(event.request.AffectedSOPClassUID)
-        model = MODELS.get(sop_class)
+        model = MODELS.get(str(event.request.AffectedSOPClassUID))
         if model is None:
             yield failure(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "unknown model"), None
             return
@@ -183,49 +182,58 @@ def make_find_handler(
         except Exception as exc:  # pynetdicom raises what pydicom raises
             yield failure(QueryStatus.UNABLE_TO_PROCESS, f"identifier unreadable: {exc}"), None
             return
-        extended = {str(k): v for k, v in event.assoc.requestor.sop_class_extended.items()}.get(
-            sop_class, b""
+        yield from _answer(
+            archive,
+            event,
+            identifier,
+            model,
+            max_matches=max_matches,
+            retrieve_ae=retrieve_ae_title,
         )
-        try:
-            query = query_from_identifier(
-                identifier,
-                model,
-                fuzzy=len(extended) > _FUZZY_BYTE and extended[_FUZZY_BYTE] == 1,
-            )
-            with archive.index.reading() as conn:
-                count = conn.execute(count_query(query, at_most=max_matches + 1)).scalar_one()
-                if count > max_matches:
-                    yield (
-                        failure(
-                            QueryStatus.OUT_OF_RESOURCES,
-                            f"more than {max_matches} matches: refine the query",
-                        ),
-                        None,
-                    )
-                    return
-                # Server-side cursor where the database has one: rows are fetched as
-                # they are sent, never all at once.
-                statement = compile_query(query).execution_options(
-                    stream_results=True, max_row_buffer=500
-                )
-                rows = conn.execute(statement).mappings()
-                for row in rows:
-                    if event.is_cancelled:
-                        yield QueryStatus.CANCEL, None
-                        return
-                    yield (
-                        QueryStatus.PENDING,
-                        encode_match(dict(row), identifier, query.level, retrieve_ae_title),
-                    )
-        except InvalidQuery as exc:
-            yield failure(exc.dimse_status, str(exc)), None
-            return
-        except Exception as exc:
-            log.exception("C-FIND failed")
-            yield failure(QueryStatus.UNABLE_TO_PROCESS, f"query failed: {exc}"), None
-            return
 
     return handle_find
+
+
+def _answer(
+    archive: Archive,
+    event: evt.Event,
+    identifier: Dataset,
+    model: Model,
+    *,
+    max_matches: int,
+    retrieve_ae: str,
+) -> Iterator[Response]:
+    sop_class = str(event.request.AffectedSOPClassUID)
+    negotiated = {str(k): v for k, v in event.assoc.requestor.sop_class_extended.items()}
+    extended = negotiated.get(sop_class, b"")
+    try:
+        query = query_from_identifier(
+            identifier,
+            model,
+            fuzzy=len(extended) > _FUZZY_BYTE and extended[_FUZZY_BYTE] == 1,
+        )
+        with archive.index.reading() as conn:
+            count = conn.execute(count_query(query, at_most=max_matches + 1)).scalar_one()
+            if count > max_matches:
+                comment = f"more than {max_matches} matches: refine the query"
+                yield failure(QueryStatus.OUT_OF_RESOURCES, comment), None
+                return
+            # Server-side cursor where the database has one: rows are fetched as they
+            # are sent, never all at once.
+            statement = compile_query(query).execution_options(
+                stream_results=True, max_row_buffer=500
+            )
+            for row in conn.execute(statement).mappings():
+                if event.is_cancelled:
+                    yield QueryStatus.CANCEL, None
+                    return
+                answer = encode_match(dict(row), identifier, query.level, retrieve_ae)
+                yield QueryStatus.PENDING, answer
+    except InvalidQuery as exc:
+        yield failure(exc.dimse_status, str(exc)), None
+    except Exception as exc:
+        log.exception("C-FIND failed")
+        yield failure(QueryStatus.UNABLE_TO_PROCESS, f"query failed: {exc}"), None
 
 
 def accept_extended_negotiation(event: evt.Event) -> dict[str, bytes]:

@@ -92,6 +92,10 @@ class FilmlessRequestHandler(RequestHandler):
         # only its recv changes.
         sock.__class__ = BoundedSocket
         assert isinstance(sock, BoundedSocket)
+        # DIMSE answers are several small PDUs (a command, then its data set); with
+        # Nagle's algorithm each second write waits for the peer's delayed ACK (~40 ms).
+        with contextlib.suppress(OSError):
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         maximum = self.ae.maximum_pdu_size
         sock.pdu_limit = max(MIN_PDU_LIMIT, maximum + 16) if maximum else 1 << 31
         return assoc

@@ -1,0 +1,398 @@
+"""C-FIND latency at STUDY level: by PatientID, by date range, by wildcard name.
+
+The index is filled with generated rows (patients, studies of two series of ten
+instances, names and dates spread out) straight through SQL, at each size asked for.
+A filmless DIMSE server answers over loopback; each query runs R times on one
+association and we report p50/p95/max in milliseconds. With Orthanc installed and
+``--orthanc N``, the same queries run against an Orthanc holding N small instances
+sent by storescu (loading 100k instances into Orthanc over DIMSE takes too long here).
+
+    python -m benchmarks.query --sizes 10000 100000 --repeats 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import insert
+
+from benchmarks.ingest import OrthancServer, _free_port, send
+from pacs.archive import Archive
+from pacs.dimse.server import DimseConfig, start_dimse
+from pacs.header import normalise_name
+from pacs.index import Index, instance, patient, series, study
+from pacs.store import FsBlobStore
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS = Path(__file__).parent / "results"
+console = Console(stderr=True)
+
+FAMILY = [
+    "Smith",
+    "Müller",
+    "Nguyen",
+    "Garcia",
+    "Kowalski",
+    "Tanaka",
+    "Okafor",
+    "Rossi",
+    "Dubois",
+    "Larsen",
+]
+GIVEN = ["Anna", "Jürgen", "Lan", "Maria", "Piotr", "Yuki", "Chidi", "Luca", "Amélie", "Sofie"]
+INSTANCES_PER_STUDY = 20
+
+
+@dataclass
+class Latency:
+    server: str
+    size: int
+    query: str
+    matches: int
+    p50_ms: float
+    p95_ms: float
+    max_ms: float
+
+
+def fill_index(index: Index, instances: int, seed: int = 0) -> None:
+    """Generated rows, consistent counters, inserted in bulk."""
+    rng = np.random.default_rng(seed)
+    studies = max(1, instances // INSTANCES_PER_STUDY)
+    patients = max(1, studies // 3)
+    start = datetime(2023, 1, 1)
+    now = datetime.now(UTC)
+    with index.writer.begin() as conn:
+        conn.execute(
+            insert(patient),
+            [
+                {
+                    "id": p + 1,
+                    "PatientID": f"PID{p:07d}",
+                    "IssuerOfPatientID": "",
+                    "PatientName": (name := f"{FAMILY[p % 10]}{p // 10}^{GIVEN[(p * 7) % 10]}"),
+                    "PatientNameSearch": normalise_name(name),
+                    "PatientBirthDate": "19700101",
+                    "PatientSex": "FMO"[p % 3],
+                    "NumberOfPatientRelatedStudies": 0,
+                    "NumberOfPatientRelatedSeries": 0,
+                    "NumberOfPatientRelatedInstances": 0,
+                }
+                for p in range(patients)
+            ],
+        )
+        study_rows, series_rows, instance_rows = [], [], []
+        for s in range(studies):
+            day = start + timedelta(days=int(rng.integers(0, 3 * 365)))
+            modality = ["CT", "MR", "DX", "MG"][s % 4]
+            study_rows.append(
+                {
+                    "id": s + 1,
+                    "patient_id": s % patients + 1,
+                    "StudyInstanceUID": f"2.25.{s + 1}",
+                    "StudyDate": day.strftime("%Y%m%d"),
+                    "StudyTime": f"{8 + s % 10:02d}0000",
+                    "AccessionNumber": f"ACC{s:08d}",
+                    "StudyID": str(s),
+                    "StudyDescription": "BENCH",
+                    "ReferringPhysicianName": "",
+                    "ReferringPhysicianNameSearch": "",
+                    "TimezoneOffsetFromUTC": "",
+                    "ModalitiesInStudy": modality,
+                    "NumberOfStudyRelatedSeries": 2,
+                    "NumberOfStudyRelatedInstances": INSTANCES_PER_STUDY,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+            for k in range(2):
+                series_id = s * 2 + k + 1
+                series_rows.append(
+                    {
+                        "id": series_id,
+                        "study_id": s + 1,
+                        "SeriesInstanceUID": f"2.25.{s + 1}.{k + 1}",
+                        "Modality": modality,
+                        "SeriesNumber": k + 1,
+                        "NumberOfSeriesRelatedInstances": INSTANCES_PER_STUDY // 2,
+                    }
+                )
+                for i in range(INSTANCES_PER_STUDY // 2):
+                    instance_rows.append(
+                        {
+                            "series_id": series_id,
+                            "SOPInstanceUID": f"2.25.{s + 1}.{k + 1}.{i + 1}",
+                            "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+                            "InstanceNumber": i + 1,
+                            "TransferSyntaxUID": "1.2.840.10008.1.2.1",
+                            "size": 0,
+                            "sha256": "0" * 64,
+                            "path": "",
+                            "received_at": now,
+                        }
+                    )
+        conn.execute(insert(study), study_rows)
+        conn.execute(insert(series), series_rows)
+        for chunk in range(0, len(instance_rows), 20000):
+            conn.execute(insert(instance), instance_rows[chunk : chunk + 20000])
+
+
+def queries() -> dict[str, Callable[[], Dataset]]:
+    def base() -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = ""
+        ds.PatientName = ""
+        ds.StudyDate = ""
+        ds.ModalitiesInStudy = ""
+        ds.NumberOfStudyRelatedInstances = ""
+        return ds
+
+    def by_patient_id() -> Dataset:
+        ds = base()
+        ds.PatientID = "PID0000042"
+        return ds
+
+    def by_date_range() -> Dataset:
+        ds = base()
+        ds.StudyDate = "20240301-20240307"
+        return ds
+
+    def by_wildcard_name() -> Dataset:
+        ds = base()
+        ds.PatientName = "Kowalski12*"
+        return ds
+
+    return {
+        "PatientID": by_patient_id,
+        "date range": by_date_range,
+        "wildcard name": by_wildcard_name,
+    }
+
+
+def measure(
+    port: int, ae_title: str, make: Callable[[], Dataset], repeats: int
+) -> tuple[int, list[float]]:
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    if not assoc.is_established:
+        raise RuntimeError(f"association to {ae_title} refused")
+    # As dcmtk does by default: no Nagle delay on the requester's small PDUs.
+    assert assoc.dul.socket is not None
+    client = assoc.dul.socket.socket
+    assert client is not None
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    timings, matches = [], 0
+    try:
+        for _ in range(repeats):
+            query = make()
+            start = time.perf_counter()
+            found = 0
+            for status, _answer in assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind
+            ):
+                if status.Status in (0xFF00, 0xFF01):
+                    found += 1
+                elif status.Status != 0:
+                    raise RuntimeError(f"C-FIND failed: 0x{status.Status:04X}")
+            timings.append((time.perf_counter() - start) * 1000)
+            matches = found
+    finally:
+        assoc.release()
+    return matches, timings
+
+
+def _summary(server: str, size: int, name: str, matches: int, timings: list[float]) -> Latency:
+    ordered = sorted(timings)
+    return Latency(
+        server=server,
+        size=size,
+        query=name,
+        matches=matches,
+        p50_ms=statistics.median(ordered),
+        p95_ms=ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        max_ms=ordered[-1],
+    )
+
+
+def run_filmless(work: Path, size: int, repeats: int) -> list[Latency]:
+    folder = work / f"filmless-{size}"
+    folder.mkdir()
+    index = Index(f"sqlite:///{folder / 'index.sqlite'}")
+    index.create_schema()
+    with console.status(f"filling the index with {size} instances"):
+        fill_index(index, size)
+    archive = Archive(FsBlobStore(folder / "data"), index)
+    config = DimseConfig(port=_free_port(), max_find_matches=100000)
+    server = start_dimse(archive, config)
+    results = []
+    try:
+        for name, make in queries().items():
+            matches, timings = measure(config.port, config.ae_title, make, repeats)
+            results.append(_summary("filmless", size, name, matches, timings))
+    finally:
+        server.shutdown()
+        index.dispose()
+    return results
+
+
+def _orthanc_corpus(folder: Path, count: int) -> list[Path]:
+    """Small instances with the same patient, date and name spread as :func:`fill_index`."""
+    folder.mkdir(parents=True)
+    studies = max(1, count // INSTANCES_PER_STUDY)
+    patients = max(1, studies // 3)
+    rng = np.random.default_rng(0)
+    start = datetime(2023, 1, 1)
+    files = []
+    for s in range(studies):
+        p = s % patients
+        day = start + timedelta(days=int(rng.integers(0, 3 * 365)))
+        for i in range(INSTANCES_PER_STUDY):
+            ds = Dataset()
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+            ds.SOPInstanceUID = f"2.25.{s + 1}.{i // 10 + 1}.{i % 10 + 1}"
+            ds.StudyInstanceUID = f"2.25.{s + 1}"
+            ds.SeriesInstanceUID = f"2.25.{s + 1}.{i // 10 + 1}"
+            ds.PatientID = f"PID{p:07d}"
+            ds.PatientName = f"{FAMILY[p % 10]}{p // 10}^{GIVEN[(p * 7) % 10]}"
+            ds.StudyDate = day.strftime("%Y%m%d")
+            ds.StudyTime = f"{8 + s % 10:02d}0000"
+            ds.Modality = ["CT", "MR", "DX", "MG"][s % 4]
+            ds.AccessionNumber = f"ACC{s:08d}"
+            ds.InstanceNumber = i + 1
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            path = folder / f"{s:06d}-{i:02d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+    return files
+
+
+def run_orthanc(binary: str, work: Path, size: int, repeats: int) -> list[Latency]:
+    orthanc = OrthancServer(binary)
+    folder = work / f"orthanc-{size}"
+    files = _orthanc_corpus(work / f"orthanc-in-{size}", size)
+    port = _free_port()
+    results = []
+    with orthanc.running(folder, port):
+        with console.status(f"loading {len(files)} instances into Orthanc"):
+            send(files, port, orthanc.ae_title, 4)
+        for name, make in queries().items():
+            matches, timings = measure(port, orthanc.ae_title, make, repeats)
+            results.append(_summary("orthanc", size, name, matches, timings))
+    return results
+
+
+def markdown(results: list[Latency], meta: dict[str, Any]) -> str:
+    lines = [
+        "# C-FIND latency (STUDY level)",
+        "",
+        f"`{meta['command']}` on {meta['machine']}, {meta['date']}; "
+        f"{meta['repeats']} runs per query.",
+        "",
+        "| server | instances | query | matches | p50 ms | p95 ms | max ms |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.server} | {r.size} | {r.query} | {r.matches} "
+            f"| {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.max_ms:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Latency], path: Path) -> None:
+    labels = [f"{r.server}\n{r.size // 1000}k\n{r.query}" for r in results]
+    fig, axis = plt.subplots(figsize=(max(6, len(results) * 0.9), 4))
+    axis.bar(labels, [r.p95_ms for r in results], color="#c0392b", label="p95")
+    axis.bar(labels, [r.p50_ms for r in results], color="#4a7bb7", label="p50")
+    axis.axhline(20, color="#333", linestyle="--", label="20 ms target (p95)")
+    axis.set_ylabel("ms")
+    axis.legend()
+    axis.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--orthanc", type=int, default=0, help="instances to load into Orthanc")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    orthanc_binary = shutil.which("Orthanc") if args.orthanc else None
+    if orthanc_binary and os.environ.get("FILMLESS_BENCH_NETNS") != "1":
+        if shutil.which("unshare") and os.geteuid() == 0:
+            command = [sys.executable, "-m", "benchmarks.query", *(argv or sys.argv[1:])]
+            env = {**os.environ, "FILMLESS_BENCH_NETNS": "1"}
+            script = 'ip link set lo up && exec "$@"'
+            return subprocess.call(
+                ["unshare", "--net", "sh", "-c", script, "sh", *command], env=env
+            )
+        console.print("Orthanc needs a private network namespace (root): skipping it")
+        orthanc_binary = None
+
+    work = Path(tempfile.mkdtemp(prefix="filmless-query-"))
+    results: list[Latency] = []
+    try:
+        for size in args.sizes:
+            results += run_filmless(work, size, args.repeats)
+        if orthanc_binary:
+            results += run_orthanc(orthanc_binary, work, args.orthanc, args.repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta: dict[str, Any] = {
+        "command": "python -m benchmarks.query " + " ".join(argv or sys.argv[1:]),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.python_version()})",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "repeats": args.repeats,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "query.json").write_text(
+        json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
+    )
+    (args.out / "query.md").write_text(markdown(results, meta))
+    plot(results, args.out / "query.png")
+    table = Table(title="C-FIND latency")
+    for column in ("server", "instances", "query", "matches", "p50 ms", "p95 ms"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(
+            r.server, str(r.size), r.query, str(r.matches), f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}"
+        )
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -411,3 +412,37 @@ def test_findscu(server: Server, tmp_path: Path) -> None:
     )
     assert utf8
     assert all(str(d.PatientName) == "Garçon^Amélie" for d in utf8)
+
+
+def _find_negotiated(server: Server, identifier: Dataset, app_info: bytes) -> list[Dataset]:
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    negotiation = SOPClassExtendedNegotiation()
+    negotiation.sop_class_uid = StudyRootQueryRetrieveInformationModelFind
+    negotiation.service_class_application_information = app_info
+    assoc = ae.associate(
+        "127.0.0.1", server.config.port, ae_title="FILMLESS", ext_neg=[negotiation]
+    )
+    assert assoc.is_established
+    accepted = assoc.acceptor.sop_class_extended[StudyRootQueryRetrieveInformationModelFind]
+    assert accepted[0] == 0  # relational queries declined
+    answers = [
+        answer
+        for status, answer in assoc.send_c_find(
+            identifier, StudyRootQueryRetrieveInformationModelFind
+        )
+        if status.Status == QueryStatus.PENDING and answer is not None
+    ]
+    assoc.release()
+    return answers
+
+
+def test_fuzzy_person_names_when_negotiated(server: Server) -> None:
+    query = study_query(PatientName="muller*")
+    assert _find_negotiated(server, query, b"\x00\x00\x00") == []
+    fuzzy = _find_negotiated(server, study_query(PatientName="muller*"), b"\x00\x00\x01")
+    expected = {
+        u for u, ds in server.stored.studies.items() if str(ds.PatientName).startswith("Müller")
+    }
+    assert expected
+    assert {m.StudyInstanceUID for m in fuzzy} == expected

@@ -38,6 +38,7 @@ _CONTROL_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"
 _MAX_COMMENT = 64
 _FUZZY_BYTE = 2  # PS3.4 C.5.1.1: byte 3 of the C-FIND extended negotiation
 _COMBINED_DATETIME_BYTE = 1
+_TIMEZONE_BYTE = 3
 
 Response = tuple[int | Dataset, Dataset | None]
 
@@ -211,6 +212,10 @@ def _answer(
             identifier,
             model,
             fuzzy=len(extended) > _FUZZY_BYTE and extended[_FUZZY_BYTE] == 1,
+            combined_datetime=(
+                len(extended) > _COMBINED_DATETIME_BYTE
+                and extended[_COMBINED_DATETIME_BYTE] == 1
+            ),
         )
         with archive.index.reading() as conn:
             count = conn.execute(count_query(query, at_most=max_matches + 1)).scalar_one()
@@ -237,7 +242,8 @@ def _answer(
 
 
 def accept_extended_negotiation(event: evt.Event) -> dict[str, bytes]:
-    """Accept fuzzy person-name matching and combined date-time matching for C-FIND."""
+    """PS3.4 C.5.1.1: accept combined date-time and fuzzy person-name matching as asked;
+    decline relational queries and timezone adjustment."""
     accepted: dict[str, bytes] = {}
     app_info: dict[str, bytes] = getattr(event, "app_info", {})
     for uid, info in app_info.items():
@@ -246,5 +252,7 @@ def accept_extended_negotiation(event: evt.Event) -> dict[str, bytes]:
         reply = bytearray(info[:4])
         if reply:
             reply[0] = 0  # relational queries: not supported
+        if len(reply) > _TIMEZONE_BYTE:
+            reply[_TIMEZONE_BYTE] = 0  # timezone query adjustment: not supported
         accepted[uid] = bytes(reply)
     return accepted

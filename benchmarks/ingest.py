@@ -222,6 +222,7 @@ class OrthancServer(Server):
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowFind": True,
             "StorageCompression": False,
             "SyncStorageArea": True,
             "DicomThreadsCount": 4,

@@ -216,6 +216,8 @@ def measure(
             for status, _answer in assoc.send_c_find(
                 query, StudyRootQueryRetrieveInformationModelFind
             ):
+                if "Status" not in status:
+                    raise RuntimeError(f"{ae_title} did not answer the C-FIND")
                 if status.Status in (0xFF00, 0xFF01):
                     found += 1
                 elif status.Status != 0:
@@ -403,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             results += run_filmless(work, size, args.repeats)
         if orthanc_binary:
-            results += run_orthanc(orthanc_binary, work, args.orthanc, args.repeats)
+            try:
+                results += run_orthanc(orthanc_binary, work, args.orthanc, args.repeats)
+            except (RuntimeError, subprocess.SubprocessError) as exc:
+                console.print(f"[red]Orthanc run failed:[/red] {exc}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta: dict[str, Any] = {

@@ -121,16 +121,19 @@ def _records(archive: Archive, study_uid: str) -> list[InstanceRecord]:
 
 
 def _move(setup: Setup, identifier: Dataset, destination: str = "DEST") -> list[Dataset]:
+    return [status for status, _ in _move_with_identifiers(setup, identifier, destination)]
+
+
+def _move_with_identifiers(
+    setup: Setup, identifier: Dataset, destination: str = "DEST"
+) -> list[tuple[Dataset, Dataset | None]]:
     ae = AE(ae_title="WORKSTATION")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", setup.config.port, ae_title="FILMLESS")
     assert assoc.is_established
-    responses = [
-        status
-        for status, _ in assoc.send_c_move(
-            identifier, destination, StudyRootQueryRetrieveInformationModelMove
-        )
-    ]
+    responses = list(
+        assoc.send_c_move(identifier, destination, StudyRootQueryRetrieveInformationModelMove)
+    )
     assoc.release()
     return responses
 
@@ -200,11 +203,13 @@ def test_move_failures_are_reported(setup: Setup) -> None:
     refused = records[0].SOPInstanceUID
     setup.destination.refuse.add(refused)
     try:
-        final = _move(setup, _study(study_uid))[-1]
+        final, answer = _move_with_identifiers(setup, _study(study_uid))[-1]
     finally:
         setup.destination.refuse.clear()
     assert final.Status == QueryStatus.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
     assert final.NumberOfFailedSuboperations == 1
+    assert answer is not None
+    assert answer.FailedSOPInstanceUIDList == refused
     assert final.NumberOfCompletedSuboperations == len(records) - 1
 
 

@@ -213,8 +213,7 @@ def _answer(
             model,
             fuzzy=len(extended) > _FUZZY_BYTE and extended[_FUZZY_BYTE] == 1,
             combined_datetime=(
-                len(extended) > _COMBINED_DATETIME_BYTE
-                and extended[_COMBINED_DATETIME_BYTE] == 1
+                len(extended) > _COMBINED_DATETIME_BYTE and extended[_COMBINED_DATETIME_BYTE] == 1
             ),
         )
         with archive.index.reading() as conn:

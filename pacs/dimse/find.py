@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacs.archive import Archive
+from pacs.dimse.responses import status_dataset as failure
 from pacs.errors import InvalidQuery
 from pacs.query import ATTRIBUTES, Level, Model, Query, compile_query, count_query
 from pacs.status import QueryStatus
@@ -35,19 +36,11 @@ MODELS: Mapping[str, Model] = {
     StudyRootQueryRetrieveInformationModelFind: Model.STUDY_ROOT,
 }
 _CONTROL_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
-_MAX_COMMENT = 64
 _FUZZY_BYTE = 2  # PS3.4 C.5.1.1: byte 3 of the C-FIND extended negotiation
 _COMBINED_DATETIME_BYTE = 1
 _TIMEZONE_BYTE = 3
 
 Response = tuple[int | Dataset, Dataset | None]
-
-
-def failure(code: int, comment: str) -> Dataset:
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = comment.replace("\\", "/")[:_MAX_COMMENT]
-    return status
 
 
 def _value_text(value: Any) -> str:

@@ -33,7 +33,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacs.archive import Archive
-from pacs.dimse.find import failure, query_from_identifier
+from pacs.dimse.find import query_from_identifier
+from pacs.dimse.responses import status_dataset as failure
 from pacs.errors import InvalidQuery, PacsError
 from pacs.index import InstanceRecord
 from pacs.query import Model, compile_retrieve

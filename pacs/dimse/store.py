@@ -18,20 +18,11 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from pacs.archive import Archive, InstanceSource, Origin
+from pacs.dimse.responses import status_dataset
 from pacs.errors import PacsError, SOPClassMismatch
 from pacs.status import StoreStatus
 
 log = logging.getLogger(__name__)
-
-_MAX_COMMENT = 64  # Error Comment is LO
-
-
-def status_dataset(code: int, comment: str = "") -> Dataset:
-    status = Dataset()
-    status.Status = code
-    if comment:
-        status.ErrorComment = comment.replace("\\", "/")[:_MAX_COMMENT]
-    return status
 
 
 def make_store_handler(archive: Archive) -> Callable[[evt.Event], Dataset]:

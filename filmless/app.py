@@ -5,14 +5,39 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
+import uvicorn
+
+from dicomweb.app import create_app
 from filmless.dimse_pool import DimsePool
 from filmless.settings import Settings
 from filmless.wiring import build_archive, dimse_config, dimse_worker_count
+from pacs.archive import Archive
 from pacs.dimse.server import start_dimse
 
 log = logging.getLogger("filmless")
+
+
+def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
+    """DICOMweb in a thread of the main process; the caller sets ``should_exit``."""
+    config = uvicorn.Config(
+        create_app(archive),
+        host=settings.bind_address,
+        port=settings.http_port,
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="DICOMweb", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        raise RuntimeError(f"DICOMweb could not listen on port {settings.http_port}")
+    return server
 
 
 def serve(settings: Settings) -> None:
@@ -34,6 +59,8 @@ def serve(settings: Settings) -> None:
     else:
         server = start_dimse(archive, dimse_config(settings))
         stop_dimse = server.shutdown
+    http = start_http(archive, settings)
+    log.info("DICOMweb on http://%s:%d/dicom-web", settings.bind_address, settings.http_port)
     log.info(
         "DIMSE listening on %s:%d as AE %s (%d worker%s); data in %s; index %s",
         settings.bind_address,
@@ -47,5 +74,6 @@ def serve(settings: Settings) -> None:
     try:
         stop.wait()
     finally:
+        http.should_exit = True
         stop_dimse()
         archive.index.dispose()

@@ -154,6 +154,9 @@ class Query:
     return_keys: tuple[str, ...] = ()
     fuzzy: bool = False
     combined_datetime: bool = True
+    # DIMSE C-FIND is hierarchical; QIDO-RS also searches /series and /instances across
+    # studies, without the unique keys of the levels above.
+    hierarchical: bool = True
 
     def __post_init__(self) -> None:
         if self.model == Model.PATIENT_ROOT:
@@ -174,7 +177,7 @@ def check_hierarchy(query: Query) -> None:
     top = 0 if query.model == Model.PATIENT_ROOT else 1
     for level, keyword in UNIQUE_KEYS.items():
         level_depth = _DEPTH[level]
-        if top <= level_depth < depth:
+        if query.hierarchical and top <= level_depth < depth:
             value = query.keys.get(keyword, "")
             if not value or "\\" in value or "*" in value or "?" in value:
                 raise InvalidQuery(

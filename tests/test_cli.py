@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
@@ -133,8 +134,12 @@ def _wait_for_port(port: int, timeout: float = 30) -> None:
 
 def test_serve_process(env: Path, tmp_path: Path) -> None:
     """``filmless serve`` as ``make serve`` runs it: C-ECHO, C-STORE, clean SIGTERM."""
-    port = free_port()
-    environment = {**os.environ, "FILMLESS_DIMSE_PORT": str(port)}
+    port, http_port = free_port(), free_port()
+    environment = {
+        **os.environ,
+        "FILMLESS_DIMSE_PORT": str(port),
+        "FILMLESS_HTTP_PORT": str(http_port),
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "filmless.cli", "serve"],
         env=environment,
@@ -152,6 +157,8 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
         path = write(ct_instance(), tmp_path / "ct.dcm")
         assert assoc.send_c_store(dcmread(path)).Status == 0
         assoc.release()
+        found = httpx.get(f"http://127.0.0.1:{http_port}/dicom-web/studies").json()
+        assert [s["0020000D"]["Value"] for s in found] == [[dcmread(path).StudyInstanceUID]]
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
@@ -165,7 +172,12 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
 def test_serve_spreads_associations_over_workers(env: Path, tmp_path: Path) -> None:
     """With two worker processes, two concurrent associations land on different workers."""
     port = free_port()
-    environment = {**os.environ, "FILMLESS_DIMSE_PORT": str(port), "FILMLESS_DIMSE_WORKERS": "2"}
+    environment = {
+        **os.environ,
+        "FILMLESS_DIMSE_PORT": str(port),
+        "FILMLESS_HTTP_PORT": str(free_port()),
+        "FILMLESS_DIMSE_WORKERS": "2",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "filmless.cli", "serve"],
         env=environment,

@@ -1,0 +1,1 @@
+"""DICOMweb (PS3.18) over the archive: QIDO-RS today."""

@@ -20,7 +20,9 @@ from pacs.query import Level, compile_query
 DICOM_JSON = "application/dicom+json"
 
 
-def create_app(archive: Archive, *, base_path: str = "/dicom-web") -> FastAPI:
+def create_app(
+    archive: Archive, *, base_path: str = "/dicom-web", max_results: int = 10000
+) -> FastAPI:
     app = FastAPI(title="filmless DICOMweb", version="0.1.0")
 
     @app.exception_handler(PacsError)
@@ -29,13 +31,25 @@ def create_app(archive: Archive, *, base_path: str = "/dicom-web") -> FastAPI:
 
     def search(request: Request, level: Level, **uids: str) -> Response:
         parsed = parse_search(level, list(request.query_params.multi_items()), **uids)
+        # At most max_results per request; one more row tells whether there are others.
+        limit = min(parsed.limit if parsed.limit is not None else max_results, max_results)
         # Run the query before answering, so that a database error is a proper status.
         with archive.index.reading() as conn:
-            statement = compile_query(parsed.query, limit=parsed.limit, offset=parsed.offset)
+            statement = compile_query(parsed.query, limit=limit + 1, offset=parsed.offset)
             rows = [dict(row) for row in conn.execute(statement).mappings()]
+        headers = {}
+        if len(rows) > limit and (parsed.limit is None or parsed.limit > max_results):
+            # PS3.18 8.3.4.4.1: say that the answer was cut and how to get the rest.
+            headers["Warning"] = (
+                "299 filmless: The number of results exceeded the maximum supported by the "
+                "server. Additional results can be requested."
+            )
         base = str(request.base_url).rstrip("/") + base_path
         return StreamingResponse(
-            _json_array(rows, parsed, level, base), media_type=DICOM_JSON, status_code=200
+            _json_array(rows[:limit], parsed, level, base),
+            media_type=DICOM_JSON,
+            status_code=200,
+            headers=headers,
         )
 
     @app.get(f"{base_path}/studies")

@@ -23,7 +23,7 @@ log = logging.getLogger("filmless")
 def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
     """DICOMweb in a thread of the main process; the caller sets ``should_exit``."""
     config = uvicorn.Config(
-        create_app(archive),
+        create_app(archive, max_results=settings.max_find_matches),
         host=settings.bind_address,
         port=settings.http_port,
         log_level="warning",

@@ -6,6 +6,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pydicom
 import pytest
 import uvicorn
 from dicomweb_client.api import DICOMwebClient
+from fastapi import FastAPI
 from pynetdicom import AE
 
 from dicomweb.app import create_app
@@ -49,21 +51,26 @@ def web(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]) -> Iterato
         studies.setdefault(ds.StudyInstanceUID, ds)
         series[ds.StudyInstanceUID].add(ds.SeriesInstanceUID)
         instances[ds.SeriesInstanceUID].add(ds.SOPInstanceUID)
+    with serving(create_app(archive)) as url:
+        yield Web(url, DICOMwebClient(url), archive, studies, series, instances)
+    index.dispose()
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a loopback port; yields its DICOMweb base URL."""
     port = free_port()
-    config = uvicorn.Config(create_app(archive), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/dicom-web"
     try:
-        yield Web(url, DICOMwebClient(url), archive, studies, series, instances)
+        yield f"http://127.0.0.1:{port}/dicom-web"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        index.dispose()
 
 
 def _values(answer: dict[str, dict[str, object]], tag: str) -> list[object]:
@@ -147,6 +154,17 @@ def test_errors_are_400_with_a_reason(web: Web, path: str, reason: str) -> None:
     response = httpx.get(web.url + path)
     assert response.status_code == 400
     assert reason in response.json()["error"]
+
+
+def test_results_are_capped_with_a_warning(web: Web) -> None:
+    with serving(create_app(web.archive, max_results=5)) as url:
+        capped = httpx.get(url + "/studies")
+        assert capped.status_code == 200
+        assert len(capped.json()) == 5
+        assert capped.headers["warning"].startswith("299 ")
+        paged = httpx.get(url + "/studies?limit=3&offset=5")
+        assert len(paged.json()) == 3
+        assert "warning" not in paged.headers
 
 
 def test_no_match_is_an_empty_array(web: Web) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from pacs.errors import InvalidQuery
-from pacs.query import ATTRIBUTES, Level, Model, Query
+from pacs.query import Level, Model, Query, keys_at_or_above
 
 # PS3.18 tables 10.6.3-3 to -5: attributes returned without includefield.
 DEFAULT_RETURN: Mapping[Level, tuple[str, ...]] = {
@@ -132,7 +132,7 @@ def parse_search(
     if SeriesInstanceUID is not None:
         keys["SeriesInstanceUID"] = SeriesInstanceUID
     if include_all:
-        included = [k for k, a in ATTRIBUTES.items() if _visible(a.level, level)]
+        included = list(keys_at_or_above(level))
     returned = tuple(dict.fromkeys([*DEFAULT_RETURN[level], *keys, *included]))
     query = Query(
         level=level,
@@ -143,11 +143,6 @@ def parse_search(
         hierarchical=False,
     )
     return Search(query=query, return_keys=returned, limit=limit, offset=offset)
-
-
-def _visible(attribute_level: Level, level: Level) -> bool:
-    order = [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE]
-    return order.index(attribute_level) <= order.index(level)
 
 
 def _json_value(keyword: str, value: Any) -> dict[str, Any]:

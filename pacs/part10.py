@@ -20,27 +20,13 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
 from pacs.errors import InvalidInstance
+from pacs.structure import LONG_LENGTH_VRS
 from pacs.uids import require_uid
 
 PREAMBLE = b"\x00" * 128
 PREFIX = b"DICM"
 IMPLEMENTATION_CLASS_UID = "2.25.147689926215679578712708350289865579041"
 IMPLEMENTATION_VERSION_NAME = "FILMLESS_010"
-_LONG_LENGTH_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
 _MAX_META_LENGTH = 64 * 1024
 
 
@@ -86,7 +72,7 @@ def read_file_meta(stream: BinaryIO) -> FileMeta:
             stream.seek(start)
             break
         vr = tag_vr[4:6]
-        if vr in _LONG_LENGTH_VRS:
+        if vr in LONG_LENGTH_VRS:
             rest = stream.read(6)
             if len(rest) < 6:
                 raise InvalidInstance("File Meta Information is truncated")

@@ -9,14 +9,6 @@ from __future__ import annotations
 from enum import IntEnum
 
 
-class StatusCategory(IntEnum):
-    SUCCESS = 0
-    WARNING = 1
-    FAILURE = 2
-    CANCEL = 3
-    PENDING = 4
-
-
 class GeneralStatus(IntEnum):
     """Statuses shared by every DIMSE service (PS3.7 Annex C)."""
 
@@ -54,16 +46,3 @@ class QueryStatus(IntEnum):
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     UNABLE_TO_PROCESS = 0xC000
     SUB_OPERATIONS_COMPLETE_WITH_FAILURES = 0xB000
-
-
-def category(code: int) -> StatusCategory:
-    """Classify a DIMSE status code the way PS3.7 C.1 groups them."""
-    if code == 0x0000:
-        return StatusCategory.SUCCESS
-    if code in (0xFF00, 0xFF01):
-        return StatusCategory.PENDING
-    if code == 0xFE00:
-        return StatusCategory.CANCEL
-    if code in (0x0001, 0x0107, 0x0116) or (code & 0xF000) == 0xB000:
-        return StatusCategory.WARNING
-    return StatusCategory.FAILURE

@@ -18,7 +18,8 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _ITEM_DELIMITATION = (0xFFFE, 0xE00D)
 _SEQUENCE_DELIMITATION = (0xFFFE, 0xE0DD)
-_LONG_LENGTH_VRS = {
+# Explicit VR elements of these VRs have a 4-byte length after 2 reserved bytes (PS3.5 7.1.2).
+LONG_LENGTH_VRS = {
     b"OB",
     b"OD",
     b"OF",
@@ -60,7 +61,7 @@ class _Walker:
             vr = b""
             if explicit:
                 vr = bytes(self.buf[pos + 4 : pos + 6])
-                if vr in _LONG_LENGTH_VRS:
+                if vr in LONG_LENGTH_VRS:
                     if pos + 12 > limit:
                         raise InvalidInstance(f"data set is truncated at byte {pos}")
                     (length,) = struct.unpack_from(self.order + "L", self.buf, pos + 8)

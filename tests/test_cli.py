@@ -132,13 +132,13 @@ def _wait_for_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def test_serve_process(env: Path, tmp_path: Path) -> None:
-    """``filmless serve`` as ``make serve`` runs it: C-ECHO, C-STORE, clean SIGTERM."""
-    port, http_port = free_port(), free_port()
+def _serve(port: int, http_port: int, **settings: str) -> subprocess.Popen[bytes]:
+    """``filmless serve`` as ``make serve`` runs it, on the given ports, once it listens."""
     environment = {
         **os.environ,
         "FILMLESS_DIMSE_PORT": str(port),
         "FILMLESS_HTTP_PORT": str(http_port),
+        **settings,
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "filmless.cli", "serve"],
@@ -146,8 +146,15 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    _wait_for_port(port)
+    return process
+
+
+def test_serve_process(env: Path, tmp_path: Path) -> None:
+    """``filmless serve`` as ``make serve`` runs it: C-ECHO, C-STORE, clean SIGTERM."""
+    port, http_port = free_port(), free_port()
+    process = _serve(port, http_port)
     try:
-        _wait_for_port(port)
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(Verification)
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
@@ -172,20 +179,8 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
 def test_serve_spreads_associations_over_workers(env: Path, tmp_path: Path) -> None:
     """With two worker processes, two concurrent associations land on different workers."""
     port = free_port()
-    environment = {
-        **os.environ,
-        "FILMLESS_DIMSE_PORT": str(port),
-        "FILMLESS_HTTP_PORT": str(free_port()),
-        "FILMLESS_DIMSE_WORKERS": "2",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "filmless.cli", "serve"],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = _serve(port, free_port(), FILMLESS_DIMSE_WORKERS="2")
     try:
-        _wait_for_port(port)
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
         first = ae.associate("127.0.0.1", port, ae_title="FILMLESS")

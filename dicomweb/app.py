@@ -1,29 +1,55 @@
 """The DICOMweb application: a FastAPI app over one :class:`~pacs.archive.Archive`.
 
+QIDO-RS lives here; WADO-RS and STOW-RS are routers of their own, DELETE is here.
 Errors are :class:`~pacs.errors.PacsError` subclasses mapped once, here, to their HTTP
-status with the reason in the body.
+status with the reason in the body. JSON answers are gzipped when the client takes it;
+pixel data and multipart bodies are not (they are compressed already or too large to
+be worth the CPU).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 
+from dicomweb.media import DICOM_JSON
 from dicomweb.qido import Search, parse_search, to_dicom_json
+from dicomweb.stow import stow_router
+from dicomweb.wado import wado_router
 from pacs.archive import Archive
 from pacs.errors import PacsError
 from pacs.query import Level, compile_query
+from pacs.uids import require_uid
 
-DICOM_JSON = "application/dicom+json"
+_NOT_GZIPPED = (*DEFAULT_EXCLUDED_CONTENT_TYPES, "multipart/*", "image/*", "application/dicom")
 
 
 def create_app(
-    archive: Archive, *, base_path: str = "/dicom-web", max_results: int = 10000
+    archive: Archive,
+    *,
+    base_path: str = "/dicom-web",
+    max_results: int = 10000,
+    max_request_bytes: int = 1 << 31,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
+    """``cors_origins``: origins of other sites allowed to call the API from a browser
+    (``*`` for any); empty keeps the same-origin policy, which the bundled viewer needs."""
     app = FastAPI(title="filmless DICOMweb", version="0.1.0")
+    app.add_middleware(GZipMiddleware, minimum_size=1024, exclude_content_types=_NOT_GZIPPED)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Content-Location", "ETag", "Last-Modified", "Warning"],
+        )
 
     @app.exception_handler(PacsError)
     async def _pacs_error(_request: Request, exc: PacsError) -> JSONResponse:
@@ -76,6 +102,32 @@ def create_app(
     def search_instances(request: Request) -> Response:
         return search(request, Level.IMAGE)
 
+    @app.delete(f"{base_path}/studies/{{study}}", status_code=204)
+    def delete_study(study: str) -> Response:
+        return remove(study)
+
+    @app.delete(f"{base_path}/studies/{{study}}/series/{{series}}", status_code=204)
+    def delete_series(study: str, series: str) -> Response:
+        return remove(study, series)
+
+    @app.delete(
+        f"{base_path}/studies/{{study}}/series/{{series}}/instances/{{instance}}",
+        status_code=204,
+    )
+    def delete_instance(study: str, series: str, instance: str) -> Response:
+        return remove(study, series, instance)
+
+    def remove(study: str, series: str | None = None, instance: str | None = None) -> Response:
+        require_uid(study, "StudyInstanceUID")
+        if series is not None:
+            require_uid(series, "SeriesInstanceUID")
+        if instance is not None:
+            require_uid(instance, "SOPInstanceUID")
+        archive.delete(study, series, instance)
+        return Response(status_code=204)
+
+    app.include_router(wado_router(archive), prefix=base_path)
+    app.include_router(stow_router(archive, max_bytes=max_request_bytes), prefix=base_path)
     return app
 
 

@@ -23,7 +23,12 @@ log = logging.getLogger("filmless")
 def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
     """DICOMweb in a thread of the main process; the caller sets ``should_exit``."""
     config = uvicorn.Config(
-        create_app(archive, max_results=settings.max_find_matches),
+        create_app(
+            archive,
+            max_results=settings.max_find_matches,
+            max_request_bytes=settings.max_request_bytes,
+            cors_origins=settings.cors_origins,
+        ),
         host=settings.bind_address,
         port=settings.http_port,
         log_level="warning",

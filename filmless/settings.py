@@ -55,11 +55,18 @@ class Settings(BaseSettings):
     move_destinations: dict[str, str] = Field(
         default_factory=dict, description='C-MOVE destinations: AE title = "host:port"'
     )
+    max_request_bytes: int = Field(
+        1 << 31, ge=1, description="largest STOW-RS request body, bytes (else HTTP 413)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='other web origins allowed to call DICOMweb ("*" = any); empty = same origin',
+    )
     duplicate_policy: DuplicatePolicy = Field(
         "reject", description="same SOP Instance UID, different bytes: reject or overwrite"
     )
 
-    @field_validator("allowed_calling_aets", mode="before")
+    @field_validator("allowed_calling_aets", "cors_origins", mode="before")
     @classmethod
     def _split_aets(cls, value: Any) -> Any:
         """Environment variables carry lists as ``A,B,C``; TOML carries real arrays."""

@@ -10,12 +10,13 @@ row behind and no file in the store.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from pacs.errors import DuplicateRejected, PacsError
+from pacs.errors import DuplicateRejected, NotFound, PacsError, StudyMismatch
 from pacs.events import EventBus, InstanceStored
 from pacs.header import read_header
 from pacs.index import BlobFacts, DuplicatePolicy, Index, IndexAction, InstanceRecord
@@ -88,13 +89,27 @@ class Archive:
         self.duplicate_policy = duplicate_policy
 
     def ingest(
-        self, source: InstanceSource, origin: Origin, *, SourceApplicationEntityTitle: str = ""
+        self,
+        source: InstanceSource,
+        origin: Origin,
+        *,
+        SourceApplicationEntityTitle: str = "",
+        StudyInstanceUID: str | None = None,
     ) -> StoreOutcome:
-        """Store one instance durably or raise a :class:`PacsError` that says why not."""
+        """Store one instance durably or raise a :class:`PacsError` that says why not.
+
+        ``StudyInstanceUID``, when given, is the study the sender says the instance
+        belongs to (STOW-RS to ``/studies/{study}``); an instance of another is refused.
+        """
         head = encode_file_meta(source.meta)
         staged = self.store.stage(head, source.body)
         try:
             header = read_header(staged.path, len(head), source.meta)
+            if StudyInstanceUID is not None and header.study.StudyInstanceUID != StudyInstanceUID:
+                raise StudyMismatch(
+                    f"instance {header.instance.SOPInstanceUID} belongs to study "
+                    f"{header.study.StudyInstanceUID}, not {StudyInstanceUID}"
+                )
             existing = self.index.instance(source.meta.MediaStorageSOPInstanceUID)
             if existing is not None and existing.sha256 == staged.sha256:
                 self.store.discard(staged)
@@ -158,10 +173,38 @@ class Archive:
         """The stored Part 10 file of an indexed instance."""
         return self.store.open(record.path)
 
+    def records(
+        self,
+        StudyInstanceUID: str,
+        SeriesInstanceUID: str | None = None,
+        SOPInstanceUID: str | None = None,
+    ) -> list[InstanceRecord]:
+        """The instances of a study, a series or one instance; :class:`NotFound` if none."""
+        found = self.index.records(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)
+        if not found:
+            named = SOPInstanceUID or SeriesInstanceUID or StudyInstanceUID
+            what = "instance" if SOPInstanceUID else "series" if SeriesInstanceUID else "study"
+            raise NotFound(f"no {what} {named} in the archive")
+        return found
+
     def delete_instance(self, SOPInstanceUID: str) -> InstanceRecord | None:
-        """Unindex first, then remove the blob: a crash in between leaves an orphan file,
-        never a row that points at nothing."""
-        record = self.index.remove(SOPInstanceUID)
-        if record is not None:
+        removed = self.delete_all([SOPInstanceUID])
+        return removed[0] if removed else None
+
+    def delete(
+        self,
+        StudyInstanceUID: str,
+        SeriesInstanceUID: str | None = None,
+        SOPInstanceUID: str | None = None,
+    ) -> list[InstanceRecord]:
+        """Delete a whole study, series or one instance; :class:`NotFound` if none."""
+        records = self.records(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)
+        return self.delete_all(r.SOPInstanceUID for r in records)
+
+    def delete_all(self, SOPInstanceUIDs: Iterable[str]) -> list[InstanceRecord]:
+        """Unindex all in one transaction, then remove the blobs: a crash in between
+        leaves orphan files, never a row that points at nothing."""
+        removed = self.index.remove_all(SOPInstanceUIDs)
+        for record in removed:
             self.store.delete(record.path)
-        return record
+        return removed

@@ -4,12 +4,20 @@
 
     PacsError                       0x0110 processing failure / 500
     ├── InvalidInstance             0xC000 cannot understand   / 400
-    │   └── InvalidUID              0xC000                     / 400
+    │   ├── InvalidUID              0xC000                     / 400
+    │   └── StudyMismatch           0xA900 not of the study named / 409
     ├── SOPClassMismatch            0xA900 does not match SOP class / 400
     ├── InvalidQuery                0xA900 identifier does not match / 400
     ├── DuplicateRejected           0x0111 duplicate SOP instance   / 409
     ├── StorageFailure              0xA700 out of resources    / 507
-    └── IndexFailure                0xA700 out of resources    / 503
+    ├── IndexFailure                0xA700 out of resources    / 503
+    ├── NotFound                    0xC000 unable to process   / 404
+    │   └── NoSuchFrame             0xC000                     / 404
+    ├── NotAcceptable               0x0110 (HTTP only in practice) / 406
+    │   └── UndecodablePixels       0x0110 no decoder or corrupt pixels / 406
+    ├── MalformedRequest            0xC000 cannot understand   / 400
+    ├── RequestTooLarge             0xA700 out of resources    / 413
+    └── UnsupportedMediaType        0xC000 cannot understand   / 415
 
 The DIMSE adapters answer ``exc.dimse_status``; the HTTP layer answers
 ``exc.http_status`` with ``str(exc)`` as the reason. Nothing else maps errors.
@@ -38,6 +46,13 @@ class InvalidInstance(PacsError):
 
 class InvalidUID(InvalidInstance):
     """A UID is missing or not a valid UID (PS3.5 9.1: digits and dots, at most 64)."""
+
+
+class StudyMismatch(InvalidInstance):
+    """STOW-RS to ``/studies/{study}`` with an instance of another study."""
+
+    dimse_status = StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    http_status = 409
 
 
 class SOPClassMismatch(PacsError):
@@ -73,3 +88,45 @@ class IndexFailure(PacsError):
 
     dimse_status = StoreStatus.OUT_OF_RESOURCES
     http_status = 503
+
+
+class NotFound(PacsError):
+    """The study, series, instance or value a request names is not in the archive."""
+
+    dimse_status = StoreStatus.CANNOT_UNDERSTAND
+    http_status = 404
+
+
+class NoSuchFrame(NotFound):
+    """A frame number outside 1..NumberOfFrames, or an instance without pixel data."""
+
+
+class NotAcceptable(PacsError):
+    """Nothing the requester accepts can be produced for the resource."""
+
+    http_status = 406
+
+
+class UndecodablePixels(NotAcceptable):
+    """The stored pixel data cannot be decoded here (no decoder for it, or corrupt)."""
+
+
+class MalformedRequest(PacsError):
+    """A request that cannot be parsed: a broken multipart body, a bad parameter value."""
+
+    dimse_status = StoreStatus.CANNOT_UNDERSTAND
+    http_status = 400
+
+
+class RequestTooLarge(PacsError):
+    """A request body beyond the configured maximum; refused before it is read."""
+
+    dimse_status = StoreStatus.OUT_OF_RESOURCES
+    http_status = 413
+
+
+class UnsupportedMediaType(PacsError):
+    """A request body of a media type the service does not take."""
+
+    dimse_status = StoreStatus.CANNOT_UNDERSTAND
+    http_status = 415

@@ -15,7 +15,7 @@ other while different studies commit in parallel. A transaction that loses a rac
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -198,6 +198,12 @@ class InstanceRecord:
     size: int
     sha256: str
     path: str
+    received_at: datetime
+
+    def __post_init__(self) -> None:
+        # SQLite hands back naive datetimes; every time stored is UTC.
+        if self.received_at.tzinfo is None:
+            object.__setattr__(self, "received_at", self.received_at.replace(tzinfo=UTC))
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +281,24 @@ class Index:
             rows = conn.execute(record_query().order_by(instance.c.id)).mappings()
             return [InstanceRecord(**row) for row in rows]
 
+    def records(
+        self,
+        StudyInstanceUID: str,
+        SeriesInstanceUID: str | None = None,
+        SOPInstanceUID: str | None = None,
+    ) -> list[InstanceRecord]:
+        """The instances of a study, series or one instance, in series and instance order."""
+        statement = record_query().where(study.c.StudyInstanceUID == StudyInstanceUID)
+        if SeriesInstanceUID is not None:
+            statement = statement.where(series.c.SeriesInstanceUID == SeriesInstanceUID)
+        if SOPInstanceUID is not None:
+            statement = statement.where(instance.c.SOPInstanceUID == SOPInstanceUID)
+        statement = statement.order_by(
+            series.c.SeriesNumber, series.c.id, instance.c.InstanceNumber, instance.c.id
+        )
+        with self.reading() as conn:
+            return [InstanceRecord(**row) for row in conn.execute(statement).mappings()]
+
     # -- writes ----------------------------------------------------------------------
 
     def add(self, header: InstanceHeader, blob: BlobFacts, policy: DuplicatePolicy) -> IndexOutcome:
@@ -293,12 +317,20 @@ class Index:
 
     def remove(self, SOPInstanceUID: str) -> InstanceRecord | None:
         """Drop an instance and the parents it leaves empty; returns what was removed."""
+        removed = self.remove_all([SOPInstanceUID])
+        return removed[0] if removed else None
+
+    def remove_all(self, SOPInstanceUIDs: Iterable[str]) -> list[InstanceRecord]:
+        """Drop instances in one transaction: all of them go, or none."""
         try:
             with self.writer.begin() as conn:
-                record = _find_instance(conn, SOPInstanceUID)
-                if record is not None:
-                    _remove(conn, record)
-                return record
+                removed = []
+                for uid in SOPInstanceUIDs:
+                    record = _find_instance(conn, uid)
+                    if record is not None:
+                        _remove(conn, record)
+                        removed.append(record)
+                return removed
         except SQLAlchemyError as exc:
             raise IndexFailure(f"the index cannot commit: {_reason(exc)}") from exc
 
@@ -328,6 +360,7 @@ def record_query() -> Any:
             instance.c.size,
             instance.c.sha256,
             instance.c.path,
+            instance.c.received_at,
         )
         .join(series, instance.c.series_id == series.c.id)
         .join(study, series.c.study_id == study.c.id)
@@ -460,6 +493,7 @@ def _add(
         size=blob.size,
         sha256=blob.sha256,
         path=blob.path,
+        received_at=now,
     )
     action = IndexAction.STORED if replaced is None else IndexAction.OVERWRITTEN
     return IndexOutcome(action, record, replaced)

@@ -58,11 +58,18 @@ def encode_file_meta(meta: FileMeta) -> bytes:
 def read_file_meta(stream: BinaryIO) -> FileMeta:
     """Read preamble, prefix and group 0002, leaving ``stream`` at the data set's first byte.
 
-    Only what a Part 10 file must carry is accepted: a "DICM" prefix at offset 128 and a
-    meta group naming the SOP Class, SOP Instance and transfer syntax.
+    A Part 10 file has a "DICM" prefix at offset 128 and a meta group naming the SOP
+    Class, SOP Instance and transfer syntax. Like dcmtk and pydicom, a file whose
+    preamble (or preamble and prefix) was left out is read too: some writers, pydicom's
+    among them, produce such files; the stored copy gets a proper preamble either way.
     """
+    start = stream.tell()
     head = stream.read(132)
-    if len(head) < 132 or head[128:132] != PREFIX:
+    if head[:4] == PREFIX:
+        stream.seek(start + 4)
+    elif head[:2] == b"\x02\x00" and head[4:6].isalpha():
+        stream.seek(start)
+    elif len(head) < 132 or head[128:132] != PREFIX:
         raise InvalidInstance("not a DICOM Part 10 file: no 'DICM' prefix at offset 128")
     raw = bytearray()
     while True:

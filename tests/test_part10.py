@@ -37,6 +37,15 @@ def test_meta_is_readable_by_pydicom() -> None:
     assert parsed.file_meta.ImplementationVersionName == "FILMLESS_010"
 
 
+def test_meta_without_preamble_or_prefix_is_read() -> None:
+    meta = FileMeta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", ExplicitVRLittleEndian)
+    group = encode_file_meta(meta)[132:]
+    for data in (b"DICM" + group, group):
+        stream = io.BytesIO(data + b"rest")
+        assert read_file_meta(stream) == meta
+        assert stream.read() == b"rest"
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [

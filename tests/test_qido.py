@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-import uvicorn
 from dicomweb_client.api import DICOMwebClient
-from fastapi import FastAPI
 from pynetdicom import AE
 
 from dicomweb.app import create_app
@@ -24,6 +19,7 @@ from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
 from tests.conftest import free_port, make_archive
 from tests.support.instances import ct_instance
+from tests.support.web import serving
 
 
 @dataclass
@@ -54,23 +50,6 @@ def web(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]) -> Iterato
     with serving(create_app(archive)) as url:
         yield Web(url, DICOMwebClient(url), archive, studies, series, instances)
     index.dispose()
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a loopback port; yields its DICOMweb base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/dicom-web"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _values(answer: dict[str, dict[str, object]], tag: str) -> list[object]:

@@ -1,0 +1,190 @@
+"""Frames of stored instances: as stored, decoded, or re-encoded, read from the blob.
+
+WADO-RS frames, rendered images and the inference pipeline need one frame at a time
+from instances that may be large multi-frame objects. Only the header is parsed; a
+native frame is read at its offset and an encapsulated one is located through the
+Basic (or Extended) Offset Table, so one frame costs one frame of I/O.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from pacs.errors import NoSuchFrame, UndecodablePixels
+
+PIXEL_DATA = 0x7FE00010
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_UNDEFINED = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """The header of a stored instance and where its Pixel Data value lies in the file."""
+
+    header: Dataset
+    transfer_syntax: UID
+    number_of_frames: int
+    value_offset: int | None
+    value_length: int
+
+    @property
+    def encapsulated(self) -> bool:
+        return self.value_length == _UNDEFINED
+
+    @property
+    def has_pixels(self) -> bool:
+        return self.value_offset is not None
+
+    @property
+    def frame_length(self) -> int:
+        """Bytes of one native frame (bit-packed frames are rounded up to a whole byte)."""
+        ds = self.header
+        bits = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
+        return int(bits + 7) // 8
+
+
+def read_image(stream: BinaryIO) -> StoredImage:
+    """Parse a stored Part 10 file up to its Pixel Data and note where that value is."""
+    stream.seek(0)
+    ds = pydicom.dcmread(stream, stop_before_pixels=True)
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if syntax == DeflatedExplicitVRLittleEndian:
+        # Offsets inside a deflated stream mean nothing on disk; decode instead.
+        has = "Rows" in ds
+        return StoredImage(ds, syntax, frames, 0 if has else None, 0)
+    head = stream.read(12)
+    if len(head) < 8:
+        return StoredImage(ds, syntax, frames, None, 0)
+    endian = "<" if syntax.is_little_endian else ">"
+    group, element = struct.unpack(f"{endian}HH", head[:4])
+    if (group << 16 | element) != PIXEL_DATA:
+        return StoredImage(ds, syntax, frames, None, 0)
+    start = stream.tell() - len(head)
+    if syntax.is_implicit_VR:
+        (length,) = struct.unpack(f"{endian}L", head[4:8])
+        offset = start + 8
+    else:
+        (length,) = struct.unpack(f"{endian}L", head[8:12])
+        offset = start + 12
+    return StoredImage(ds, syntax, frames, offset, length)
+
+
+def _check_index(image: StoredImage, index: int) -> None:
+    if not image.has_pixels:
+        raise NoSuchFrame("the instance has no pixel data")
+    if not 0 <= index < image.number_of_frames:
+        raise NoSuchFrame(
+            f"frame {index + 1} does not exist (NumberOfFrames {image.number_of_frames})"
+        )
+
+
+def stored_frame(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
+    """Frame ``index`` (from 0) exactly as stored: a compressed bit stream or native bytes."""
+    _check_index(image, index)
+    if image.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return _decoded_native(stream, image, index)
+    assert image.value_offset is not None
+    if image.encapsulated:
+        stream.seek(image.value_offset)
+        offsets = None
+        if "ExtendedOffsetTable" in image.header:
+            offsets = (
+                image.header.ExtendedOffsetTable,
+                image.header.ExtendedOffsetTableLengths,
+            )
+        try:
+            return get_frame(
+                stream, index, extended_offsets=offsets, number_of_frames=image.number_of_frames
+            )
+        except (ValueError, KeyError, struct.error) as exc:
+            raise UndecodablePixels(f"frame {index + 1} cannot be located: {exc}") from exc
+    if not _byte_aligned(image):
+        return _decoded_native(stream, image, index)
+    size = image.frame_length
+    stream.seek(image.value_offset + index * size)
+    data = stream.read(size)
+    if len(data) != size:
+        raise UndecodablePixels(f"frame {index + 1} is truncated in the stored file")
+    return data
+
+
+def decoded_frame(stream: BinaryIO, image: StoredImage, index: int, *, rgb: bool) -> np.ndarray:
+    """Frame ``index`` decoded to an array; ``rgb`` converts YBR colour to RGB."""
+    _check_index(image, index)
+    stream.seek(0)
+    try:
+        if image.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            # pydicom reads frames lazily from plain files only; inflate the whole.
+            return pixel_array(pydicom.dcmread(stream), index=index, raw=not rgb)
+        return pixel_array(stream, index=index, raw=not rgb)
+    except Exception as exc:  # every decoder plugin raises its own types
+        raise UndecodablePixels(
+            f"{image.transfer_syntax.name} pixel data cannot be decoded: {exc}"
+        ) from exc
+
+
+def native_frame(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
+    """Frame ``index`` as uncompressed little endian bytes, colour as stored (no YBR->RGB).
+
+    For a native stored frame this is the stored bytes; a compressed one is decoded.
+    """
+    syntax = image.transfer_syntax
+    if syntax in UNCOMPRESSED or syntax == DeflatedExplicitVRLittleEndian:
+        return stored_frame(stream, image, index)
+    return _decoded_native(stream, image, index)
+
+
+def _byte_aligned(image: StoredImage) -> bool:
+    """Bit-packed (1-bit) frames start on a byte boundary only if their size allows it."""
+    ds = image.header
+    bits = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
+    return bits % 8 == 0 or image.number_of_frames == 1
+
+
+def _decoded_native(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
+    array = decoded_frame(stream, image, index, rgb=False)
+    if image.header.BitsAllocated == 1:
+        return np.packbits(array.ravel(), bitorder="little").tobytes()
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def transcode(stream: BinaryIO, syntax: UID) -> bytes:
+    """The whole instance re-encoded as uncompressed ``syntax`` (a Part 10 file).
+
+    The SOP Instance UID is kept: a viewer asking for uncompressed pixels wants the same
+    instance, not a derived one.
+    """
+    if syntax not in UNCOMPRESSED:
+        raise UndecodablePixels(f"cannot encode {syntax} here")
+    stream.seek(0)
+    ds = pydicom.dcmread(stream)
+    try:
+        if ds.file_meta.TransferSyntaxUID.is_compressed and "PixelData" in ds:
+            ds.decompress(generate_instance_uid=False)
+    except Exception as exc:
+        raise UndecodablePixels(
+            f"{ds.file_meta.TransferSyntaxUID.name} pixel data cannot be decoded: {exc}"
+        ) from exc
+    ds.file_meta.TransferSyntaxUID = syntax
+    out = io.BytesIO()
+    try:
+        ds.save_as(out, enforce_file_format=True)
+    except Exception as exc:
+        raise UndecodablePixels(f"cannot re-encode the instance as {syntax.name}: {exc}") from exc
+    return out.getvalue()

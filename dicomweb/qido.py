@@ -6,6 +6,7 @@ decided by the same engine as C-FIND.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -145,10 +146,15 @@ def parse_search(
     return Search(query=query, return_keys=returned, limit=limit, offset=offset)
 
 
-def _json_value(keyword: str, value: Any) -> dict[str, Any]:
+@functools.cache
+def _tag_and_vr(keyword: str) -> tuple[str, str]:
     tag = tag_for_keyword(keyword)
     assert tag is not None
-    vr = dictionary_VR(tag)
+    return f"{tag:08X}", dictionary_VR(tag)
+
+
+def _json_value(keyword: str, value: Any) -> dict[str, Any]:
+    vr = _tag_and_vr(keyword)[1]
     element: dict[str, Any] = {"vr": vr}
     if value is None or value == "":
         return element
@@ -179,9 +185,7 @@ def to_dicom_json(
             value = None
         else:
             value = row[keyword]
-        tag = tag_for_keyword(keyword)
-        assert tag is not None
-        out[f"{tag:08X}"] = _json_value(keyword, value)
+        out[_tag_and_vr(keyword)[0]] = _json_value(keyword, value)
     return dict(sorted(out.items()))
 
 

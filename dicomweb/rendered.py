@@ -24,6 +24,7 @@ from pacs.errors import MalformedRequest
 from pacs.pixels import StoredImage, decoded_frame
 
 THUMBNAIL_SIZE = 128
+_LUT_LIMIT = 1 << 17
 _FUNCTIONS = ("linear", "linear-exact", "sigmoid")
 
 
@@ -134,12 +135,25 @@ def to_display(frame: np.ndarray, image: StoredImage, window: Window | None) -> 
         return _to_uint8(rgb, int(ds.get("BitsStored", 8)))
     if int(ds.get("SamplesPerPixel", 1)) > 1:
         return _to_uint8(frame, int(ds.get("BitsStored", 8)))
-    values = _modality(frame, ds)
+    if np.issubdtype(frame.dtype, np.integer):
+        # Stored values are integers of at most 16 bits: run the pipeline once per
+        # distinct value and look the frame up, instead of float maths per pixel.
+        low, high = int(frame.min()), int(frame.max())
+        if high - low <= _LUT_LIMIT:
+            domain = np.arange(low, high + 1).astype(frame.dtype)
+            lut = _grey(domain, ds, photometric, window)
+            index = frame if low == 0 and frame.dtype.kind == "u" else frame.astype(np.int32) - low
+            looked_up: np.ndarray = lut[index]
+            return looked_up
+    return _grey(frame, ds, photometric, window)
+
+
+def _grey(stored: np.ndarray, ds: Dataset, photometric: str, window: Window | None) -> np.ndarray:
+    values = _modality(stored, ds)
     if window is not None:
         unit = _windowed(values, window)
     elif "VOILUTSequence" in ds:
-        lut = apply_voi_lut(frame if values is frame else values, ds, prefer_lut=True)
-        unit = _stretch(lut.astype(np.float32))
+        unit = _stretch(np.asarray(apply_voi_lut(stored, ds, prefer_lut=True), np.float32))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         unit = _windowed(values, _stored_window(ds))
     else:

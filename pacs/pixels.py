@@ -8,6 +8,7 @@ Basic (or Extended) Offset Table, so one frame costs one frame of I/O.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import struct
 from dataclasses import dataclass
@@ -23,11 +24,16 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
 )
 
 from pacs.errors import NoSuchFrame, UndecodablePixels
 
 PIXEL_DATA = 0x7FE00010
+# CharLS (pyjpegls) decodes JPEG-LS about five times faster than libjpeg (pylibjpeg),
+# which pydicom would otherwise try first.
+_PREFERRED_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _UNDEFINED = 0xFFFFFFFF
 
@@ -128,15 +134,26 @@ def decoded_frame(stream: BinaryIO, image: StoredImage, index: int, *, rgb: bool
     """Frame ``index`` decoded to an array; ``rgb`` converts YBR colour to RGB."""
     _check_index(image, index)
     stream.seek(0)
+    plugin = decoding_plugin(image.transfer_syntax)
     try:
         if image.transfer_syntax == DeflatedExplicitVRLittleEndian:
             # pydicom reads frames lazily from plain files only; inflate the whole.
-            return pixel_array(pydicom.dcmread(stream), index=index, raw=not rgb)
-        return pixel_array(stream, index=index, raw=not rgb)
+            source: BinaryIO | Dataset = pydicom.dcmread(stream)
+        else:
+            source = stream
+        return pixel_array(source, index=index, raw=not rgb, decoding_plugin=plugin)
     except Exception as exc:  # every decoder plugin raises its own types
         raise UndecodablePixels(
             f"{image.transfer_syntax.name} pixel data cannot be decoded: {exc}"
         ) from exc
+
+
+def decoding_plugin(syntax: UID) -> str:
+    """The fastest installed decoder for ``syntax``; "" lets pydicom choose."""
+    plugin = _PREFERRED_PLUGIN.get(syntax, "")
+    if plugin and importlib.util.find_spec("jpeg_ls") is None:
+        return ""
+    return plugin
 
 
 def native_frame(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
@@ -176,7 +193,8 @@ def transcode(stream: BinaryIO, syntax: UID) -> bytes:
     ds = pydicom.dcmread(stream)
     try:
         if ds.file_meta.TransferSyntaxUID.is_compressed and "PixelData" in ds:
-            ds.decompress(generate_instance_uid=False)
+            plugin = decoding_plugin(ds.file_meta.TransferSyntaxUID)
+            ds.decompress(generate_instance_uid=False, decoding_plugin=plugin)
     except Exception as exc:
         raise UndecodablePixels(
             f"{ds.file_meta.TransferSyntaxUID.name} pixel data cannot be decoded: {exc}"

@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,12 @@ from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import create_engine, func, select
 
+from benchmarks.support import (
+    free_port,
+    in_private_network,
+    rerun_in_private_network,
+    wait_for_port,
+)
 from pacs.index import instance
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, ct_series
 
@@ -139,23 +144,6 @@ def disk_write_rate(folder: Path, megabytes: int = 1024) -> float:
     return megabytes * (1 << 20) / 1e6 / seconds
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_for_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"no server on port {port}")
-
-
 class Server:
     name: str
     ae_title: str
@@ -187,7 +175,7 @@ class FilmlessServer(Server):
             stderr=subprocess.DEVNULL,
         )
         try:
-            _wait_for_port(port)
+            wait_for_port(port)
             yield
         finally:
             process.send_signal(signal.SIGTERM)
@@ -205,13 +193,14 @@ class OrthancServer(Server):
     name = "orthanc"
     ae_title = "ORTHANC"
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, plugins: list[str] | None = None) -> None:
         self.binary = binary
+        self.plugins = plugins or []
         self.http_port = 0
 
     @contextmanager
     def running(self, folder: Path, port: int) -> Iterator[None]:
-        self.http_port = _free_port()
+        self.http_port = free_port()
         config = {
             "Name": "bench",
             "StorageDirectory": str(folder / "storage"),
@@ -226,7 +215,8 @@ class OrthancServer(Server):
             "StorageCompression": False,
             "SyncStorageArea": True,
             "DicomThreadsCount": 4,
-            "Plugins": [],
+            "Plugins": self.plugins,
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
         path = folder / "orthanc.json"
         folder.mkdir(parents=True, exist_ok=True)
@@ -235,8 +225,8 @@ class OrthancServer(Server):
             [self.binary, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            _wait_for_port(port)
-            _wait_for_port(self.http_port)
+            wait_for_port(port)
+            wait_for_port(self.http_port)
             yield
         finally:
             process.send_signal(signal.SIGTERM)
@@ -350,10 +340,6 @@ def plot(summaries: list[Summary], disk_rate: float, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _in_private_network() -> bool:
-    return os.environ.get("FILMLESS_BENCH_NETNS") == "1"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--small", type=int, default=400, help="small instances per run")
@@ -366,13 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     orthanc_binary = shutil.which("Orthanc") if args.orthanc == "auto" else None
-    if orthanc_binary and not _in_private_network():
-        unshare = shutil.which("unshare")
-        if unshare and os.geteuid() == 0:
-            command = [sys.executable, "-m", "benchmarks.ingest", *(argv or sys.argv[1:])]
-            script = 'ip link set lo up && exec "$@"'
-            env = {**os.environ, "FILMLESS_BENCH_NETNS": "1"}
-            return subprocess.call([unshare, "--net", "sh", "-c", script, "sh", *command], env=env)
+    if orthanc_binary and not in_private_network():
+        status = rerun_in_private_network("benchmarks.ingest", argv or sys.argv[1:])
+        if status is not None:
+            return status
         console.print("Orthanc found but no private network namespace possible: skipping it")
         orthanc_binary = None
     if shutil.which("storescu") is None:
@@ -400,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 for repeat in range(args.repeats):
                     for server in servers:
                         folder = work / f"{server.name}-{workload.name}-{repeat}"
-                        port = _free_port()
+                        port = free_port()
                         with server.running(folder, port):
                             seconds = send(workload.files, port, server.ae_title, args.concurrency)
                             stored = server.count(folder)

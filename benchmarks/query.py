@@ -39,7 +39,8 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import insert
 
-from benchmarks.ingest import OrthancServer, _free_port, send
+from benchmarks.ingest import OrthancServer, send
+from benchmarks.support import free_port, in_private_network, rerun_in_private_network
 from pacs.archive import Archive
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.header import normalise_name
@@ -279,7 +280,7 @@ def run_filmless(work: Path, size: int, repeats: int) -> list[Latency]:
     with console.status(f"filling the index with {size} instances"):
         fill_index(index, size)
     archive = Archive(FsBlobStore(folder / "data"), index)
-    config = DimseConfig(port=_free_port(), max_find_matches=100000)
+    config = DimseConfig(port=free_port(), max_find_matches=100000)
     server = start_dimse(archive, config)
     results = []
     try:
@@ -335,7 +336,7 @@ def run_orthanc(binary: str, work: Path, size: int, repeats: int) -> list[Latenc
     orthanc = OrthancServer(binary)
     folder = work / f"orthanc-{size}"
     files = _orthanc_corpus(work / f"orthanc-in-{size}", size)
-    port = _free_port()
+    port = free_port()
     results = []
     with orthanc.running(folder, port):
         with console.status(f"loading {len(files)} instances into Orthanc"):
@@ -389,14 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     orthanc_binary = shutil.which("Orthanc") if args.orthanc else None
-    if orthanc_binary and os.environ.get("FILMLESS_BENCH_NETNS") != "1":
-        if shutil.which("unshare") and os.geteuid() == 0:
-            command = [sys.executable, "-m", "benchmarks.query", *(argv or sys.argv[1:])]
-            env = {**os.environ, "FILMLESS_BENCH_NETNS": "1"}
-            script = 'ip link set lo up && exec "$@"'
-            return subprocess.call(
-                ["unshare", "--net", "sh", "-c", script, "sh", *command], env=env
-            )
+    if orthanc_binary and not in_private_network():
+        status = rerun_in_private_network("benchmarks.query", argv or sys.argv[1:])
+        if status is not None:
+            return status
         console.print("Orthanc needs a private network namespace (root): skipping it")
         orthanc_binary = None
 

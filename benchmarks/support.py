@@ -1,0 +1,60 @@
+"""What every benchmark needs: loopback ports, a private network for Orthanc, run facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+NETNS_FLAG = "FILMLESS_BENCH_NETNS"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"no server on port {port}")
+
+
+def in_private_network() -> bool:
+    return os.environ.get(NETNS_FLAG) == "1"
+
+
+def rerun_in_private_network(module: str, argv: list[str]) -> int | None:
+    """Run ``python -m module argv`` again inside ``unshare --net`` with only loopback up.
+
+    Orthanc 1.10 listens on every interface; in a network namespace of its own nothing
+    it opens is reachable from outside. Returns the exit status, or None when this is
+    not possible (not root, no unshare): the caller then leaves Orthanc out.
+    """
+    if in_private_network():
+        return None
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        return None
+    command = [sys.executable, "-m", module, *argv]
+    script = 'ip link set lo up && exec "$@"'
+    env = {**os.environ, NETNS_FLAG: "1"}
+    return subprocess.call(["unshare", "--net", "sh", "-c", script, "sh", *command], env=env)
+
+
+def run_facts(module: str, argv: list[str]) -> dict[str, object]:
+    return {
+        "command": f"python -m {module} " + " ".join(argv),
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.python_version()})",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

@@ -24,6 +24,7 @@ from pydicom.pixels.processing import apply_voi_lut
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -328,6 +329,20 @@ def test_rendered_applies_rescale_window_and_monochrome1(web: Web, tmp_path: Pat
     assert picture.format == "JPEG"
     assert picture.size == (16, 16)
     assert np.abs(np.asarray(picture, dtype=np.float64) - stored_window).mean() < 8
+
+
+def test_rendered_colour_is_rgb(web: Web) -> None:
+    for record in web.records:
+        if record.TransferSyntaxUID != JPEGBaseline8Bit:
+            continue
+        stored = pydicom.dcmread(io.BytesIO(_stored(web, record)))
+        response = httpx.get(_url(web, record) + "/rendered", headers={"Accept": "image/png"})
+        picture = Image.open(io.BytesIO(response.content))
+        assert picture.mode == "RGB"
+        expected = stored.pixel_array.astype(np.float64)  # YBR_FULL_422 decoded to RGB
+        assert np.abs(np.asarray(picture, dtype=np.float64) - expected).max() <= 1.0
+        return
+    pytest.fail("the corpus has no JPEG baseline colour image")
 
 
 def test_rendered_frame_viewport_and_thumbnails(web: Web) -> None:

@@ -25,7 +25,6 @@ from dicomweb.wado import wado_router
 from pacs.archive import Archive
 from pacs.errors import PacsError
 from pacs.query import Level, compile_query
-from pacs.uids import require_uid
 
 _NOT_GZIPPED = (*DEFAULT_EXCLUDED_CONTENT_TYPES, "multipart/*", "image/*", "application/dicom")
 
@@ -120,11 +119,6 @@ def create_app(
         return remove(study, series, instance)
 
     def remove(study: str, series: str | None = None, instance: str | None = None) -> Response:
-        require_uid(study, "StudyInstanceUID")
-        if series is not None:
-            require_uid(series, "SeriesInstanceUID")
-        if instance is not None:
-            require_uid(instance, "SOPInstanceUID")
         archive.delete(study, series, instance)
         return Response(status_code=204)
 

@@ -25,7 +25,6 @@ from pacs.archive import Archive
 from pacs.errors import MalformedRequest, NoSuchFrame, NotAcceptable
 from pacs.index import InstanceRecord
 from pacs.pixels import PIXEL_DATA, native_frame, read_image, stored_frame, transcode
-from pacs.uids import require_uid
 
 _CHUNK = 1 << 20
 _THUMBNAIL_CANDIDATES = 16
@@ -99,15 +98,7 @@ def _frame_numbers(text: str) -> list[int]:
 def wado_router(archive: Archive) -> APIRouter:
     router = APIRouter()
 
-    def records(
-        study: str, series: str | None = None, instance: str | None = None
-    ) -> list[InstanceRecord]:
-        require_uid(study, "StudyInstanceUID")
-        if series is not None:
-            require_uid(series, "SeriesInstanceUID")
-        if instance is not None:
-            require_uid(instance, "SOPInstanceUID")
-        return archive.records(study, series, instance)
+    records = archive.records
 
     def instance_url(request: Request, record: InstanceRecord) -> str:
         base = str(request.url_for("retrieve_study", study=record.StudyInstanceUID))

@@ -179,7 +179,15 @@ class Archive:
         SeriesInstanceUID: str | None = None,
         SOPInstanceUID: str | None = None,
     ) -> list[InstanceRecord]:
-        """The instances of a study, a series or one instance; :class:`NotFound` if none."""
+        """The instances of a study, a series or one instance; :class:`NotFound` if none.
+
+        The UIDs usually come from a URL: they are validated first (:class:`InvalidUID`).
+        """
+        require_uid(StudyInstanceUID, "StudyInstanceUID")
+        if SeriesInstanceUID is not None:
+            require_uid(SeriesInstanceUID, "SeriesInstanceUID")
+        if SOPInstanceUID is not None:
+            require_uid(SOPInstanceUID, "SOPInstanceUID")
         found = self.index.records(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)
         if not found:
             named = SOPInstanceUID or SeriesInstanceUID or StudyInstanceUID

@@ -164,15 +164,27 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
         path = write(ct_instance(), tmp_path / "ct.dcm")
         assert assoc.send_c_store(dcmread(path)).Status == 0
         assoc.release()
-        found = httpx.get(f"http://127.0.0.1:{http_port}/dicom-web/studies").json()
+        base = f"http://127.0.0.1:{http_port}/dicom-web"
+        found = httpx.get(f"{base}/studies").json()
         assert [s["0020000D"]["Value"] for s in found] == [[dcmread(path).StudyInstanceUID]]
+        # DICOMweb in the same process: STOW-RS lands next to the C-STORE'd instance.
+        other = write(ct_instance(study=dcmread(path).StudyInstanceUID), tmp_path / "2.dcm")
+        body = b"--B\r\nContent-Type: application/dicom\r\n\r\n" + other.read_bytes()
+        stowed = httpx.post(
+            f"{base}/studies",
+            content=body + b"\r\n--B--\r\n",
+            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'},
+        )
+        assert stowed.status_code == 200, stowed.text
+        instances = httpx.get(f"{base}/studies/{dcmread(path).StudyInstanceUID}/instances")
+        assert len(instances.json()) == 2
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output.decode()
     assert b"DIMSE listening" in output
     index = Index(load_settings().index_url)
-    assert len(index.instances()) == 1
+    assert len(index.instances()) == 2
     index.dispose()
 
 

@@ -21,7 +21,8 @@ $(VENV)/.installed-test: $(BIN)/activate pyproject.toml
 	touch $@ $(VENV)/.installed
 
 serve: $(VENV)/.installed
-	$(BIN)/filmless serve $(if $(CONFIG),--config $(CONFIG))
+	$(BIN)/filmless $(if $(CONFIG),--config $(CONFIG)) models build
+	$(BIN)/filmless $(if $(CONFIG),--config $(CONFIG)) serve
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .

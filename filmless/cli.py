@@ -1,4 +1,4 @@
-"""The ``filmless`` command: serve, config show, import."""
+"""The ``filmless`` command: serve, config show, import, models."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from filmless import models_cli
 from filmless.app import serve
 from filmless.settings import Settings, load_settings, to_toml
 from filmless.wiring import build_archive, configure_logging
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     config_commands.add_parser("show", help="print the effective settings as TOML")
     imp = commands.add_parser("import", help="store DICOM files and folders in the archive")
     imp.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    models_cli.add_parser(commands)
     return parser
 
 
@@ -57,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "import":
         return import_paths(settings, args.paths, console)
+    if args.command == "models":
+        return models_cli.run(args, settings, console)
     raise AssertionError(args.command)
 
 

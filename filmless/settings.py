@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     index_url: str = Field(
         "", description="SQLAlchemy URL of the index; empty = SQLite in data_dir"
     )
+    models_dir: Path = Field(
+        Path(""), description="installed models (ONNX + manifest); empty = data_dir/models"
+    )
     ae_title: str = Field("FILMLESS", description="our AE title")
     bind_address: str = Field("127.0.0.1", description="address DIMSE and HTTP listen on")
     dimse_port: int = Field(11112, ge=1, le=65535)
@@ -102,6 +105,8 @@ class Settings(BaseSettings):
         if not self.index_url:
             url = f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
             object.__setattr__(self, "index_url", url)
+        if self.models_dir == Path(""):
+            object.__setattr__(self, "models_dir", self.data_dir / "models")
         return self
 
     @classmethod

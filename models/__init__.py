@@ -1,0 +1,1 @@
+"""The model zoo: architectures, manifests, export and the store of installed models."""

@@ -1,0 +1,88 @@
+"""The networks, from MONAI, and the heads that turn their logits into the manifest's outputs.
+
+Only model building, import and export use this module; serving never imports torch.
+The activations live inside the exported graph, so every ONNX file gives probabilities
+and the pipeline does not have to know which activation a model needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets.densenet import DenseNet121
+from monai.networks.nets.efficientnet import EfficientNetBN
+from torch import nn
+
+from models.runtime import reference_sample
+from models.zoo import Task
+
+EFFICIENTNETS = ("efficientnet-b0", "efficientnet-b3")
+
+
+def backbone(task: Task, variant: str | None = None) -> nn.Module:
+    """The bare network of a task, logits out; ``variant`` picks the EfficientNet size."""
+    if task.task == "chest-xray":
+        return DenseNet121(spatial_dims=2, in_channels=1, out_channels=len(task.outputs[0].labels))
+    name = variant or task.options.get("variant", "efficientnet-b0")
+    if name not in EFFICIENTNETS:
+        raise ValueError(
+            f"unknown EfficientNet variant {name!r}; one of {', '.join(EFFICIENTNETS)}"
+        )
+    channels = 3 if task.preprocessing.color == "rgb" else 1
+    if task.task == "fundus":
+        classes = len(task.outputs[0].labels)
+    else:
+        classes = 1 + len(task.outputs[1].labels)  # malignancy logit + density logits
+    return EfficientNetBN(
+        name, pretrained=False, spatial_dims=2, in_channels=channels, num_classes=classes
+    )
+
+
+class Screening(nn.Module):
+    """Backbone plus the task's head: the module that is exported."""
+
+    def __init__(self, task: Task, network: nn.Module) -> None:
+        super().__init__()
+        self.task = task.task
+        self.network = network
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.network(image)
+        if self.task == "chest-xray":
+            return (torch.sigmoid(logits),)
+        if self.task == "fundus":
+            grades = torch.softmax(logits, dim=1)
+            referable = grades[:, 2:].sum(dim=1, keepdim=True)  # ICDR grade >= 2
+            return grades, referable
+        malignancy = torch.sigmoid(logits[:, :1])
+        density = torch.softmax(logits[:, 1:], dim=1)
+        return malignancy, density
+
+
+def demo_weights(module: nn.Module, task: Task, seed: int) -> None:
+    """Seeded weights whose outputs are not degenerate.
+
+    Freshly initialised deep networks squash their activations towards zero, so every
+    image would get the same scores. Re-estimating the batch-norm statistics on noise
+    in the input's intensity range (a few forward passes in training mode, no gradient)
+    keeps activations at unit scale for the inputs the model will see.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, generator=generator)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain average over the passes below
+    module.train()
+    with torch.no_grad():
+        for n in range(3):
+            noise = reference_sample(task.input, task.preprocessing, seed=seed * 10 + n)
+            module(torch.from_numpy(noise))
+    module.eval()
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum

@@ -1,0 +1,187 @@
+"""Installed models: one folder per model under ``models_dir``, checked on the way in.
+
+A folder holds ``model.onnx``, ``manifest.toml``, ``reference.npz`` (a sample and the
+outputs it must give) and ``card.md``. Nothing here imports torch: adding, listing and
+verifying work on a serving machine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models.card import write_card
+from models.manifest import MANIFEST, Manifest, ManifestError, TensorSpec, load, sha256_file
+from models.runtime import REFERENCE, parity, reference_sample, session
+from models.zoo import DEMO_VERSION, Task
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 1e-3}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+@dataclass(frozen=True)
+class Installed:
+    manifest: Manifest
+    folder: Path
+
+    @property
+    def onnx(self) -> Path:
+        return self.folder / self.manifest.weights.file
+
+
+@dataclass
+class Verification:
+    name: str
+    sha256_ok: bool
+    parity: float | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def installed(self) -> list[Installed]:
+        """Every model folder with a readable manifest; a broken one raises, naming it."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".") or not (folder / MANIFEST).is_file():
+                continue
+            found.append(Installed(load(folder / MANIFEST), folder))
+        return found
+
+    def get(self, name: str) -> Installed:
+        folder = self.root / name
+        if not (folder / MANIFEST).is_file():
+            raise ManifestError(f"no model {name!r} in {self.root}")
+        return Installed(load(folder / MANIFEST), folder)
+
+    def verify(self, name: str) -> Verification:
+        """Re-hash the weights and re-run the reference sample."""
+        model = self.get(name)
+        result = Verification(name, sha256_ok=False, parity=None)
+        if not model.onnx.is_file():
+            result.problems.append(f"{model.onnx.name} is missing")
+            return result
+        actual = sha256_file(model.onnx)
+        result.sha256_ok = actual == model.manifest.weights.sha256
+        if not result.sha256_ok:
+            result.problems.append(
+                f"sha256 {actual[:16]}... differs from the manifest's "
+                f"{model.manifest.weights.sha256[:16]}..."
+            )
+            return result
+        reference_path = model.folder / REFERENCE
+        if not reference_path.is_file():
+            result.problems.append(f"{REFERENCE} is missing: parity cannot be checked")
+            return result
+        with np.load(reference_path) as reference:
+            sample = reference["input"]
+            expected = [reference[o.name] for o in model.manifest.outputs]
+        result.parity = parity(session(model.onnx), sample, expected)
+        limit = TOLERANCE[model.manifest.variant]
+        if result.parity > limit:
+            result.problems.append(f"outputs differ from the reference by {result.parity:.2e}")
+        return result
+
+    def add(self, onnx_path: Path, manifest_path: Path) -> Installed:
+        """Install any ONNX file whose inputs and outputs match its manifest."""
+        manifest = load(manifest_path)
+        actual = sha256_file(onnx_path)
+        if manifest.weights.sha256 != actual:
+            raise ManifestError(
+                f"the manifest gives sha256 {manifest.weights.sha256}, the file has {actual}"
+            )
+        try:
+            runtime = session(onnx_path)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ManifestError(f"{onnx_path} is not a loadable ONNX model: {exc}") from exc
+        check_signature(runtime, manifest)
+        sample = reference_sample(manifest.input, manifest.preprocessing)
+        outputs = runtime.run(None, {manifest.input.name: sample})
+        for spec, value in zip(manifest.outputs, outputs, strict=True):
+            if value.shape != (2, len(spec.labels)):
+                raise ManifestError(
+                    f"output {spec.name} has shape {value.shape} for a batch of 2; the manifest "
+                    f"names {len(spec.labels)} labels"
+                )
+        self.root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-", dir=self.root))
+        try:
+            shutil.copyfile(onnx_path, work / manifest.weights.file)
+            shutil.copyfile(manifest_path, work / MANIFEST)
+            np.savez(
+                work / REFERENCE,
+                input=sample[:1],
+                **{s.name: v[:1] for s, v in zip(manifest.outputs, outputs, strict=True)},
+            )
+            write_card(manifest, work / "card.md")
+            target = self.root / manifest.name
+            if target.exists():
+                shutil.rmtree(target)
+            work.rename(target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return self.get(manifest.name)
+
+
+def cached_demo(store: ModelStore, task: Task) -> Manifest | None:
+    """The installed demo model of ``task`` if it is current and intact."""
+    try:
+        if not store.verify(task.name).ok:
+            return None
+        existing = store.get(task.name).manifest
+    except ManifestError:
+        return None
+    if existing.weights.demo and existing.version == DEMO_VERSION:
+        return existing
+    return None
+
+
+def check_signature(runtime: ort.InferenceSession, manifest: Manifest) -> None:
+    """The graph's input and outputs: names, element types and fixed dimensions."""
+    inputs = runtime.get_inputs()
+    if len(inputs) != 1:
+        raise ManifestError(f"the model has {len(inputs)} inputs; one image tensor is expected")
+    _check_tensor(inputs[0], manifest.input, "input")
+    outputs = {o.name: o for o in runtime.get_outputs()}
+    declared = [o.name for o in manifest.outputs]
+    if sorted(outputs) != sorted(declared):
+        raise ManifestError(
+            f"the model's outputs are {sorted(outputs)}, the manifest names {declared}"
+        )
+    for spec in manifest.outputs:
+        _check_tensor(outputs[spec.name], spec, "output")
+
+
+def _check_tensor(node: ort.NodeArg, spec: TensorSpec, kind: str) -> None:
+    if node.name != spec.name:
+        raise ManifestError(f"{kind} is named {node.name!r}, the manifest says {spec.name!r}")
+    dtype = _ORT_TYPES.get(node.type, node.type)
+    if dtype != spec.dtype:
+        raise ManifestError(f"{kind} {spec.name} is {dtype}, the manifest says {spec.dtype}")
+    if len(node.shape) != len(spec.shape):
+        raise ManifestError(
+            f"{kind} {spec.name} has {len(node.shape)} dimensions, the manifest {len(spec.shape)}"
+        )
+    for axis, (have, want) in enumerate(zip(node.shape, spec.shape, strict=True)):
+        if isinstance(want, int) and have != want:
+            raise ManifestError(
+                f"{kind} {spec.name} dimension {axis} is {have}, the manifest says {want}"
+            )
+        if isinstance(want, str) and isinstance(have, int):
+            raise ManifestError(
+                f"{kind} {spec.name} dimension {axis} is fixed at {have}; the manifest "
+                f"declares it dynamic ({want})"
+            )

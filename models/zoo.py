@@ -1,0 +1,212 @@
+"""The three screening tasks: what each model takes, gives and applies to.
+
+Plain data, no torch: the manifest of every model of a task (built, imported or added)
+starts from these definitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.manifest import (
+    Aggregation,
+    OperatingPoint,
+    OutputSpec,
+    Preprocessing,
+    Routing,
+    TensorSpec,
+)
+
+# TorchXRayVision's "all" label set, in its order (xrv.datasets.default_pathologies).
+CXR_LABELS = [
+    "Atelectasis",
+    "Consolidation",
+    "Infiltration",
+    "Pneumothorax",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Effusion",
+    "Pneumonia",
+    "Pleural_Thickening",
+    "Cardiomegaly",
+    "Nodule",
+    "Mass",
+    "Hernia",
+    "Lung Lesion",
+    "Fracture",
+    "Lung Opacity",
+    "Enlarged Cardiomediastinum",
+]
+ICDR_GRADES = [
+    "0 no apparent retinopathy",
+    "1 mild NPDR",
+    "2 moderate NPDR",
+    "3 severe NPDR",
+    "4 proliferative DR",
+]
+DENSITY = ["A", "B", "C", "D"]
+DEMO_VERSION = "0.1.0-demo"
+
+DX_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray For Presentation
+]
+MG_FOR_PRESENTATION = ["1.2.840.10008.5.1.4.1.1.1.2"]
+FUNDUS_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.77.1.5.1",  # Ophthalmic Photography 8 Bit
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (many fundus cameras)
+]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task and the demo model ``filmless models build`` makes for it."""
+
+    task: str
+    name: str
+    architecture: str
+    description: str
+    intended_use: str
+    input: TensorSpec
+    outputs: list[OutputSpec]
+    preprocessing: Preprocessing
+    routing: Routing
+    operating_points: list[OperatingPoint]
+    aggregation: Aggregation | None = None
+    seed: int = 0
+    options: dict[str, str] = field(default_factory=dict)
+
+
+CHEST_XRAY = Task(
+    task="chest-xray",
+    name="cxr-densenet121",
+    architecture="monai DenseNet121(spatial_dims=2, in_channels=1, out_channels=18)",
+    description="Chest X-ray findings, 18 TorchXRayVision labels, frontal PA/AP views.",
+    intended_use=(
+        "Screening aid that flags frontal chest radiographs (PA or AP) of adults for review "
+        "by a radiologist. Not for lateral views, children, or use without a reader."
+    ),
+    input=TensorSpec(name="image", shape=["batch", 1, 224, 224]),
+    outputs=[
+        OutputSpec(
+            name="probabilities", shape=["batch", 18], labels=CXR_LABELS, activation="sigmoid"
+        )
+    ],
+    preprocessing=Preprocessing(
+        color="grayscale",
+        size=(224, 224),
+        keep_aspect=False,
+        crop="center",
+        voi="window",
+        intensity_range=(-1024.0, 1024.0),
+    ),
+    routing=Routing(
+        level="instance",
+        match={
+            "Modality": ["DX", "CR"],
+            "SOPClassUID": DX_CLASSES,
+            "ViewPosition": ["PA", "AP"],
+            "PhotometricInterpretation": ["MONOCHROME1", "MONOCHROME2"],
+        },
+    ),
+    operating_points=[
+        OperatingPoint(output="probabilities", label=label, threshold=0.5) for label in CXR_LABELS
+    ],
+    seed=1,
+)
+
+FUNDUS = Task(
+    task="fundus",
+    name="fundus-efficientnet-b0",
+    architecture="monai EfficientNetBN('efficientnet-b0', in_channels=3, num_classes=5)",
+    description="Diabetic retinopathy: ICDR grade 0-4 per eye, referable DR (grade >= 2).",
+    intended_use=(
+        "Screening aid for diabetic retinopathy on colour fundus photographs, one eye per "
+        "image, referring grade 2 or worse to an ophthalmologist."
+    ),
+    input=TensorSpec(name="image", shape=["batch", 3, 512, 512]),
+    outputs=[
+        OutputSpec(
+            name="grade_probabilities",
+            shape=["batch", 5],
+            labels=ICDR_GRADES,
+            activation="softmax",
+        ),
+        OutputSpec(
+            name="referable", shape=["batch", 1], labels=["referable DR"], activation="softmax"
+        ),
+    ],
+    preprocessing=Preprocessing(
+        color="rgb",
+        size=(512, 512),
+        keep_aspect=True,
+        crop="circle",
+        voi="minmax",
+        intensity_range=(0.0, 1.0),
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+    ),
+    routing=Routing(
+        level="instance",
+        match={
+            "Modality": ["OP", "XC"],
+            "SOPClassUID": FUNDUS_CLASSES,
+            "PhotometricInterpretation": ["RGB", "YBR_FULL", "YBR_FULL_422"],
+        },
+    ),
+    operating_points=[
+        OperatingPoint(output="referable", label="referable DR", threshold=0.5),
+    ],
+    seed=2,
+    options={"variant": "efficientnet-b0"},
+)
+
+MAMMOGRAPHY = Task(
+    task="mammography",
+    name="mammo-efficientnet-b0",
+    architecture="monai EfficientNetBN('efficientnet-b0', in_channels=1, num_classes=5)",
+    description=(
+        "Screening mammography: per-view malignancy score aggregated over L/R x CC/MLO, "
+        "and BI-RADS breast density A-D."
+    ),
+    intended_use=(
+        "Second-reader aid for four-view screening mammograms (FOR PRESENTATION), giving a "
+        "suspicion score per breast and a density category. Not for diagnostic work-up."
+    ),
+    input=TensorSpec(name="image", shape=["batch", 1, 1024, 512]),
+    outputs=[
+        OutputSpec(
+            name="malignancy", shape=["batch", 1], labels=["malignancy"], activation="sigmoid"
+        ),
+        OutputSpec(name="density", shape=["batch", 4], labels=DENSITY, activation="softmax"),
+    ],
+    preprocessing=Preprocessing(
+        color="grayscale",
+        size=(1024, 512),
+        keep_aspect=True,
+        crop="none",
+        voi="window",
+        laterality="left",
+        intensity_range=(0.0, 1.0),
+    ),
+    routing=Routing(
+        level="study",
+        match={
+            "Modality": ["MG"],
+            "SOPClassUID": MG_FOR_PRESENTATION,
+            "PresentationIntentType": ["FOR PRESENTATION"],
+            "ViewPosition": ["CC", "MLO"],
+            "ImageLaterality": ["L", "R"],
+        },
+        required_views=["L-CC", "L-MLO", "R-CC", "R-MLO"],
+    ),
+    operating_points=[
+        OperatingPoint(output="malignancy", label="malignancy", threshold=0.5),
+    ],
+    aggregation=Aggregation(per_breast="mean", exam="max", density="mean"),
+    seed=3,
+    options={"variant": "efficientnet-b0"},
+)
+
+TASKS: dict[str, Task] = {t.task: t for t in (CHEST_XRAY, FUNDUS, MAMMOGRAPHY)}

@@ -128,6 +128,23 @@ def test_torchxrayvision_checkpoint_import(tmp_path: Path) -> None:
     assert np.abs(got - expected).max() < 1e-4
 
 
+@pytest.mark.slow
+def test_own_architecture_checkpoint_import(tmp_path: Path) -> None:
+    task = TASKS["chest-xray"]
+    source = Screening(task, backbone(task))
+    demo_weights(source, task, seed=11)
+    torch.save({"state_dict": source.network.state_dict()}, tmp_path / "own.pt")
+    args = ["--task", "chest-xray", "--name", "cxr-own", "--version", "2.0"]
+    assert _cli(tmp_path / "models", "import", str(tmp_path / "own.pt"), *args) == 0
+    model = ModelStore(tmp_path / "models").get("cxr-own")
+    assert [p.threshold for p in model.manifest.operating_points] == [0.5] * 18
+    batch = np.random.default_rng(2).uniform(-1024, 1024, (2, 1, 224, 224)).astype(np.float32)
+    with torch.inference_mode():
+        (expected,) = source(torch.from_numpy(batch))
+    (got,) = _run(model.onnx, batch)
+    assert np.abs(got - expected.numpy()).max() < 1e-4
+
+
 def test_checkpoint_with_a_wrong_key_or_shape_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

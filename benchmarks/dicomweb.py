@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,14 +40,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from benchmarks.ingest import OrthancServer, make_large
+from benchmarks.ingest import FilmlessServer, OrthancServer, make_large
 from benchmarks.query import _orthanc_corpus, fill_index
 from benchmarks.support import (
     free_port,
     in_private_network,
     rerun_in_private_network,
     run_facts,
-    wait_for_port,
 )
 from pacs.archive import Archive
 from pacs.index import Index
@@ -118,27 +115,9 @@ def _peak_rss_mb(pid: int) -> tuple[float, float]:
 @contextmanager
 def filmless_serving(data_dir: Path) -> Iterator[tuple[str, int]]:
     """``filmless serve`` on loopback; yields (DICOMweb base URL, pid)."""
-    http_port = free_port()
-    env = {
-        **os.environ,
-        "FILMLESS_DATA_DIR": str(data_dir),
-        "FILMLESS_DIMSE_PORT": str(free_port()),
-        "FILMLESS_HTTP_PORT": str(http_port),
-        "FILMLESS_DIMSE_WORKERS": "1",
-        "FILMLESS_MAX_FIND_MATCHES": "100000",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "filmless.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(http_port, timeout=120)
-        yield f"http://127.0.0.1:{http_port}/dicom-web", process.pid
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+    server = FilmlessServer(dimse_workers="1", max_find_matches="100000")
+    with server.running(data_dir, free_port()):
+        yield f"http://127.0.0.1:{server.http_port}/dicom-web", server.pid
 
 
 @contextmanager
@@ -216,6 +195,20 @@ def _jpeg_ls_copy(source: Path, target: Path) -> Path:
     return target
 
 
+def measure_wado(
+    server: str, base: str, pid: int, *, files: list[Path], extra: Path, repeats: int
+) -> tuple[list[Retrieve], list[Latency]]:
+    """The study retrieved both ways, then the rendered chest X-ray, uncompressed and JPEG-LS."""
+    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    retrieves = [retrieve(base, study, accept, pid, server) for accept in (AS_STORED, UNCOMPRESSED)]
+    latencies = []
+    with httpx.Client(timeout=60) as client:
+        for label, path in (("uncompressed", files[0]), ("JPEG-LS", extra)):
+            timings = rendered(client, _instance_url(base, path) + "/rendered", repeats)
+            latencies.append(_latency(server, f"rendered CXR {label}", 1, 1, timings))
+    return retrieves, latencies
+
+
 def run_filmless_qido(work: Path, size: int, repeats: int) -> list[Latency]:
     folder = work / f"qido-{size}"
     index = Index(f"sqlite:///{(folder / 'index.sqlite').resolve()}")
@@ -245,18 +238,10 @@ def run_filmless_wado(
         for path in [*files, extra]:
             archive.ingest_file(path)
     index.dispose()
-    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-    retrieves, latencies = [], []
     with filmless_serving(folder) as (base, pid):
-        for accept in (AS_STORED, UNCOMPRESSED):
-            retrieves.append(retrieve(base, study, accept, pid, "filmless"))
-        with httpx.Client(timeout=60) as client:
-            for label, path in (("uncompressed", files[0]), ("JPEG-LS", extra)):
-                url = _instance_url(base, path) + "/rendered"
-                timings = rendered(client, url, repeats)
-                latencies.append(_latency("filmless", f"rendered CXR {label}", 1, 1, timings))
+        measured = measure_wado("filmless", base, pid, files=files, extra=extra, repeats=repeats)
     shutil.rmtree(folder, ignore_errors=True)
-    return retrieves, latencies
+    return measured
 
 
 def _post_to_orthanc(http_port: int, files: list[Path], progress: Progress) -> None:
@@ -294,19 +279,14 @@ def run_orthanc(
                         _latency("orthanc", f"QIDO {name}", qido_size, matches, timings)
                     )
         shutil.rmtree(work / "orthanc-qido", ignore_errors=True)
-    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     with orthanc_serving(binary, work / "orthanc-wado") as (base, pid, orthanc):
         with Progress(console=console) as progress:
             _post_to_orthanc(orthanc.http_port, [*files, extra], progress)
-        for accept in (AS_STORED, UNCOMPRESSED):
-            retrieves.append(retrieve(base, study, accept, pid, "orthanc"))
-        with httpx.Client(timeout=60) as client:
-            for label, path in (("uncompressed", files[0]), ("JPEG-LS", extra)):
-                url = _instance_url(base, path) + "/rendered"
-                timings = rendered(client, url, render_repeats)
-                latencies.append(_latency("orthanc", f"rendered CXR {label}", 1, 1, timings))
+        retrieved, rendered_latency = measure_wado(
+            "orthanc", base, pid, files=files, extra=extra, repeats=render_repeats
+        )
     shutil.rmtree(work / "orthanc-wado", ignore_errors=True)
-    return latencies, retrieves
+    return latencies + rendered_latency, retrieves + retrieved
 
 
 def markdown(latencies: list[Latency], retrieves: list[Retrieve], meta: dict[str, Any]) -> str:

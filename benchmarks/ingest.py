@@ -157,16 +157,26 @@ class Server:
 
 
 class FilmlessServer(Server):
+    """``filmless serve`` as a separate process; ``settings`` are extra FILMLESS_* values."""
+
     name = "filmless"
     ae_title = "FILMLESS"
 
+    def __init__(self, **settings: str) -> None:
+        self.settings = settings
+        self.http_port = 0
+        self.pid = 0
+
     @contextmanager
     def running(self, folder: Path, port: int) -> Iterator[None]:
+        self.http_port = free_port()
         env = {
             **os.environ,
             "FILMLESS_DATA_DIR": str(folder),
             "FILMLESS_DIMSE_PORT": str(port),
+            "FILMLESS_HTTP_PORT": str(self.http_port),
             "FILMLESS_MAX_ASSOCIATIONS": "64",
+            **{f"FILMLESS_{k.upper()}": v for k, v in self.settings.items()},
         }
         process = subprocess.Popen(
             [sys.executable, "-m", "filmless.cli", "serve"],
@@ -174,8 +184,10 @@ class FilmlessServer(Server):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        self.pid = process.pid
         try:
-            wait_for_port(port)
+            wait_for_port(port, timeout=120)
+            wait_for_port(self.http_port, timeout=120)
             yield
         finally:
             process.send_signal(signal.SIGTERM)

@@ -2,7 +2,7 @@
 
 The index is filled with generated rows (patients, studies of two series of ten
 instances, names and dates spread out) straight through SQL, at each size asked for.
-A filmless DIMSE server answers over loopback; each query runs R times on one
+``filmless serve`` (one DIMSE worker) answers over loopback; each query runs R times on one
 association and we report p50/p95/max in milliseconds. With Orthanc installed and
 ``--orthanc N``, the same queries run against an Orthanc holding N small instances
 sent by storescu (loading 100k instances into Orthanc over DIMSE takes too long here).
@@ -39,13 +39,10 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import insert
 
-from benchmarks.ingest import OrthancServer, send
+from benchmarks.ingest import FilmlessServer, OrthancServer, send
 from benchmarks.support import free_port, in_private_network, rerun_in_private_network
-from pacs.archive import Archive
-from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.header import normalise_name
 from pacs.index import Index, instance, patient, series, study
-from pacs.store import FsBlobStore
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -279,21 +276,20 @@ def run_filmless(work: Path, size: int, repeats: int) -> list[Latency]:
     index.create_schema()
     with console.status(f"filling the index with {size} instances"):
         fill_index(index, size)
-    archive = Archive(FsBlobStore(folder / "data"), index)
-    config = DimseConfig(port=free_port(), max_find_matches=100000)
-    server = start_dimse(archive, config)
+    index.dispose()
+    # The server runs as deployed, in a process of its own: an SCU in the same process
+    # would share its interpreter lock and inflate every figure.
+    server = FilmlessServer(dimse_workers="1", max_find_matches="100000")
+    port = free_port()
     results = []
-    try:
+    with server.running(folder, port):
         for name, make in queries().items():
-            matches, timings = measure(config.port, config.ae_title, make, repeats)
+            matches, timings = measure(port, server.ae_title, make, repeats)
             results.append(_summary("filmless", size, name, matches, timings))
             if shutil.which("findscu"):
-                wall, echo = measure_findscu(config.port, config.ae_title, make, repeats // 4)
+                wall, echo = measure_findscu(port, server.ae_title, make, repeats // 4)
                 net = [w - e for w, e in zip(wall, echo, strict=True)]
                 results.append(_summary("filmless (findscu - echoscu)", size, name, matches, net))
-    finally:
-        server.shutdown()
-        index.dispose()
     return results
 
 

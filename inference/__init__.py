@@ -1,0 +1,1 @@
+"""The screening pipeline over the archive: routing, preprocessing, runtime, reports."""

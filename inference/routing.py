@@ -1,0 +1,72 @@
+"""Which model applies to which instance or study, from the rules in the manifests.
+
+Pure functions over header values (what the index holds per instance), so they are
+tested without files or sockets. The first rule of a manifest (its Modality) says
+whether a model is concerned at all; the others decide whether it runs or is skipped,
+and a skip carries the reason (a lateral chest view, a FOR PROCESSING mammogram), so
+that it can be recorded instead of the instance being silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from models.manifest import Manifest
+
+Header = Mapping[str, str | None]
+
+
+@dataclass(frozen=True)
+class Decision:
+    model: str
+    runs: bool
+    reason: str = ""
+
+
+def _value(header: Header, keyword: str) -> str:
+    value = header.get(keyword)
+    return "" if value is None else str(value).strip().upper()
+
+
+def decide(header: Header, manifest: Manifest) -> Decision | None:
+    """None when the model is not concerned (another modality); else run or skip, why."""
+    rules = list(manifest.routing.match.items())
+    if not rules:
+        return Decision(manifest.name, runs=True)
+    (first, accepted), others = rules[0], rules[1:]
+    if _value(header, first) not in {v.upper() for v in accepted}:
+        return None
+    for keyword, values in others:
+        value = _value(header, keyword)
+        if value not in {v.upper() for v in values}:
+            shown = value or "absent"
+            return Decision(
+                manifest.name,
+                runs=False,
+                reason=f"{keyword} {shown} is not one of {', '.join(values)}",
+            )
+    return Decision(manifest.name, runs=True)
+
+
+def route(header: Header, manifests: Iterable[Manifest]) -> list[Decision]:
+    """Decisions of every default model concerned by an instance."""
+    decisions = []
+    for manifest in manifests:
+        if not manifest.default:
+            continue
+        decision = decide(header, manifest)
+        if decision is not None:
+            decisions.append(decision)
+    return decisions
+
+
+def view(header: Header) -> str:
+    """``L-CC``-style name of a mammography view (ImageLaterality-ViewPosition)."""
+    return f"{_value(header, 'ImageLaterality')}-{_value(header, 'ViewPosition')}"
+
+
+def missing_views(headers: Iterable[Header], manifest: Manifest) -> list[str]:
+    """Required views of a study-level model that none of the usable instances provides."""
+    present = {view(h) for h in headers if (d := decide(h, manifest)) is not None and d.runs}
+    return [v for v in manifest.routing.required_views if v not in present]

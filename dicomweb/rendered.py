@@ -1,9 +1,8 @@
 """Rendered images (PS3.18 8.3.5 and 9.5): one frame to an 8-bit JPEG or PNG.
 
-The grayscale pipeline is the one PS3.3 C.11 describes: Modality LUT (rescale or LUT),
-VOI (the request's ``window``, else the stored VOI LUT or window, else the frame's
-range), then the Presentation LUT (MONOCHROME1 and INVERSE display inverted). Colour
-frames are decoded to RGB; palette colour goes through its LUT.
+Grayscale goes through :func:`pacs.voi.grey` (Modality LUT, the request's ``window`` or
+the stored VOI, Presentation LUT), the same pipeline the inference preprocessing uses.
+Colour frames are decoded to RGB; palette colour goes through its LUT.
 """
 
 from __future__ import annotations
@@ -11,28 +10,18 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_color_lut
 
 from dicomweb.media import JPEG
 from pacs.errors import MalformedRequest
 from pacs.pixels import StoredImage, decoded_frame
+from pacs.voi import FUNCTIONS, Window, grey
 
 THUMBNAIL_SIZE = 128
-_LUT_LIMIT = 1 << 17
-_FUNCTIONS = ("linear", "linear-exact", "sigmoid")
-
-
-@dataclass(frozen=True)
-class Window:
-    center: float
-    width: float
-    function: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -88,8 +77,8 @@ def _window(value: str) -> Window:
         raise MalformedRequest(f"window is center,width,function; got {value!r}")
     center, width = _numbers("window", ",".join(parts[:2]), 2)
     function = parts[2].strip().lower()
-    if function not in _FUNCTIONS:
-        raise MalformedRequest(f"window function must be one of {', '.join(_FUNCTIONS)}")
+    if function not in FUNCTIONS:
+        raise MalformedRequest(f"window function must be one of {', '.join(FUNCTIONS)}")
     if width <= 0 or (function == "linear" and width < 1):
         raise MalformedRequest(f"window width must be positive, not {width}")
     return Window(center, width, function)
@@ -135,83 +124,7 @@ def to_display(frame: np.ndarray, image: StoredImage, window: Window | None) -> 
         return _to_uint8(rgb, int(ds.get("BitsStored", 8)))
     if int(ds.get("SamplesPerPixel", 1)) > 1:
         return _to_uint8(frame, int(ds.get("BitsStored", 8)))
-    if np.issubdtype(frame.dtype, np.integer):
-        # Stored values are integers of at most 16 bits: run the pipeline once per
-        # distinct value and look the frame up, instead of float maths per pixel.
-        low, high = int(frame.min()), int(frame.max())
-        if high - low <= _LUT_LIMIT:
-            domain = np.arange(low, high + 1).astype(frame.dtype)
-            lut = _grey(domain, ds, photometric, window)
-            index = frame if low == 0 and frame.dtype.kind == "u" else frame.astype(np.int32) - low
-            looked_up: np.ndarray = lut[index]
-            return looked_up
-    return _grey(frame, ds, photometric, window)
-
-
-def _grey(stored: np.ndarray, ds: Dataset, photometric: str, window: Window | None) -> np.ndarray:
-    values = _modality(stored, ds)
-    if window is not None:
-        unit = _windowed(values, window)
-    elif "VOILUTSequence" in ds:
-        unit = _stretch(np.asarray(apply_voi_lut(stored, ds, prefer_lut=True), np.float32))
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        unit = _windowed(values, _stored_window(ds))
-    else:
-        unit = _stretch(values)
-    inverse = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
-    if (photometric == "MONOCHROME1") != (inverse and photometric == "MONOCHROME2"):
-        unit = 1.0 - unit
-    return (unit * 255.0 + 0.5).astype(np.uint8)
-
-
-def _modality(frame: np.ndarray, ds: Dataset) -> np.ndarray:
-    if "ModalityLUTSequence" in ds:
-        return np.asarray(apply_modality_lut(frame, ds), dtype=np.float32)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    values = frame.astype(np.float32)
-    if slope != 1 or intercept != 0:
-        values *= np.float32(slope)
-        values += np.float32(intercept)
-    return values
-
-
-def _stored_window(ds: Dataset) -> Window:
-    """The first of the stored windows (PS3.3 C.11.2: the first is the default)."""
-
-    def first(value: Any) -> float:
-        return float(value[0] if isinstance(value, MultiValue) else value)
-
-    center = first(ds.WindowCenter)
-    width = max(first(ds.WindowWidth), 1.0)
-    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").lower()
-    function = function.replace("_", "-")
-    return Window(center, width, function if function in _FUNCTIONS else "linear")
-
-
-def _windowed(values: np.ndarray, window: Window) -> np.ndarray:
-    """PS3.3 C.11.2.1.2 to [0, 1]."""
-    c, w = np.float32(window.center), np.float32(window.width)
-    if window.function == "sigmoid":
-        sigmoid: np.ndarray = 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
-        return sigmoid.astype(np.float32)
-    if window.function == "linear-exact":
-        low, span = c - w / 2, w
-    else:
-        low, span = c - np.float32(0.5) - (w - 1) / 2, max(w - 1, np.float32(1))
-    out = values - low
-    out /= span
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
-
-
-def _stretch(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.float32)
-    out = values.astype(np.float32) - np.float32(low)
-    out /= np.float32(high - low)
-    return out
+    return grey(frame, ds, window, levels=255)
 
 
 def _to_uint8(values: np.ndarray, bits_stored: int) -> np.ndarray:

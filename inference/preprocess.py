@@ -1,0 +1,111 @@
+"""A stored DICOM instance to the input tensor a model's manifest describes.
+
+Decoding and the grayscale pipeline are the archive's own (:mod:`pacs.pixels`,
+:mod:`pacs.voi`: every transfer syntax the archive accepts, Modality LUT, VOI,
+MONOCHROME1); the geometric and intensity steps are MONAI transforms built from the
+manifest. An image a model cannot use raises :class:`Unusable` with the reason, to be
+recorded, never forced through.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from monai.data.meta_obj import set_track_meta
+from monai.transforms.compose import Compose
+from monai.transforms.croppad.array import CenterSpatialCrop, ResizeWithPadOrCrop, SpatialPad
+from monai.transforms.intensity.array import NormalizeIntensity, ScaleIntensityRange
+from monai.transforms.spatial.array import Resize
+
+from models.manifest import Preprocessing
+from pacs.pixels import decoded_frame, read_image
+from pacs.voi import grey
+
+set_track_meta(False)  # plain tensors: no metadata bookkeeping per image
+
+
+class Unusable(ValueError):
+    """An instance the model cannot take; the message is the recorded reason."""
+
+
+def preprocess(stream: BinaryIO, preprocessing: Preprocessing) -> np.ndarray:
+    """(channels, rows, columns) float32, as the manifest's input without the batch axis."""
+    image = read_image(stream)
+    if not image.has_pixels:
+        raise Unusable("the instance has no pixel data")
+    ds = image.header
+    samples = int(ds.get("SamplesPerPixel", 1))
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if preprocessing.color == "rgb":
+        if samples != 3:
+            raise Unusable(f"a {photometric} image; the model takes colour photographs")
+        frame = decoded_frame(stream, image, 0, rgb=True)
+        top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+        chw = np.ascontiguousarray(frame.transpose(2, 0, 1), dtype=np.float32) / top
+    else:
+        if samples != 1 or photometric == "PALETTE COLOR":
+            raise Unusable(f"a {photometric} image; the model takes grayscale")
+        frame = decoded_frame(stream, image, 0, rgb=False)
+        chw = grey(frame, ds, stretch=preprocessing.voi == "minmax")[None]
+    if preprocessing.laterality == "left":
+        chw = face_left(chw)
+    if preprocessing.crop == "circle":
+        chw = circle_crop(chw)
+    transforms = _transforms(preprocessing.model_dump_json())
+    tensor = transforms(torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32)))
+    return np.asarray(tensor, dtype=np.float32)
+
+
+def face_left(chw: np.ndarray) -> np.ndarray:
+    """Mirror so the breast (the brighter half, chest wall side) is on the left."""
+    half = chw.shape[-1] // 2
+    if chw[..., half:].sum() > chw[..., :half].sum():
+        return np.ascontiguousarray(chw[..., ::-1])
+    return chw
+
+
+def circle_crop(chw: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+    """The bounding square of a fundus photograph's circular field of view."""
+    brightness = chw.mean(axis=0)
+    rows = np.flatnonzero((brightness > threshold).any(axis=1))
+    columns = np.flatnonzero((brightness > threshold).any(axis=0))
+    if rows.size == 0 or columns.size == 0:
+        raise Unusable("no field of view found: the photograph is black")
+    cropped = chw[:, rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+    side = max(cropped.shape[1:])
+    padded = SpatialPad((side, side))(torch.from_numpy(np.ascontiguousarray(cropped)))
+    return np.asarray(padded)
+
+
+@functools.cache
+def _transforms(spec: str) -> Compose:
+    """One pipeline per distinct preprocessing (keyed by its JSON: the model is unhashable)."""
+    p = Preprocessing.model_validate_json(spec)
+    steps: list[Callable[..., object]] = []
+    if p.crop == "center":
+        steps.append(_CenterSquare())
+    if p.keep_aspect:
+        steps += [
+            Resize(spatial_size=max(p.size), size_mode="longest", mode="area"),
+            ResizeWithPadOrCrop(p.size),
+        ]
+    else:
+        steps.append(Resize(spatial_size=p.size, mode="area"))
+    low, high = p.intensity_range
+    steps.append(ScaleIntensityRange(0.0, 1.0, low, high))
+    if p.mean is not None and p.std is not None:
+        steps.append(NormalizeIntensity(subtrahend=p.mean, divisor=p.std, channel_wise=True))
+    return Compose(steps)
+
+
+class _CenterSquare:
+    """MONAI's centre crop to the largest square the image holds."""
+
+    def __call__(self, chw: torch.Tensor) -> torch.Tensor:
+        side = min(chw.shape[1:])
+        cropped: torch.Tensor = CenterSpatialCrop((side, side))(chw)
+        return cropped

@@ -1,0 +1,61 @@
+"""Shared ONNX Runtime sessions: provider choice and dynamic batching of concurrent calls."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.runtime import CPU, BatchingSession, choose_providers
+from models.build import build_demo
+from models.runtime import reference_sample, session
+from models.zoo import CHEST_XRAY
+
+
+def test_providers_follow_preference_and_end_with_cpu() -> None:
+    available = ["CUDAExecutionProvider", CPU]
+    preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]
+    assert choose_providers(preferred, available) == ["CUDAExecutionProvider", CPU]
+    assert choose_providers(preferred, [CPU]) == [CPU]
+    assert choose_providers([], [CPU]) == [CPU]
+
+
+@pytest.mark.slow
+def test_concurrent_calls_share_batches_and_get_their_own_outputs(tmp_path: Path) -> None:
+    manifest = build_demo(tmp_path, CHEST_XRAY).manifest
+    path = tmp_path / manifest.name / "model.onnx"
+    images = reference_sample(manifest.input, manifest.preprocessing, batch=8, seed=9)
+    (expected,) = session(path).run(None, {manifest.input.name: images})
+    runner = BatchingSession(path, max_batch=4, max_wait_ms=200)
+    assert runner.providers[-1] == CPU
+    results: dict[int, np.ndarray] = {}
+    start = threading.Barrier(8)
+
+    def worker(n: int) -> None:
+        start.wait()
+        (results[n],) = runner.infer(images[n], timeout=120)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    runner.close()
+    assert sorted(results) == list(range(8))
+    for n in range(8):
+        assert np.abs(results[n] - expected[n]).max() < 1e-4
+    assert runner.batches_run < 8  # concurrent arrivals shared forward passes
+
+
+@pytest.mark.slow
+def test_a_bad_input_fails_its_caller_only(tmp_path: Path) -> None:
+    manifest = build_demo(tmp_path, CHEST_XRAY).manifest
+    runner = BatchingSession(tmp_path / manifest.name / "model.onnx", max_wait_ms=1)
+    with pytest.raises(Exception, match=r"(?i)dimension|shape|invalid"):
+        runner.infer(np.zeros((1, 10, 10), np.float32), timeout=60)
+    good = reference_sample(manifest.input, manifest.preprocessing, batch=1)[0]
+    (probabilities,) = runner.infer(good, timeout=60)
+    assert probabilities.shape == (18,)
+    runner.close()

@@ -167,6 +167,27 @@ instance = Table(
 )
 
 
+# The inference pipeline's durable queue; the logic is in pacs.jobs.
+job = Table(
+    "job",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(64), nullable=False),
+    Column("StudyInstanceUID", String(64), nullable=False),
+    Column("SOPInstanceUID", String(64), nullable=False, default=""),
+    Column("state", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("not_before", DateTime(timezone=True), nullable=False),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("worker", String(128), nullable=False, default=""),
+    Column("reason", Text, nullable=False, default=""),
+    Column("result", String(64), nullable=False, default=""),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    # One job per model and target: an instance (SOPInstanceUID) or a study ("").
+    UniqueConstraint("model", "StudyInstanceUID", "SOPInstanceUID", name="uq_job_target"),
+)
+
+
 class IndexAction(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"

@@ -1,0 +1,214 @@
+"""Durable work queue in the index: what the inference pipeline must do, and how it went.
+
+A job is one model on one instance (or one study). It is claimed with a lease: a worker
+that dies (``kill -9``) leaves a lease that runs out, and another worker takes the job
+again. Only the holder of the current lease can finish a job, so a worker that lost its
+lease cannot record a second completion. A job that keeps failing stops after
+``max_attempts`` and stays visible, with its reason, until someone retries it.
+
+SQLite serialises writers (``BEGIN IMMEDIATE``); PostgreSQL claims with
+``FOR UPDATE SKIP LOCKED`` so that workers never wait on each other's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from pacs.errors import IndexFailure
+from pacs.index import Index, job
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    model: str
+    StudyInstanceUID: str
+    SOPInstanceUID: str
+    state: JobState
+    attempts: int
+    worker: str
+    reason: str
+    result: str
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        return cls(
+            id=row.id,
+            model=row.model,
+            StudyInstanceUID=row.StudyInstanceUID,
+            SOPInstanceUID=row.SOPInstanceUID,
+            state=JobState(row.state),
+            attempts=row.attempts,
+            worker=row.worker,
+            reason=row.reason,
+            result=row.result,
+        )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobQueue:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def enqueue(
+        self,
+        model: str,
+        StudyInstanceUID: str,
+        SOPInstanceUID: str = "",
+        *,
+        delay: float = 0.0,
+    ) -> None:
+        """Ask for ``model`` on a target; asking again re-runs it (and a pending study job
+        waits ``delay`` seconds more: the study is not stable yet)."""
+        now = _now()
+        values = {
+            "state": JobState.PENDING,
+            "attempts": 0,
+            "not_before": now + timedelta(seconds=delay),
+            "lease_until": None,
+            "worker": "",
+            "reason": "",
+            "updated_at": now,
+        }
+        target = and_(
+            job.c.model == model,
+            job.c.StudyInstanceUID == StudyInstanceUID,
+            job.c.SOPInstanceUID == SOPInstanceUID,
+        )
+        for _ in range(3):
+            try:
+                with self.index.writer.begin() as conn:
+                    # A running job is left to finish; the new request runs after it.
+                    changed = conn.execute(
+                        update(job).where(target, job.c.state != JobState.RUNNING).values(values)
+                    ).rowcount
+                    if changed:
+                        return
+                    exists = conn.execute(select(job.c.id).where(target)).first()
+                    if exists is None:
+                        conn.execute(
+                            job.insert().values(
+                                model=model,
+                                StudyInstanceUID=StudyInstanceUID,
+                                SOPInstanceUID=SOPInstanceUID,
+                                result="",
+                                **values,
+                            )
+                        )
+                    return
+            except IntegrityError:
+                continue  # another process inserted the same target: update it instead
+            except SQLAlchemyError as exc:
+                raise IndexFailure(f"cannot queue the job: {exc}") from exc
+        raise IndexFailure("cannot queue the job: the target keeps changing")
+
+    def claim(self, worker: str, *, lease: float = 300.0, models: Sequence[str] = ()) -> Job | None:
+        """The oldest due job (or one whose lease ran out), now leased to ``worker``."""
+        now = _now()
+        due = or_(
+            and_(job.c.state == JobState.PENDING, job.c.not_before <= now),
+            and_(job.c.state == JobState.RUNNING, job.c.lease_until < now),
+        )
+        statement = select(job.c.id).where(due).order_by(job.c.id).limit(1)
+        if models:
+            statement = statement.where(job.c.model.in_(list(models)))
+        if not self.index.is_sqlite:
+            statement = statement.with_for_update(skip_locked=True)
+        try:
+            with self.index.writer.begin() as conn:
+                found = conn.execute(statement).scalar_one_or_none()
+                if found is None:
+                    return None
+                row = conn.execute(
+                    update(job)
+                    .where(job.c.id == found)
+                    .values(
+                        state=JobState.RUNNING,
+                        attempts=job.c.attempts + 1,
+                        lease_until=now + timedelta(seconds=lease),
+                        worker=worker,
+                        updated_at=now,
+                    )
+                    .returning(*job.c)
+                ).one()
+                return Job.from_row(row)
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"cannot claim a job: {exc}") from exc
+
+    def _finish(self, claimed: Job, **values: Any) -> bool:
+        """Apply ``values`` if ``claimed`` still holds the lease; False if it lost it."""
+        try:
+            with self.index.writer.begin() as conn:
+                changed = conn.execute(
+                    update(job)
+                    .where(
+                        job.c.id == claimed.id,
+                        job.c.state == JobState.RUNNING,
+                        job.c.worker == claimed.worker,
+                        job.c.attempts == claimed.attempts,
+                    )
+                    .values(lease_until=None, updated_at=_now(), **values)
+                ).rowcount
+                return bool(changed)
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"cannot record the job's outcome: {exc}") from exc
+
+    def complete(self, claimed: Job, result: str) -> bool:
+        return self._finish(claimed, state=JobState.DONE, result=result, reason="")
+
+    def skip(self, claimed: Job, reason: str) -> bool:
+        """The model does not apply after all (an unusable image, missing views)."""
+        return self._finish(claimed, state=JobState.SKIPPED, reason=reason)
+
+    def fail(self, claimed: Job, reason: str, *, max_attempts: int, backoff: float = 5.0) -> bool:
+        """Back to pending after a delay growing with the attempts, or failed for good."""
+        if claimed.attempts >= max_attempts:
+            return self._finish(claimed, state=JobState.FAILED, reason=reason)
+        delay = timedelta(seconds=backoff * 2 ** (claimed.attempts - 1))
+        return self._finish(
+            claimed, state=JobState.PENDING, reason=reason, not_before=_now() + delay
+        )
+
+    def jobs(self, state: JobState | None = None) -> list[Job]:
+        statement = select(job).order_by(job.c.id)
+        if state is not None:
+            statement = statement.where(job.c.state == state)
+        with self.index.reading() as conn:
+            return [Job.from_row(row) for row in conn.execute(statement)]
+
+    def retry(self, ids: Sequence[int] = ()) -> int:
+        """Failed (or the given) jobs back to pending with their attempts reset."""
+        where = job.c.id.in_(list(ids)) if ids else job.c.state == JobState.FAILED
+        now = _now()
+        with self.index.writer.begin() as conn:
+            return int(
+                conn.execute(
+                    update(job)
+                    .where(where, job.c.state != JobState.RUNNING)
+                    .values(
+                        state=JobState.PENDING,
+                        attempts=0,
+                        not_before=now,
+                        reason="",
+                        updated_at=now,
+                    )
+                ).rowcount
+            )

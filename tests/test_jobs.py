@@ -1,0 +1,90 @@
+"""The durable job queue, on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pacs.index import Index
+from pacs.jobs import JobQueue, JobState
+
+
+def test_enqueue_claim_complete(index: Index) -> None:
+    queue = JobQueue(index)
+    queue.enqueue("cxr", "1.2.3", "1.2.3.4")
+    queue.enqueue("cxr", "1.2.3", "1.2.3.4")  # the same target: still one job
+    claimed = queue.claim("w1")
+    assert claimed is not None
+    assert (claimed.model, claimed.SOPInstanceUID, claimed.attempts) == ("cxr", "1.2.3.4", 1)
+    assert queue.claim("w2") is None
+    assert queue.complete(claimed, result="9.9.9")
+    (done,) = queue.jobs()
+    assert (done.state, done.result) == (JobState.DONE, "9.9.9")
+    # Asked again (the instance was replaced): it runs again, its result to be replaced.
+    queue.enqueue("cxr", "1.2.3", "1.2.3.4")
+    assert queue.jobs()[0].state == JobState.PENDING
+
+
+def test_each_job_is_claimed_once_by_concurrent_workers(index: Index) -> None:
+    queue = JobQueue(index)
+    for n in range(20):
+        queue.enqueue("cxr", "1.2.3", f"1.2.3.{n}")
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while (job := queue.claim(name)) is not None:
+            with lock:
+                claimed.append(job.id)
+            assert queue.complete(job, result="")
+
+    threads = [threading.Thread(target=worker, args=(f"w{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(claimed) == sorted(j.id for j in queue.jobs())
+    assert len(set(claimed)) == 20
+    assert all(j.state == JobState.DONE for j in queue.jobs())
+
+
+def test_expired_lease_is_taken_over_and_the_old_holder_cannot_finish(index: Index) -> None:
+    queue = JobQueue(index)
+    queue.enqueue("mammo", "1.2.3")
+    crashed = queue.claim("w1", lease=0.05)
+    assert crashed is not None
+    time.sleep(0.2)
+    taken = queue.claim("w2")
+    assert taken is not None
+    assert (taken.id, taken.attempts, taken.worker) == (crashed.id, 2, "w2")
+    assert not queue.complete(crashed, result="stale")
+    assert queue.complete(taken, result="fresh")
+    assert queue.jobs()[0].result == "fresh"
+
+
+def test_failures_retry_then_stop_visible_until_retried(index: Index) -> None:
+    queue = JobQueue(index)
+    queue.enqueue("fundus", "1.2.3", "1.2.3.4")
+    for attempt in range(1, 4):
+        claimed = queue.claim("w1")
+        assert claimed is not None
+        assert claimed.attempts == attempt
+        assert queue.fail(claimed, f"boom {attempt}", max_attempts=3, backoff=0)
+    (failed,) = queue.jobs(JobState.FAILED)
+    assert (failed.reason, failed.attempts) == ("boom 3", 3)
+    assert queue.claim("w1") is None
+    assert queue.retry() == 1
+    again = queue.claim("w1")
+    assert again is not None
+    assert again.attempts == 1
+
+
+def test_study_jobs_wait_until_the_study_is_stable(index: Index) -> None:
+    queue = JobQueue(index)
+    queue.enqueue("mammo", "1.2.3", delay=60)
+    assert queue.claim("w1") is None
+    queue.enqueue("mammo", "1.2.3", delay=0)
+    claimed = queue.claim("w1")
+    assert claimed is not None
+    assert queue.skip(claimed, "R-MLO missing")
+    assert queue.jobs()[0].state == JobState.SKIPPED

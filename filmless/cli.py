@@ -1,4 +1,4 @@
-"""The ``filmless`` command: serve, config show, import, models."""
+"""The ``filmless`` command: serve, config show, import, models, jobs."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from filmless.settings import Settings, load_settings, to_toml
 from filmless.wiring import build_archive, configure_logging
 from pacs.archive import Archive, Origin
 from pacs.errors import PacsError
+from pacs.jobs import JobQueue, JobState
 
 _REJECTIONS_SHOWN = 20
 
@@ -37,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import", help="store DICOM files and folders in the archive")
     imp.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     models_cli.add_parser(commands)
+    jobs = commands.add_parser("jobs", help="the screening job queue")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_commands.add_parser("list", help="jobs and their state")
+    listing.add_argument("--state", choices=[s.value for s in JobState])
+    retry = jobs_commands.add_parser("retry", help="run failed jobs again")
+    retry.add_argument("ids", nargs="*", type=int, help="default: every failed job")
     return parser
 
 
@@ -61,7 +68,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return import_paths(settings, args.paths, console)
     if args.command == "models":
         return models_cli.run(args, settings, console)
+    if args.command == "jobs":
+        return jobs_command(settings, args, console)
     raise AssertionError(args.command)
+
+
+def jobs_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    archive = build_archive(settings)
+    queue = JobQueue(archive.index)
+    try:
+        if args.jobs_command == "retry":
+            count = queue.retry(args.ids)
+            console.print(f"{count} job(s) queued again")
+            return 0
+        state = JobState(args.state) if args.state else None
+        table = Table(title="jobs")
+        for column in ("id", "model", "study / instance", "state", "attempts", "reason"):
+            table.add_column(column)
+        for job in queue.jobs(state):
+            target = job.SOPInstanceUID or job.StudyInstanceUID
+            table.add_row(str(job.id), job.model, target, job.state, str(job.attempts), job.reason)
+        console.print(table)
+        return 0
+    finally:
+        archive.index.dispose()
 
 
 def _files(paths: Sequence[Path]) -> Iterator[Path]:

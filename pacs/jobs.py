@@ -120,6 +120,24 @@ class JobQueue:
                 raise IndexFailure(f"cannot queue the job: {exc}") from exc
         raise IndexFailure("cannot queue the job: the target keeps changing")
 
+    def record_skip(
+        self, model: str, StudyInstanceUID: str, SOPInstanceUID: str, reason: str
+    ) -> None:
+        """A model concerned by an instance that cannot use it: kept, with the reason."""
+        self.enqueue(model, StudyInstanceUID, SOPInstanceUID)
+        now = _now()
+        with self.index.writer.begin() as conn:
+            conn.execute(
+                update(job)
+                .where(
+                    job.c.model == model,
+                    job.c.StudyInstanceUID == StudyInstanceUID,
+                    job.c.SOPInstanceUID == SOPInstanceUID,
+                    job.c.state == JobState.PENDING,
+                )
+                .values(state=JobState.SKIPPED, reason=reason, updated_at=now)
+            )
+
     def claim(self, worker: str, *, lease: float = 300.0, models: Sequence[str] = ()) -> Job | None:
         """The oldest due job (or one whose lease ran out), now leased to ``worker``."""
         now = _now()

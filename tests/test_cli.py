@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from filmless.cli import main
 from filmless.settings import load_settings
 from pacs.index import Index
+from pacs.jobs import JobQueue, JobState
 from tests.conftest import free_port
 from tests.support.instances import ct_instance, write
 
@@ -214,4 +215,23 @@ def test_serve_spreads_associations_over_workers(env: Path, tmp_path: Path) -> N
     assert sorted(accepted) == ["filmless-dimse-0", "filmless-dimse-1"]
     index = Index(load_settings().index_url)
     assert len(index.instances()) == 6
+    index.dispose()
+
+
+def test_jobs_list_and_retry(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env.mkdir(parents=True)
+    index = Index(load_settings().index_url)
+    index.create_schema()
+    queue = JobQueue(index)
+    queue.enqueue("cxr-densenet121", "1.2.3", "1.2.3.4")
+    claimed = queue.claim("w")
+    assert claimed is not None
+    queue.fail(claimed, "decoder missing", max_attempts=1)
+    assert main(["jobs", "list", "--state", "failed"]) == 0
+    listed = capsys.readouterr().err
+    assert "decoder missing" in listed
+    assert "1.2.3.4" in listed
+    assert main(["jobs", "retry"]) == 0
+    assert "1 job(s) queued again" in capsys.readouterr().err
+    assert queue.jobs()[0].state == JobState.PENDING
     index.dispose()

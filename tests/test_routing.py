@@ -2,40 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from inference.routing import Decision, missing_views, route
-from models.manifest import Manifest, Provenance, Weights
-from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY, Task
+from models.zoo import CHEST_XRAY
+from tests.support.zoo import ZOO, manifest_of
 
-
-def _manifest(task: Task, *, default: bool = True) -> Manifest:
-    return Manifest(
-        name=task.name,
-        version="test",
-        task=task.task,
-        default=default,
-        description=task.description,
-        intended_use=task.intended_use,
-        clinical_use=False,
-        weights=Weights(file="model.onnx", sha256="0" * 64, demo=True),
-        input=task.input,
-        outputs=task.outputs,
-        preprocessing=task.preprocessing,
-        operating_points=task.operating_points,
-        routing=task.routing,
-        aggregation=task.aggregation,
-        provenance=Provenance(
-            source="test",
-            architecture=task.architecture,
-            created=datetime.now(UTC).isoformat(),
-            exporter="test",
-            opset=18,
-        ),
-    )
-
-
-ZOO = [_manifest(CHEST_XRAY), _manifest(FUNDUS), _manifest(MAMMOGRAPHY)]
 CXR = {
     "Modality": "DX",
     "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1",
@@ -79,7 +49,7 @@ def test_for_processing_mammogram_is_skipped() -> None:
 
 
 def test_non_default_variants_are_not_routed() -> None:
-    variant = _manifest(CHEST_XRAY, default=False)
+    variant = manifest_of(CHEST_XRAY, default=False)
     assert route(CXR, [variant]) == []
 
 

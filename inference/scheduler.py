@@ -1,0 +1,61 @@
+"""Arriving instances become jobs: per instance at once, per study once it is stable.
+
+Subscribed to the archive's "instance stored" events in every process that ingests.
+The queue is in the database, so which process enqueues does not matter, and a restart
+loses nothing that was enqueued.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+from inference.routing import route
+from models.manifest import Manifest
+from pacs.events import InstanceStored
+from pacs.jobs import JobQueue
+
+log = logging.getLogger(__name__)
+
+
+def header_values(event: InstanceStored) -> dict[str, str | None]:
+    """The indexed attributes of the stored instance, by DICOM keyword."""
+    header = event.header
+    values: dict[str, str | None] = {}
+    for part in (header.patient, header.study, header.series, header.instance):
+        for keyword, value in asdict(part).items():
+            values[keyword] = None if value is None else str(value)
+    return values
+
+
+class Scheduler:
+    def __init__(
+        self,
+        queue: JobQueue,
+        manifests: Callable[[], Sequence[Manifest]],
+        *,
+        stable_seconds: float,
+    ) -> None:
+        self.queue = queue
+        self.manifests = manifests
+        self.stable_seconds = stable_seconds
+
+    def __call__(self, event: InstanceStored) -> None:
+        values = header_values(event)
+        study = event.record.StudyInstanceUID
+        sop = event.record.SOPInstanceUID
+        by_name = {m.name: m for m in self.manifests()}
+        for decision in route(values, by_name.values()):
+            manifest = by_name[decision.model]
+            if manifest.routing.level == "study":
+                if decision.runs:
+                    # Each new view pushes the study job back: it runs once the study is
+                    # quiet for stable_seconds, with whatever views it then has.
+                    self.queue.enqueue(manifest.name, study, delay=self.stable_seconds)
+                continue
+            if decision.runs:
+                self.queue.enqueue(manifest.name, study, sop)
+            else:
+                self.queue.record_skip(manifest.name, study, sop, decision.reason)
+                log.info("%s not run on %s: %s", manifest.name, sop, decision.reason)

@@ -95,12 +95,16 @@ class Archive:
         *,
         SourceApplicationEntityTitle: str = "",
         StudyInstanceUID: str | None = None,
+        duplicate_policy: DuplicatePolicy | None = None,
     ) -> StoreOutcome:
         """Store one instance durably or raise a :class:`PacsError` that says why not.
 
         ``StudyInstanceUID``, when given, is the study the sender says the instance
         belongs to (STOW-RS to ``/studies/{study}``); an instance of another is refused.
+        ``duplicate_policy`` overrides the configured one: a re-run inference job replaces
+        its earlier report whatever the policy for peers is.
         """
+        policy = duplicate_policy or self.duplicate_policy
         head = encode_file_meta(source.meta)
         staged = self.store.stage(head, source.body)
         try:
@@ -114,7 +118,7 @@ class Archive:
             if existing is not None and existing.sha256 == staged.sha256:
                 self.store.discard(staged)
                 return StoreOutcome(IndexAction.DUPLICATE, existing)
-            if existing is not None and self.duplicate_policy == "reject":
+            if existing is not None and policy == "reject":
                 raise DuplicateRejected(
                     f"SOP Instance {existing.SOPInstanceUID} is already stored with "
                     "different content and the duplicate policy is 'reject'"
@@ -138,7 +142,7 @@ class Archive:
             SourceApplicationEntityTitle=SourceApplicationEntityTitle,
         )
         try:
-            outcome = self.index.add(header, facts, self.duplicate_policy)
+            outcome = self.index.add(header, facts, policy)
         except BaseException:
             # Lost a race to a different copy, or the database is down: the blob goes.
             other = self._indexed_path(header.instance.SOPInstanceUID)

@@ -1,0 +1,144 @@
+"""A model's outputs as a DICOM Structured Report: TID 1500, Comprehensive 3D SR, highdicom.
+
+One measurement group per finding: its probability as a numeric measurement, the call
+at the model's operating point as a qualitative evaluation (present / absent), the
+source images, a tracking identifier, and the algorithm (name, version, weights sha256,
+clinical use). The observer is the device (this server running that model). UIDs are
+derived from the job, so running the job again replaces the report instead of adding a
+second one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from models.manifest import Manifest
+
+SCHEME = "99FILMLESS"  # private coding scheme for labels that have no standard code
+_ROOT = uuid.UUID("6f0b5c36-9a51-4e8a-9a8f-0b8f3c1d2e4a")
+
+
+def derived_uid(*parts: str) -> str:
+    """A stable UID (2.25 root, PS3.5 B.2) for the same job parts, different otherwise."""
+    return f"2.25.{uuid.uuid5(_ROOT, '/'.join(parts)).int}"
+
+
+@dataclass(frozen=True)
+class Finding:
+    output: str
+    label: str
+    probability: float
+    threshold: float | None
+
+    @property
+    def positive(self) -> bool | None:
+        return None if self.threshold is None else self.probability >= self.threshold
+
+
+def findings(manifest: Manifest, outputs: Mapping[str, np.ndarray]) -> list[Finding]:
+    """Each output value with the operating point that applies to it (if any)."""
+    points = {(p.output, p.label): p.threshold for p in manifest.operating_points}
+    found = []
+    for spec in manifest.outputs:
+        values = np.asarray(outputs[spec.name], dtype=np.float64).reshape(-1)
+        for label, value in zip(spec.labels, values, strict=True):
+            found.append(Finding(spec.name, label, float(value), points.get((spec.name, label))))
+    return found
+
+
+def _concept(text: str) -> hd.sr.CodedConcept:
+    value = "".join(c if c.isalnum() else "-" for c in text.upper())[:16]
+    return hd.sr.CodedConcept(value=value, scheme_designator=SCHEME, meaning=text[:64])
+
+
+def build_report(
+    manifest: Manifest,
+    sources: Sequence[Dataset],
+    outputs: Mapping[str, np.ndarray],
+    *,
+    job: str,
+    device_uid: str,
+    series_number: int = 9001,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR for one job; ``sources`` are the headers of the images it read."""
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=manifest.name,
+        version=manifest.version,
+        parameters=[
+            f"weights sha256 {manifest.weights.sha256}",
+            f"clinical use {'yes' if manifest.clinical_use else 'no'}",
+            f"variant {manifest.variant}",
+        ],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name="filmless",
+            manufacturer_name="filmless",
+            model_name=manifest.name[:64],
+        ),
+    )
+    source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources]
+    groups = []
+    for finding in findings(manifest, outputs):
+        evaluations = []
+        if finding.positive is not None:
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    name=codes.DCM.Finding,
+                    value=codes.SCT.Present if finding.positive else codes.SCT.Absent,
+                )
+            )
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derived_uid(job, finding.output, finding.label),
+                    identifier=f"{finding.label}"[:64],
+                ),
+                finding_type=_concept(finding.label),
+                algorithm_id=algorithm,
+                source_images=source_images,
+                measurements=[
+                    hd.sr.Measurement(
+                        name=_concept(f"{finding.output} probability"),
+                        value=round(finding.probability, 6),
+                        unit=codes.UCUM.NoUnits,
+                        algorithm_id=algorithm,
+                    )
+                ],
+                qualitative_evaluations=evaluations or None,
+            )
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_concept(f"{manifest.task} screening"),
+        imaging_measurements=groups,
+    )
+    first = sources[0]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(sources),
+        content=report,
+        series_instance_uid=derived_uid(first.StudyInstanceUID, manifest.name, "series"),
+        series_number=series_number,
+        sop_instance_uid=derived_uid(job, "report"),
+        instance_number=1,
+        manufacturer="filmless",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    # PS3.3 C.12.1.1.2: a private coding scheme is declared in the object that uses it.
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "filmless screening labels"
+    scheme.CodingSchemeResponsibleOrganization = "filmless"
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr

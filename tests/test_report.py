@@ -1,0 +1,117 @@
+"""The AI result as a TID 1500 SR: content, references, stable UIDs, and dciodvfy's verdict."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage
+
+from inference.report import build_report, derived_uid, findings
+from pacs.archive import Archive, InstanceSource, Origin
+from pacs.index import IndexAction
+from scripts.synthetic_corpus import Patient, Rng, chest_dx
+from tests.support.zoo import ZOO
+
+PATIENT = Patient("SR1", "Report^Ed", "ISO_IR 192", "19700101", "O")
+CXR = ZOO[0]
+
+
+def _source() -> Dataset:
+    frontal, _ = chest_dx(Rng(7), PATIENT, 0.05, "20260101", "R1")
+    return frontal
+
+
+def _outputs() -> dict[str, np.ndarray]:
+    return {"probabilities": np.linspace(0.05, 0.95, 18).astype(np.float32)}
+
+
+def _items(ds: Dataset) -> list[Dataset]:
+    out = []
+    for item in ds.get("ContentSequence", []):
+        out.append(item)
+        out.extend(_items(item))
+    return out
+
+
+def _numbers(ds: Dataset) -> list[float]:
+    return [
+        float(i.MeasuredValueSequence[0].NumericValue) for i in _items(ds) if i.ValueType == "NUM"
+    ]
+
+
+def test_report_content_and_references() -> None:
+    source = _source()
+    sr = build_report(CXR, [source], _outputs(), job="job-1", device_uid=derived_uid("dev"))
+    assert sr.SOPClassUID == Comprehensive3DSRStorage
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.PatientID == source.PatientID
+    items = _items(sr)
+    groups = [i for i in items if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"]
+    assert len(groups) == 18
+    codes_used = [i.ConceptCodeSequence[0].CodeMeaning for i in items if i.ValueType == "CODE"]
+    calls = [c for c in codes_used if c in ("Present", "Absent")]
+    expected = [f.positive for f in findings(CXR, _outputs())]
+    assert calls == ["Present" if p else "Absent" for p in expected]
+    assert np.allclose(_numbers(sr), _outputs()["probabilities"], atol=1e-5)
+    texts = [str(i.get("TextValue", "")) for i in items]
+    assert f"weights sha256 {CXR.weights.sha256}" in texts
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_uids_are_stable_per_job() -> None:
+    source = _source()
+    one = build_report(CXR, [source], _outputs(), job="job-1", device_uid="1.2.3")
+    again = build_report(CXR, [source], _outputs(), job="job-1", device_uid="1.2.3")
+    other = build_report(CXR, [source], _outputs(), job="job-2", device_uid="1.2.3")
+    assert one.SOPInstanceUID == again.SOPInstanceUID != other.SOPInstanceUID
+    assert one.SeriesInstanceUID == other.SeriesInstanceUID
+
+
+def _part10(ds: Dataset) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_rerun_replaces_the_report_in_the_archive(archive: Archive) -> None:
+    source = _source()
+    first = build_report(CXR, [source], _outputs(), job="job-9", device_uid="1.2.3")
+    stored = archive.ingest(
+        InstanceSource.from_part10(io.BytesIO(_part10(first))), Origin.INFERENCE
+    )
+    assert stored.action == IndexAction.STORED
+    changed = {"probabilities": _outputs()["probabilities"][::-1].copy()}
+    second = build_report(CXR, [source], changed, job="job-9", device_uid="1.2.3")
+    replaced = archive.ingest(
+        InstanceSource.from_part10(io.BytesIO(_part10(second))),
+        Origin.INFERENCE,
+        duplicate_policy="overwrite",
+    )
+    assert replaced.action == IndexAction.OVERWRITTEN
+    assert len(archive.index.instances()) == 1
+    with archive.open(replaced.record) as stream:
+        back = pydicom.dcmread(stream)
+    assert _numbers(back)[0] == pytest.approx(0.95, abs=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+def test_dciodvfy_finds_no_errors(tmp_path: Path) -> None:
+    sr = build_report(CXR, [_source()], _outputs(), job="job-3", device_uid="1.2.3")
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(_part10(sr))
+    result = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    output = (result.stdout + result.stderr).splitlines()
+    errors = [line for line in output if line.startswith("Error")]
+    assert errors == [], "\n".join(errors)

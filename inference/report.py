@@ -61,13 +61,18 @@ def _concept(text: str) -> hd.sr.CodedConcept:
 def build_report(
     manifest: Manifest,
     sources: Sequence[Dataset],
-    outputs: Mapping[str, np.ndarray],
+    outputs: Mapping[str, np.ndarray] | Sequence[Finding],
     *,
     job: str,
     device_uid: str,
     series_number: int = 9001,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one job; ``sources`` are the headers of the images it read."""
+    """The SR for one job; ``sources`` are the headers of the images it read.
+
+    ``outputs`` are the model's outputs by name, or findings already derived from them
+    (an exam-level aggregation).
+    """
+    found = findings(manifest, outputs) if isinstance(outputs, Mapping) else list(outputs)
     algorithm = hd.sr.AlgorithmIdentification(
         name=manifest.name,
         version=manifest.version,
@@ -88,7 +93,7 @@ def build_report(
     )
     source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources]
     groups = []
-    for finding in findings(manifest, outputs):
+    for finding in found:
         evaluations = []
         if finding.positive is not None:
             evaluations.append(

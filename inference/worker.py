@@ -1,0 +1,224 @@
+"""The job loop: claim, read, preprocess, infer, report, store, record the outcome.
+
+Every step that can go wrong ends in the queue: an image a model cannot use is a
+skipped job with the reason, an error is a failed attempt (retried with backoff up to
+``max_attempts``), and the report goes through :meth:`Archive.ingest` like any other
+instance, replacing the report of an earlier run of the same job.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from inference.preprocess import Unusable, preprocess
+from inference.report import Finding, build_report, derived_uid
+from inference.routing import decide, missing_views, view
+from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
+from models.manifest import Manifest
+from models.store import ModelStore
+from pacs.archive import Archive, InstanceSource, Origin
+from pacs.index import InstanceRecord
+from pacs.jobs import Job, JobQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
+    threads: int = 0
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    max_attempts: int = 3
+    lease_seconds: float = 300.0
+
+
+class Worker:
+    def __init__(
+        self,
+        archive: Archive,
+        queue: JobQueue,
+        models: ModelStore,
+        *,
+        name: str,
+        settings: WorkerSettings = WorkerSettings(),
+    ) -> None:
+        self.archive = archive
+        self.queue = queue
+        self.models = models
+        self.name = name
+        self.settings = settings
+        self.device_uid = derived_uid("filmless device", name)
+        self._sessions: dict[str, BatchingSession] = {}
+        self._lock = threading.Lock()
+
+    def session(self, manifest: Manifest, folder: Path) -> BatchingSession:
+        """One shared session per model (and weights file), created on first use."""
+        key = f"{manifest.name}:{manifest.weights.sha256}"
+        with self._lock:
+            if key not in self._sessions:
+                s = self.settings
+                self._sessions[key] = BatchingSession(
+                    folder / manifest.weights.file,
+                    providers=s.providers,
+                    threads=s.threads,
+                    max_batch=s.max_batch,
+                    max_wait_ms=s.max_wait_ms,
+                )
+            return self._sessions[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions.values():
+                session.close()
+            self._sessions.clear()
+
+    def run_once(self) -> bool:
+        """Handle one due job; False when there was none."""
+        job = self.queue.claim(self.name, lease=self.settings.lease_seconds)
+        if job is None:
+            return False
+        try:
+            result = self.process(job)
+        except Unusable as exc:
+            self.queue.skip(job, str(exc))
+            log.info(
+                "%s skipped %s: %s", job.model, job.SOPInstanceUID or job.StudyInstanceUID, exc
+            )
+        except Exception as exc:  # any failure is recorded on the job, never lost
+            log.exception("%s failed on job %d", job.model, job.id)
+            self.queue.fail(
+                job, f"{type(exc).__name__}: {exc}", max_attempts=self.settings.max_attempts
+            )
+        else:
+            if not self.queue.complete(job, result):
+                log.warning("job %d lost its lease; its report stays the latest run's", job.id)
+        return True
+
+    def run(self, stop: threading.Event, idle: float = 1.0) -> None:
+        while not stop.is_set():
+            if not self.run_once():
+                stop.wait(idle)
+
+    def process(self, job: Job) -> str:
+        installed = self.models.get(job.model)
+        manifest = installed.manifest
+        runner = self.session(manifest, installed.folder)
+        if manifest.routing.level == "instance":
+            (record,) = self.archive.records(
+                job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID
+            )
+            tensor, header = self._read(record, manifest)
+            outputs = dict(
+                zip([o.name for o in manifest.outputs], runner.infer(tensor), strict=True)
+            )
+            report: Dataset = build_report(
+                manifest, [header], outputs, job=_job_key(job), device_uid=self.device_uid
+            )
+        else:
+            report = self._study(job, manifest, runner.infer)
+        return self._store(report)
+
+    def _read(self, record: InstanceRecord, manifest: Manifest) -> tuple[np.ndarray, Dataset]:
+        with self.archive.open(record) as stream:
+            tensor = preprocess(stream, manifest.preprocessing)
+            stream.seek(0)
+            header = pydicom.dcmread(stream, stop_before_pixels=True)
+        return tensor, header
+
+    def _study(
+        self, job: Job, manifest: Manifest, infer: Callable[[np.ndarray], list[np.ndarray]]
+    ) -> Dataset:
+        """Every usable view, then the manifest's aggregation per breast and per exam."""
+        headers: list[tuple[InstanceRecord, Dataset]] = []
+        for record in self.archive.records(job.StudyInstanceUID):
+            with self.archive.open(record) as stream:
+                headers.append((record, pydicom.dcmread(stream, stop_before_pixels=True)))
+        values = [(r, h, _values(h)) for r, h in headers]
+        usable = [
+            (r, h, v) for r, h, v in values if (d := decide(v, manifest)) is not None and d.runs
+        ]
+        missing = missing_views([v for _, _, v in usable], manifest)
+        if missing:
+            raise Unusable(f"views missing from the study: {', '.join(missing)}")
+        assert manifest.aggregation is not None
+        per_view: dict[str, list[list[np.ndarray]]] = defaultdict(list)
+        sources = []
+        for record, header, value in usable:
+            tensor, _ = self._read(record, manifest)
+            per_view[view(value)].append(infer(tensor))
+            sources.append(header)
+        return build_report(
+            manifest,
+            sources,
+            aggregate(manifest, per_view),
+            job=_job_key(job),
+            device_uid=self.device_uid,
+        )
+
+    def _store(self, report: Dataset) -> str:
+        out = io.BytesIO()
+        report.save_as(out, enforce_file_format=True)
+        out.seek(0)
+        self.archive.ingest(
+            InstanceSource.from_part10(out), Origin.INFERENCE, duplicate_policy="overwrite"
+        )
+        return str(report.SOPInstanceUID)
+
+
+def _job_key(job: Job) -> str:
+    return f"{job.model}/{job.StudyInstanceUID}/{job.SOPInstanceUID}"
+
+
+def _values(header: Dataset) -> dict[str, str | None]:
+    keywords = (
+        "Modality",
+        "SOPClassUID",
+        "PresentationIntentType",
+        "ViewPosition",
+        "ImageLaterality",
+    )
+    return {k: str(header.get(k, "")) or None for k in keywords}
+
+
+def aggregate(manifest: Manifest, per_view: dict[str, list[list[np.ndarray]]]) -> list[Finding]:
+    """Mammography: malignancy per breast over its views, the exam over breasts, density
+    over every view, each reduced as the manifest's aggregation says."""
+    assert manifest.aggregation is not None
+    rule = manifest.aggregation
+    reduce: dict[str, Callable[..., Any]] = {"max": np.max, "mean": np.mean}
+    names = [o.name for o in manifest.outputs]
+    malignancy, density = names.index("malignancy"), names.index("density")
+    breasts: dict[str, list[float]] = defaultdict(list)
+    densities = []
+    for name, runs in per_view.items():
+        for outputs in runs:
+            breasts[name.split("-")[0]].append(float(outputs[malignancy][0]))
+            densities.append(outputs[density])
+    per_breast = {side: float(reduce[rule.per_breast](v)) for side, v in sorted(breasts.items())}
+    exam = float(reduce[rule.exam](list(per_breast.values())))
+    threshold = next(
+        (p.threshold for p in manifest.operating_points if p.output == "malignancy"), None
+    )
+    found = [
+        Finding("malignancy", f"malignancy {side}", v, threshold) for side, v in per_breast.items()
+    ]
+    found.append(Finding("malignancy", "malignancy exam", exam, threshold))
+    combined = reduce[rule.density](np.stack(densities), axis=0)
+    labels = manifest.outputs[density].labels
+    found += [
+        Finding("density", f"density {label}", float(p), None)
+        for label, p in zip(labels, combined, strict=True)
+    ]
+    return found

@@ -1,0 +1,111 @@
+"""End to end in one process: stored images -> jobs -> ONNX Runtime -> SR in the same study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from inference.scheduler import Scheduler
+from inference.worker import Worker
+from models.build import build_demo
+from models.store import ModelStore
+from models.zoo import CHEST_XRAY, MAMMOGRAPHY
+from pacs.archive import Archive, Origin
+from pacs.jobs import JobQueue, JobState
+from scripts.synthetic_corpus import Patient, Rng, chest_dx, mammography
+from tests.support.instances import source
+
+PATIENT = Patient("E2E", "End^To End", "ISO_IR 192", "19700101", "O")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("worker-models")
+    for task in (CHEST_XRAY, MAMMOGRAPHY):
+        build_demo(root, task)
+    return root
+
+
+def _drain(worker: Worker) -> None:
+    while worker.run_once():
+        pass
+
+
+@pytest.mark.slow
+def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(archive: Archive, models_dir: Path) -> None:
+    store = ModelStore(models_dir)
+    queue = JobQueue(archive.index)
+    archive.events.subscribe(
+        Scheduler(queue, lambda: [m.manifest for m in store.installed()], stable_seconds=0)
+    )
+    frontal, lateral = chest_dx(Rng(11), PATIENT, 0.05, "20260101", "E1")
+    for ds in (frontal, lateral):
+        archive.ingest(source(ds), Origin.DIMSE)
+    worker = Worker(archive, queue, store, name="w1")
+    _drain(worker)
+    jobs = {j.SOPInstanceUID: j for j in queue.jobs()}
+    done = jobs[frontal.SOPInstanceUID]
+    assert done.state == JobState.DONE
+    assert jobs[lateral.SOPInstanceUID].state == JobState.SKIPPED
+    reports = [
+        r
+        for r in archive.index.records(frontal.StudyInstanceUID)
+        if r.SOPInstanceUID == done.result
+    ]
+    assert len(reports) == 1
+    with archive.open(reports[0]) as stream:
+        sr = pydicom.dcmread(stream)
+    assert sr.Modality == "SR"
+    assert sr.StudyInstanceUID == frontal.StudyInstanceUID
+    referenced = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID
+    # Asked again (same instance stored anew): one report, replaced, not a second one.
+    queue.enqueue(CHEST_XRAY.name, frontal.StudyInstanceUID, frontal.SOPInstanceUID)
+    _drain(worker)
+    in_study = archive.index.records(frontal.StudyInstanceUID)
+    assert len(in_study) == 3  # two images and one report
+    assert queue.jobs(JobState.DONE)[0].result == done.result
+    worker.close()
+
+
+@pytest.mark.slow
+def test_mammography_exam_after_all_four_views(archive: Archive, models_dir: Path) -> None:
+    store = ModelStore(models_dir)
+    queue = JobQueue(archive.index)
+    archive.events.subscribe(
+        Scheduler(queue, lambda: [m.manifest for m in store.installed()], stable_seconds=0)
+    )
+    views = mammography(Rng(12), PATIENT, 0.02, "20260101", "E2")
+    worker = Worker(archive, queue, store, name="w1")
+    archive.ingest(source(views[0]), Origin.DIMSE)
+    _drain(worker)
+    (early,) = queue.jobs()
+    assert early.state == JobState.SKIPPED
+    assert early.reason.startswith("views missing from the study")
+    for ds in views[1:]:
+        archive.ingest(source(ds), Origin.DIMSE)
+    _drain(worker)
+    (job,) = queue.jobs()
+    assert job.state == JobState.DONE, job.reason
+    (report,) = [
+        r
+        for r in archive.index.records(views[0].StudyInstanceUID)
+        if r.SOPInstanceUID == job.result
+    ]
+    with archive.open(report) as stream:
+        sr = pydicom.dcmread(stream)
+    identifiers = {
+        str(item.TextValue)
+        for group in sr.ContentSequence
+        for item in group.get("ContentSequence", [])
+        for item in item.get("ContentSequence", [])
+        if item.ValueType == "TEXT"
+        and "ConceptNameCodeSequence" in item
+        and item.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"
+    }
+    assert {"malignancy L", "malignancy R", "malignancy exam", "density A"} <= identifiers
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert len(evidence) == 4
+    worker.close()

@@ -13,7 +13,7 @@ import uvicorn
 from dicomweb.app import create_app
 from filmless.dimse_pool import DimsePool
 from filmless.settings import Settings
-from filmless.wiring import build_archive, dimse_config, dimse_worker_count
+from filmless.wiring import build_archive, dimse_config, dimse_worker_count, start_screening
 from pacs.archive import Archive
 from pacs.dimse.server import start_dimse
 
@@ -65,6 +65,7 @@ def serve(settings: Settings) -> None:
         server = start_dimse(archive, dimse_config(settings))
         stop_dimse = server.shutdown
     http = start_http(archive, settings)
+    screening = start_screening(archive, settings, stop) if settings.screening else None
     log.info("DICOMweb on http://%s:%d/dicom-web", settings.bind_address, settings.http_port)
     log.info(
         "DIMSE listening on %s:%d as AE %s (%d worker%s); data in %s; index %s",
@@ -81,4 +82,6 @@ def serve(settings: Settings) -> None:
     finally:
         http.should_exit = True
         stop_dimse()
+        if screening is not None:
+            screening.close()
         archive.index.dispose()

@@ -65,11 +65,29 @@ class Settings(BaseSettings):
         default_factory=list,
         description='other web origins allowed to call DICOMweb ("*" = any); empty = same origin',
     )
+    screening: bool = Field(True, description="run the installed models on what arrives")
+    inference_workers: int = Field(1, ge=0, description="threads running screening jobs")
+    inference_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "TensorrtExecutionProvider",
+            "CUDAExecutionProvider",
+            "CPUExecutionProvider",
+        ],
+        description="ONNX Runtime execution providers, preferred first; missing ones skipped",
+    )
+    inference_max_batch: int = Field(8, ge=1, description="images per forward pass at most")
+    inference_max_wait_ms: float = Field(
+        10.0, ge=0, description="how long a forward pass waits for more images"
+    )
+    study_stable_seconds: float = Field(
+        30.0, ge=0, description="a study-level model runs once no image arrived for this long"
+    )
+    job_max_attempts: int = Field(3, ge=1, description="a failing job stops after this many")
     duplicate_policy: DuplicatePolicy = Field(
         "reject", description="same SOP Instance UID, different bytes: reject or overwrite"
     )
 
-    @field_validator("allowed_calling_aets", "cors_origins", mode="before")
+    @field_validator("allowed_calling_aets", "cors_origins", "inference_providers", mode="before")
     @classmethod
     def _split_aets(cls, value: Any) -> Any:
         """Environment variables carry lists as ``A,B,C``; TOML carries real arrays."""

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import threading
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.logging import RichHandler
 
 from filmless.settings import Settings
+
+if TYPE_CHECKING:
+    from inference.worker import Worker
+from inference.scheduler import Scheduler
+from models.store import ModelStore
 from pacs.archive import Archive
 from pacs.dimse.server import DimseConfig
 from pacs.events import EventBus
 from pacs.index import Index
+from pacs.jobs import JobQueue
 from pacs.store import FsBlobStore
 
 
@@ -39,16 +48,54 @@ def dimse_worker_count(settings: Settings) -> int:
 
 
 def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
+    """The archive of a process; with screening on, what it stores becomes jobs."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     index = Index(settings.index_url)
     if create_schema:
         index.create_schema()
-    return Archive(
+    archive = Archive(
         FsBlobStore(settings.data_dir),
         index,
         EventBus(),
         duplicate_policy=settings.duplicate_policy,
     )
+    if settings.screening:
+        store = ModelStore(settings.models_dir)
+        archive.events.subscribe(
+            Scheduler(
+                JobQueue(index),
+                lambda: [m.manifest for m in store.installed()],
+                stable_seconds=settings.study_stable_seconds,
+            )
+        )
+    return archive
+
+
+def start_screening(archive: Archive, settings: Settings, stop: threading.Event) -> Worker:
+    """Worker threads over the job queue, sharing one session per model.
+
+    Preprocessing uses MONAI's transforms, which load torch; imported here so that the
+    other commands (and a server with screening off) start without it.
+    """
+    from inference.worker import Worker, WorkerSettings
+
+    worker = Worker(
+        archive,
+        JobQueue(archive.index),
+        ModelStore(settings.models_dir),
+        name=f"{socket.gethostname()}-{os.getpid()}",
+        settings=WorkerSettings(
+            providers=tuple(settings.inference_providers),
+            max_batch=settings.inference_max_batch,
+            max_wait_ms=settings.inference_max_wait_ms,
+            max_attempts=settings.job_max_attempts,
+        ),
+    )
+    for n in range(settings.inference_workers):
+        threading.Thread(
+            target=worker.run, args=(stop,), name=f"screening-{n}", daemon=True
+        ).start()
+    return worker
 
 
 def dimse_config(settings: Settings) -> DimseConfig:

@@ -22,8 +22,11 @@ from filmless.cli import main
 from filmless.settings import load_settings
 from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
+from scripts.synthetic_corpus import Patient, Rng, chest_dx
 from tests.conftest import free_port
 from tests.support.instances import ct_instance, write
+
+CXR_PATIENT = Patient("SERVE", "Serve^Screen", "ISO_IR 192", "19700101", "O")
 
 
 @pytest.fixture
@@ -235,3 +238,33 @@ def test_jobs_list_and_retry(env: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "1 job(s) queued again" in capsys.readouterr().err
     assert queue.jobs()[0].state == JobState.PENDING
     index.dispose()
+
+
+@pytest.mark.slow
+def test_serve_screens_a_stored_chest_xray(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``filmless serve`` with the demo chest X-ray model: C-STORE in, SR found by QIDO-RS."""
+    monkeypatch.setenv("FILMLESS_MODELS_DIR", str(tmp_path / "models"))
+    assert main(["models", "build", "--task", "chest-xray"]) == 0
+    frontal, _ = chest_dx(Rng(21), CXR_PATIENT, 0.05, "20260101", "SERVE")
+    port, http_port = free_port(), free_port()
+    process = _serve(port, http_port, FILMLESS_DIMSE_WORKERS="2")
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(frontal.SOPClassUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
+        assert assoc.send_c_store(frontal).Status == 0
+        assoc.release()
+        url = f"http://127.0.0.1:{http_port}/dicom-web/studies/{frontal.StudyInstanceUID}/series"
+        deadline = time.monotonic() + 120
+        reports: list[object] = []
+        while time.monotonic() < deadline and not reports:
+            reports = httpx.get(url, params={"Modality": "SR"}).json()
+            time.sleep(0.5)
+        assert len(reports) == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output.decode()
+    assert b"runs on CPUExecutionProvider" in output

@@ -272,7 +272,7 @@ def test_manifest_routing_must_name_dicom_keywords(models_dir: Path, tmp_path: P
 def test_serving_modules_do_not_import_torch() -> None:
     code = (
         "import sys, filmless.app, filmless.cli, models.store, models.manifest, dicomweb.app\n"
-        "import inference.routing, inference.runtime\n"
+        "import inference.routing, inference.runtime, inference.scheduler, filmless.wiring\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -28,6 +28,16 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _pipeline(archive: Archive, models_dir: Path) -> tuple[JobQueue, Worker]:
+    """Scheduler on the archive's events and a worker, as ``filmless serve`` wires them."""
+    store = ModelStore(models_dir)
+    queue = JobQueue(archive.index)
+    archive.events.subscribe(
+        Scheduler(queue, lambda: [m.manifest for m in store.installed()], stable_seconds=0)
+    )
+    return queue, Worker(archive, queue, store, name="w1")
+
+
 def _drain(worker: Worker) -> None:
     while worker.run_once():
         pass
@@ -35,15 +45,10 @@ def _drain(worker: Worker) -> None:
 
 @pytest.mark.slow
 def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(archive: Archive, models_dir: Path) -> None:
-    store = ModelStore(models_dir)
-    queue = JobQueue(archive.index)
-    archive.events.subscribe(
-        Scheduler(queue, lambda: [m.manifest for m in store.installed()], stable_seconds=0)
-    )
+    queue, worker = _pipeline(archive, models_dir)
     frontal, lateral = chest_dx(Rng(11), PATIENT, 0.05, "20260101", "E1")
     for ds in (frontal, lateral):
         archive.ingest(source(ds), Origin.DIMSE)
-    worker = Worker(archive, queue, store, name="w1")
     _drain(worker)
     jobs = {j.SOPInstanceUID: j for j in queue.jobs()}
     done = jobs[frontal.SOPInstanceUID]
@@ -72,13 +77,8 @@ def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(archive: Archive, models_
 
 @pytest.mark.slow
 def test_mammography_exam_after_all_four_views(archive: Archive, models_dir: Path) -> None:
-    store = ModelStore(models_dir)
-    queue = JobQueue(archive.index)
-    archive.events.subscribe(
-        Scheduler(queue, lambda: [m.manifest for m in store.installed()], stable_seconds=0)
-    )
+    queue, worker = _pipeline(archive, models_dir)
     views = mammography(Rng(12), PATIENT, 0.02, "20260101", "E2")
-    worker = Worker(archive, queue, store, name="w1")
     archive.ingest(source(views[0]), Origin.DIMSE)
     _drain(worker)
     (early,) = queue.jobs()

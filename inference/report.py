@@ -22,6 +22,7 @@ from pydicom.sr.codedict import codes
 from models.manifest import Manifest
 
 SCHEME = "99FILMLESS"  # private coding scheme for labels that have no standard code
+NOT_CLINICAL = "NOT FOR CLINICAL USE"
 _ROOT = uuid.UUID("6f0b5c36-9a51-4e8a-9a8f-0b8f3c1d2e4a")
 
 
@@ -53,6 +54,27 @@ def findings(manifest: Manifest, outputs: Mapping[str, np.ndarray]) -> list[Find
     return found
 
 
+def summary(found: Sequence[Finding]) -> list[hd.sr.QualitativeEvaluation]:
+    """The exam-level reading: each positive call, and the most probable category of
+    every output whose labels are exclusive (ICDR grade, breast density)."""
+    calls = [
+        hd.sr.QualitativeEvaluation(name=_concept(f.label), value=codes.SCT.Present)
+        for f in found
+        if f.positive
+    ]
+    by_output: dict[str, list[Finding]] = {}
+    for f in found:
+        if f.threshold is None:
+            by_output.setdefault(f.output, []).append(f)
+    for output, members in by_output.items():
+        if len(members) > 1:
+            best = max(members, key=lambda f: f.probability)
+            calls.append(
+                hd.sr.QualitativeEvaluation(name=_concept(output), value=_concept(best.label))
+            )
+    return calls
+
+
 def _concept(text: str) -> hd.sr.CodedConcept:
     value = "".join(c if c.isalnum() else "-" for c in text.upper())[:16]
     return hd.sr.CodedConcept(value=value, scheme_designator=SCHEME, meaning=text[:64])
@@ -78,7 +100,7 @@ def build_report(
         version=manifest.version,
         parameters=[
             f"weights sha256 {manifest.weights.sha256}",
-            f"clinical use {'yes' if manifest.clinical_use else 'no'}",
+            "cleared for clinical use" if manifest.clinical_use else NOT_CLINICAL,
             f"variant {manifest.variant}",
         ],
     )
@@ -122,6 +144,17 @@ def build_report(
                 qualitative_evaluations=evaluations or None,
             )
         )
+    groups.append(
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(job, "summary"), identifier="exam summary"
+            ),
+            finding_type=_concept(f"{manifest.task} summary"),
+            algorithm_id=algorithm,
+            source_images=source_images,
+            qualitative_evaluations=summary(found) or None,
+        )
+    )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_concept(f"{manifest.task} screening"),
@@ -139,6 +172,10 @@ def build_report(
         is_complete=True,
         is_final=False,
         is_verified=False,
+        series_description=(
+            f"AI {manifest.task} {manifest.name}"
+            + ("" if manifest.clinical_use else " - NOT FOR CLINICAL USE")
+        )[:64],
     )
     # PS3.3 C.12.1.1.2: a private coding scheme is declared in the object that uses it.
     scheme = Dataset()

@@ -55,9 +55,17 @@ def test_report_content_and_references() -> None:
     assert sr.PatientID == source.PatientID
     items = _items(sr)
     groups = [i for i in items if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"]
-    assert len(groups) == 18
+    assert len(groups) == 19  # a group per finding and the exam summary
+    summary = groups[-1]
+    called = [
+        i.ConceptNameCodeSequence[0].CodeMeaning
+        for i in summary.ContentSequence
+        if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeMeaning == "Present"
+    ]
+    assert called == [f.label for f in findings(CXR, _outputs()) if f.positive]
+    assert sr.SeriesDescription.endswith("NOT FOR CLINICAL USE")
     codes_used = [i.ConceptCodeSequence[0].CodeMeaning for i in items if i.ValueType == "CODE"]
-    calls = [c for c in codes_used if c in ("Present", "Absent")]
+    calls = [c for c in codes_used if c in ("Present", "Absent")][:18]
     expected = [f.positive for f in findings(CXR, _outputs())]
     assert calls == ["Present" if p else "Absent" for p in expected]
     assert np.allclose(_numbers(sr), _outputs()["probabilities"], atol=1e-5)

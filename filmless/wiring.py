@@ -64,7 +64,7 @@ def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
         archive.events.subscribe(
             Scheduler(
                 JobQueue(index),
-                lambda: [m.manifest for m in store.installed()],
+                store.manifests,
                 stable_seconds=settings.study_stable_seconds,
             )
         )

@@ -49,6 +49,26 @@ class Verification:
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._seen: tuple[tuple[str, int], ...] | None = None
+        self._manifests: list[Manifest] = []
+
+    def manifests(self) -> list[Manifest]:
+        """The installed manifests, parsed again only when one of the files changed.
+
+        Called for every stored instance, so it costs a directory listing and a stat per
+        model instead of parsing and validating every TOML file each time.
+        """
+        if not self.root.is_dir():
+            return []
+        seen = tuple(
+            (folder.name, (folder / MANIFEST).stat().st_mtime_ns)
+            for folder in sorted(self.root.iterdir())
+            if not folder.name.startswith(".") and (folder / MANIFEST).is_file()
+        )
+        if seen != self._seen:
+            self._manifests = [m.manifest for m in self.installed()]
+            self._seen = seen
+        return self._manifests
 
     def installed(self) -> list[Installed]:
         """Every model folder with a readable manifest; a broken one raises, naming it."""

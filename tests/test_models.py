@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -276,3 +277,20 @@ def test_serving_modules_do_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_manifests_are_reread_only_when_changed(models_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "models"
+    shutil.copytree(models_dir / "cxr-densenet121", copy / "cxr-densenet121")
+    store = ModelStore(copy)
+    first = store.manifests()
+    assert store.manifests() is first  # unchanged files: the parsed list is reused
+    path = copy / "cxr-densenet121" / "manifest.toml"
+    data = tomllib.loads(path.read_text())
+    data["version"] = "9.9"
+    path.write_text(tomli_w.dumps(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert [m.version for m in store.manifests()] == ["9.9"]
+    shutil.copytree(models_dir / "fundus-efficientnet-b0", copy / "fundus-efficientnet-b0")
+    assert len(store.manifests()) == 2

@@ -78,14 +78,37 @@ class JobQueue:
     ) -> None:
         """Ask for ``model`` on a target; asking again re-runs it (and a pending study job
         waits ``delay`` seconds more: the study is not stable yet)."""
+        self._put(
+            model, StudyInstanceUID, SOPInstanceUID, state=JobState.PENDING, reason="", delay=delay
+        )
+
+    def record_skip(
+        self, model: str, StudyInstanceUID: str, SOPInstanceUID: str, reason: str
+    ) -> None:
+        """A model concerned by an instance that cannot use it: kept, with the reason."""
+        self._put(
+            model, StudyInstanceUID, SOPInstanceUID, state=JobState.SKIPPED, reason=reason, delay=0
+        )
+
+    def _put(
+        self,
+        model: str,
+        StudyInstanceUID: str,
+        SOPInstanceUID: str,
+        *,
+        state: JobState,
+        reason: str,
+        delay: float,
+    ) -> None:
+        """Insert or reset the job of a target, in one transaction."""
         now = _now()
         values = {
-            "state": JobState.PENDING,
+            "state": state,
             "attempts": 0,
             "not_before": now + timedelta(seconds=delay),
             "lease_until": None,
             "worker": "",
-            "reason": "",
+            "reason": reason,
             "updated_at": now,
         }
         target = and_(
@@ -119,24 +142,6 @@ class JobQueue:
             except SQLAlchemyError as exc:
                 raise IndexFailure(f"cannot queue the job: {exc}") from exc
         raise IndexFailure("cannot queue the job: the target keeps changing")
-
-    def record_skip(
-        self, model: str, StudyInstanceUID: str, SOPInstanceUID: str, reason: str
-    ) -> None:
-        """A model concerned by an instance that cannot use it: kept, with the reason."""
-        self.enqueue(model, StudyInstanceUID, SOPInstanceUID)
-        now = _now()
-        with self.index.writer.begin() as conn:
-            conn.execute(
-                update(job)
-                .where(
-                    job.c.model == model,
-                    job.c.StudyInstanceUID == StudyInstanceUID,
-                    job.c.SOPInstanceUID == SOPInstanceUID,
-                    job.c.state == JobState.PENDING,
-                )
-                .values(state=JobState.SKIPPED, reason=reason, updated_at=now)
-            )
 
     def claim(self, worker: str, *, lease: float = 300.0, models: Sequence[str] = ()) -> Job | None:
         """The oldest due job (or one whose lease ran out), now leased to ``worker``."""

@@ -22,7 +22,7 @@ from monai.transforms.intensity.array import NormalizeIntensity, ScaleIntensityR
 from monai.transforms.spatial.array import Resize
 
 from models.manifest import Preprocessing
-from pacs.pixels import decoded_frame, read_image
+from pacs.pixels import StoredImage, decoded_frame, read_image
 from pacs.voi import grey
 
 set_track_meta(False)  # plain tensors: no metadata bookkeeping per image
@@ -32,9 +32,14 @@ class Unusable(ValueError):
     """An instance the model cannot take; the message is the recorded reason."""
 
 
-def preprocess(stream: BinaryIO, preprocessing: Preprocessing) -> np.ndarray:
-    """(channels, rows, columns) float32, as the manifest's input without the batch axis."""
-    image = read_image(stream)
+def preprocess(
+    stream: BinaryIO, preprocessing: Preprocessing, image: StoredImage | None = None
+) -> np.ndarray:
+    """(channels, rows, columns) float32, as the manifest's input without the batch axis.
+
+    ``image`` is the header already read from ``stream``, when the caller has it.
+    """
+    image = image or read_image(stream)
     if not image.has_pixels:
         raise Unusable("the instance has no pixel data")
     ds = image.header

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from inference.preprocess import Unusable, preprocess
@@ -30,6 +29,7 @@ from models.store import ModelStore
 from pacs.archive import Archive, InstanceSource, Origin
 from pacs.index import InstanceRecord
 from pacs.jobs import Job, JobQueue
+from pacs.pixels import StoredImage, read_image
 
 log = logging.getLogger(__name__)
 
@@ -130,24 +130,26 @@ class Worker:
             report = self._study(job, manifest, runner.infer)
         return self._store(report)
 
-    def _read(self, record: InstanceRecord, manifest: Manifest) -> tuple[np.ndarray, Dataset]:
+    def _read(
+        self, record: InstanceRecord, manifest: Manifest, image: StoredImage | None = None
+    ) -> tuple[np.ndarray, Dataset]:
+        """The model input and the header, parsing the file's header once."""
         with self.archive.open(record) as stream:
-            tensor = preprocess(stream, manifest.preprocessing)
-            stream.seek(0)
-            header = pydicom.dcmread(stream, stop_before_pixels=True)
-        return tensor, header
+            image = image or read_image(stream)
+            tensor = preprocess(stream, manifest.preprocessing, image)
+        return tensor, image.header
 
     def _study(
         self, job: Job, manifest: Manifest, infer: Callable[[np.ndarray], list[np.ndarray]]
     ) -> Dataset:
         """Every usable view, then the manifest's aggregation per breast and per exam."""
-        headers: list[tuple[InstanceRecord, Dataset]] = []
+        images: list[tuple[InstanceRecord, StoredImage]] = []
         for record in self.archive.records(job.StudyInstanceUID):
             with self.archive.open(record) as stream:
-                headers.append((record, pydicom.dcmread(stream, stop_before_pixels=True)))
-        values = [(r, h, _values(h)) for r, h in headers]
+                images.append((record, read_image(stream)))
+        values = [(r, i, _values(i.header)) for r, i in images]
         usable = [
-            (r, h, v) for r, h, v in values if (d := decide(v, manifest)) is not None and d.runs
+            (r, i, v) for r, i, v in values if (d := decide(v, manifest)) is not None and d.runs
         ]
         missing = missing_views([v for _, _, v in usable], manifest)
         if missing:
@@ -155,8 +157,8 @@ class Worker:
         assert manifest.aggregation is not None
         per_view: dict[str, list[list[np.ndarray]]] = defaultdict(list)
         sources = []
-        for record, header, value in usable:
-            tensor, _ = self._read(record, manifest)
+        for record, image, value in usable:
+            tensor, header = self._read(record, manifest, image)
             per_view[view(value)].append(infer(tensor))
             sources.append(header)
         return build_report(

@@ -57,11 +57,14 @@ class StoredImage:
         return self.value_offset is not None
 
     @property
+    def frame_bits(self) -> int:
+        ds = self.header
+        return int(ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated)
+
+    @property
     def frame_length(self) -> int:
         """Bytes of one native frame (bit-packed frames are rounded up to a whole byte)."""
-        ds = self.header
-        bits = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
-        return int(bits + 7) // 8
+        return (self.frame_bits + 7) // 8
 
 
 def read_image(stream: BinaryIO) -> StoredImage:
@@ -169,9 +172,7 @@ def native_frame(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
 
 def _byte_aligned(image: StoredImage) -> bool:
     """Bit-packed (1-bit) frames start on a byte boundary only if their size allows it."""
-    ds = image.header
-    bits = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated
-    return bits % 8 == 0 or image.number_of_frames == 1
+    return image.frame_bits % 8 == 0 or image.number_of_frames == 1
 
 
 def _decoded_native(stream: BinaryIO, image: StoredImage, index: int) -> bytes:

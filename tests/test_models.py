@@ -80,9 +80,8 @@ def test_demo_models_are_built_exported_and_verified(models_dir: Path) -> None:
     mammo = installed["mammography"].manifest
     assert mammo.routing.required_views == ["L-CC", "L-MLO", "R-CC", "R-MLO"]
     assert mammo.routing.match["PresentationIntentType"] == ["FOR PRESENTATION"]
-    fundus = _run(installed["fundus"].onnx, batch := np.zeros((1, 3, 512, 512), np.float32))
+    fundus = _run(installed["fundus"].onnx, np.zeros((1, 3, 512, 512), np.float32))
     assert np.isclose(fundus[1][0, 0], fundus[0][0, 2:].sum(), atol=1e-6)  # referable
-    assert batch.shape[0] == 1
 
 
 @pytest.mark.slow

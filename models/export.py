@@ -25,6 +25,7 @@ from models.card import write_card
 from models.manifest import (
     MANIFEST,
     Manifest,
+    ManifestError,
     OperatingPoint,
     Provenance,
     Weights,
@@ -38,8 +39,9 @@ OPSET = 18
 PARITY = 1e-4
 
 
-class ExportError(RuntimeError):
-    """The exported graph does not reproduce the module (or cannot be written)."""
+class ExportError(ManifestError):
+    """The exported graph does not reproduce the module: refused like a bad manifest, so
+    the CLI reports it with its reason instead of a traceback."""
 
 
 def export(

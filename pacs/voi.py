@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
 FUNCTIONS = ("linear", "linear-exact", "sigmoid")
 _LUT_LIMIT = 1 << 17
@@ -64,7 +64,7 @@ def _unit(stored: np.ndarray, ds: Dataset, window: Window | None, stretch: bool)
     elif window is not None:
         unit = windowed(values, window)
     elif "VOILUTSequence" in ds:
-        unit = stretched(np.asarray(apply_voi_lut(stored, ds, prefer_lut=True), np.float32))
+        unit = voi_lut(values, ds)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         unit = windowed(values, stored_window(ds))
     else:
@@ -87,6 +87,14 @@ def modality(frame: np.ndarray, ds: Dataset) -> np.ndarray:
         values *= np.float32(slope)
         values += np.float32(intercept)
     return values
+
+
+def voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """PS3.3 C.11.2.1.1: the first VOI LUT over the modality values, its output range
+    (0 .. 2^n - 1, n the third LUT Descriptor value) scaled to [0, 1]."""
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    looked_up = apply_voi(np.floor(values).astype(np.int64), ds)
+    return (looked_up / np.float32(2**bits - 1)).astype(np.float32)
 
 
 def stored_window(ds: Dataset) -> Window:

@@ -19,6 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from inference.forward import destination
+
 DuplicatePolicy = Literal["reject", "overwrite"]
 
 
@@ -82,6 +84,10 @@ class Settings(BaseSettings):
     study_stable_seconds: float = Field(
         30.0, ge=0, description="a study-level model runs once no image arrived for this long"
     )
+    result_destinations: dict[str, str] = Field(
+        default_factory=dict,
+        description='where reports are also sent: name = "AE@host:port" or a DICOMweb base URL',
+    )
     job_max_attempts: int = Field(3, ge=1, description="a failing job stops after this many")
     duplicate_policy: DuplicatePolicy = Field(
         "reject", description="same SOP Instance UID, different bytes: reject or overwrite"
@@ -116,6 +122,13 @@ class Settings(BaseSettings):
             host, _, port = address.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"move destination {title}: {address!r} is not host:port")
+        return value
+
+    @field_validator("result_destinations")
+    @classmethod
+    def _check_results(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, address in value.items():
+            destination(name, address)
         return value
 
     @model_validator(mode="after")

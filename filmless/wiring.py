@@ -16,6 +16,7 @@ from filmless.settings import Settings
 
 if TYPE_CHECKING:
     from inference.worker import Worker
+from inference.forward import destination
 from inference.scheduler import Scheduler
 from models.store import ModelStore
 from pacs.archive import Archive
@@ -89,6 +90,10 @@ def start_screening(archive: Archive, settings: Settings, stop: threading.Event)
             max_batch=settings.inference_max_batch,
             max_wait_ms=settings.inference_max_wait_ms,
             max_attempts=settings.job_max_attempts,
+            destinations=tuple(
+                destination(name, address) for name, address in settings.result_destinations.items()
+            ),
+            ae_title=settings.ae_title,
         ),
     )
     for n in range(settings.inference_workers):

@@ -3,7 +3,8 @@
 Every step that can go wrong ends in the queue: an image a model cannot use is a
 skipped job with the reason, an error is a failed attempt (retried with backoff up to
 ``max_attempts``), and the report goes through :meth:`Archive.ingest` like any other
-instance, replacing the report of an earlier run of the same job.
+instance, replacing the report of an earlier run of the same job. Each stored report
+becomes a forwarding job per configured destination (:mod:`inference.forward`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from inference.forward import PREFIX, Destination, send
 from inference.preprocess import Unusable, preprocess
 from inference.report import Finding, build_report, derived_uid
 from inference.routing import decide, missing_views, view
@@ -42,6 +44,8 @@ class WorkerSettings:
     max_wait_ms: float = 10.0
     max_attempts: int = 3
     lease_seconds: float = 300.0
+    destinations: tuple[Destination, ...] = ()
+    ae_title: str = "FILMLESS"
 
 
 class Worker:
@@ -112,6 +116,9 @@ class Worker:
                 stop.wait(idle)
 
     def process(self, job: Job) -> str:
+        """Run the job; the result is the SOP Instance UID of the report (or the one sent)."""
+        if job.model.startswith(PREFIX):
+            return self._forward(job)
         installed = self.models.get(job.model)
         manifest = installed.manifest
         runner = self.session(manifest, installed.folder)
@@ -128,7 +135,20 @@ class Worker:
             )
         else:
             report = self._study(job, manifest, runner.infer)
-        return self._store(report)
+        stored = self._store(report)
+        for target in self.settings.destinations:
+            self.queue.enqueue(target.job_model, job.StudyInstanceUID, stored)
+        return stored
+
+    def _forward(self, job: Job) -> str:
+        name = job.model.removeprefix(PREFIX)
+        target = next((d for d in self.settings.destinations if d.name == name), None)
+        if target is None:
+            raise Unusable(f"destination {name} is no longer configured")
+        (record,) = self.archive.records(job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID)
+        with self.archive.open(record) as stream:
+            send(target, stream, calling_ae=self.settings.ae_title)
+        return job.SOPInstanceUID
 
     def _read(
         self, record: InstanceRecord, manifest: Manifest, image: StoredImage | None = None

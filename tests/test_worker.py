@@ -7,15 +7,21 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicomweb.app import create_app
+from inference.forward import destination
 from inference.scheduler import Scheduler
-from inference.worker import Worker
+from inference.worker import Worker, WorkerSettings
 from models.build import build_demo
 from models.store import ModelStore
 from models.zoo import CHEST_XRAY, MAMMOGRAPHY
 from pacs.archive import Archive, Origin
+from pacs.dimse.server import DimseConfig, start_dimse
+from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, mammography
+from tests.conftest import free_port, make_archive
 from tests.support.instances import source
+from tests.support.web import serving
 
 PATIENT = Patient("E2E", "End^To End", "ISO_IR 192", "19700101", "O")
 
@@ -109,3 +115,55 @@ def test_mammography_exam_after_all_four_views(archive: Archive, models_dir: Pat
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     assert len(evidence) == 4
     worker.close()
+
+
+@pytest.mark.slow
+def test_reports_are_forwarded_by_c_store_and_stow(
+    archive: Archive, models_dir: Path, tmp_path: Path
+) -> None:
+    """Two peers receive the report (another filmless, over DIMSE and over DICOMweb); a
+    peer that is down leaves a failed forwarding job with the reason, not a lost report."""
+    index = Index(f"sqlite:///{tmp_path / 'peer.sqlite'}")
+    index.create_schema()
+    peer = make_archive(tmp_path / "peer", index)
+    config = DimseConfig(ae_title="PEER", port=free_port())
+    dimse = start_dimse(peer, config)
+    try:
+        with serving(create_app(peer)) as url:
+            store = ModelStore(models_dir)
+            queue = JobQueue(archive.index)
+            archive.events.subscribe(
+                Scheduler(queue, lambda: [m.manifest for m in store.installed()], stable_seconds=0)
+            )
+            targets = (
+                destination("pacs", f"PEER@127.0.0.1:{config.port}"),
+                destination("cloud", url),
+                destination("down", f"NOBODY@127.0.0.1:{free_port()}"),
+            )
+            worker = Worker(
+                archive,
+                queue,
+                store,
+                name="w1",
+                settings=WorkerSettings(destinations=targets, max_attempts=1),
+            )
+            frontal, _ = chest_dx(Rng(13), PATIENT, 0.05, "20260101", "E3")
+            archive.ingest(source(frontal), Origin.DIMSE)
+            _drain(worker)
+            worker.close()
+    finally:
+        dimse.shutdown()
+    jobs = {j.model: j for j in queue.jobs()}
+    report = jobs[CHEST_XRAY.name].result
+    assert jobs["forward:pacs"].state == JobState.DONE
+    assert jobs["forward:cloud"].state == JobState.DONE
+    assert jobs["forward:down"].state == JobState.FAILED
+    assert "cannot be reached" in jobs["forward:down"].reason
+    (received,) = peer.index.records(frontal.StudyInstanceUID)  # both sends, one instance
+    assert received.SOPInstanceUID == report
+    (ours,) = [
+        r for r in archive.index.records(frontal.StudyInstanceUID) if r.SOPInstanceUID == report
+    ]
+    with archive.open(ours) as mine, peer.open(received) as theirs:
+        assert pydicom.dcmread(mine) == pydicom.dcmread(theirs)
+    index.dispose()

@@ -156,7 +156,14 @@ def worker_main(settings_data: dict[str, Any], channel: socket.socket, active: A
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
-    receiver = threading.Thread(target=server.serve_handoffs, args=(channel,), daemon=True)
+
+    def receive() -> None:
+        # The channel closes when the supervisor stops, or dies (kill -9): either way
+        # this worker finishes its associations and exits rather than linger orphaned.
+        server.serve_handoffs(channel)
+        stop.set()
+
+    receiver = threading.Thread(target=receive, daemon=True)
     receiver.start()
     # Warm up before taking connections: the first log record loads the console
     # renderer and the first query opens the database, neither should delay a peer.

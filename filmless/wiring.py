@@ -13,9 +13,6 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from filmless.settings import Settings
-
-if TYPE_CHECKING:
-    from inference.worker import Worker
 from inference.forward import destination
 from inference.scheduler import Scheduler
 from models.store import ModelStore
@@ -23,8 +20,13 @@ from pacs.archive import Archive
 from pacs.dimse.server import DimseConfig
 from pacs.events import EventBus
 from pacs.index import Index
-from pacs.jobs import JobQueue
+from pacs.jobs import JobQueue, JobState
 from pacs.store import FsBlobStore
+
+if TYPE_CHECKING:
+    from inference.worker import Worker
+
+log = logging.getLogger("filmless")
 
 
 def configure_logging(*, verbose: bool) -> None:
@@ -96,11 +98,29 @@ def start_screening(archive: Archive, settings: Settings, stop: threading.Event)
             ae_title=settings.ae_title,
         ),
     )
+    queue = JobQueue(archive.index)
+    orphans = [j.id for j in queue.jobs(JobState.RUNNING) if _is_dead_here(j.worker)]
+    if queue.expire(orphans):
+        log.info("%d job(s) of stopped processes will run again", len(orphans))
     for n in range(settings.inference_workers):
         threading.Thread(
             target=worker.run, args=(stop,), name=f"screening-{n}", daemon=True
         ).start()
     return worker
+
+
+def _is_dead_here(worker: str) -> bool:
+    """Whether a worker name (``host-pid``) is a process of this machine that is gone."""
+    host, _, pid = worker.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def dimse_config(settings: Settings) -> DimseConfig:

@@ -210,6 +210,21 @@ class JobQueue:
             claimed, state=JobState.PENDING, reason=reason, not_before=_now() + delay
         )
 
+    def expire(self, ids: Sequence[int]) -> int:
+        """End the leases of running jobs whose worker is known to be gone (a process of
+        this machine that no longer exists), so that they run again now, not once the
+        lease runs out."""
+        if not ids:
+            return 0
+        with self.index.writer.begin() as conn:
+            return int(
+                conn.execute(
+                    update(job)
+                    .where(job.c.id.in_(list(ids)), job.c.state == JobState.RUNNING)
+                    .values(lease_until=_now())
+                ).rowcount
+            )
+
     def jobs(self, state: JobState | None = None) -> list[Job]:
         statement = select(job).order_by(job.c.id)
         if state is not None:

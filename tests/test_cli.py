@@ -6,9 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from pacs.jobs import JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx
 from tests.conftest import free_port
 from tests.support.instances import ct_instance, write
+from tests.support.server import serve
 
 CXR_PATIENT = Patient("SERVE", "Serve^Screen", "ISO_IR 192", "19700101", "O")
 
@@ -126,38 +124,10 @@ def test_import_missing_path(env: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert "no such file" in capsys.readouterr().err
 
 
-def _wait_for_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def _serve(port: int, http_port: int, **settings: str) -> subprocess.Popen[bytes]:
-    """``filmless serve`` as ``make serve`` runs it, on the given ports, once it listens."""
-    environment = {
-        **os.environ,
-        "FILMLESS_DIMSE_PORT": str(port),
-        "FILMLESS_HTTP_PORT": str(http_port),
-        **settings,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "filmless.cli", "serve"],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    _wait_for_port(port)
-    return process
-
-
 def test_serve_process(env: Path, tmp_path: Path) -> None:
     """``filmless serve`` as ``make serve`` runs it: C-ECHO, C-STORE, clean SIGTERM."""
     port, http_port = free_port(), free_port()
-    process = _serve(port, http_port)
+    process = serve(port, http_port)
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(Verification)
@@ -195,7 +165,7 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
 def test_serve_spreads_associations_over_workers(env: Path, tmp_path: Path) -> None:
     """With two worker processes, two concurrent associations land on different workers."""
     port = free_port()
-    process = _serve(port, free_port(), FILMLESS_DIMSE_WORKERS="2")
+    process = serve(port, free_port(), FILMLESS_DIMSE_WORKERS="2")
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
@@ -249,7 +219,7 @@ def test_serve_screens_a_stored_chest_xray(
     assert main(["models", "build", "--task", "chest-xray"]) == 0
     frontal, _ = chest_dx(Rng(21), CXR_PATIENT, 0.05, "20260101", "SERVE")
     port, http_port = free_port(), free_port()
-    process = _serve(port, http_port, FILMLESS_DIMSE_WORKERS="2")
+    process = serve(port, http_port, FILMLESS_DIMSE_WORKERS="2")
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(frontal.SOPClassUID)

@@ -15,23 +15,12 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pacs.archive import Archive
 from pacs.dimse.server import DimseConfig
 from pacs.part10 import read_file_meta
+from tests.support.dcmtk import PROPOSE
 
 pytestmark = [
     pytest.mark.dcmtk,
     pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed"),
 ]
-
-# storescu proposes one compressed syntax per run, chosen by these options.
-PROPOSE = {
-    "1.2.840.10008.1.2": "-xi",
-    "1.2.840.10008.1.2.1": "-xe",
-    "1.2.840.10008.1.2.1.99": "-xd",
-    "1.2.840.10008.1.2.4.50": "-xy",
-    "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.90": "-xv",
-    "1.2.840.10008.1.2.5": "-xr",
-}
 
 
 def _data_set(data: bytes) -> tuple[str, str, bytes]:

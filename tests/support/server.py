@@ -1,0 +1,91 @@
+"""``filmless serve`` as a child process on loopback ports, as ``make serve`` runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import free_port
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def serve(port: int, http_port: int, **settings: str) -> subprocess.Popen[bytes]:
+    """Started in a session of its own (so that a test can kill its whole process
+    group), returned once DIMSE and HTTP listen."""
+    environment = {
+        **os.environ,
+        "FILMLESS_DIMSE_PORT": str(port),
+        "FILMLESS_HTTP_PORT": str(http_port),
+        **settings,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "filmless.cli", "serve"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for_port(port)
+        wait_for_port(http_port)
+    except TimeoutError:
+        process.kill()
+        output, _ = process.communicate(timeout=30)
+        raise TimeoutError(output.decode(errors="replace")[-3000:]) from None
+    return process
+
+
+class Server:
+    """One data folder, served by successive processes (a restart keeps the ports)."""
+
+    def __init__(self, data_dir: Path, **settings: str) -> None:
+        self.port, self.http_port = free_port(), free_port()
+        self.settings = {"FILMLESS_DATA_DIR": str(data_dir), **settings}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.output = b""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def start(self) -> None:
+        self.process = serve(self.port, self.http_port, **self.settings)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; the exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=60)
+        self.output += output
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """``kill -9`` of the server process; its DIMSE workers must then exit by
+        themselves (they finish their associations first)."""
+        assert self.process is not None
+        self.process.kill()
+        output, _ = self.process.communicate(timeout=30)
+        self.output += output
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.killpg(self.process.pid, signal.SIGKILL)
+        raise AssertionError("processes of the killed server are still running")

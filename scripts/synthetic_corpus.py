@@ -453,6 +453,7 @@ def encode(ds: Dataset, syntax: UID) -> Dataset:
         encoded = encode_jpeg_lossless(frame, int(ds.BitsStored))
         ds.PixelData = encapsulate([encoded])
         ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
     elif syntax.is_compressed:
         ds.compress(syntax, generate_instance_uid=False)
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -469,6 +470,7 @@ def _jpeg_baseline(ds: Dataset) -> None:
     image.save(buffer, format="JPEG", quality=92, subsampling=1)
     ds.PixelData = encapsulate([buffer.getvalue()])
     ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
     ds.PhotometricInterpretation = "YBR_FULL_422"
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionRatio = round(pixels.nbytes / len(buffer.getvalue()), 2)

@@ -31,10 +31,11 @@ from pydicom.uid import (
 )
 
 from dicomweb.app import create_app
-from pacs.archive import Archive
+from pacs.archive import Archive, Origin
 from pacs.index import Index, InstanceRecord
+from scripts.synthetic_corpus import encode
 from tests.conftest import make_archive
-from tests.support.instances import ct_instance, write
+from tests.support.instances import ct_instance, source, write
 from tests.support.web import parts, serving
 
 
@@ -247,6 +248,23 @@ def test_frames_native_and_as_stored(web: Web) -> None:
     answer = parts(response)
     assert [body for _, body in answer] == fragments[:2]
     assert all(t.startswith("image/dicom-rle") and RLELossless in t for t, _ in answer)
+
+
+def test_frames_of_encapsulated_pixel_data_with_a_defined_length(web: Web) -> None:
+    """Some writers (pynetdicom sending a pydicom data set) give the items of compressed
+    pixel data a defined length; the frames are still found where the items are."""
+    jpeg = encode(ct_instance(patient_id="DEFLEN", seed=9), JPEGLSLossless)
+    jpeg["PixelData"].is_undefined_length = False
+    web.archive.ingest(source(jpeg), Origin.DIMSE)
+    url = (
+        f"{web.url}/studies/{jpeg.StudyInstanceUID}/series/{jpeg.SeriesInstanceUID}"
+        f"/instances/{jpeg.SOPInstanceUID}/frames/1"
+    )
+    accept = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+    response = httpx.get(url, headers={"Accept": accept})
+    assert response.status_code == 200, response.text
+    ((_, body),) = parts(response)
+    assert body == next(generate_frames(jpeg.PixelData, number_of_frames=1))
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ $(VENV)/.installed-test: $(BIN)/activate pyproject.toml
 
 serve: $(VENV)/.installed
 	$(BIN)/filmless $(if $(CONFIG),--config $(CONFIG)) models build
+	$(BIN)/filmless $(if $(CONFIG),--config $(CONFIG)) viewer install --optional
 	$(BIN)/filmless $(if $(CONFIG),--config $(CONFIG)) serve
 
 test: $(VENV)/.installed-test

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,6 +22,7 @@ from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 from dicomweb.media import DICOM_JSON
 from dicomweb.qido import Search, parse_search, to_dicom_json
 from dicomweb.stow import stow_router
+from dicomweb.viewer import viewer_router
 from dicomweb.wado import wado_router
 from pacs.archive import Archive
 from pacs.errors import PacsError
@@ -36,9 +38,13 @@ def create_app(
     max_results: int = 10000,
     max_request_bytes: int = 1 << 31,
     cors_origins: Sequence[str] = (),
+    viewer_dir: Path | None = None,
+    viewer_missing: str = "",
 ) -> FastAPI:
     """``cors_origins``: origins of other sites allowed to call the API from a browser
-    (``*`` for any); empty keeps the same-origin policy, which the bundled viewer needs."""
+    (``*`` for any); empty keeps the same-origin policy, which the bundled viewer needs.
+    ``viewer_dir``: the web viewer's files, served at /viewer/ (``viewer_missing`` is
+    the answer while they are not there)."""
     app = FastAPI(title="filmless DICOMweb", version="0.1.0")
     app.add_middleware(GZipMiddleware, minimum_size=1024, exclude_content_types=_NOT_GZIPPED)
     if cors_origins:
@@ -124,6 +130,8 @@ def create_app(
 
     app.include_router(wado_router(archive), prefix=base_path)
     app.include_router(stow_router(archive, max_bytes=max_request_bytes), prefix=base_path)
+    if viewer_dir is not None:
+        app.include_router(viewer_router(viewer_dir, missing=viewer_missing))
     return app
 
 

@@ -11,6 +11,7 @@ from types import FrameType
 import uvicorn
 
 from dicomweb.app import create_app
+from filmless import viewer
 from filmless.dimse_pool import DimsePool
 from filmless.settings import Settings
 from filmless.wiring import build_archive, dimse_config, dimse_worker_count, start_screening
@@ -28,6 +29,8 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
             max_results=settings.max_find_matches,
             max_request_bytes=settings.max_request_bytes,
             cors_origins=settings.cors_origins,
+            viewer_dir=settings.viewer_dir,
+            viewer_missing=viewer.HOW_TO,
         ),
         host=settings.bind_address,
         port=settings.http_port,
@@ -67,6 +70,10 @@ def serve(settings: Settings) -> None:
     http = start_http(archive, settings)
     screening = start_screening(archive, settings, stop) if settings.screening else None
     log.info("DICOMweb on http://%s:%d/dicom-web", settings.bind_address, settings.http_port)
+    if viewer.installed(settings.viewer_dir):
+        log.info("viewer on http://%s:%d/viewer/", settings.bind_address, settings.http_port)
+    else:
+        log.warning("%s", viewer.HOW_TO)
     log.info(
         "DIMSE listening on %s:%d as AE %s (%d worker%s); data in %s; index %s",
         settings.bind_address,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from rich.table import Table
 from filmless import models_cli
 from filmless.app import serve
 from filmless.settings import Settings, load_settings, to_toml
+from filmless.viewer import HOW_TO, OHIF_VERSION, ViewerError, install, installed
 from filmless.wiring import build_archive, configure_logging
 from pacs.archive import Archive, Origin
 from pacs.errors import PacsError
@@ -38,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import", help="store DICOM files and folders in the archive")
     imp.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     models_cli.add_parser(commands)
+    viewer = commands.add_parser("viewer", help="the OHIF web viewer served at /viewer/")
+    viewer_commands = viewer.add_subparsers(dest="viewer_command", required=True)
+    install = viewer_commands.add_parser("install", help=f"fetch OHIF {OHIF_VERSION} with npm")
+    install.add_argument(
+        "--optional", action="store_true", help="without npm, say how to get it and exit 0"
+    )
+    install.add_argument("--force", action="store_true", help="install again")
     jobs = commands.add_parser("jobs", help="the screening job queue")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     listing = jobs_commands.add_parser("list", help="jobs and their state")
@@ -70,7 +79,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return models_cli.run(args, settings, console)
     if args.command == "jobs":
         return jobs_command(settings, args, console)
+    if args.command == "viewer":
+        return viewer_install(settings, console, optional=args.optional, force=args.force)
     raise AssertionError(args.command)
+
+
+def viewer_install(settings: Settings, console: Console, *, optional: bool, force: bool) -> int:
+    """2 without npm (0 with ``optional``: the server runs without a viewer), 1 on failure."""
+    folder = settings.viewer_dir
+    if installed(folder) and not force:
+        console.print(f"OHIF {OHIF_VERSION} is installed in {folder}")
+        return 0
+    if shutil.which("npm") is None:
+        console.print(f"[yellow]{HOW_TO}[/yellow]")
+        return 0 if optional else 2
+    try:
+        with console.status(f"fetching OHIF {OHIF_VERSION} with npm"):
+            install(folder)
+    except ViewerError as exc:
+        console.print(f"[red]viewer not installed:[/red] {exc}")
+        return 1
+    console.print(f"OHIF {OHIF_VERSION} installed in {folder}; served at /viewer/")
+    return 0
 
 
 def jobs_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:

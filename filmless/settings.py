@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     models_dir: Path = Field(
         Path(""), description="installed models (ONNX + manifest); empty = data_dir/models"
     )
+    viewer_dir: Path = Field(
+        Path(""), description="the OHIF viewer's files, served at /viewer/; empty = data_dir/viewer"
+    )
     ae_title: str = Field("FILMLESS", description="our AE title")
     bind_address: str = Field("127.0.0.1", description="address DIMSE and HTTP listen on")
     dimse_port: int = Field(11112, ge=1, le=65535)
@@ -138,6 +141,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "index_url", url)
         if self.models_dir == Path(""):
             object.__setattr__(self, "models_dir", self.data_dir / "models")
+        if self.viewer_dir == Path(""):
+            object.__setattr__(self, "viewer_dir", self.data_dir / "viewer")
         return self
 
     @classmethod

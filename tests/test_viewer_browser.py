@@ -1,0 +1,205 @@
+"""OHIF served by ``filmless serve``, driven in headless Chromium: study list, viewers, AI SR.
+
+Needs npm (to fetch the pinned viewer), Debian's ``chromium`` and the Python
+``playwright`` driver (never a downloaded browser). Screenshots are kept under
+``test-artifacts/viewer/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, Page, Request, Response, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+from pynetdicom import AE
+
+from filmless.viewer import install
+from models.build import build_demo
+from models.zoo import CHEST_XRAY
+from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode, fundus_op, mammography
+from tests.support.server import Server
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "viewer"
+
+
+def _missing() -> str:
+    if shutil.which("npm") is None:
+        return "npm is not installed (needed to fetch the viewer)"
+    if not Path(CHROMIUM).exists():
+        return "Debian's chromium is not installed"
+    return ""
+
+
+if _missing() and os.environ.get("FILMLESS_REQUIRE_BROWSER") == "1":
+    raise RuntimeError(f"browser tests are required: {_missing()}")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(_missing()), reason=_missing() or "ready"),
+    pytest.mark.timeout(900),
+]
+
+CXR = Patient("VIEW1", "Chest^Viewer", "ISO_IR 192", "19600101", "F")
+J2K = Patient("VIEW2", "Jpeg2000^Viewer", "ISO_IR 192", "19610101", "M")
+RGB = Patient("VIEW3", "Colour^Viewer", "ISO_IR 192", "19620101", "F")
+
+
+@dataclass
+class Site:
+    server: Server
+    studies: dict[str, Dataset]
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+
+def _store(port: int, datasets: list[Dataset]) -> None:
+    ae = AE(ae_title="MODALITY")
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
+    assert assoc.is_established
+    for ds in datasets:
+        assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("viewer")
+    install(root / "viewer")
+    build_demo(root / "models", CHEST_XRAY)
+    cxr, _ = chest_dx(Rng(71), CXR, 0.2, "20260501", "V1")
+    j2k = encode(mammography(Rng(72), J2K, 0.1, "20260502", "V2")[0], JPEG2000Lossless)
+    rgb = encode(fundus_op(Rng(73), RGB, 0.2, "20260503", "V3")[0], JPEGBaseline8Bit)
+    server = Server(
+        root / "data",
+        FILMLESS_MODELS_DIR=str(root / "models"),
+        FILMLESS_VIEWER_DIR=str(root / "viewer"),
+        FILMLESS_SCREENING="true",
+    )
+    server.start()
+    try:
+        _store(server.port, [cxr, j2k, rgb])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = httpx.get(
+                f"{server.url}/studies/{cxr.StudyInstanceUID}/series", params={"Modality": "SR"}
+            ).json()
+            if found:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("no AI report for the chest X-ray")
+        yield Site(server, {"cxr": cxr, "j2k": j2k, "rgb": rgb})
+    finally:
+        assert server.stop() == 0, server.output.decode(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@dataclass
+class Tab:
+    """A page that records every request that failed or got an error status."""
+
+    page: Page
+    failed: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.page.close()
+
+
+def _open(browser: Browser, url: str) -> Tab:
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    tab = Tab(page)
+
+    def on_response(response: Response) -> None:
+        if response.status >= 400:
+            tab.failed.append(f"{response.status} {response.url}")
+
+    def on_failed(request: Request) -> None:
+        # Requests still in flight when the test closes the page are aborted, not failed.
+        if request.failure != "net::ERR_ABORTED":
+            tab.failed.append(f"{request.failure} {request.url}")
+
+    page.on("response", on_response)
+    page.on("requestfailed", on_failed)
+    page.goto(url)
+    return tab
+
+
+def _skip_tour(page: Page) -> None:
+    """OHIF greets a first visit with a guided tour over the viewport."""
+    skip = page.get_by_text("Skip all", exact=True)
+    with contextlib.suppress(PlaywrightTimeout):
+        skip.click(timeout=10_000)
+
+
+def _not_blank(png: bytes) -> float:
+    """Standard deviation of the screenshot's grey levels (a blank canvas is ~0)."""
+    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)
+    return float(grey.std())
+
+
+def _save(name: str, png: bytes) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"{name}.png").write_bytes(png)
+
+
+def test_study_list_shows_the_stored_studies(browser: Browser, site: Site) -> None:
+    tab = _open(browser, f"{site.root}/viewer/")
+    for ds in site.studies.values():
+        family = str(ds.PatientName).split("^")[0]
+        tab.page.get_by_text(family, exact=False).first.wait_for(timeout=60_000)
+    _save("study-list", tab.page.screenshot())
+    tab.close()
+    assert tab.failed == []
+
+
+@pytest.mark.parametrize("name", ["cxr", "j2k", "rgb"])
+def test_each_image_is_drawn(browser: Browser, site: Site, name: str) -> None:
+    study = site.studies[name].StudyInstanceUID
+    tab = _open(browser, f"{site.root}/viewer/viewer?StudyInstanceUIDs={study}")
+    canvas = tab.page.locator("canvas.cornerstone-canvas").first
+    canvas.wait_for(timeout=90_000)
+    _skip_tour(tab.page)
+    spread = 0.0
+    deadline = time.monotonic() + 60
+    while spread < 5 and time.monotonic() < deadline:
+        time.sleep(1)
+        spread = _not_blank(canvas.screenshot())
+    _save(f"viewer-{name}", tab.page.screenshot())
+    tab.close()
+    assert spread >= 5, f"the {name} viewport stayed blank"
+    assert tab.failed == []

@@ -13,16 +13,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from inference.geometry import Box, peak_box, to_image
 from models.manifest import Manifest
 
 SCHEME = "99FILMLESS"  # private coding scheme for labels that have no standard code
 NOT_CLINICAL = "NOT FOR CLINICAL USE"
+Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+)
 _ROOT = uuid.UUID("6f0b5c36-9a51-4e8a-9a8f-0b8f3c1d2e4a")
 
 
@@ -48,9 +54,32 @@ def findings(manifest: Manifest, outputs: Mapping[str, np.ndarray]) -> list[Find
     points = {(p.output, p.label): p.threshold for p in manifest.operating_points}
     found = []
     for spec in manifest.outputs:
+        if spec.kind == "map":
+            continue
         values = np.asarray(outputs[spec.name], dtype=np.float64).reshape(-1)
         for label, value in zip(spec.labels, values, strict=True):
             found.append(Finding(spec.name, label, float(value), points.get((spec.name, label))))
+    return found
+
+
+def regions(
+    manifest: Manifest, outputs: Mapping[str, np.ndarray], sources: Sequence[Dataset]
+) -> dict[str, Box]:
+    """Per label, the image region of its activation map's peak (one source image, and
+    only where the preprocessing can be inverted from the header)."""
+    if len(sources) != 1:
+        return {}
+    image = sources[0]
+    found = {}
+    for spec in manifest.outputs:
+        if spec.kind != "map":
+            continue
+        maps = np.asarray(outputs[spec.name]).reshape(len(spec.labels), *spec.shape[2:])
+        for label, activation in zip(spec.labels, maps, strict=True):
+            tensor_box = peak_box(activation, manifest.preprocessing.size)
+            box = to_image(tensor_box, int(image.Rows), int(image.Columns), manifest.preprocessing)
+            if box is not None:
+                found[label] = box
     return found
 
 
@@ -114,7 +143,8 @@ def build_report(
         ),
     )
     source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources]
-    groups = []
+    located = regions(manifest, outputs, sources) if isinstance(outputs, Mapping) else {}
+    groups: list[Group] = []
     for finding in found:
         evaluations = []
         if finding.positive is not None:
@@ -124,25 +154,40 @@ def build_report(
                     value=codes.SCT.Present if finding.positive else codes.SCT.Absent,
                 )
             )
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derived_uid(job, finding.output, finding.label),
-                    identifier=f"{finding.label}"[:64],
-                ),
-                finding_type=_concept(finding.label),
-                algorithm_id=algorithm,
-                source_images=source_images,
-                measurements=[
-                    hd.sr.Measurement(
-                        name=_concept(f"{finding.output} probability"),
-                        value=round(finding.probability, 6),
-                        unit=codes.UCUM.NoUnits,
-                    )
-                ],
-                qualitative_evaluations=evaluations or None,
+        common: dict[str, Any] = {
+            "tracking_identifier": hd.sr.TrackingIdentifier(
+                uid=derived_uid(job, finding.output, finding.label),
+                identifier=f"{finding.label}"[:64],
+            ),
+            "finding_type": _concept(finding.label),
+            "algorithm_id": algorithm,
+            "measurements": [
+                hd.sr.Measurement(
+                    name=_concept(f"{finding.label} probability"),
+                    value=round(finding.probability, 6),
+                    unit=codes.UCUM.NoUnits,
+                )
+            ],
+            "qualitative_evaluations": evaluations or None,
+        }
+        box = located.get(finding.label) if finding.positive else None
+        if box is None:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(source_images=source_images, **common)
             )
-        )
+        else:
+            # TID 1410: the finding with the image region where its evidence is, which
+            # viewers draw on the image.
+            region = hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=box.polyline(),
+                source_image=hd.sr.SourceImageForRegion.from_source_image(sources[0]),
+            )
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    referenced_region=region, **common
+                )
+            )
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(

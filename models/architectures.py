@@ -46,9 +46,9 @@ class Screening(nn.Module):
         self.network = network
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.network(image)
         if self.task == "chest-xray":
-            return (torch.sigmoid(logits),)
+            return self._with_activation_maps(image)
+        logits = self.network(image)
         if self.task == "fundus":
             grades = torch.softmax(logits, dim=1)
             referable = grades[:, 2:].sum(dim=1, keepdim=True)  # ICDR grade >= 2
@@ -56,6 +56,18 @@ class Screening(nn.Module):
         malignancy = torch.sigmoid(logits[:, :1])
         density = torch.softmax(logits[:, 1:], dim=1)
         return malignancy, density
+
+    def _with_activation_maps(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """DenseNet's logits, and the class activation maps they average (Zhou et al.
+        2016): the classifier applied at each cell of the last feature map."""
+        layers = self.network.get_submodule("class_layers")
+        features = layers.get_submodule("relu")(self.network.get_submodule("features")(image))
+        classifier = layers.get_submodule("out")
+        assert isinstance(classifier, nn.Linear)
+        logits = classifier(features.mean(dim=(2, 3)))
+        maps = torch.einsum("bkhw,ck->bchw", features, classifier.weight)
+        maps = maps + classifier.bias[None, :, None, None]
+        return torch.sigmoid(logits), torch.sigmoid(maps)
 
 
 def demo_weights(module: nn.Module, task: Task, seed: int) -> None:

@@ -40,13 +40,32 @@ class OutputSpec(TensorSpec):
     activation: Literal["sigmoid", "softmax", "none"] = Field(
         description="already applied in the graph: the values are probabilities"
     )
+    kind: Literal["scores", "map"] = Field(
+        "scores",
+        description="scores: (batch, labels); map: (batch, labels, rows, columns), where in "
+        "the input tensor each label's evidence lies (a class activation map)",
+    )
 
     @model_validator(mode="after")
     def _labels_match_shape(self) -> OutputSpec:
-        width = self.shape[-1]
+        if self.kind == "map" and len(self.shape) != 4:
+            raise ValueError(f"output {self.name}: a map is (batch, labels, rows, columns)")
+        width = self.shape[1] if self.kind == "map" else self.shape[-1]
         if isinstance(width, int) and width != len(self.labels):
             raise ValueError(f"output {self.name}: {len(self.labels)} labels for width {width}")
         return self
+
+    def fits(self, shape: tuple[int, ...], batch: int) -> bool:
+        """Whether an array of ``shape`` is this output for ``batch`` images."""
+        if len(shape) != len(self.shape) or shape[0] != batch:
+            return False
+        labels_axis = 1 if self.kind == "map" else len(shape) - 1
+        if shape[labels_axis] != len(self.labels):
+            return False
+        return all(
+            not isinstance(want, int) or want == got
+            for want, got in zip(self.shape[1:], shape[1:], strict=True)
+        )
 
 
 class OperatingPoint(_Strict):

@@ -47,11 +47,18 @@ def parity(
     runtime: ort.InferenceSession, sample: np.ndarray, expected: Sequence[np.ndarray]
 ) -> float:
     """Largest absolute difference between the session's outputs and ``expected``."""
+    return max(differences(runtime, sample, expected))
+
+
+def differences(
+    runtime: ort.InferenceSession, sample: np.ndarray, expected: Sequence[np.ndarray]
+) -> list[float]:
+    """Per output, the largest absolute difference from ``expected`` (inf: other outputs)."""
     name = runtime.get_inputs()[0].name
     got = runtime.run(None, {name: sample})
     if len(got) != len(expected):
-        return float("inf")
-    return max(
+        return [float("inf")]
+    return [
         float(np.max(np.abs(np.asarray(g, dtype=np.float64) - np.asarray(e, dtype=np.float64))))
         for g, e in zip(got, expected, strict=True)
-    )
+    ]

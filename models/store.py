@@ -131,10 +131,10 @@ class ModelStore:
         sample = reference_sample(manifest.input, manifest.preprocessing)
         outputs = runtime.run(None, {manifest.input.name: sample})
         for spec, value in zip(manifest.outputs, outputs, strict=True):
-            if value.shape != (2, len(spec.labels)):
+            if not spec.fits(value.shape, batch=2):
                 raise ManifestError(
                     f"output {spec.name} has shape {value.shape} for a batch of 2; the manifest "
-                    f"names {len(spec.labels)} labels"
+                    f"says {spec.shape} with {len(spec.labels)} labels"
                 )
         self.root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{manifest.name}-", dir=self.root))

@@ -27,10 +27,11 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from models.card import write_card
 from models.manifest import MANIFEST, Manifest, ManifestError, dump, sha256_file
-from models.runtime import REFERENCE, parity, session
+from models.runtime import REFERENCE, differences, session
 from models.store import Installed, ModelStore
 
 FP16_LIMIT = 1e-2
+MAP_SLACK = 5  # activation maps may differ this many times the probabilities' limit
 
 
 def _install(
@@ -52,12 +53,21 @@ def _install(
             sample = reference["input"]
             expected = [reference[o.name] for o in base.manifest.outputs]
         runtime = session(target_file)
-        difference = parity(runtime, sample, expected)
+        found = differences(runtime, sample, expected)
+        kinds = [o.kind for o in base.manifest.outputs]
+        difference = max(d for k, d in zip(kinds, found, strict=False) if k == "scores")
+        # Activation maps are read for their peak only: reduced precision may move their
+        # values further than the probabilities' limit allows.
+        map_difference = max(
+            (d for k, d in zip(kinds, found, strict=False) if k == "map"),
+            default=0.0,
+        )
         outputs = runtime.run(None, {base.manifest.input.name: sample})
         provenance = base.manifest.provenance.model_copy(
             update={
                 "source": f"{variant} variant of {base.manifest.name} "
-                f"(max difference {difference:.2e} on its reference sample)",
+                f"(max difference {difference:.2e} on its reference sample, "
+                f"{map_difference:.2e} on activation maps)",
                 "calibration": note,
             }
         )
@@ -80,7 +90,7 @@ def _install(
         )
         dump(manifest, work / MANIFEST)
         write_card(manifest, work / "card.md")
-        if difference > max_difference:
+        if difference > max_difference or map_difference > MAP_SLACK * max_difference:
             raise ManifestError(
                 f"the {variant} variant differs from {base.manifest.name} by {difference:.2e} "
                 f"on the reference sample (limit {max_difference:g})"

@@ -46,7 +46,7 @@ ICDR_GRADES = [
     "4 proliferative DR",
 ]
 DENSITY = ["A", "B", "C", "D"]
-DEMO_VERSION = "0.1.0-demo"
+DEMO_VERSION = "0.2.0-demo"
 
 DX_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
@@ -91,7 +91,16 @@ CHEST_XRAY = Task(
     outputs=[
         OutputSpec(
             name="probabilities", shape=["batch", 18], labels=CXR_LABELS, activation="sigmoid"
-        )
+        ),
+        # Class activation maps on the 7x7 grid of the last dense block (32 input pixels a
+        # cell), squashed like the probabilities: where each finding's evidence is.
+        OutputSpec(
+            name="activation_maps",
+            shape=["batch", 18, 7, 7],
+            labels=CXR_LABELS,
+            activation="sigmoid",
+            kind="map",
+        ),
     ],
     preprocessing=Preprocessing(
         color="grayscale",

@@ -28,8 +28,17 @@ def _source() -> Dataset:
     return frontal
 
 
+PEAKS = [(i % 7, (3 * i) % 7) for i in range(18)]  # the hottest cell of each label's map
+
+
 def _outputs() -> dict[str, np.ndarray]:
-    return {"probabilities": np.linspace(0.05, 0.95, 18).astype(np.float32)}
+    maps = np.full((18, 7, 7), 0.1, np.float32)
+    for label, (row, column) in enumerate(PEAKS):
+        maps[label, row, column] = 0.9
+    return {
+        "probabilities": np.linspace(0.05, 0.95, 18).astype(np.float32),
+        "activation_maps": maps,
+    }
 
 
 def _items(ds: Dataset) -> list[Dataset]:
@@ -76,6 +85,29 @@ def test_report_content_and_references() -> None:
     assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
 
 
+def test_positive_findings_carry_the_image_region_of_their_peak() -> None:
+    source = _source()  # 125 x 102: centre crop to rows 11..113, scaled by 102/224
+    sr = build_report(CXR, [source], _outputs(), job="job-4", device_uid="1.2.3")
+    items = _items(sr)
+    groups = [i for i in items if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"]
+    cell = 32 * 102 / 224
+    for finding, group in zip(findings(CXR, _outputs()), groups, strict=False):
+        regions = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+        if not finding.positive:
+            assert regions == [], finding.label
+            continue
+        (region,) = regions
+        assert region.GraphicType == "POLYLINE"
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            source.SOPInstanceUID
+        )
+        row, column = PEAKS[CXR.outputs[0].labels.index(finding.label)]
+        points = np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 2)
+        assert points[0] == pytest.approx([column * cell, 11 + row * cell], abs=1e-3)
+        assert points[2] == pytest.approx([(column + 1) * cell, 11 + (row + 1) * cell], abs=1e-3)
+        assert (points[0] == points[-1]).all()  # closed
+
+
 def test_uids_are_stable_per_job() -> None:
     source = _source()
     one = build_report(CXR, [source], _outputs(), job="job-1", device_uid="1.2.3")
@@ -98,7 +130,7 @@ def test_rerun_replaces_the_report_in_the_archive(archive: Archive) -> None:
         InstanceSource.from_part10(io.BytesIO(_part10(first))), Origin.INFERENCE
     )
     assert stored.action == IndexAction.STORED
-    changed = {"probabilities": _outputs()["probabilities"][::-1].copy()}
+    changed = {**_outputs(), "probabilities": _outputs()["probabilities"][::-1].copy()}
     second = build_report(CXR, [source], changed, job="job-9", device_uid="1.2.3")
     replaced = archive.ingest(
         InstanceSource.from_part10(io.BytesIO(_part10(second))),

@@ -27,7 +27,7 @@ def test_concurrent_calls_share_batches_and_get_their_own_outputs(tmp_path: Path
     manifest = build_demo(tmp_path, CHEST_XRAY).manifest
     path = tmp_path / manifest.name / "model.onnx"
     images = reference_sample(manifest.input, manifest.preprocessing, batch=8, seed=9)
-    (expected,) = session(path).run(None, {manifest.input.name: images})
+    expected, _maps = session(path).run(None, {manifest.input.name: images})
     runner = BatchingSession(path, max_batch=4, max_wait_ms=200)
     assert runner.providers[-1] == CPU
     results: dict[int, np.ndarray] = {}
@@ -35,7 +35,7 @@ def test_concurrent_calls_share_batches_and_get_their_own_outputs(tmp_path: Path
 
     def worker(n: int) -> None:
         start.wait()
-        (results[n],) = runner.infer(images[n], timeout=120)
+        results[n], _map = runner.infer(images[n], timeout=120)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for thread in threads:
@@ -56,6 +56,7 @@ def test_a_bad_input_fails_its_caller_only(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"(?i)dimension|shape|invalid"):
         runner.infer(np.zeros((1, 10, 10), np.float32), timeout=60)
     good = reference_sample(manifest.input, manifest.preprocessing, batch=1)[0]
-    (probabilities,) = runner.infer(good, timeout=60)
+    probabilities, maps = runner.infer(good, timeout=60)
     assert probabilities.shape == (18,)
+    assert maps.shape == (18, 7, 7)
     runner.close()

@@ -147,6 +147,7 @@ def expected(manifest: Manifest, sources: Sequence[Dataset]) -> dict[str, float]
         return {
             label: float(value)
             for spec, values in zip(manifest.outputs, outputs(manifest, ds), strict=True)
+            if spec.kind == "scores"
             for label, value in zip(spec.labels, values, strict=True)
         }
     rule = manifest.aggregation

@@ -141,7 +141,19 @@ window.config = {
   routerBasename: '/viewer',
   extensions: [],
   modes: [],
-  customizationService: {},
+  customizationService: [
+    {
+      // OHIF reads the first coordinate of every SR measurement it tries to draw;
+      // findings without an image region have none. They are left out of the drawing
+      // (and stay in the report) instead of stopping the viewer.
+      onBeforeSRAddMeasurement: {
+        $set: ({ measurement }) =>
+          measurement.coords && measurement.coords.length
+            ? measurement
+            : { ...measurement, coords: [{}] },
+      },
+    },
+  ],
   showStudyList: true,
   maxNumberOfWebWorkers: 3,
   showWarningMessageForCrossOrigin: false,

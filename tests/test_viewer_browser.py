@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Request, Response, sync_playwright
@@ -31,6 +32,7 @@ from models.build import build_demo
 from models.zoo import CHEST_XRAY
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode, fundus_op, mammography
 from tests.support.server import Server
+from tests.support.web import parts
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -203,3 +205,61 @@ def test_each_image_is_drawn(browser: Browser, site: Site, name: str) -> None:
     tab.close()
     assert spread >= 5, f"the {name} viewport stayed blank"
     assert tab.failed == []
+
+
+def _annotation_pixels(png: bytes) -> int:
+    """Pixels in the yellow OHIF draws measurements with (the images are grey)."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int32)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(((red > 180) & (green > 180) & (blue < 100)).sum())
+
+
+def test_ai_report_is_drawn_on_the_image(browser: Browser, site: Site) -> None:
+    study = site.studies["cxr"].StudyInstanceUID
+    tab = _open(browser, f"{site.root}/viewer/viewer?StudyInstanceUIDs={study}")
+    page = tab.page
+    canvas = page.locator("canvas.cornerstone-canvas").first
+    canvas.wait_for(timeout=90_000)
+    _skip_tour(page)
+    before = _annotation_pixels(page.screenshot())
+    report = page.get_by_text("AI chest-xray", exact=False).first
+    report.wait_for(timeout=60_000)
+    report.dblclick()
+    # Each positive finding is drawn where its evidence is, labelled with its probability.
+    positive = _positive_findings(site)
+    assert positive, "the demo model called nothing; nothing to draw"
+    page.get_by_text(f"{positive[0]} probability", exact=False).first.wait_for(timeout=60_000)
+    time.sleep(2)
+    shot = page.screenshot()
+    _save("ai-report", shot)
+    tab.close()
+    assert _annotation_pixels(shot) > before + 500
+    assert tab.failed == []
+
+
+def _positive_findings(site: Site) -> list[str]:
+    """Labels the stored SR calls present, read back through DICOMweb."""
+    study = site.studies["cxr"].StudyInstanceUID
+    base = site.server.url
+    (series,) = httpx.get(f"{base}/studies/{study}/series", params={"Modality": "SR"}).json()
+    series_uid = series["0020000E"]["Value"][0]
+    (instance,) = httpx.get(f"{base}/studies/{study}/series/{series_uid}/instances").json()
+    sop = instance["00080018"]["Value"][0]
+    response = httpx.get(
+        f"{base}/studies/{study}/series/{series_uid}/instances/{sop}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+    )
+    ((_, body),) = parts(response)
+    sr = pydicom.dcmread(io.BytesIO(body))
+    positive = []
+    for group in sr.ContentSequence[-1].ContentSequence:
+        items = group.get("ContentSequence", [])
+        if any(i.ValueType == "SCOORD" for i in items):
+            identifier = next(
+                str(i.TextValue)
+                for i in items
+                if i.ValueType == "TEXT"
+                and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"
+            )
+            positive.append(identifier)
+    return positive

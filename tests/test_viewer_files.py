@@ -6,11 +6,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydicom.encaps import generate_frames
+from pydicom.uid import JPEGLSLossless
 
 from dicomweb.app import create_app
 from filmless.viewer import BASE, HOW_TO, ViewerError, app_config, installed, patch
-from pacs.archive import Archive
-from tests.support.web import serving
+from pacs.archive import Archive, Origin
+from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode
+from tests.support.instances import source
+from tests.support.web import parts, serving
 
 INDEX = (
     '<!doctype html><html><head><script>window.PUBLIC_URL="/"</script>'
@@ -91,3 +95,55 @@ def test_without_a_viewer_the_server_says_how_to_get_one(archive: Archive, tmp_p
         answer = httpx.get(url.removesuffix("/dicom-web") + "/viewer/")
         assert answer.status_code == 404
         assert "filmless viewer install" in answer.text
+
+
+def test_what_ohif_asks_for(archive: Archive) -> None:
+    """The requests OHIF 3.13 sends for the study list and a viewer, as captured from it."""
+    cxr, _ = chest_dx(
+        Rng(5),
+        Patient("OHIF1", "Chest^Viewer", "ISO_IR 192", "19600101", "F"),
+        0.05,
+        "20260501",
+        "O1",
+    )
+    cxr = encode(cxr, JPEGLSLossless)
+    archive.ingest(source(cxr), Origin.DIMSE)
+    study, series, sop = cxr.StudyInstanceUID, cxr.SeriesInstanceUID, cxr.SOPInstanceUID
+    json = {"Accept": "application/dicom+json"}
+    with serving(create_app(archive)) as url:
+        listed = httpx.get(
+            f"{url}/studies?00100020=OHIF1&limit=101&offset=0&fuzzymatching=true"
+            "&includefield=00081030%2C00080060%2C00080090%2C00100030",
+            headers=json,
+        )
+        assert listed.status_code == 200
+        (found,) = listed.json()
+        assert found["0020000D"]["Value"] == [study]
+        assert {"00081030", "00100030"} <= set(found)
+        # The search box: lower case, wildcards, matched without regard to case.
+        by_name = httpx.get(
+            f"{url}/studies", params={"PatientName": "*chest*", "fuzzymatching": "true"}
+        )
+        assert [s["0020000D"]["Value"] for s in by_name.json()] == [[study]]
+        in_study = httpx.get(
+            f"{url}/studies/{study}/series?includefield=00080021%2C00080031%2C0008103E%2C00200011",
+            headers=json,
+        ).json()
+        assert in_study[0]["0008103E"]["Value"] == [cxr.SeriesDescription]
+        metadata = httpx.get(f"{url}/studies/{study}/series/{series}/metadata", headers=json)
+        assert metadata.json()[0]["00080018"]["Value"] == [sop]
+        instance = f"{url}/studies/{study}/series/{series}/instances/{sop}"
+        frames = httpx.get(
+            f"{instance}/frames/1",
+            headers={
+                "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"
+            },
+        )
+        ((content_type, body),) = parts(frames)
+        assert content_type.startswith("image/jls")
+        assert JPEGLSLossless in content_type  # the stored transfer syntax, named in the part
+        assert body == next(generate_frames(cxr.PixelData, number_of_frames=1))
+        for path in ("thumbnail", "rendered"):
+            image = httpx.get(f"{instance}/{path}?accept=image/jpeg")
+            assert image.status_code == 200
+            assert image.headers["content-type"] == "image/jpeg"

@@ -19,6 +19,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 
+from dicomweb.auth import ApiToken, BearerAuth
 from dicomweb.media import DICOM_JSON
 from dicomweb.qido import Search, parse_search, to_dicom_json
 from dicomweb.stow import stow_router
@@ -40,13 +41,17 @@ def create_app(
     cors_origins: Sequence[str] = (),
     viewer_dir: Path | None = None,
     viewer_missing: str = "",
+    api_tokens: Sequence[ApiToken] = (),
 ) -> FastAPI:
     """``cors_origins``: origins of other sites allowed to call the API from a browser
     (``*`` for any); empty keeps the same-origin policy, which the bundled viewer needs.
     ``viewer_dir``: the web viewer's files, served at /viewer/ (``viewer_missing`` is
-    the answer while they are not there)."""
+    the answer while they are not there). ``api_tokens``: when given, every API route
+    needs one of them (the viewer's static files do not: they hold no patient data)."""
     app = FastAPI(title="filmless DICOMweb", version="0.1.0")
     app.add_middleware(GZipMiddleware, minimum_size=1024, exclude_content_types=_NOT_GZIPPED)
+    if api_tokens:
+        app.add_middleware(BearerAuth, tokens=list(api_tokens), prefix=base_path)
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,

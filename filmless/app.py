@@ -11,6 +11,7 @@ from types import FrameType
 import uvicorn
 
 from dicomweb.app import create_app
+from dicomweb.auth import parse_tokens
 from filmless import viewer
 from filmless.dimse_pool import DimsePool
 from filmless.settings import Settings
@@ -31,6 +32,7 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
             cors_origins=settings.cors_origins,
             viewer_dir=settings.viewer_dir,
             viewer_missing=viewer.HOW_TO,
+            api_tokens=parse_tokens(settings.api_tokens),
         ),
         host=settings.bind_address,
         port=settings.http_port,
@@ -70,6 +72,8 @@ def serve(settings: Settings) -> None:
     http = start_http(archive, settings)
     screening = start_screening(archive, settings, stop) if settings.screening else None
     log.info("DICOMweb on http://%s:%d/dicom-web", settings.bind_address, settings.http_port)
+    if settings.api_tokens:
+        log.info("DICOMweb needs a bearer token (%d configured)", len(settings.api_tokens))
     if viewer.installed(settings.viewer_dir):
         log.info("viewer on http://%s:%d/viewer/", settings.bind_address, settings.http_port)
     else:

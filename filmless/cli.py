@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dicomweb.auth import SCOPES, new_token
 from filmless import models_cli
 from filmless.app import serve
 from filmless.settings import Settings, load_settings, to_toml
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
         "--optional", action="store_true", help="without npm, say how to get it and exit 0"
     )
     install.add_argument("--force", action="store_true", help="install again")
+    token = commands.add_parser("token", help="DICOMweb bearer tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    new = token_commands.add_parser("new", help="make a token and print its settings line")
+    new.add_argument("--name", required=True)
+    new.add_argument("--scope", choices=SCOPES, default="read")
     jobs = commands.add_parser("jobs", help="the screening job queue")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     listing = jobs_commands.add_parser("list", help="jobs and their state")
@@ -79,6 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return models_cli.run(args, settings, console)
     if args.command == "jobs":
         return jobs_command(settings, args, console)
+    if args.command == "token":
+        token, sha256 = new_token()
+        console.print("the token (shown once; give it to the client):")
+        sys.stdout.write(f"{token}\n")
+        console.print("add to [api_tokens] in filmless.toml:")
+        sys.stdout.write(f'{args.name} = "{args.scope}:{sha256}"\n')
+        return 0
     if args.command == "viewer":
         return viewer_install(settings, console, optional=args.optional, force=args.force)
     raise AssertionError(args.command)

@@ -7,6 +7,7 @@ archive on one machine: SQLite and files under ``./data``, listening on loopback
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from dicomweb.auth import parse_tokens
 from inference.forward import destination
 
 DuplicatePolicy = Literal["reject", "overwrite"]
@@ -69,6 +71,14 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description='other web origins allowed to call DICOMweb ("*" = any); empty = same origin',
+    )
+    api_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description='DICOMweb bearer tokens: name = "read|write|admin:<sha256 of the token>" '
+        "(filmless token new); empty = no authentication",
+    )
+    allow_unauthenticated_bind: bool = Field(
+        False, description="serve DICOMweb without tokens on an address other than loopback"
     )
     screening: bool = Field(True, description="run the installed models on what arrives")
     inference_workers: int = Field(1, ge=0, description="threads running screening jobs")
@@ -133,6 +143,27 @@ class Settings(BaseSettings):
         for name, address in value.items():
             destination(name, address)
         return value
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _check_tokens(cls, value: dict[str, str]) -> dict[str, str]:
+        parse_tokens(value)
+        return value
+
+    @model_validator(mode="after")
+    def _exposed_needs_tokens(self) -> Settings:
+        if not self.api_tokens and not self.allow_unauthenticated_bind:
+            try:
+                loopback = ipaddress.ip_address(self.bind_address).is_loopback
+            except ValueError:
+                loopback = self.bind_address == "localhost"
+            if not loopback:
+                raise ValueError(
+                    f"bind_address {self.bind_address} is reachable from other machines and "
+                    "no api_tokens are set; add tokens (filmless token new) or set "
+                    "allow_unauthenticated_bind = true"
+                )
+        return self
 
     @model_validator(mode="after")
     def _default_index(self) -> Settings:

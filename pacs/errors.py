@@ -17,7 +17,9 @@
     │   └── UndecodablePixels       0x0110 no decoder or corrupt pixels / 406
     ├── MalformedRequest            0xC000 cannot understand   / 400
     ├── RequestTooLarge             0xA700 out of resources    / 413
-    └── UnsupportedMediaType        0xC000 cannot understand   / 415
+    ├── UnsupportedMediaType        0xC000 cannot understand   / 415
+    ├── Unauthenticated             0x0124 not authorized      / 401
+    └── Forbidden                   0x0124 not authorized      / 403
 
 The DIMSE adapters answer ``exc.dimse_status``; the HTTP layer answers
 ``exc.http_status`` with ``str(exc)`` as the reason. Nothing else maps errors.
@@ -130,3 +132,17 @@ class UnsupportedMediaType(PacsError):
 
     dimse_status = StoreStatus.CANNOT_UNDERSTAND
     http_status = 415
+
+
+class Unauthenticated(PacsError):
+    """No credentials, or credentials that are not valid."""
+
+    dimse_status = StoreStatus.NOT_AUTHORIZED
+    http_status = 401
+
+
+class Forbidden(PacsError):
+    """Valid credentials without the scope the action needs."""
+
+    dimse_status = StoreStatus.NOT_AUTHORIZED
+    http_status = 403

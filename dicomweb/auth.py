@@ -1,0 +1,111 @@
+"""Bearer tokens on the DICOMweb API: static API tokens with read, write or admin scope.
+
+Only the SHA-256 of a token is configured, never the token itself, so the settings file
+gives nothing away. Reading (GET, HEAD) needs ``read``, storing (POST) ``write``, deleting
+``admin``; each scope includes the ones before it. A missing or unknown token is 401 with
+``WWW-Authenticate: Bearer``, a token without the scope 403. The check runs in front of
+every route under the API's base path, before any body is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pacs.errors import Forbidden, PacsError, Unauthenticated
+
+SCOPES = ("read", "write", "admin")
+_NEEDED = {"GET": "read", "HEAD": "read", "POST": "write", "DELETE": "admin"}
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    name: str
+    scope: str
+    sha256: str
+
+
+def parse_tokens(configured: Mapping[str, str]) -> list[ApiToken]:
+    """``name = "scope:sha256hex"`` entries; ``ValueError`` with the reason otherwise."""
+    tokens = []
+    for name, value in configured.items():
+        scope, _, digest = value.partition(":")
+        if scope not in SCOPES:
+            raise ValueError(f"token {name}: scope {scope!r} is not one of {', '.join(SCOPES)}")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"token {name}: expected {scope}:<64 lower-case hex digits>")
+        tokens.append(ApiToken(name, scope, digest))
+    return tokens
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh token and the SHA-256 to configure for it."""
+    token = secrets.token_urlsafe(32)
+    return token, digest(token)
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def authorize(tokens: list[ApiToken], authorization: str | None, method: str) -> ApiToken:
+    """The token that allows ``method``; raises :class:`Unauthenticated` / :class:`Forbidden`."""
+    kind, _, credentials = (authorization or "").partition(" ")
+    if kind.lower() != "bearer" or not credentials.strip():
+        raise Unauthenticated("a bearer token is required")
+    presented = digest(credentials.strip())
+    # Compare against every token in constant time: no early exit tells which one is near.
+    matches = [t for t in tokens if hmac.compare_digest(t.sha256, presented)]
+    if not matches:
+        raise Unauthenticated("the bearer token is not valid")
+    token = matches[0]
+    needed = _NEEDED.get(method.upper(), "admin")
+    if SCOPES.index(token.scope) < SCOPES.index(needed):
+        raise Forbidden(f"token {token.name} has scope {token.scope}; {method} needs {needed}")
+    return token
+
+
+class BearerAuth:
+    """ASGI middleware: requests under ``prefix`` need a token; others pass untouched."""
+
+    def __init__(self, app: ASGIApp, *, tokens: list[ApiToken], prefix: str) -> None:
+        self.app = app
+        self.tokens = tokens
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        inside = path == self.prefix or path.startswith(self.prefix + "/")
+        # CORS preflights carry no credentials by design; the CORS middleware answers them.
+        if scope["type"] != "http" or not inside or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            token = authorize(self.tokens, headers.get("authorization"), scope["method"])
+        except PacsError as exc:
+            await _refuse(send, exc)
+            return
+        scope.setdefault("state", {})["token"] = token.name
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, exc: PacsError) -> None:
+    body = json.dumps({"error": str(exc)}).encode()
+    headers: list[tuple[bytes, bytes]] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if exc.http_status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="filmless"'))
+    start: dict[str, Any] = {"type": "http.response.start", "status": exc.http_status}
+    start["headers"] = headers
+    await send(start)
+    await send({"type": "http.response.body", "body": body})

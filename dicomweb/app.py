@@ -19,6 +19,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 
+from dicomweb.audit import AuditRequests
 from dicomweb.auth import ApiToken, BearerAuth
 from dicomweb.media import DICOM_JSON
 from dicomweb.qido import Search, parse_search, to_dicom_json
@@ -52,6 +53,7 @@ def create_app(
     app.add_middleware(GZipMiddleware, minimum_size=1024, exclude_content_types=_NOT_GZIPPED)
     if api_tokens:
         app.add_middleware(BearerAuth, tokens=list(api_tokens), prefix=base_path)
+    app.add_middleware(AuditRequests, audit=archive.audit, prefix=base_path)
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,

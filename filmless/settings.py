@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     models_dir: Path = Field(
         Path(""), description="installed models (ONNX + manifest); empty = data_dir/models"
     )
+    audit_log: Path = Field(
+        Path(""), description="JSON-lines audit trail (PS3.15 fields); empty = data_dir/audit.jsonl"
+    )
     viewer_dir: Path = Field(
         Path(""), description="the OHIF viewer's files, served at /viewer/; empty = data_dir/viewer"
     )
@@ -172,6 +175,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "index_url", url)
         if self.models_dir == Path(""):
             object.__setattr__(self, "models_dir", self.data_dir / "models")
+        if self.audit_log == Path(""):
+            object.__setattr__(self, "audit_log", self.data_dir / "audit.jsonl")
         if self.viewer_dir == Path(""):
             object.__setattr__(self, "viewer_dir", self.data_dir / "viewer")
         return self

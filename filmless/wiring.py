@@ -17,6 +17,7 @@ from inference.forward import destination
 from inference.scheduler import Scheduler
 from models.store import ModelStore
 from pacs.archive import Archive
+from pacs.audit import AuditTrail
 from pacs.dimse.server import DimseConfig
 from pacs.events import EventBus
 from pacs.index import Index
@@ -61,6 +62,7 @@ def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
         index,
         EventBus(),
         duplicate_policy=settings.duplicate_policy,
+        audit=AuditTrail(settings.audit_log),
     )
     if settings.screening:
         store = ModelStore(settings.models_dir)

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
+from pacs.audit import AuditTrail
 from pacs.errors import DuplicateRejected, NotFound, PacsError, StudyMismatch
 from pacs.events import EventBus, InstanceStored
 from pacs.header import read_header
@@ -82,11 +83,13 @@ class Archive:
         events: EventBus | None = None,
         *,
         duplicate_policy: DuplicatePolicy = "reject",
+        audit: AuditTrail | None = None,
     ) -> None:
         self.store = store
         self.index = index
         self.events = events or EventBus()
         self.duplicate_policy = duplicate_policy
+        self.audit = audit or AuditTrail(None)
 
     def ingest(
         self,

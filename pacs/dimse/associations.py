@@ -1,10 +1,15 @@
-"""Association lifecycle in the log: who connected, what was refused, how it ended."""
+"""Association lifecycle in the log (who connected, how it ended) and refusals in the
+audit trail."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from pynetdicom import evt
+
+from pacs.audit import Actor, AuditEvent, AuditTrail, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +31,20 @@ def on_aborted(event: evt.Event) -> None:
     log.warning("association with %s aborted", _peer(event))
 
 
-HANDLERS = [
-    (evt.EVT_ACCEPTED, on_accepted),
-    (evt.EVT_REJECTED, on_rejected),
-    (evt.EVT_ABORTED, on_aborted),
-]
+def actor(event: evt.Event) -> Actor:
+    requestor = event.assoc.requestor
+    return Actor(str(requestor.ae_title or ""), str(requestor.address), "DIMSE")
+
+
+def handlers(audit: AuditTrail) -> list[tuple[Any, Callable[[evt.Event], None]]]:
+    def rejected(event: evt.Event) -> None:
+        on_rejected(event)
+        audit.record(
+            AuditEvent.LOGIN, actor(event), Outcome.MINOR_FAILURE, detail="association rejected"
+        )
+
+    return [
+        (evt.EVT_ACCEPTED, on_accepted),
+        (evt.EVT_REJECTED, rejected),
+        (evt.EVT_ABORTED, on_aborted),
+    ]

@@ -24,6 +24,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacs.archive import Archive
+from pacs.audit import AuditEvent, Outcome
+from pacs.dimse.associations import actor
 from pacs.dimse.responses import status_dataset as failure
 from pacs.errors import InvalidQuery
 from pacs.query import ATTRIBUTES, Level, Model, Query, compile_query, count_query
@@ -176,14 +178,29 @@ def make_find_handler(
         except Exception as exc:  # pynetdicom raises what pydicom raises
             yield failure(QueryStatus.UNABLE_TO_PROCESS, f"identifier unreadable: {exc}"), None
             return
-        yield from _answer(
-            archive,
-            event,
-            identifier,
-            model,
-            max_matches=max_matches,
-            retrieve_ae=retrieve_ae_title,
-        )
+        final: int = QueryStatus.SUCCESS
+        try:
+            for response in _answer(
+                archive,
+                event,
+                identifier,
+                model,
+                max_matches=max_matches,
+                retrieve_ae=retrieve_ae_title,
+            ):
+                status = response[0]
+                final = int(getattr(status, "Status", status))
+                yield response
+        finally:
+            ok = final in (0x0000, 0xFE00, 0xFF00, 0xFF01)
+            archive.audit.record(
+                AuditEvent.QUERY,
+                actor(event),
+                Outcome.SUCCESS if ok else Outcome.MINOR_FAILURE,
+                StudyInstanceUID=str(identifier.get("StudyInstanceUID", "") or ""),
+                detail=f"C-FIND {identifier.get('QueryRetrieveLevel', '')}"
+                + ("" if ok else f" 0x{final:04X}"),
+            )
 
     return handle_find
 

@@ -33,6 +33,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacs.archive import Archive
+from pacs.audit import AuditEvent, Outcome
+from pacs.dimse.associations import actor
 from pacs.dimse.find import query_from_identifier
 from pacs.dimse.responses import status_dataset as failure
 from pacs.errors import InvalidQuery, PacsError
@@ -106,6 +108,31 @@ def _sub_operations(
         yield QueryStatus.PENDING, dataset
 
 
+def _audit(
+    archive: Archive,
+    event: evt.Event,
+    records: list[InstanceRecord],
+    problem: PacsError | None,
+    what: str,
+) -> None:
+    """One message per study that is sent (or one failure); sub-operation outcomes are
+    in the C-MOVE/C-GET response the peer gets."""
+    if problem is not None:
+        archive.audit.record(
+            AuditEvent.RETRIEVE, actor(event), Outcome.MINOR_FAILURE, detail=f"{what}: {problem}"
+        )
+        return
+    for study in sorted({r.StudyInstanceUID for r in records}):
+        count = sum(r.StudyInstanceUID == study for r in records)
+        archive.audit.record(
+            AuditEvent.RETRIEVE,
+            actor(event),
+            Outcome.SUCCESS,
+            StudyInstanceUID=study,
+            detail=f"{what}: {count} instance(s)",
+        )
+
+
 def make_move_handler(
     archive: Archive, destinations: Mapping[str, tuple[str, int]]
 ) -> Callable[[evt.Event], Iterator[Any]]:
@@ -121,6 +148,7 @@ def make_move_handler(
             problem: PacsError | None = None
         except PacsError as exc:
             records, problem = [], exc
+        _audit(archive, event, records, problem, f"C-MOVE to {event.move_destination}")
         # pynetdicom opens the destination association before any status can be sent,
         # even for a refusal: propose what every Storage SCP accepts in that case.
         contexts = _contexts(records) or [
@@ -145,9 +173,11 @@ def make_get_handler(archive: Archive) -> Callable[[evt.Event], Iterator[Any]]:
         try:
             records = select_instances(archive, event, model)
         except PacsError as exc:
+            _audit(archive, event, [], exc, "C-GET")
             yield 1
             yield failure(exc.dimse_status, str(exc)), None
             return
+        _audit(archive, event, records, None, "C-GET")
         yield len(records)
         yield from _sub_operations(archive, event, records)
 

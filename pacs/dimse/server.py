@@ -92,7 +92,7 @@ def build_ae(config: DimseConfig) -> AE:
 
 def service_handlers(archive: Archive, config: DimseConfig) -> list[Any]:
     return [
-        *associations.HANDLERS,
+        *associations.handlers(archive.audit),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(archive)),
         (

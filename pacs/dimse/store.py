@@ -18,6 +18,8 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from pacs.archive import Archive, InstanceSource, Origin
+from pacs.audit import AuditEvent, Outcome
+from pacs.dimse.associations import actor
 from pacs.dimse.responses import status_dataset
 from pacs.errors import PacsError, SOPClassMismatch
 from pacs.status import StoreStatus
@@ -54,11 +56,24 @@ def make_store_handler(archive: Archive) -> Callable[[evt.Event], Dataset]:
                 exc.dimse_status,
                 exc,
             )
+            archive.audit.record(
+                AuditEvent.STORE, actor(event), Outcome.MINOR_FAILURE, detail=str(exc)
+            )
             return status_dataset(exc.dimse_status, str(exc))
         except Exception:
             log.exception("C-STORE %s from %s failed", sop_instance[:64], calling)
+            archive.audit.record(
+                AuditEvent.STORE, actor(event), Outcome.SERIOUS_FAILURE, detail="internal error"
+            )
             return status_dataset(StoreStatus.PROCESSING_FAILURE, "internal error, see log")
         log.debug("C-STORE %s from %s: %s", sop_instance, calling, outcome.action)
+        archive.audit.record(
+            AuditEvent.STORE,
+            actor(event),
+            Outcome.SUCCESS,
+            StudyInstanceUID=outcome.record.StudyInstanceUID,
+            detail=sop_instance,
+        )
         return status_dataset(StoreStatus.SUCCESS)
 
     return handle_store

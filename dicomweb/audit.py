@@ -1,0 +1,80 @@
+"""Every DICOMweb request in the audit trail: a query, a retrieve, a store, a delete, or a
+refused login (401/403), with the caller (token name or "anonymous"), the address and the
+study the path names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pacs.audit import Actor, AuditEvent, AuditTrail, Outcome
+
+# The search resources of QIDO-RS; any other GET reads instances (WADO-RS).
+_SEARCH = re.compile(
+    r"^/(studies|series|instances|studies/[^/]+/(series|instances)|"
+    r"studies/[^/]+/series/[^/]+/instances)$"
+)
+_STUDY = re.compile(r"^/studies/([^/]+)")
+
+
+def classify(method: str, path: str) -> AuditEvent:
+    """The audit event of a request to ``path`` (relative to the API's base path)."""
+    if method == "DELETE":
+        return AuditEvent.DELETE
+    if method == "POST":
+        return AuditEvent.STORE
+    return AuditEvent.QUERY if _SEARCH.match(path) else AuditEvent.RETRIEVE
+
+
+class AuditRequests:
+    """ASGI middleware, outside the token check so that refusals are recorded too."""
+
+    def __init__(self, app: ASGIApp, *, audit: AuditTrail, prefix: str) -> None:
+        self.app = app
+        self.audit = audit
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(self.prefix + "/"):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def remember(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, remember)
+        finally:
+            self._record(scope, path.removeprefix(self.prefix), status)
+
+    def _record(self, scope: Scope, path: str, status: int) -> None:
+        state: dict[str, Any] = scope.get("state", {})
+        client = scope.get("client") or ("", 0)
+        actor = Actor(str(state.get("token", "anonymous")), str(client[0]), "DICOMweb")
+        study = _STUDY.match(path)
+        detail = f"{scope['method']} {path[:300]} -> {status}"
+        if status in (401, 403):
+            self.audit.record(AuditEvent.LOGIN, actor, Outcome.MINOR_FAILURE, detail=detail)
+            return
+        outcome = (
+            Outcome.SUCCESS
+            if status < 400
+            else Outcome.MINOR_FAILURE
+            if status < 500
+            else Outcome.SERIOUS_FAILURE
+        )
+        self.audit.record(
+            classify(scope["method"], path),
+            actor,
+            outcome,
+            StudyInstanceUID=study.group(1) if study else "",
+            detail=detail,
+        )

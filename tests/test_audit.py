@@ -1,0 +1,123 @@
+"""The audit trail: stores, queries, retrieves, deletes and refused logins, over DIMSE
+and DICOMweb, each a JSON line with the PS3.15 audit message fields."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from dicomweb.app import create_app
+from dicomweb.audit import classify
+from dicomweb.auth import ApiToken, digest
+from pacs.archive import Archive
+from pacs.audit import AuditEvent, AuditTrail
+from pacs.dimse.server import DimseConfig, start_dimse
+from tests.conftest import free_port
+from tests.support.instances import ct_instance, part10
+from tests.support.web import serving
+
+STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=B'
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _event(line: dict[str, Any]) -> tuple[str, str, int]:
+    return line["EventID"]["meaning"], line["EventActionCode"], line["EventOutcomeIndicator"]
+
+
+def test_dimse_store_query_retrieve_and_refusal(archive: Archive, tmp_path: Path) -> None:
+    trail = tmp_path / "audit.jsonl"
+    archive.audit = AuditTrail(trail)
+    config = DimseConfig(port=free_port(), allowed_calling_aets=("MODALITY",))
+    server = start_dimse(archive, config)
+    try:
+        ds = ct_instance(patient_id="AUDIT1")
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", config.port, ae_title="FILMLESS")
+        assert assoc.send_c_store(ds).Status == 0
+        changed = ct_instance(patient_id="AUDIT1", sop=ds.SOPInstanceUID, seed=5)
+        assert assoc.send_c_store(changed).Status == 0x0111  # duplicate, refused
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ds.StudyInstanceUID
+        assert [
+            s.Status
+            for s, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+        ][-1] == 0
+        assoc.release()
+        stranger = AE(ae_title="STRANGER")
+        stranger.add_requested_context(CTImageStorage)
+        assert not stranger.associate("127.0.0.1", config.port, ae_title="FILMLESS").is_established
+    finally:
+        server.shutdown()
+    lines = _lines(trail)
+    assert [_event(line) for line in lines] == [
+        ("DICOM Instances Transferred", "C", 0),
+        ("DICOM Instances Transferred", "C", 4),
+        ("Query", "E", 0),
+        ("User Authentication", "E", 4),
+    ]
+    stored = lines[0]
+    assert stored["ActiveParticipant"]["UserID"] == "MODALITY"
+    assert stored["ActiveParticipant"]["NetworkAccessPointID"] == "127.0.0.1"
+    assert stored["ParticipantObject"]["StudyInstanceUID"] == ds.StudyInstanceUID
+    assert "duplicate" in lines[1]["Detail"].lower()
+    assert lines[3]["ActiveParticipant"]["UserID"] == "STRANGER"
+
+
+def test_dicomweb_requests_and_refusals(archive: Archive, tmp_path: Path) -> None:
+    trail = tmp_path / "audit.jsonl"
+    archive.audit = AuditTrail(trail)
+    ds = ct_instance(patient_id="AUDIT2")
+    tokens = [ApiToken("workstation", "admin", digest("secret"))]
+    body = b"--B\r\nContent-Type: application/dicom\r\n\r\n"
+    body += part10(ds) + b"\r\n--B--\r\n"
+    auth = {"Authorization": "Bearer secret"}
+    with serving(create_app(archive, api_tokens=tokens)) as url:
+        assert httpx.get(f"{url}/studies").status_code == 401
+        stowed = httpx.post(
+            f"{url}/studies",
+            content=body,
+            headers={
+                **auth,
+                "Content-Type": 'multipart/related; type="application/dicom"; boundary=B',
+            },
+        )
+        assert stowed.status_code == 200
+        assert httpx.get(f"{url}/studies", headers=auth).status_code == 200
+        study = f"{url}/studies/{ds.StudyInstanceUID}"
+        assert httpx.get(f"{study}/metadata", headers=auth).status_code == 200
+        assert httpx.delete(study, headers=auth).status_code == 204
+    lines = _lines(trail)
+    assert [_event(line) for line in lines] == [
+        ("User Authentication", "E", 4),
+        ("DICOM Instances Transferred", "C", 0),
+        ("Query", "E", 0),
+        ("DICOM Instances Transferred", "R", 0),
+        ("DICOM Study Deleted", "D", 0),
+    ]
+    assert lines[0]["ActiveParticipant"]["UserID"] == "anonymous"
+    assert {line["ActiveParticipant"]["UserID"] for line in lines[1:]} == {"workstation"}
+    assert lines[4]["ParticipantObject"]["StudyInstanceUID"] == ds.StudyInstanceUID
+
+
+def test_search_paths_are_queries_and_others_retrieves() -> None:
+    assert classify("GET", "/studies") == AuditEvent.QUERY
+    assert classify("GET", "/studies/1.2/series/3.4/instances") == AuditEvent.QUERY
+    assert classify("GET", "/studies/1.2/series/3.4/instances/5.6") == AuditEvent.RETRIEVE
+    assert classify("GET", "/studies/1.2/metadata") == AuditEvent.RETRIEVE
+    assert classify("POST", "/studies/1.2") == AuditEvent.STORE
+    assert classify("DELETE", "/studies/1.2") == AuditEvent.DELETE

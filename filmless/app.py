@@ -18,6 +18,7 @@ from filmless.settings import Settings
 from filmless.wiring import build_archive, dimse_config, dimse_worker_count, start_screening
 from pacs.archive import Archive
 from pacs.dimse.server import start_dimse
+from pacs.verify import reconcile
 
 log = logging.getLogger("filmless")
 
@@ -53,6 +54,7 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
 def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then stop accepting and let open associations end."""
     archive = build_archive(settings)
+    reconcile(archive)  # before anything is received: what a crash left behind
     workers = dimse_worker_count(settings)
     stop = threading.Event()
 

@@ -25,6 +25,7 @@ from filmless.wiring import build_archive, configure_logging
 from pacs.archive import Archive, Origin
 from pacs.errors import PacsError
 from pacs.jobs import JobQueue, JobState
+from pacs.verify import verify
 
 _REJECTIONS_SHOWN = 20
 
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         "--optional", action="store_true", help="without npm, say how to get it and exit 0"
     )
     install.add_argument("--force", action="store_true", help="install again")
+    commands.add_parser("verify", help="re-hash every stored file against the index")
     token = commands.add_parser("token", help="DICOMweb bearer tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     new = token_commands.add_parser("new", help="make a token and print its settings line")
@@ -85,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return models_cli.run(args, settings, console)
     if args.command == "jobs":
         return jobs_command(settings, args, console)
+    if args.command == "verify":
+        return verify_command(settings, console)
     if args.command == "token":
         token, sha256 = new_token()
         console.print("the token (shown once; give it to the client):")
@@ -95,6 +99,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "viewer":
         return viewer_install(settings, console, optional=args.optional, force=args.force)
     raise AssertionError(args.command)
+
+
+def verify_command(settings: Settings, console: Console) -> int:
+    """1 when a file is missing or differs from what was acknowledged."""
+    archive = build_archive(settings)
+    try:
+        total = sum(r.size for r in archive.index.instances())
+        columns = (TextColumn("verifying"), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("verify", total=total)
+            result = verify(archive, lambda size: progress.advance(task, size))
+    finally:
+        archive.index.dispose()
+    console.print(
+        f"{result.checked} instance(s) checked: {len(result.missing)} missing, "
+        f"{len(result.corrupt)} differing from the index"
+    )
+    for label, uids in (("missing", result.missing), ("differs", result.corrupt)):
+        for uid in uids[:_REJECTIONS_SHOWN]:
+            console.print(f"[red]{label}:[/red] {uid}")
+    return 0 if result.ok else 1
 
 
 def viewer_install(settings: Settings, console: Console, *, optional: bool, force: bool) -> int:

@@ -245,7 +245,11 @@ class _CancellingEvent:
         self.request = SimpleNamespace(
             AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind
         )
-        self.assoc = SimpleNamespace(requestor=SimpleNamespace(sop_class_extended={}))
+        self.assoc = SimpleNamespace(
+            requestor=SimpleNamespace(
+                sop_class_extended={}, ae_title="FINDSCU", address="127.0.0.1"
+            )
+        )
         self.answers = 0
 
     @property

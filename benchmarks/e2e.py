@@ -42,7 +42,7 @@ from pynetdicom import AE
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.inference import BATCHES, rate
+from benchmarks.inference import BATCHES, rate, run_eager
 from benchmarks.ingest import FilmlessServer
 from benchmarks.support import free_port, run_facts
 from models.architectures import Screening, backbone, demo_weights
@@ -129,10 +129,13 @@ def store(port: int, paths: list[Path]) -> float:
     """One association per study, as a modality does; the time of the last response."""
     ae = AE(ae_title="BENCH")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    contexts = set()
     for path in paths:
         with path.open("rb") as stream:
             meta = read_file_meta(stream)
-        ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+        contexts.add((meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID))
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
     if not assoc.is_established:
         raise RuntimeError("the server refused the association")
@@ -217,7 +220,7 @@ def bare_engines(models_dir: Path, task_name: str, seconds: float) -> dict[str, 
     for batch in BATCHES:
         data = reference_sample(task.input, task.preprocessing, batch=batch)
         ort[batch] = rate(partial(runtime.run, None, {task.input.name: data}), batch, seconds)
-        eager[batch] = rate(partial(_eager, module, torch.from_numpy(data)), batch, seconds)
+        eager[batch] = rate(partial(run_eager, module, torch.from_numpy(data)), batch, seconds)
     best = max(ort, key=lambda b: ort[b])
     return {
         "ort_batch1": ort[1],
@@ -226,11 +229,6 @@ def bare_engines(models_dir: Path, task_name: str, seconds: float) -> dict[str, 
         "torch_batch1": eager[1],
         "torch_best": max(eager.values()),
     }
-
-
-def _eager(module: torch.nn.Module, tensor: torch.Tensor) -> object:
-    with torch.inference_mode():
-        return module(tensor)
 
 
 def run(args: argparse.Namespace, work: Path) -> tuple[list[Latency], list[Throughput]]:

@@ -109,7 +109,7 @@ def measure(models_dir: Path, seconds: float, threads_list: list[int]) -> list[T
                 data = reference_sample(task.input, task.preprocessing, batch=batch)
                 runs = {
                     "onnxruntime": partial(runtime.run, None, {task.input.name: data}),
-                    "torch eager": partial(_eager, module, torch.from_numpy(data)),
+                    "torch eager": partial(run_eager, module, torch.from_numpy(data)),
                 }
                 for engine, run in runs.items():
                     with console.status(f"{task.name} {engine} threads={threads} batch={batch}"):
@@ -122,7 +122,7 @@ def measure(models_dir: Path, seconds: float, threads_list: list[int]) -> list[T
     return results
 
 
-def _eager(module: torch.nn.Module, tensor: torch.Tensor) -> object:
+def run_eager(module: torch.nn.Module, tensor: torch.Tensor) -> object:
     with torch.inference_mode():
         return module(tensor)
 

@@ -105,11 +105,11 @@ def verify_command(settings: Settings, console: Console) -> int:
     """1 when a file is missing or differs from what was acknowledged."""
     archive = build_archive(settings)
     try:
-        total = sum(r.size for r in archive.index.instances())
+        records = archive.index.instances()
         columns = (TextColumn("verifying"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task("verify", total=total)
-            result = verify(archive, lambda size: progress.advance(task, size))
+            task = progress.add_task("verify", total=sum(r.size for r in records))
+            result = verify(archive, lambda size: progress.advance(task, size), records)
     finally:
         archive.index.dispose()
     console.print(

@@ -92,9 +92,3 @@ class AuditTrail:
                 os.write(self._fd, line)
         except OSError:
             log.exception("the audit trail %s cannot be written", self.path)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None

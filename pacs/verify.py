@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacs.archive import Archive
+from pacs.index import InstanceRecord
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -79,10 +80,15 @@ def reconcile(archive: Archive) -> Reconciled:
     return result
 
 
-def verify(archive: Archive, progress: Callable[[int], None] | None = None) -> Verified:
-    """Every indexed file re-hashed; ``progress`` is told the bytes read as it goes."""
+def verify(
+    archive: Archive,
+    progress: Callable[[int], None] | None = None,
+    records: Sequence[InstanceRecord] | None = None,
+) -> Verified:
+    """Every indexed file (or ``records``, already read) re-hashed; ``progress`` is told
+    the bytes read as it goes."""
     result = Verified()
-    for record in archive.index.instances():
+    for record in archive.index.instances() if records is None else records:
         result.checked += 1
         try:
             stream = archive.store.open(record.path)

@@ -35,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="filmless.toml to read settings from")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the DIMSE server in the foreground")
+    serve_cmd = commands.add_parser("serve", help="run the DIMSE server in the foreground")
+    serve_cmd.add_argument("--tls-cert", help="PEM certificate chain: DIMSE over TLS only")
+    serve_cmd.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve_cmd.add_argument(
+        "--tls-client-ca", help="PEM CA file: require DIMSE peers to present a certificate"
+    )
     config = commands.add_parser("config", help="settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_commands.add_parser("show", help="print the effective settings as TOML")
@@ -70,8 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(verbose=args.verbose)
     if args.command != "serve" and not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)
+    overrides = {}
+    if args.command == "serve":
+        flags = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
+        flags["tls_client_ca"] = args.tls_client_ca
+        overrides = {name: value for name, value in flags.items() if value}
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config, **overrides)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]invalid settings:[/red] {exc}")
         return 2

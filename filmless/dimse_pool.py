@@ -24,10 +24,9 @@ from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
 from typing import Any
 
-from pynetdicom import evt
-
 from filmless.settings import Settings
 from filmless.wiring import build_archive, configure_logging, dimse_config
+from pacs.dimse.frontdoor import AssociationCounts
 from pacs.dimse.server import start_handoff
 
 log = logging.getLogger("filmless.dimse")
@@ -37,13 +36,15 @@ _START_SECONDS = 60.0
 
 
 class _Worker:
-    def __init__(self, number: int, settings: Settings, context: Any) -> None:
+    def __init__(
+        self, number: int, settings: Settings, context: Any, counts: AssociationCounts
+    ) -> None:
         self.number = number
         self.channel, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.active: Synchronized[int] = context.Value("i", 0)
         self.process: BaseProcess = context.Process(
             target=worker_main,
-            args=(settings.model_dump(mode="json"), child_end, self.active),
+            args=(settings.model_dump(mode="json"), child_end, self.active, counts.for_row(number)),
             name=f"filmless-dimse-{number}",
             daemon=False,
         )
@@ -80,6 +81,8 @@ class DimsePool:
         self.count = workers
         self.context = multiprocessing.get_context("spawn")
         self.workers: list[_Worker] = []
+        # Association caps hold across all workers: one row of counts per worker.
+        self.counts = AssociationCounts(workers, settings.max_associations, self.context)
         # Bound now so that a port in use fails before any worker starts; listening only
         # once every worker can take a connection, so no peer waits on a cold start.
         family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
@@ -90,7 +93,9 @@ class DimsePool:
         self._thread = threading.Thread(target=self._accept, name="DimseAcceptor", daemon=True)
 
     def start(self) -> None:
-        self.workers = [_Worker(n, self.settings, self.context) for n in range(self.count)]
+        self.workers = [
+            _Worker(n, self.settings, self.context, self.counts) for n in range(self.count)
+        ]
         for worker in self.workers:
             worker.wait_ready(_START_SECONDS)
         self.listener.listen(128)
@@ -103,7 +108,8 @@ class DimsePool:
                     "DIMSE worker %d died (exit %s), restarting", number, worker.process.exitcode
                 )
                 worker.stop()
-                self.workers[number] = _Worker(number, self.settings, self.context)
+                self.counts.clear_row(number)
+                self.workers[number] = _Worker(number, self.settings, self.context, self.counts)
                 self.workers[number].wait_ready(_START_SECONDS)
         return min(self.workers, key=lambda w: w.active.value)
 
@@ -135,18 +141,24 @@ class DimsePool:
                 worker.process.join()
 
 
-def worker_main(settings_data: dict[str, Any], channel: socket.socket, active: Any) -> None:
+def worker_main(
+    settings_data: dict[str, Any],
+    channel: socket.socket,
+    active: Any,
+    counts: AssociationCounts,
+) -> None:
     """Entry point of a worker process: one archive, one handoff server, until SIGTERM."""
     settings = Settings.model_validate(settings_data)
     configure_logging(verbose=False)
     archive = build_archive(settings, create_schema=False)
     config = dimse_config(settings)
 
-    def closed(_event: evt.Event) -> None:
+    def ended() -> None:
         with active.get_lock():
             active.value -= 1
 
-    server = start_handoff(archive, config, [(evt.EVT_CONN_CLOSE, closed)])
+    server = start_handoff(archive, config, counts)
+    server.on_connection_end = ended
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:

@@ -52,7 +52,26 @@ class Settings(BaseSettings):
         default_factory=list,
         description="calling AE titles accepted at association time; empty = any",
     )
-    max_associations: int = Field(16, ge=1, description="concurrent DIMSE associations")
+    max_associations: int = Field(32, ge=1, description="concurrent DIMSE associations")
+    max_associations_per_host: int = Field(
+        16, ge=1, description="concurrent DIMSE associations from one peer address"
+    )
+    max_pending_connections: int = Field(
+        256, ge=1, description="connections per DIMSE process still sending A-ASSOCIATE-RQ"
+    )
+    handshake_timeout: float = Field(
+        10.0, gt=0, description="seconds a new connection has for TLS and its A-ASSOCIATE-RQ"
+    )
+    calling_aets_by_network: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='calling AE titles allowed per network: "10.1.0.0/16" = ["CT1", "CR2"] '
+        '("*" = any); empty = any peer',
+    )
+    tls_cert: str = Field("", description="PEM certificate chain: DIMSE speaks only TLS when set")
+    tls_key: str = Field("", description="PEM private key of tls_cert")
+    tls_client_ca: str = Field(
+        "", description="PEM CA file: DIMSE peers must present a certificate it signed"
+    )
     dimse_workers: int = Field(
         0, ge=0, description="processes storing DIMSE instances; 0 = one per CPU core"
     )
@@ -139,6 +158,31 @@ class Settings(BaseSettings):
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"move destination {title}: {address!r} is not host:port")
         return value
+
+    @field_validator("calling_aets_by_network")
+    @classmethod
+    def _check_networks(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for network, titles in value.items():
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"calling_aets_by_network: {exc}") from exc
+            for title in titles:
+                if title != "*":
+                    _require_ae_title(title)
+        return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{name}: {path} is not a file")
+        return self
 
     @field_validator("result_destinations")
     @classmethod

@@ -133,6 +133,15 @@ def dimse_config(settings: Settings) -> DimseConfig:
         port=settings.dimse_port,
         allowed_calling_aets=tuple(settings.allowed_calling_aets),
         max_associations=settings.max_associations,
+        max_associations_per_host=settings.max_associations_per_host,
+        max_pending_connections=settings.max_pending_connections,
+        handshake_timeout=settings.handshake_timeout,
+        calling_aets_by_network=tuple(
+            (network, tuple(titles)) for network, titles in settings.calling_aets_by_network.items()
+        ),
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        tls_client_ca=settings.tls_client_ca,
         acse_timeout=settings.acse_timeout,
         dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout,

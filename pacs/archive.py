@@ -22,7 +22,7 @@ from pacs.events import EventBus, InstanceStored
 from pacs.header import read_header
 from pacs.index import BlobFacts, DuplicatePolicy, Index, IndexAction, InstanceRecord
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
-from pacs.store import FsBlobStore
+from pacs.store import FsBlobStore, StagedBlob
 from pacs.uids import require_uid
 
 log = logging.getLogger(__name__)
@@ -107,17 +107,43 @@ class Archive:
         ``duplicate_policy`` overrides the configured one: a re-run inference job replaces
         its earlier report whatever the policy for peers is.
         """
-        policy = duplicate_policy or self.duplicate_policy
         head = encode_file_meta(source.meta)
         staged = self.store.stage(head, source.body)
+        return self.ingest_staged(
+            staged,
+            source.meta,
+            len(head),
+            origin,
+            SourceApplicationEntityTitle=SourceApplicationEntityTitle,
+            StudyInstanceUID=StudyInstanceUID,
+            duplicate_policy=duplicate_policy,
+        )
+
+    def ingest_staged(
+        self,
+        staged: StagedBlob,
+        meta: FileMeta,
+        head_length: int,
+        origin: Origin,
+        *,
+        SourceApplicationEntityTitle: str = "",
+        StudyInstanceUID: str | None = None,
+        duplicate_policy: DuplicatePolicy | None = None,
+    ) -> StoreOutcome:
+        """:meth:`ingest` of a file already written and fsynced in staging (its owner now).
+
+        ``head_length`` bytes of preamble and meta group, as :func:`encode_file_meta`
+        writes them for ``meta``, come before the data set.
+        """
+        policy = duplicate_policy or self.duplicate_policy
         try:
-            header = read_header(staged.path, len(head), source.meta)
+            header = read_header(staged.path, head_length, meta)
             if StudyInstanceUID is not None and header.study.StudyInstanceUID != StudyInstanceUID:
                 raise StudyMismatch(
                     f"instance {header.instance.SOPInstanceUID} belongs to study "
                     f"{header.study.StudyInstanceUID}, not {StudyInstanceUID}"
                 )
-            existing = self.index.instance(source.meta.MediaStorageSOPInstanceUID)
+            existing = self.index.instance(meta.MediaStorageSOPInstanceUID)
             if existing is not None and existing.sha256 == staged.sha256:
                 self.store.discard(staged)
                 return StoreOutcome(IndexAction.DUPLICATE, existing)
@@ -137,7 +163,7 @@ class Archive:
             raise
         self.store.commit(staged, relative)
         facts = BlobFacts(
-            TransferSyntaxUID=source.meta.TransferSyntaxUID,
+            TransferSyntaxUID=meta.TransferSyntaxUID,
             size=staged.size,
             sha256=staged.sha256,
             path=relative,

@@ -68,6 +68,10 @@ class FsBlobStore:
             raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
         return StagedBlob(path=path, size=size, sha256=digest.hexdigest())
 
+    def open_staging(self, head: bytes) -> StagingWriter:
+        """A staging file that receives a data set piece by piece (see :meth:`stage`)."""
+        return StagingWriter(self.staging / f"{uuid.uuid4().hex}.part", head)
+
     def relative_path(
         self, StudyInstanceUID: str, SeriesInstanceUID: str, SOPInstanceUID: str, sha256: str
     ) -> str:
@@ -121,6 +125,48 @@ class FsBlobStore:
                 break
             _fsync_dir(folder.parent)
             folder = folder.parent
+
+
+class StagingWriter:
+    """A staging file written in pieces as they arrive, hashed on the way.
+
+    For data sets too large to hold in memory: nothing is read back to hash it, and
+    :meth:`finish` gives the same durable :class:`StagedBlob` as :meth:`FsBlobStore.stage`.
+    """
+
+    def __init__(self, path: Path, head: bytes) -> None:
+        self.path = path
+        self.digest = hashlib.sha256()
+        self.size = 0
+        try:
+            self.out: BinaryIO = open(path, "xb")  # noqa: SIM115 (closed by finish/discard)
+        except OSError as exc:
+            raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
+        self.write(head)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.out.write(data)
+        except OSError as exc:
+            self.discard()
+            raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
+        self.digest.update(data)
+        self.size += len(data)
+
+    def finish(self) -> StagedBlob:
+        try:
+            self.out.flush()
+            os.fsync(self.out.fileno())
+            self.out.close()
+        except OSError as exc:
+            self.discard()
+            raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
+        return StagedBlob(path=self.path, size=self.size, sha256=self.digest.hexdigest())
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.out.close()
+        _unlink_quietly(self.path)
 
 
 def _write_stream(out: BinaryIO, body: BinaryIO, digest: Any) -> int:

@@ -52,8 +52,13 @@ class Destination:
 def _received(event: evt.Event) -> tuple[str, str, bytes]:
     """SOP Instance UID, transfer syntax and data set bytes of an incoming C-STORE."""
     request = cast(C_STORE, event.request)
-    data = cast(io.BytesIO, request.DataSet)
-    return str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax), data.getvalue()
+    uid, syntax = str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax)
+    path = getattr(request, "_dataset_path", None)
+    if path is None:  # pynetdicom's chunked receive is off in this process
+        return uid, syntax, cast(io.BytesIO, request.DataSet).getvalue()
+    with open(path, "rb") as stream:
+        read_file_meta(stream)
+        return uid, syntax, stream.read()
 
 
 @dataclass

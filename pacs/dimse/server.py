@@ -3,11 +3,13 @@
 Every storage SOP class pynetdicom knows is accepted in every transfer syntax pydicom
 knows, so a modality's proposal is accepted as sent and nothing is transcoded on the
 way in. Calling AE titles outside a non-empty allow-list are rejected during association
-negotiation (A-ASSOCIATE-RJ, "calling AE title not recognized").
+negotiation (A-ASSOCIATE-RJ, "calling AE title not recognized"); the per-network rules,
+the association caps and TLS are the front door's (:mod:`pacs.dimse.frontdoor`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,11 +18,22 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 
 from pacs.archive import Archive
-from pacs.dimse import associations, find, retrieve
+from pacs.audit import Actor, AuditEvent, AuditTrail, Outcome
+from pacs.dimse import associations, find, retrieve, spool
 from pacs.dimse.echo import handle_echo
+from pacs.dimse.frontdoor import (
+    AssociationCounts,
+    CallingRules,
+    FrontDoor,
+    server_tls_context,
+)
 from pacs.dimse.store import make_store_handler
 from pacs.dimse.transport import FilmlessServer, HandoffServer, handoff_server, serve_in_thread
 from pacs.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(sorted(_STORAGE_CLASSES.values()))
 # When one presentation context proposes several transfer syntaxes, the first of ours
@@ -61,7 +74,15 @@ class DimseConfig:
     bind_address: str = "127.0.0.1"
     port: int = 11112
     allowed_calling_aets: tuple[str, ...] = ()
-    max_associations: int = 16
+    max_associations: int = 32
+    max_associations_per_host: int = 16
+    max_pending_connections: int = 256
+    handshake_timeout: float = 10.0
+    # network (CIDR) -> calling AE titles allowed from there ("*" = any); empty = anyone
+    calling_aets_by_network: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -75,7 +96,9 @@ def build_ae(config: DimseConfig) -> AE:
     ae = AE(ae_title=config.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ae.maximum_associations = config.max_associations
+    # The front door enforces the association caps; pynetdicom's own count would also
+    # include associations still winding down, so it is only a backstop here.
+    ae.maximum_associations = 2 * config.max_associations
     ae.acse_timeout = config.acse_timeout
     ae.dimse_timeout = config.dimse_timeout
     ae.network_timeout = config.network_timeout
@@ -112,13 +135,56 @@ def service_handlers(archive: Archive, config: DimseConfig) -> list[Any]:
     ]
 
 
+def front_door(
+    config: DimseConfig, audit: AuditTrail, counts: AssociationCounts | None = None
+) -> FrontDoor:
+    """The admission rules of ``config``; ``counts`` are shared when several processes serve."""
+
+    def refused(host: str, calling: str, reason: str) -> None:
+        log.warning("association from %s@%s refused: %s", calling or "?", host, reason)
+        audit.record(
+            AuditEvent.LOGIN,
+            Actor(calling, host, "DIMSE"),
+            Outcome.MINOR_FAILURE,
+            detail=f"association rejected: {reason}",
+        )
+
+    tls = None
+    if config.tls_cert:
+        tls = server_tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+    return FrontDoor(
+        counts=counts or AssociationCounts(1, config.max_associations),
+        max_associations=config.max_associations,
+        max_per_host=config.max_associations_per_host,
+        max_pending=config.max_pending_connections,
+        handshake_timeout=config.handshake_timeout,
+        idle_timeout=config.network_timeout,
+        rules=CallingRules.parse(dict(config.calling_aets_by_network)),
+        tls=tls,
+        on_refused=refused,
+    )
+
+
 def start_dimse(archive: Archive, config: DimseConfig) -> FilmlessServer:
     """Listen in background threads; the caller stops it with ``server.shutdown()``."""
     ae = build_ae(config)
     handlers = service_handlers(archive, config)
-    return serve_in_thread(ae, (config.bind_address, config.port), handlers)
+    door = front_door(config, archive.audit)
+    spool.install()
+    server = serve_in_thread(ae, (config.bind_address, config.port), handlers, door)
+    server.spool_store = archive.store
+    return server
 
 
-def start_handoff(archive: Archive, config: DimseConfig, extra: list[Any]) -> HandoffServer:
+def start_handoff(
+    archive: Archive, config: DimseConfig, counts: AssociationCounts
+) -> HandoffServer:
     """A server for connections accepted elsewhere (see :class:`HandoffServer`)."""
-    return handoff_server(build_ae(config), service_handlers(archive, config) + extra)
+    spool.install()
+    server = handoff_server(
+        build_ae(config),
+        service_handlers(archive, config),
+        front_door(config, archive.audit, counts),
+    )
+    server.spool_store = archive.store
+    return server

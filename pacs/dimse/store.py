@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from io import BytesIO
 from typing import cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 
-from pacs.archive import Archive, InstanceSource, Origin
+from pacs.archive import Archive, InstanceSource, Origin, StoreOutcome
 from pacs.audit import AuditEvent, Outcome
+from pacs.dimse import spool
 from pacs.dimse.associations import actor
 from pacs.dimse.responses import status_dataset
-from pacs.errors import PacsError, SOPClassMismatch
+from pacs.errors import InvalidInstance, PacsError, SOPClassMismatch
 from pacs.status import StoreStatus
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def make_store_handler(archive: Archive) -> Callable[[evt.Event], Dataset]:
                 raise SOPClassMismatch(
                     f"SOP Class {announced} sent on a context for {context.abstract_syntax}"
                 )
-            data_set = cast(BytesIO, request.DataSet)
+            received, data_set = spool.received_data_set(request)
             data_set.seek(0)
             source = InstanceSource.from_data_set(
                 data_set,
@@ -47,7 +47,7 @@ def make_store_handler(archive: Archive) -> Callable[[evt.Event], Dataset]:
                 SOPClassUID=announced,
                 SOPInstanceUID=sop_instance,
             )
-            outcome = archive.ingest(source, Origin.DIMSE, SourceApplicationEntityTitle=calling)
+            outcome = _ingest(archive, source, received, calling)
         except PacsError as exc:
             log.warning(
                 "C-STORE %s from %s refused (0x%04X): %s",
@@ -77,3 +77,25 @@ def make_store_handler(archive: Archive) -> Callable[[evt.Event], Dataset]:
         return status_dataset(StoreStatus.SUCCESS)
 
     return handle_store
+
+
+def _ingest(
+    archive: Archive, source: InstanceSource, received: spool.Spool | None, calling: str
+) -> StoreOutcome:
+    if received is not None and received.error is not None:
+        received.discard()
+        raise received.error
+    staged = None if received is None else received.staged()
+    if staged is None:
+        return archive.ingest(source, Origin.DIMSE, SourceApplicationEntityTitle=calling)
+    assert received is not None
+    if received.meta != source.meta:
+        received.discard()
+        raise InvalidInstance("the received data set does not match its C-STORE request")
+    return archive.ingest_staged(
+        staged,
+        source.meta,
+        received.head_length,
+        Origin.DIMSE,
+        SourceApplicationEntityTitle=calling,
+    )

@@ -16,11 +16,17 @@ import json
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from pacs.dimse import spool
+from pacs.dimse.frontdoor import AssociationCounts, Dropped, FrontDoor, Refusal
+from pacs.store import FsBlobStore
 
 if TYPE_CHECKING:
     from pynetdicom import AE
@@ -35,9 +41,18 @@ _RECV_BLOCK = 1 << 20
 
 
 class BoundedSocket(AssociationSocket):
-    """An AssociationSocket that reads whole PDUs efficiently and refuses oversize ones."""
+    """An AssociationSocket that reads whole PDUs efficiently and refuses oversize ones.
+
+    ``prefix`` holds the bytes the front door already read (the A-ASSOCIATE-RQ); they
+    are returned first, and make the socket "ready" so that the DUL asks for them.
+    """
 
     pdu_limit: int = MIN_PDU_LIMIT
+    prefix: bytes = b""
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.prefix) or bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.pdu_limit:
@@ -47,8 +62,12 @@ class BoundedSocket(AssociationSocket):
             )
         assert self.socket is not None
         buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
         received = 0
+        if self.prefix:
+            received = min(nr_bytes, len(self.prefix))
+            buffer[:received] = self.prefix[:received]
+            self.prefix = self.prefix[received:]
+        view = memoryview(buffer)
         while received < nr_bytes:
             count = self.socket.recv_into(view[received:], min(nr_bytes - received, _RECV_BLOCK))
             if count == 0:
@@ -84,6 +103,46 @@ def shared_contexts(contexts: list[PresentationContext]) -> list[PresentationCon
 
 
 class FilmlessRequestHandler(RequestHandler):
+    server: FilmlessServer
+
+    def handle(self) -> None:
+        """Runs on the connection's own thread: the front door first, then pynetdicom."""
+        host = str(self.client_address[0])
+        door = self.server.front_door
+        try:
+            self.request, request = door.enter(self.request, host)
+        except (Dropped, Refusal) as exc:
+            log.info("connection from %s closed before association: %s", host, exc)
+            self.server.connection_ended()
+            return
+        try:
+            assoc = self._create_association()
+        except BaseException:
+            door.leave(host)
+            self.server.connection_ended()
+            raise
+        sock = assoc.dul.socket
+        assert isinstance(sock, BoundedSocket)
+        sock.prefix = request
+        if self.server.spool_store is not None:
+            spool.register(assoc.dul, self.server.spool_store)
+        ended = threading.Lock()
+        run = assoc.run
+
+        def run_then_leave() -> None:
+            # However the association ends (release, abort, timeout, error), its thread
+            # ends, and only then are its places in the counts given back.
+            try:
+                run()
+            finally:
+                if ended.acquire(blocking=False):
+                    door.leave(host)
+                    self.server.connection_ended()
+
+        assoc.run = run_then_leave  # type: ignore[method-assign]
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         sock = assoc.dul.socket
@@ -102,12 +161,26 @@ class FilmlessRequestHandler(RequestHandler):
 
 
 class FilmlessServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server behind a :class:`FrontDoor`."""
+
+    front_door: FrontDoor
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = FilmlessRequestHandler
         super().__init__(*args, **kwargs)
+        self.front_door = FrontDoor(AssociationCounts(1, 64))
+        self.on_connection_end: Callable[[], None] | None = None
+        # Where large C-STORE data sets are written as they arrive (see pacs.dimse.spool).
+        self.spool_store: FsBlobStore | None = None
+
+    def connection_ended(self) -> None:
+        if self.on_connection_end is not None:
+            self.on_connection_end()
 
 
-def serve_in_thread(ae: AE, address: tuple[str, int], evt_handlers: list[Any]) -> FilmlessServer:
+def serve_in_thread(
+    ae: AE, address: tuple[str, int], evt_handlers: list[Any], front_door: FrontDoor
+) -> FilmlessServer:
     """Bind now (errors surface to the caller), then accept in a daemon thread."""
     server = ae.make_server(
         address,
@@ -116,6 +189,7 @@ def serve_in_thread(ae: AE, address: tuple[str, int], evt_handlers: list[Any]) -
         server_class=FilmlessServer,
     )
     assert isinstance(server, FilmlessServer)
+    server.front_door = front_door
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(
         target=server.serve_forever, name=f"DimseAcceptor@{stamp}", daemon=True
@@ -162,7 +236,7 @@ class HandoffServer(FilmlessServer):
         self.server_close()
 
 
-def handoff_server(ae: AE, evt_handlers: list[Any]) -> HandoffServer:
+def handoff_server(ae: AE, evt_handlers: list[Any], front_door: FrontDoor) -> HandoffServer:
     server = ae.make_server(
         ("127.0.0.1", 0),
         evt_handlers=evt_handlers,
@@ -170,5 +244,6 @@ def handoff_server(ae: AE, evt_handlers: list[Any]) -> HandoffServer:
         server_class=HandoffServer,
     )
     assert isinstance(server, HandoffServer)
+    server.front_door = front_door
     ae._servers.append(server)
     return server

@@ -1,0 +1,154 @@
+"""C-STORE data sets received in pieces: small ones in memory, large ones straight to staging.
+
+Without help pynetdicom gathers a C-STORE data set in a BytesIO and the handler copies
+it: a 200 MiB instance costs 400 MiB, per association. With its chunked receive on,
+each P-DATA fragment is written as it arrives to a file object that pynetdicom asks
+``dimse_messages.NamedTemporaryFile`` for; here that name gives a :class:`Spool` to the
+associations of our servers. A spool keeps up to :data:`MEMORY_LIMIT` bytes in memory
+(most instances never touch a second file), and past that writes our own Part 10 header
+and every following fragment into a staging file of the archive's store, hashing on
+the way, so that the archive only fsyncs and renames it. Associations not registered
+here (a test's own Storage SCP in the same process) get pynetdicom's temporary file.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import uuid
+import weakref
+from collections.abc import Callable
+from tempfile import NamedTemporaryFile
+from typing import Any
+
+from pynetdicom import _config, dimse_messages
+
+from pacs.errors import PacsError
+from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
+from pacs.store import FsBlobStore, StagedBlob, StagingWriter
+
+MEMORY_LIMIT = 2 << 20
+_META_START = 132  # preamble and "DICM"
+_GROUP_LENGTH = struct.Struct("<L")
+
+_stores: weakref.WeakKeyDictionary[threading.Thread, FsBlobStore] = weakref.WeakKeyDictionary()
+_install_lock = threading.Lock()
+
+
+class Spool:
+    """The file-like object pynetdicom writes one C-STORE data set into."""
+
+    def __init__(self, store: FsBlobStore) -> None:
+        self.store = store
+        self.meta: FileMeta | None = None
+        self.error: PacsError | None = None
+        self.memory = io.BytesIO()
+        self.head_length = 0
+        self._header = bytearray()
+        self._writer: StagingWriter | None = None
+        self._missing = store.staging / f"{uuid.uuid4().hex}.unused"
+
+    @property
+    def file(self) -> Spool:
+        """pynetdicom flushes ``file.file`` after every fragment."""
+        return self
+
+    @property
+    def name(self) -> str:
+        """pynetdicom unlinks this after the handler: the staging file, or nothing."""
+        return str(self._writer.path if self._writer is not None else self._missing)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.meta is None and self.error is None:
+            self._header += data
+            self._parse_header()
+        elif self.error is None:
+            self._keep(data)
+        return len(data)
+
+    def _parse_header(self) -> None:
+        """pynetdicom writes preamble, prefix and its meta group first: read the identity."""
+        if len(self._header) < _META_START + 12:
+            return
+        (length,) = _GROUP_LENGTH.unpack_from(self._header, _META_START + 8)
+        end = _META_START + 12 + length
+        if len(self._header) < end:
+            return
+        try:
+            self.meta = read_file_meta(io.BytesIO(bytes(self._header[:end])))
+        except PacsError as exc:
+            self.error = exc
+            return
+        rest = bytes(self._header[end:])
+        self._header = bytearray()
+        if rest:
+            self._keep(rest)
+
+    def _keep(self, data: bytes | bytearray | memoryview) -> None:
+        if self._writer is not None:
+            self._writer.write(data)
+            return
+        if self.memory.tell() + len(data) <= MEMORY_LIMIT:
+            self.memory.write(data)
+            return
+        assert self.meta is not None
+        head = encode_file_meta(self.meta)
+        try:
+            writer = self.store.open_staging(head)
+            writer.write(self.memory.getbuffer())
+            writer.write(data)
+        except PacsError as exc:
+            self.error = exc
+            self.memory = io.BytesIO()
+            return
+        self._writer = writer
+        self.head_length = len(head)
+        self.memory = io.BytesIO()
+        # An association that ends mid-transfer never reaches the handler.
+        weakref.finalize(self, writer.discard)
+
+    def flush(self) -> None:
+        """Nothing buffered here; :meth:`staged` fsyncs."""
+
+    def close(self) -> None:
+        """The handler already took what it needed."""
+
+    def staged(self) -> StagedBlob | None:
+        """The durable staging file of a large data set, or None when it is in memory."""
+        if self._writer is None:
+            return None
+        return self._writer.finish()
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.discard()
+
+
+def register(thread: threading.Thread, store: FsBlobStore) -> None:
+    """Data sets received on ``thread`` (an association's DUL) go to ``store``'s staging."""
+    _stores[thread] = store
+
+
+def _spool_file(*args: Any, **kwargs: Any) -> Any:
+    store = _stores.get(threading.current_thread())
+    if store is None:
+        return NamedTemporaryFile(*args, **kwargs)
+    return Spool(store)
+
+
+def install() -> None:
+    """Turn on chunked receive for this process, with spools for registered threads."""
+    with _install_lock:
+        factory: Callable[..., Any] = _spool_file
+        dimse_messages.NamedTemporaryFile = factory  # type: ignore[attr-defined]
+        _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def received_data_set(request: Any) -> tuple[Spool | None, io.BytesIO]:
+    """The spool of a C-STORE request (None without chunked receive) and its in-memory bytes."""
+    spool = getattr(request, "_dataset_file", None)
+    if isinstance(spool, Spool):
+        return spool, spool.memory
+    data = request.DataSet
+    return None, data if isinstance(data, io.BytesIO) else io.BytesIO()

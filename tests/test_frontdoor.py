@@ -1,0 +1,275 @@
+"""The DIMSE front door: handshake deadline, association caps, AE rules per network, big
+data sets received in pieces. In-process server, real pynetdicom peers on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from pacs.archive import Archive
+from pacs.audit import AuditTrail
+from pacs.dimse import spool
+from pacs.dimse.frontdoor import AssociationCounts, CallingRules, Refusal, calling_ae_title
+from pacs.dimse.server import DimseConfig, start_dimse
+from pacs.index import Index
+from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
+from pacs.store import FsBlobStore
+from tests.conftest import free_port
+
+
+def _config(**changes: object) -> DimseConfig:
+    base = {"port": free_port(), "acse_timeout": 10.0, "dimse_timeout": 30.0}
+    return DimseConfig(**{**base, **changes})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def audited(tmp_path: Path) -> Iterator[Archive]:
+    index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    index.create_schema()
+    try:
+        yield Archive(
+            FsBlobStore(tmp_path / "data"), index, audit=AuditTrail(tmp_path / "audit.jsonl")
+        )
+    finally:
+        index.dispose()
+
+
+def _associate(port: int, *, calling: str = "MODALITY", source: str = "127.0.0.1") -> Association:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae.associate("127.0.0.1", port, ae_title="FILMLESS", bind_address=(source, 0))
+
+
+def _image(size: int) -> Dataset:
+    """A Secondary Capture image with about ``size`` bytes of pixel data."""
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "FRONTDOOR"
+    ds.PatientName = "Door^Front"
+    ds.Modality = "OT"
+    side = int((size // 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    pixels = np.random.default_rng(3).integers(0, 65535, (side, side), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _closed_by_peer(sock: socket.socket, within: float = 5) -> bool:
+    """Closed (EOF, or a reset when our bytes were left unread) rather than still open."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(16) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _rss_peak() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_calling_rules_per_network() -> None:
+    rules = CallingRules.parse({"10.1.0.0/16": ["CT1", "CR2"], "192.168.5.7": ["*"]})
+    assert rules.allows("10.1.2.3", "CT1")
+    assert not rules.allows("10.1.2.3", "MR9")
+    assert not rules.allows("10.2.0.1", "CT1")
+    assert rules.allows("192.168.5.7", "ANYONE")
+    assert not rules.allows("not-an-address", "CT1")
+    assert CallingRules().allows("203.0.113.9", "WHOEVER")
+    with pytest.raises(ValueError, match="not a network"):
+        CallingRules.parse({"10.1.0.0/33": ["CT1"]})
+
+
+def test_counts_hold_across_rows() -> None:
+    counts = AssociationCounts(rows=2, slots=4)
+    first, second = counts.for_row(0), counts.for_row(1)
+    assert first.admit("10.0.0.1", max_total=3, max_per_host=2) is None
+    assert second.admit("10.0.0.1", max_total=3, max_per_host=2) is None
+    reason = first.admit("10.0.0.1", max_total=3, max_per_host=2)
+    assert reason is not None
+    assert "limit per peer is 2" in reason
+    assert second.admit("10.0.0.2", max_total=3, max_per_host=2) is None
+    reason = first.admit("10.0.0.3", max_total=3, max_per_host=2)
+    assert reason is not None
+    assert "limit is 3" in reason
+    second.release("10.0.0.1")
+    assert first.admit("10.0.0.1", max_total=3, max_per_host=2) is None
+    # A worker that died: its row is cleared, the others keep theirs.
+    counts.clear_row(1)
+    assert counts.total() == 2
+
+
+def test_rejection_pdu_is_ps38_a_associate_rj() -> None:
+    pdu = Refusal("busy").pdu()
+    assert pdu == bytes([0x03, 0x00, 0, 0, 0, 4, 0x00, 2, 3, 2])
+    request = bytes(10) + b"FILMLESS".ljust(16) + b"MODALITY".ljust(16)
+    assert calling_ae_title(request) == "MODALITY"
+
+
+def test_idle_connections_do_not_hold_association_places(audited: Archive) -> None:
+    """pynetdicom alone: 11 idle sockets refused every association for acse_timeout."""
+    config = _config(max_associations=2, handshake_timeout=1.5)
+    server = start_dimse(audited, config)
+    idle = [socket.create_connection(("127.0.0.1", config.port)) for _ in range(20)]
+    try:
+        assoc = _associate(config.port)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        # Past the handshake time the server has closed every idle one.
+        time.sleep(2.5)
+        for sock in idle:
+            assert _closed_by_peer(sock, 2)
+    finally:
+        for sock in idle:
+            sock.close()
+        server.shutdown()
+
+
+def test_oversize_association_request_is_dropped_unread(audited: Archive) -> None:
+    config = _config()
+    server = start_dimse(audited, config)
+    try:
+        with socket.create_connection(("127.0.0.1", config.port)) as sock:
+            sock.sendall(struct.pack(">BBL", 0x01, 0, 512 << 20) + bytes(4096))
+            assert _closed_by_peer(sock)
+        # Not an A-ASSOCIATE-RQ at all: closed as well.
+        with socket.create_connection(("127.0.0.1", config.port)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert _closed_by_peer(sock)
+        assoc = _associate(config.port)
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        server.shutdown()
+
+
+def test_association_caps_total_and_per_peer(audited: Archive, tmp_path: Path) -> None:
+    config = _config(max_associations=3, max_associations_per_host=2)
+    server = start_dimse(audited, config)
+    open_ones: list[Association] = []
+    try:
+        for _ in range(2):
+            open_ones.append(_associate(config.port))
+            assert open_ones[-1].is_established
+        refused = _associate(config.port)
+        assert refused.is_rejected
+        rejection = refused.acceptor.primitive
+        assert rejection is not None
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
+        # Another peer address still gets in, up to the total.
+        open_ones.append(_associate(config.port, source="127.0.0.2"))
+        assert open_ones[-1].is_established
+        assert _associate(config.port, source="127.0.0.3").is_rejected
+        # A released association gives its place back.
+        open_ones.pop(0).release()
+        deadline = time.monotonic() + 5
+        while True:
+            again = _associate(config.port)
+            if again.is_established or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert again.is_established
+        open_ones.append(again)
+    finally:
+        for assoc in open_ones:
+            assoc.release()
+        server.shutdown()
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    refusals = [line for line in lines if "association rejected" in line["Detail"]]
+    assert len(refusals) == 2
+    assert "limit per peer is 2" in refusals[0]["Detail"]
+    assert refusals[1]["ActiveParticipant"]["NetworkAccessPointID"] == "127.0.0.3"
+
+
+def test_calling_ae_rules_per_network(audited: Archive) -> None:
+    config = _config(calling_aets_by_network=(("127.0.0.1/32", ("MODALITY",)),))
+    server = start_dimse(audited, config)
+    try:
+        allowed = _associate(config.port)
+        assert allowed.is_established
+        allowed.release()
+        wrong_title = _associate(config.port, calling="INTRUDER")
+        assert wrong_title.is_rejected
+        rejection = wrong_title.acceptor.primitive
+        assert rejection is not None
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 3)
+        assert _associate(config.port, source="127.0.0.2").is_rejected
+    finally:
+        server.shutdown()
+
+
+def test_large_data_set_goes_to_staging_in_pieces(audited: Archive) -> None:
+    """A 48 MiB instance: stored bit for bit, without a whole copy of it in memory."""
+    config = _config()
+    server = start_dimse(audited, config)
+    ds = _image(48 << 20)
+    expected = io.BytesIO()
+    ds.save_as(expected, enforce_file_format=True)
+    try:
+        assoc = _associate(config.port)
+        before = _rss_peak()
+        status = assoc.send_c_store(ds)
+        grown = _rss_peak() - before
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert status.Status == 0x0000
+    record = audited.index.instance(ds.SOPInstanceUID)
+    assert record is not None
+    with audited.open(record) as stored:
+        read_file_meta(stored)
+        body = stored.read()
+    expected.seek(0)
+    read_file_meta(expected)
+    assert body == expected.read()
+    # Sending keeps one encoded copy in this process (pynetdicom's SCU); receiving
+    # would have added two more (BytesIO, then its copy) without the spool.
+    assert grown < 72 << 20, grown
+    assert list(audited.store.staging.iterdir()) == []
+
+
+def test_aborted_transfer_leaves_no_staging_file(audited: Archive) -> None:
+    config = _config()
+    server = start_dimse(audited, config)
+    try:
+        store = audited.store
+        spooled = spool.Spool(store)
+        # What pynetdicom writes: preamble, prefix, its meta group, then fragments.
+        meta = FileMeta(SecondaryCaptureImageStorage, generate_uid(), ExplicitVRLittleEndian)
+        head = encode_file_meta(meta)
+        spooled.write(head[:128])
+        spooled.write(head[128:132])
+        spooled.write(head[132:])
+        spooled.write(bytes(spool.MEMORY_LIMIT + 1))
+        assert len(list(store.staging.iterdir())) == 1
+        del spooled
+        assert list(store.staging.iterdir()) == []
+    finally:
+        server.shutdown()

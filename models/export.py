@@ -24,6 +24,7 @@ from models.architectures import Screening
 from models.card import write_card
 from models.manifest import (
     MANIFEST,
+    REFERENCE,
     Manifest,
     ManifestError,
     OperatingPoint,
@@ -32,7 +33,7 @@ from models.manifest import (
     dump,
     sha256_file,
 )
-from models.runtime import REFERENCE, parity, reference_sample, session
+from models.runtime import parity, reference_sample, session
 from models.zoo import Task
 
 OPSET = 18

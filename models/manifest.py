@@ -18,6 +18,8 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.datadict import tag_for_keyword
 
+# The sample input and outputs saved at export; `models verify` compares against them.
+REFERENCE = "reference.npz"
 MANIFEST = "manifest.toml"
 
 

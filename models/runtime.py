@@ -14,8 +14,6 @@ import onnxruntime as ort
 
 from models.manifest import Preprocessing, TensorSpec
 
-REFERENCE = "reference.npz"
-
 
 def session(
     path: Path, *, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)

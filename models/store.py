@@ -11,14 +11,27 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from models.card import write_card
-from models.manifest import MANIFEST, Manifest, ManifestError, TensorSpec, load, sha256_file
-from models.runtime import REFERENCE, parity, reference_sample, session
+from models.manifest import (
+    MANIFEST,
+    REFERENCE,
+    Manifest,
+    ManifestError,
+    TensorSpec,
+    load,
+    sha256_file,
+)
 from models.zoo import DEMO_VERSION, Task
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+# Listing manifests, all the DIMSE processes do to schedule jobs, needs no runtime:
+# onnxruntime is loaded by the methods that verify or add a model.
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 1e-3}
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
@@ -89,6 +102,8 @@ class ModelStore:
 
     def verify(self, name: str) -> Verification:
         """Re-hash the weights and re-run the reference sample."""
+        from models.runtime import parity, session  # noqa: PLC0415
+
         model = self.get(name)
         result = Verification(name, sha256_ok=False, parity=None)
         if not model.onnx.is_file():
@@ -117,6 +132,8 @@ class ModelStore:
 
     def add(self, onnx_path: Path, manifest_path: Path) -> Installed:
         """Install any ONNX file whose inputs and outputs match its manifest."""
+        from models.runtime import reference_sample, session  # noqa: PLC0415
+
         manifest = load(manifest_path)
         actual = sha256_file(onnx_path)
         if manifest.weights.sha256 != actual:

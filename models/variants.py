@@ -26,8 +26,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from models.card import write_card
-from models.manifest import MANIFEST, Manifest, ManifestError, dump, sha256_file
-from models.runtime import REFERENCE, differences, session
+from models.manifest import MANIFEST, REFERENCE, Manifest, ManifestError, dump, sha256_file
+from models.runtime import differences, session
 from models.store import Installed, ModelStore
 
 FP16_LIMIT = 1e-2

@@ -27,6 +27,7 @@ from pacs.index import Index
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
 from pacs.store import FsBlobStore
 from tests.conftest import free_port
+from tests.support.server import closed_by_peer
 
 
 def _config(**changes: object) -> DimseConfig:
@@ -76,15 +77,6 @@ def _image(size: int) -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
-
-
-def _closed_by_peer(sock: socket.socket, within: float = 5) -> bool:
-    """Closed (EOF, or a reset when our bytes were left unread) rather than still open."""
-    sock.settimeout(within)
-    try:
-        return sock.recv(16) == b""
-    except ConnectionResetError:
-        return True
 
 
 def _rss_peak() -> int:
@@ -145,7 +137,7 @@ def test_idle_connections_do_not_hold_association_places(audited: Archive) -> No
         # Past the handshake time the server has closed every idle one.
         time.sleep(2.5)
         for sock in idle:
-            assert _closed_by_peer(sock, 2)
+            assert closed_by_peer(sock, 2)
     finally:
         for sock in idle:
             sock.close()
@@ -158,11 +150,11 @@ def test_oversize_association_request_is_dropped_unread(audited: Archive) -> Non
     try:
         with socket.create_connection(("127.0.0.1", config.port)) as sock:
             sock.sendall(struct.pack(">BBL", 0x01, 0, 512 << 20) + bytes(4096))
-            assert _closed_by_peer(sock)
+            assert closed_by_peer(sock)
         # Not an A-ASSOCIATE-RQ at all: closed as well.
         with socket.create_connection(("127.0.0.1", config.port)) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
-            assert _closed_by_peer(sock)
+            assert closed_by_peer(sock)
         assoc = _associate(config.port)
         assert assoc.is_established
         assoc.release()

@@ -1,0 +1,156 @@
+"""Hostile and unlucky peers against ``filmless serve`` as deployed (a child process with
+its DIMSE worker processes): idle sockets, absurd length claims, TLS, many associations."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.support.server import Server, closed_by_peer, tree_rss
+from tests.support.tls import Pki, make_pki
+
+pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
+
+_QUIET = {"FILMLESS_SCREENING": "false", "FILMLESS_DIMSE_WORKERS": "2"}
+
+
+def _small_file(corpus: list[Path]) -> Path:
+    for path in corpus:
+        ds = dcmread(path, stop_before_pixels=True)
+        if ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1" and ds.Modality == "DX":
+            return path
+    raise AssertionError("the corpus has no Explicit VR Little Endian DX image")
+
+
+def _storescu(
+    port: int, path: Path, *options: str
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    start = time.monotonic()
+    command = ["storescu", "-aet", "MODALITY", "-aec", "FILMLESS", *options]
+    run = subprocess.run(
+        [*command, "127.0.0.1", str(port), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return run, time.monotonic() - start
+
+
+def _stored(server: Server, path: Path) -> bool:
+    uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    answer = httpx.get(f"{server.url}/instances", params={"SOPInstanceUID": uid}, timeout=30)
+    return answer.status_code == 200 and len(answer.json()) == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_idle_sockets_and_huge_claims_do_not_stop_storescu(
+    tmp_path: Path, corpus: list[Path], workers: int
+) -> None:
+    """50 idle sockets, a 512 MiB A-ASSOCIATE-RQ and a 512 MiB P-DATA-TF claim; measured
+    on pynetdicom alone, 11 idle sockets refused every association and one such claim
+    took memory from 49 MiB to over 1 GiB. One DIMSE process (the server is then one
+    process) or two worker processes behind the acceptor."""
+    server = Server(
+        tmp_path / "data", FILMLESS_SCREENING="false", FILMLESS_DIMSE_WORKERS=str(workers)
+    )
+    server.start()
+    try:
+        _attack(server, corpus, single_process=workers == 1)
+    finally:
+        server.stop()
+
+
+def _attack(server: Server, corpus: list[Path], *, single_process: bool) -> None:
+    baseline = tree_rss(server.process.pid)  # type: ignore[union-attr]
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(50)]
+    claims = []
+    for _ in range(3):
+        claim = socket.create_connection(("127.0.0.1", server.port))
+        claim.sendall(struct.pack(">BBL", 0x01, 0, 512 << 20) + bytes(1 << 16))
+        claims.append(claim)
+    ae = AE(ae_title="GREEDY")
+    ae.add_requested_context(Verification)
+    greedy = ae.associate("127.0.0.1", server.port, ae_title="FILMLESS")
+    assert greedy.is_established
+    raw = greedy.dul.socket.socket  # type: ignore[union-attr]
+    assert raw is not None
+    raw.sendall(struct.pack(">BBL", 0x04, 0, 512 << 20) + bytes(1 << 16))
+    try:
+        path = _small_file(corpus)
+        run, seconds = _storescu(server.port, path)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert seconds < 5
+        assert _stored(server, path)
+        rss = tree_rss(server.process.pid)  # type: ignore[union-attr]
+        assert rss - baseline < 32 << 20, f"{rss >> 20} MiB, at rest {baseline >> 20} MiB"
+        if single_process:
+            assert rss < 300 << 20
+        # The claimants were cut off, not served.
+        deadline = time.monotonic() + 10
+        while greedy.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not greedy.is_established
+        for claim in claims:
+            assert closed_by_peer(claim)
+    finally:
+        for sock in idle + claims:
+            sock.close()
+        greedy.abort()
+        raw.close()  # pynetdicom leaves it open once the peer has cut the association
+
+
+def test_storescu_over_tls_while_a_tls_peer_stalls(tmp_path: Path, corpus: list[Path]) -> None:
+    """pynetdicom alone runs the handshake on the accepting thread: one idle TLS socket
+    blocked every new association."""
+    pki = make_pki(tmp_path)
+    tls = Server(
+        tmp_path / "data",
+        FILMLESS_TLS_CERT=str(pki.server_cert),
+        FILMLESS_TLS_KEY=str(pki.server_key),
+        FILMLESS_TLS_CLIENT_CA=str(pki.ca),
+        **_QUIET,
+    )
+    tls.start()
+    stalled = _stalled_tls_peers(tls.port, pki)
+    try:
+        path = _small_file(corpus)
+        client = ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)]
+        run, seconds = _storescu(tls.port, path, *client)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert seconds < 5
+        assert _stored(tls, path)
+        # Without a client certificate, or without TLS, nothing is stored.
+        other = corpus[-1]
+        run, _ = _storescu(tls.port, other, "+tla", "+cf", str(pki.ca))
+        assert run.returncode != 0
+        run, _ = _storescu(tls.port, other)
+        assert run.returncode != 0
+        assert not _stored(tls, other)
+    finally:
+        for sock in stalled:
+            sock.close()
+        tls.stop()
+
+
+def _stalled_tls_peers(port: int, pki: Pki) -> list[socket.socket]:
+    """A silent TCP socket, half a ClientHello, and a finished handshake with no PDU."""
+    silent = socket.create_connection(("127.0.0.1", port))
+    half = socket.create_connection(("127.0.0.1", port))
+    half.sendall(bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]))
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    done = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
+    )
+    return [silent, half, done]

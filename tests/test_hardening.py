@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.support.server import Server, closed_by_peer, tree_rss
 from tests.support.tls import Pki, make_pki

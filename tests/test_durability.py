@@ -1,0 +1,232 @@
+"""Nothing acknowledged is lost: many concurrent associations, and ``kill -9`` of the
+whole server (acceptor and DIMSE workers) in the middle of ingest, five times, on SQLite
+and on PostgreSQL. Every instance that got Success must come back bit for bit."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE
+
+from pacs.index import Index
+from pacs.part10 import read_file_meta
+from pacs.store import FsBlobStore
+from tests.support.postgres import PostgresServer
+from tests.support.server import Server
+
+pytestmark = pytest.mark.slow
+
+
+def _write_instances(folder: Path, count: int, seed: int) -> list[Path]:
+    """Small distinct Secondary Capture images as Part 10 files, a few studies' worth."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    studies = [(generate_uid(), generate_uid()) for _ in range(max(1, count // 50))]
+    paths = []
+    for number in range(count):
+        study, series = studies[number % len(studies)]
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = SecondaryCaptureImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.PatientID = f"DUR{number % 7}"
+        ds.PatientName = f"Durable^{number % 7}"
+        ds.Modality = "OT"
+        ds.InstanceNumber = number + 1
+        ds.Rows = ds.Columns = 48
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.PixelData = rng.integers(0, 4096, (48, 48), dtype=np.uint16).tobytes()
+        path = folder / f"{number:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _body(stream: io.BufferedIOBase | io.BytesIO) -> bytes:
+    read_file_meta(stream)  # type: ignore[arg-type]
+    return stream.read()
+
+
+class Sender:
+    """Sends files in order over ``associations`` associations, noting every Success."""
+
+    def __init__(self, port: int, paths: list[Path], associations: int) -> None:
+        self.port = port
+        self.paths = paths
+        self.associations = associations
+        self.acknowledged: set[str] = set()
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def _take(self) -> Path | None:
+        with self.lock:
+            if self.next >= len(self.paths):
+                return None
+            self.next += 1
+            return self.paths[self.next - 1]
+
+    def run_until_failure(self) -> None:
+        """Until the files run out or the server goes away; files in flight are resent."""
+
+        def one() -> None:
+            ae = AE(ae_title="DURABLE")
+            ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", self.port, ae_title="FILMLESS")
+            if not assoc.is_established:
+                return
+            try:
+                while (path := self._take()) is not None:
+                    try:
+                        status = assoc.send_c_store(path)
+                    except (OSError, RuntimeError, ValueError):
+                        return
+                    if not assoc.is_established or "Status" not in status:
+                        return
+                    if status.Status == 0x0000:
+                        with self.lock:
+                            self.acknowledged.add(path.name)
+            finally:
+                assoc.release()
+                # pynetdicom keeps its socket when the peer vanished mid-association.
+                transport = assoc.dul.socket
+                if transport is not None and transport.socket is not None:
+                    transport.socket.close()
+
+        threads = [threading.Thread(target=one) for _ in range(self.associations)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        # What was sent but not acknowledged goes again after the restart.
+        with self.lock:
+            self.paths = [p for p in self.paths if p.name not in self.acknowledged]
+            self.next = 0
+
+
+def _check_all_stored(data_dir: Path, index_url: str, paths: list[Path]) -> None:
+    index = Index(index_url)
+    try:
+        records = {r.SOPInstanceUID: r for r in index.instances()}
+    finally:
+        index.dispose()
+    store = FsBlobStore(data_dir)
+    for path in paths:
+        with path.open("rb") as stream:
+            meta = read_file_meta(stream)
+            sent = stream.read()
+        record = records.get(meta.MediaStorageSOPInstanceUID)
+        assert record is not None, f"{path.name} was acknowledged and is not indexed"
+        with store.open(record.path) as stored:
+            assert _body(stored) == sent, f"{path.name} differs from what was sent"
+    on_disk = sum(1 for p in store.objects.rglob("*.dcm"))
+    assert on_disk == len(records), "files in the store and rows in the index differ"
+    assert list(store.staging.iterdir()) == []
+
+
+def test_eight_associations_of_250_instances(tmp_path: Path) -> None:
+    paths = _write_instances(tmp_path / "send", 2000, seed=11)
+    server = Server(tmp_path / "data", FILMLESS_SCREENING="false", FILMLESS_DIMSE_WORKERS="2")
+    server.start()
+    try:
+        sender = Sender(server.port, paths, associations=8)
+        sender.run_until_failure()
+    finally:
+        assert server.stop() == 0
+    assert len(sender.acknowledged) == 2000
+    url = f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}"
+    _check_all_stored(tmp_path / "data", url, paths)
+    index = Index(url)
+    try:
+        assert len(index.instances()) == 2000
+    finally:
+        index.dispose()
+
+
+def _kill_group(server: Server) -> None:
+    """``kill -9`` of every process of the server at once: workers die mid-store too."""
+    assert server.process is not None
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(server.process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("processes of the killed server are still running")
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+)
+def test_kill_9_five_times_during_ingest(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    if backend == "postgresql":
+        postgres: PostgresServer = request.getfixturevalue("postgres")
+        url = postgres.fresh_database()
+    else:
+        url = f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}"
+    paths = _write_instances(tmp_path / "send", 1500, seed=5)
+    server = Server(
+        tmp_path / "data",
+        FILMLESS_SCREENING="false",
+        FILMLESS_DIMSE_WORKERS="2",
+        FILMLESS_INDEX_URL=url,
+    )
+    sender = Sender(0, paths, associations=4)
+    chance = random.Random(9)
+    kills = 0
+    while kills < 5:
+        server.start()
+        sender.port = server.port
+        before = len(sender.acknowledged)
+        worker = threading.Thread(target=sender.run_until_failure)
+        worker.start()
+        # Kill once storing is well under way, at a point that differs each round.
+        deadline = time.monotonic() + 60
+        target = before + chance.randint(40, 160)
+        while len(sender.acknowledged) < target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        _kill_group(server)
+        kills += 1
+        worker.join(120)
+        assert len(sender.acknowledged) > before, "nothing was stored in this round"
+    # A last clean run: the startup pass reconciles what the kills left behind.
+    server.start()
+    try:
+        sender.port = server.port
+        sender.run_until_failure()
+    finally:
+        assert server.stop() == 0
+    assert len(sender.acknowledged) == len(paths)
+    _check_all_stored(tmp_path / "data", url, paths)
+    verify = subprocess.run(
+        [sys.executable, "-m", "filmless.cli", "verify"],
+        env={**os.environ, "FILMLESS_DATA_DIR": str(tmp_path / "data"), "FILMLESS_INDEX_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr

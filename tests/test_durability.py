@@ -4,7 +4,6 @@ and on PostgreSQL. Every instance that got Success must come back bit for bit.""
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import signal
@@ -13,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -61,8 +61,8 @@ def _write_instances(folder: Path, count: int, seed: int) -> list[Path]:
     return paths
 
 
-def _body(stream: io.BufferedIOBase | io.BytesIO) -> bytes:
-    read_file_meta(stream)  # type: ignore[arg-type]
+def _body(stream: BinaryIO) -> bytes:
+    read_file_meta(stream)
     return stream.read()
 
 

@@ -7,8 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import free_port
 
@@ -23,7 +25,27 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def serve(port: int, http_port: int, **settings: str) -> subprocess.Popen[bytes]:
+class LoggedProcess(subprocess.Popen[bytes]):
+    """A child whose output goes to a file: a server that logs a lot must never block on
+    a full pipe that the test only reads at the end."""
+
+    def __init__(self, args: list[str], **kwargs: Any) -> None:
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the process)
+        super().__init__(args, stdout=self.log, stderr=subprocess.STDOUT, **kwargs)
+
+    def communicate(
+        self, input: bytes | None = None, timeout: float | None = None
+    ) -> tuple[bytes, bytes]:
+        """Wait for the exit; everything it wrote (and no separate stderr)."""
+        del input
+        self.wait(timeout)
+        self.log.seek(0)
+        output = self.log.read()
+        self.log.close()
+        return output, b""
+
+
+def serve(port: int, http_port: int, **settings: str) -> LoggedProcess:
     """Started in a session of its own (so that a test can kill its whole process
     group), returned once DIMSE and HTTP listen."""
     environment = {
@@ -32,11 +54,9 @@ def serve(port: int, http_port: int, **settings: str) -> subprocess.Popen[bytes]
         "FILMLESS_HTTP_PORT": str(http_port),
         **settings,
     }
-    process = subprocess.Popen(
+    process = LoggedProcess(
         [sys.executable, "-m", "filmless.cli", "serve"],
         env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -55,7 +75,7 @@ class Server:
     def __init__(self, data_dir: Path, **settings: str) -> None:
         self.port, self.http_port = free_port(), free_port()
         self.settings = {"FILMLESS_DATA_DIR": str(data_dir), **settings}
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: LoggedProcess | None = None
         self.output = b""
 
     @property

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 
 from dicomweb.audit import AuditRequests
-from dicomweb.auth import ApiToken, BearerAuth
+from dicomweb.auth import ApiToken, BearerAuth, OidcVerifier
+from dicomweb.deadline import RequestDeadline
 from dicomweb.media import DICOM_JSON
 from dicomweb.qido import Search, parse_search, to_dicom_json
 from dicomweb.stow import stow_router
@@ -43,16 +44,20 @@ def create_app(
     viewer_dir: Path | None = None,
     viewer_missing: str = "",
     api_tokens: Sequence[ApiToken] = (),
+    oidc: OidcVerifier | None = None,
+    request_timeout: float = 300.0,
 ) -> FastAPI:
     """``cors_origins``: origins of other sites allowed to call the API from a browser
     (``*`` for any); empty keeps the same-origin policy, which the bundled viewer needs.
     ``viewer_dir``: the web viewer's files, served at /viewer/ (``viewer_missing`` is
-    the answer while they are not there). ``api_tokens``: when given, every API route
-    needs one of them (the viewer's static files do not: they hold no patient data)."""
+    the answer while they are not there). ``api_tokens`` and ``oidc``: when given, every
+    API route needs one of the tokens or an OIDC access token (the viewer's static files
+    do not: they hold no patient data). ``request_timeout``: see :mod:`dicomweb.deadline`."""
     app = FastAPI(title="filmless DICOMweb", version="0.1.0")
     app.add_middleware(GZipMiddleware, minimum_size=1024, exclude_content_types=_NOT_GZIPPED)
-    if api_tokens:
-        app.add_middleware(BearerAuth, tokens=list(api_tokens), prefix=base_path)
+    if api_tokens or oidc is not None:
+        app.add_middleware(BearerAuth, tokens=list(api_tokens), prefix=base_path, oidc=oidc)
+    app.add_middleware(RequestDeadline, seconds=request_timeout)
     app.add_middleware(AuditRequests, audit=archive.audit, prefix=base_path)
     if cors_origins:
         app.add_middleware(

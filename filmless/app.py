@@ -6,12 +6,13 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from dicomweb.app import create_app
-from dicomweb.auth import parse_tokens
+from dicomweb.auth import OidcVerifier, parse_tokens
 from filmless import viewer
 from filmless.dimse_pool import DimsePool
 from filmless.settings import Settings
@@ -21,6 +22,14 @@ from pacs.dimse.server import start_dimse
 from pacs.verify import reconcile
 
 log = logging.getLogger("filmless")
+
+
+def oidc_verifier(settings: Settings) -> OidcVerifier | None:
+    if not settings.oidc_jwks_file:
+        return None
+    return OidcVerifier(
+        Path(settings.oidc_jwks_file), issuer=settings.oidc_issuer, audience=settings.oidc_audience
+    )
 
 
 def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
@@ -34,9 +43,12 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
             viewer_dir=settings.viewer_dir,
             viewer_missing=viewer.HOW_TO,
             api_tokens=parse_tokens(settings.api_tokens),
+            oidc=oidc_verifier(settings),
+            request_timeout=settings.request_timeout,
         ),
         host=settings.bind_address,
         port=settings.http_port,
+        limit_concurrency=settings.http_max_connections,
         log_level="warning",
         lifespan="off",
     )
@@ -74,8 +86,12 @@ def serve(settings: Settings) -> None:
     http = start_http(archive, settings)
     screening = start_screening(archive, settings, stop) if settings.screening else None
     log.info("DICOMweb on http://%s:%d/dicom-web", settings.bind_address, settings.http_port)
-    if settings.api_tokens:
-        log.info("DICOMweb needs a bearer token (%d configured)", len(settings.api_tokens))
+    if settings.api_tokens or settings.oidc_jwks_file:
+        log.info(
+            "DICOMweb needs a bearer token (%d static; OIDC from %s)",
+            len(settings.api_tokens),
+            settings.oidc_issuer or "nobody",
+        )
     if viewer.installed(settings.viewer_dir):
         log.info("viewer on http://%s:%d/viewer/", settings.bind_address, settings.http_port)
     else:

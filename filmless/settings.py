@@ -99,6 +99,17 @@ class Settings(BaseSettings):
         description='DICOMweb bearer tokens: name = "read|write|admin:<sha256 of the token>" '
         "(filmless token new); empty = no authentication",
     )
+    oidc_jwks_file: str = Field(
+        "", description="JWKS file of the identity provider: OIDC access tokens are accepted"
+    )
+    oidc_issuer: str = Field("", description="the 'iss' OIDC access tokens must carry")
+    oidc_audience: str = Field("", description="the 'aud' OIDC access tokens must carry")
+    request_timeout: float = Field(
+        300.0, gt=0, description="seconds a DICOMweb request has to arrive and be answered"
+    )
+    http_max_connections: int = Field(
+        1000, ge=1, description="open DICOMweb connections at most (more get 503)"
+    )
     allow_unauthenticated_bind: bool = Field(
         False, description="serve DICOMweb without tokens on an address other than loopback"
     )
@@ -198,8 +209,18 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        if self.oidc_jwks_file:
+            if not self.oidc_issuer or not self.oidc_audience:
+                raise ValueError("oidc_jwks_file needs oidc_issuer and oidc_audience")
+            if not Path(self.oidc_jwks_file).is_file():
+                raise ValueError(f"oidc_jwks_file: {self.oidc_jwks_file} is not a file")
+        return self
+
+    @model_validator(mode="after")
     def _exposed_needs_tokens(self) -> Settings:
-        if not self.api_tokens and not self.allow_unauthenticated_bind:
+        authenticated = bool(self.api_tokens or self.oidc_jwks_file)
+        if not authenticated and not self.allow_unauthenticated_bind:
             try:
                 loopback = ipaddress.ip_address(self.bind_address).is_loopback
             except ValueError:
@@ -207,7 +228,7 @@ class Settings(BaseSettings):
             if not loopback:
                 raise ValueError(
                     f"bind_address {self.bind_address} is reachable from other machines and "
-                    "no api_tokens are set; add tokens (filmless token new) or set "
+                    "no api_tokens or OIDC are set; add tokens (filmless token new) or set "
                     "allow_unauthenticated_bind = true"
                 )
         return self

@@ -17,6 +17,8 @@
     │   └── UndecodablePixels       0x0110 no decoder or corrupt pixels / 406
     ├── MalformedRequest            0xC000 cannot understand   / 400
     ├── RequestTooLarge             0xA700 out of resources    / 413
+    ├── RequestTimedOut             0xA700 out of resources    / 408
+    ├── AnswerTimedOut              0xA700 out of resources    / 503
     ├── UnsupportedMediaType        0xC000 cannot understand   / 415
     ├── Unauthenticated             0x0124 not authorized      / 401
     └── Forbidden                   0x0124 not authorized      / 403
@@ -125,6 +127,20 @@ class RequestTooLarge(PacsError):
 
     dimse_status = StoreStatus.OUT_OF_RESOURCES
     http_status = 413
+
+
+class RequestTimedOut(PacsError):
+    """The request body did not arrive within the request time limit."""
+
+    dimse_status = StoreStatus.OUT_OF_RESOURCES
+    http_status = 408
+
+
+class AnswerTimedOut(PacsError):
+    """The answer could not begin within the request time limit."""
+
+    dimse_status = StoreStatus.OUT_OF_RESOURCES
+    http_status = 503
 
 
 class UnsupportedMediaType(PacsError):

@@ -3,22 +3,25 @@ and DICOMweb, each a JSON line with the PS3.15 audit message fields."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_role, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
 )
 
 from dicomweb.app import create_app
 from dicomweb.audit import classify
 from dicomweb.auth import ApiToken, digest
-from pacs.archive import Archive
+from pacs.archive import Archive, InstanceSource, Origin
 from pacs.audit import AuditEvent, AuditTrail
 from pacs.dimse.server import DimseConfig, start_dimse
 from tests.conftest import free_port
@@ -121,3 +124,55 @@ def test_search_paths_are_queries_and_others_retrieves() -> None:
     assert classify("GET", "/studies/1.2/metadata") == AuditEvent.RETRIEVE
     assert classify("POST", "/studies/1.2") == AuditEvent.STORE
     assert classify("DELETE", "/studies/1.2") == AuditEvent.DELETE
+
+
+def test_dimse_retrieves(archive: Archive, tmp_path: Path) -> None:
+    trail = tmp_path / "audit.jsonl"
+    archive.audit = AuditTrail(trail)
+    ds = ct_instance(patient_id="AUDIT3")
+    archive.ingest(InstanceSource.from_part10(io.BytesIO(part10(ds))), Origin.IMPORT)
+    config = DimseConfig(port=free_port())
+    server = start_dimse(archive, config)
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(cast(C_STORE, event.request).AffectedSOPInstanceUID))
+        return 0x0000
+
+    try:
+        ae = AE(ae_title="READER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate(
+            "127.0.0.1",
+            config.port,
+            ae_title="FILMLESS",
+            ext_neg=[build_role(CTImageStorage, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ds.StudyInstanceUID
+        statuses = [
+            s.Status for s, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
+        ]
+        assert statuses[-1] == 0
+        bad = Dataset()
+        bad.QueryRetrieveLevel = "STUDY"
+        bad.StudyInstanceUID = "not a uid"
+        statuses = [
+            s.Status for s, _ in assoc.send_c_get(bad, StudyRootQueryRetrieveInformationModelGet)
+        ]
+        assert statuses[-1] != 0
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert received == [ds.SOPInstanceUID]
+    lines = _lines(trail)
+    assert [_event(line) for line in lines] == [
+        ("DICOM Instances Transferred", "R", 0),
+        ("DICOM Instances Transferred", "R", 4),
+    ]
+    assert lines[0]["ActiveParticipant"]["UserID"] == "READER"
+    assert lines[0]["ParticipantObject"]["StudyInstanceUID"] == ds.StudyInstanceUID
+    assert lines[0]["Detail"] == "C-GET: 1 instance(s)"

@@ -3,6 +3,7 @@ its DIMSE worker processes): idle sockets, absurd length claims, TLS, many assoc
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import struct
@@ -19,7 +20,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tests.support.server import Server, closed_by_peer, tree_rss
 from tests.support.tls import Pki, make_pki
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.dcmtk,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed"),
+]
 
 _QUIET = {"FILMLESS_SCREENING": "false", "FILMLESS_DIMSE_WORKERS": "2"}
 

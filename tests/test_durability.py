@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -161,21 +160,6 @@ def test_eight_associations_of_250_instances(tmp_path: Path) -> None:
         index.dispose()
 
 
-def _kill_group(server: Server) -> None:
-    """``kill -9`` of every process of the server at once: workers die mid-store too."""
-    assert server.process is not None
-    os.killpg(server.process.pid, signal.SIGKILL)
-    server.process.communicate(timeout=30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(server.process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError("processes of the killed server are still running")
-
-
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
 )
@@ -208,7 +192,7 @@ def test_kill_9_five_times_during_ingest(
         target = before + chance.randint(40, 160)
         while len(sender.acknowledged) < target and time.monotonic() < deadline:
             time.sleep(0.005)
-        _kill_group(server)
+        server.kill(whole_group=True)
         kills += 1
         worker.join(120)
         assert len(sender.acknowledged) > before, "nothing was stored in this round"

@@ -93,11 +93,15 @@ class Server:
         self.output += output
         return self.process.returncode
 
-    def kill(self) -> None:
+    def kill(self, *, whole_group: bool = False) -> None:
         """``kill -9`` of the server process; its DIMSE workers must then exit by
-        themselves (they finish their associations first)."""
+        themselves (they finish their associations first). ``whole_group``: of every
+        process at once, so that workers die in the middle of a store too."""
         assert self.process is not None
-        self.process.kill()
+        if whole_group:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        else:
+            self.process.kill()
         output, _ = self.process.communicate(timeout=30)
         self.output += output
         deadline = time.monotonic() + 60

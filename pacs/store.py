@@ -17,7 +17,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from pacs.errors import StorageFailure
 from pacs.uids import require_uid
@@ -52,21 +52,25 @@ class FsBlobStore:
         on a second thread meanwhile: both release the GIL, so a large instance costs
         about one pass over its bytes instead of two.
         """
-        path = self.staging / f"{uuid.uuid4().hex}.part"
-        digest = hashlib.sha256(head)
+        writer = self.open_staging(head)
         try:
-            with open(path, "xb") as out:
-                out.write(head)
-                if isinstance(body, io.BytesIO):
-                    size = len(head) + _write_buffer(out, body, digest)
-                else:
-                    size = len(head) + _write_stream(out, body, digest)
-                out.flush()
-                os.fsync(out.fileno())
+            if isinstance(body, io.BytesIO):
+                with body.getbuffer() as whole:
+                    view = whole[body.tell() :]
+                    try:
+                        writer.write(view)
+                    finally:
+                        view.release()
+            else:
+                while chunk := body.read(_CHUNK):
+                    writer.write(chunk)
         except OSError as exc:
-            _unlink_quietly(path)
+            writer.discard()
             raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
-        return StagedBlob(path=path, size=size, sha256=digest.hexdigest())
+        except BaseException:
+            writer.discard()
+            raise
+        return writer.finish()
 
     def open_staging(self, head: bytes) -> StagingWriter:
         """A staging file that receives a data set piece by piece (see :meth:`stage`)."""
@@ -145,12 +149,21 @@ class StagingWriter:
         self.write(head)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Large pieces are hashed on a second thread while written: both release the GIL."""
+        hasher = None
+        if len(data) >= _PARALLEL_HASH_MIN:
+            hasher = threading.Thread(target=self.digest.update, args=(data,))
+            hasher.start()
+        else:
+            self.digest.update(data)
         try:
             self.out.write(data)
         except OSError as exc:
             self.discard()
             raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
-        self.digest.update(data)
+        finally:
+            if hasher is not None:
+                hasher.join()
         self.size += len(data)
 
     def finish(self) -> StagedBlob:
@@ -167,34 +180,6 @@ class StagingWriter:
         with contextlib.suppress(OSError):
             self.out.close()
         _unlink_quietly(self.path)
-
-
-def _write_stream(out: BinaryIO, body: BinaryIO, digest: Any) -> int:
-    size = 0
-    while chunk := body.read(_CHUNK):
-        digest.update(chunk)
-        out.write(chunk)
-        size += len(chunk)
-    return size
-
-
-def _write_buffer(out: BinaryIO, body: io.BytesIO, digest: Any) -> int:
-    with body.getbuffer() as whole:
-        view = whole[body.tell() :]
-        try:
-            if len(view) < _PARALLEL_HASH_MIN:
-                digest.update(view)
-                out.write(view)
-            else:
-                hasher = threading.Thread(target=digest.update, args=(view,))
-                hasher.start()
-                try:
-                    out.write(view)
-                finally:
-                    hasher.join()
-            return len(view)
-        finally:
-            view.release()
 
 
 def _ensure_dir(folder: Path) -> None:

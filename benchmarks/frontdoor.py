@@ -29,7 +29,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from rich.console import Console
 
-from benchmarks.support import free_port, run_facts, wait_for_port
+from benchmarks.support import free_port, run_facts, session_memory, wait_for_port
 from scripts.synthetic_corpus import write_corpus
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,27 +47,6 @@ class Run:
     rss_attacked_mib: float
     pss_rest_mib: float
     pss_attacked_mib: float
-
-
-def _memory(session: int) -> tuple[int, int, int]:
-    """(processes, RSS bytes, PSS bytes) of every process in ``session``."""
-    count = rss = pss = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) != session:
-                continue
-            rollup = (entry / "smaps_rollup").read_text().splitlines()
-        except OSError:
-            continue
-        count += 1
-        for line in rollup:
-            if line.startswith("Rss:"):
-                rss += int(line.split()[1]) * 1024
-            elif line.startswith("Pss:"):
-                pss += int(line.split()[1]) * 1024
-    return count, rss, pss
 
 
 def _image(folder: Path) -> Path:
@@ -102,7 +81,7 @@ def measure(workers: int, idle: int, work: Path, image: Path) -> Run:
         wait_for_port(port)
         wait_for_port(http_port)
         time.sleep(2)
-        processes, rss_rest, pss_rest = _memory(server.pid)
+        processes, rss_rest, pss_rest = session_memory(server.pid)
         sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle)]
         for _ in range(3):
             claim = socket.create_connection(("127.0.0.1", port))
@@ -124,7 +103,7 @@ def measure(workers: int, idle: int, work: Path, image: Path) -> Run:
             check=False,
         )
         seconds = time.monotonic() - start
-        _, rss, pss = _memory(server.pid)
+        _, rss, pss = session_memory(server.pid)
     finally:
         for sock in sockets:
             sock.close()

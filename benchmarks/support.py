@@ -1,4 +1,5 @@
-"""What every benchmark needs: loopback ports, a private network for Orthanc, run facts."""
+"""What every benchmark needs: loopback ports, a private network for Orthanc, run facts,
+the memory of a server's processes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 NETNS_FLAG = "FILMLESS_BENCH_NETNS"
 
@@ -58,3 +60,26 @@ def run_facts(module: str, argv: list[str]) -> dict[str, object]:
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.python_version()})",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def session_memory(session: int) -> tuple[int, int, int]:
+    """(processes, RSS bytes, PSS bytes) of every process in the session ``session``
+    leads: a server started in a session of its own, with its worker processes."""
+    count = rss = pss = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # Field 6 of /proc/PID/stat is the session id; the name field may hold spaces.
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) != session:
+                continue
+            rollup = (entry / "smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        count += 1
+        for line in rollup:
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1]) * 1024
+    return count, rss, pss

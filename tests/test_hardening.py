@@ -17,7 +17,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.support.server import Server, closed_by_peer, tree_rss
+from benchmarks.support import session_memory
+from tests.support.server import Server, closed_by_peer
 from tests.support.tls import Pki, make_pki
 
 pytestmark = [
@@ -77,7 +78,7 @@ def test_idle_sockets_and_huge_claims_do_not_stop_storescu(
 
 
 def _attack(server: Server, corpus: list[Path], *, single_process: bool) -> None:
-    baseline = tree_rss(server.process.pid)  # type: ignore[union-attr]
+    baseline = session_memory(server.process.pid)[1]  # type: ignore[union-attr]
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(50)]
     claims = []
     for _ in range(3):
@@ -97,7 +98,7 @@ def _attack(server: Server, corpus: list[Path], *, single_process: bool) -> None
         assert run.returncode == 0, run.stdout + run.stderr
         assert seconds < 5
         assert _stored(server, path)
-        rss = tree_rss(server.process.pid)  # type: ignore[union-attr]
+        rss = session_memory(server.process.pid)[1]  # type: ignore[union-attr]
         assert rss - baseline < 32 << 20, f"{rss >> 20} MiB, at rest {baseline >> 20} MiB"
         if single_process:
             assert rss < 300 << 20

@@ -25,7 +25,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pacs.dimse import spool
-from pacs.dimse.frontdoor import AssociationCounts, Dropped, FrontDoor, Refusal
+from pacs.dimse.frontdoor import Dropped, FrontDoor, Refusal
 from pacs.store import FsBlobStore
 
 if TYPE_CHECKING:
@@ -163,12 +163,11 @@ class FilmlessRequestHandler(RequestHandler):
 class FilmlessServer(ThreadedAssociationServer):
     """pynetdicom's threaded server behind a :class:`FrontDoor`."""
 
-    front_door: FrontDoor
+    front_door: FrontDoor  # set by serve_in_thread / handoff_server before any connection
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = FilmlessRequestHandler
         super().__init__(*args, **kwargs)
-        self.front_door = FrontDoor(AssociationCounts(1, 64))
         self.on_connection_end: Callable[[], None] | None = None
         # Where large C-STORE data sets are written as they arrive (see pacs.dimse.spool).
         self.spool_store: FsBlobStore | None = None

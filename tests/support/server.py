@@ -115,28 +115,6 @@ class Server:
         raise AssertionError("processes of the killed server are still running")
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of every process in the session ``pid`` leads (the server and its
-    DIMSE workers)."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        # Field 6 of /proc/PID/stat is the session id; the name field may hold spaces.
-        session = int(stat.rsplit(")", 1)[1].split()[3])
-        if session != pid:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
-
-
 def closed_by_peer(sock: socket.socket, within: float = 5) -> bool:
     """Closed (EOF, or a reset when our bytes were left unread) rather than still open."""
     sock.settimeout(within)

@@ -23,11 +23,11 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jwt
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dicomweb.asgi import send_error
 from pacs.errors import Forbidden, PacsError, Unauthenticated
 
 SCOPES = ("read", "write", "admin")
@@ -171,21 +171,8 @@ class BearerAuth:
         try:
             token = authorize(self.tokens, headers.get("authorization"), scope["method"], self.oidc)
         except PacsError as exc:
-            await _refuse(send, exc)
+            challenge = ((b"www-authenticate", b'Bearer realm="filmless"'),)
+            await send_error(send, exc, challenge if exc.http_status == 401 else ())
             return
         scope.setdefault("state", {})["token"] = token.name
         await self.app(scope, receive, send)
-
-
-async def _refuse(send: Send, exc: PacsError) -> None:
-    body = json.dumps({"error": str(exc)}).encode()
-    headers: list[tuple[bytes, bytes]] = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if exc.http_status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="filmless"'))
-    start: dict[str, Any] = {"type": "http.response.start", "status": exc.http_status}
-    start["headers"] = headers
-    await send(start)
-    await send({"type": "http.response.body", "body": body})

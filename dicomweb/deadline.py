@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dicomweb.asgi import send_error
 from pacs.errors import AnswerTimedOut, PacsError, RequestTimedOut
 
 
@@ -37,6 +36,9 @@ class RequestDeadline:
 
         async def timed_receive() -> Message:
             nonlocal late_body, receiving
+            if started.is_set():
+                # Once the answer streams, receive() only waits for a disconnect: untimed.
+                return await receive()
             receiving = True
             try:
                 return await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
@@ -79,16 +81,4 @@ class RequestDeadline:
             if late_body
             else AnswerTimedOut(f"the answer could not begin within {self.seconds:g} s")
         )
-        await _answer(send, error)
-
-
-async def _answer(send: Send, error: PacsError) -> None:
-    body = json.dumps({"error": str(error)}).encode()
-    start: dict[str, Any] = {"type": "http.response.start", "status": error.http_status}
-    start["headers"] = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    await send(start)
-    await send({"type": "http.response.body", "body": body})
+        await send_error(send, error, ((b"connection", b"close"),))

@@ -58,6 +58,23 @@ def test_a_begun_answer_streams_past_the_limit() -> None:
     assert b"".join(m.get("body", b"") for m in sent[1:]) == b"xxxxx"
 
 
+def test_a_streaming_answer_is_not_told_the_client_left() -> None:
+    """Past the limit, a streaming answer's wait for a disconnect must not be cut short
+    (Starlette would stop the stream on a fake one)."""
+
+    async def listening(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(0.3)
+        try:
+            message = await asyncio.wait_for(receive(), 0.3)
+        except TimeoutError:
+            message = {"type": "still connected"}
+        await send({"type": "http.response.body", "body": message["type"].encode()})
+
+    sent = _run(RequestDeadline(listening, seconds=0.1))
+    assert sent[1]["body"] == b"still connected"
+
+
 def test_trickling_body_gets_408_from_the_server(archive: Archive) -> None:
     app = create_app(archive, viewer_dir=Path("/nonexistent"), request_timeout=1.0)
     with serving(app) as url:

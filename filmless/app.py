@@ -13,7 +13,7 @@ import uvicorn
 
 from dicomweb.app import create_app
 from dicomweb.auth import OidcVerifier, parse_tokens
-from filmless import viewer
+from filmless import heap, viewer
 from filmless.dimse_pool import DimsePool
 from filmless.settings import Settings
 from filmless.wiring import build_archive, dimse_config, dimse_worker_count, start_screening
@@ -76,6 +76,10 @@ def serve(settings: Settings) -> None:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    # Screening first: it loads torch and MONAI, and the ports open only once the process
+    # is fully built, so no peer's first requests share the CPU with those imports.
+    screening = start_screening(archive, settings, stop) if settings.screening else None
+    heap.settle()
     if workers > 1:
         pool = DimsePool(settings, workers)
         pool.start()
@@ -84,7 +88,6 @@ def serve(settings: Settings) -> None:
         server = start_dimse(archive, dimse_config(settings))
         stop_dimse = server.shutdown
     http = start_http(archive, settings)
-    screening = start_screening(archive, settings, stop) if settings.screening else None
     log.info("DICOMweb on http://%s:%d/dicom-web", settings.bind_address, settings.http_port)
     if settings.api_tokens or settings.oidc_jwks_file:
         log.info(

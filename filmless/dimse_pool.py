@@ -24,6 +24,7 @@ from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
 from typing import Any
 
+from filmless import heap
 from filmless.settings import Settings
 from filmless.wiring import build_archive, configure_logging, dimse_config
 from pacs.dimse.frontdoor import AssociationCounts
@@ -180,6 +181,7 @@ def worker_main(
     # Warm up before taking connections: the first log record loads the console
     # renderer and the first query opens the database, neither should delay a peer.
     archive.index.instance("0.0")
+    heap.settle()
     log.info("DIMSE worker ready (pid %d)", os.getpid())
     channel.sendall(b"R")
     stop.wait()

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -21,9 +22,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacs.archive import Archive, Origin
-from pacs.dimse.find import make_find_handler
+from pacs.dimse.find import answers
+from pacs.dimse.pending import find_response_command, pdus
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
+from pacs.query import Model
 from pacs.status import QueryStatus
 from tests.conftest import free_port, make_archive
 from tests.support.instances import ct_instance, source
@@ -73,9 +76,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]) -> Iter
 
 
 def find(
-    server: Server, identifier: Dataset, model: str = StudyRootQueryRetrieveInformationModelFind
+    server: Server,
+    identifier: Dataset,
+    model: str = StudyRootQueryRetrieveInformationModelFind,
+    *,
+    max_pdu: int = 16382,
 ) -> tuple[list[Dataset], Dataset]:
     ae = AE(ae_title="WORKSTATION")
+    ae.maximum_pdu_size = max_pdu
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", server.config.port, ae_title="FILMLESS")
     assert assoc.is_established
@@ -119,6 +127,33 @@ def test_study_level_returns_exactly_the_requested_keys(server: Server) -> None:
             expected = sum(len(server.stored.instances[s]) for s in server.stored.series[uid])
             assert int(answer.NumberOfStudyRelatedInstances) == expected
             assert str(answer.PatientName) == str(server.stored.studies[uid].PatientName)
+
+
+def test_answers_are_cut_to_the_peers_maximum_pdu_length(server: Server) -> None:
+    """A requester that takes 128-byte PDUs still gets every key of every match."""
+    query = study_query(PatientName="", StudyDescription="", NumberOfStudyRelatedInstances="")
+    whole, _ = find(server, query)
+    cut, final = find(server, query, max_pdu=128)
+    assert final.Status == 0x0000
+    assert [a.to_json_dict() for a in cut] == [a.to_json_dict() for a in whole]
+    assert len(cut) == len(server.stored.studies) + 1
+
+
+def test_pdus_respect_the_maximum_length() -> None:
+    command = find_response_command("1.2.840.10008.5.1.4.1.2.2.1", 7, 0xFF00)
+    data = bytes(range(256)) * 3
+    for limit in (0, 128, 200, 16382):
+        grouped = pdus(1, command, data, limit)
+        items = [item for pdu in grouped for item in pdu]
+        assert items[0] == (1, b"\x03" + command)
+        fragments = items[1:]
+        assert b"".join(f[1][1:] for f in fragments) == data
+        assert [f[1][0] for f in fragments] == [0] * (len(fragments) - 1) + [2]
+        for pdu in grouped:
+            assert not limit or sum(6 + len(d) - 1 for _cid, d in pdu) <= limit
+    assert len(pdus(1, command, data, 0)) == 1
+    with pytest.raises(ValueError, match="maximum PDU length"):
+        pdus(1, command, data, 64)
 
 
 def test_patient_root_patient_level(server: Server) -> None:
@@ -245,6 +280,7 @@ class _CancellingEvent:
         self.request = SimpleNamespace(
             AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind
         )
+        self.context = SimpleNamespace(transfer_syntax=ExplicitVRLittleEndian)
         self.assoc = SimpleNamespace(
             requestor=SimpleNamespace(
                 sop_class_extended={}, ae_title="FINDSCU", address="127.0.0.1"
@@ -258,10 +294,17 @@ class _CancellingEvent:
 
 
 def test_cancel_stops_the_answers(server: Server) -> None:
-    handler = make_find_handler(server.archive, max_matches=1000, retrieve_ae_title="FILMLESS")
     event = _CancellingEvent(study_query())
     statuses = []
-    for status, _answer in handler(event):  # type: ignore[arg-type]
+    responses = answers(
+        server.archive,
+        event,  # type: ignore[arg-type]
+        event.identifier,
+        Model.STUDY_ROOT,
+        max_matches=1000,
+        retrieve_ae="FILMLESS",
+    )
+    for status, _answer in responses:
         statuses.append(int(status) if isinstance(status, int) else status.Status)
         event.answers += 1
     assert statuses == [QueryStatus.PENDING, QueryStatus.CANCEL]

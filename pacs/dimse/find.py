@@ -3,8 +3,8 @@
 The identifier is decoded into a :class:`~pacs.query.Query` (the same engine QIDO-RS
 uses), matches are counted up to the configured limit, then streamed from one SELECT:
 each row becomes one pending response holding exactly the requested keys plus
-QueryRetrieveLevel, SpecificCharacterSet and RetrieveAETitle. C-CANCEL is checked before
-every response.
+QueryRetrieveLevel, SpecificCharacterSet and RetrieveAETitle, sent by
+:class:`~pacs.dimse.pending.PendingResponses`. C-CANCEL is checked before every response.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import pydicom.charset
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
@@ -26,6 +25,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacs.archive import Archive
 from pacs.audit import AuditEvent, Outcome
 from pacs.dimse.associations import actor
+from pacs.dimse.match_encoding import (
+    CONTROL_KEYS,
+    MatchEncoder,
+    requested_charset,
+    response_charset,
+)
+from pacs.dimse.pending import PendingResponses
 from pacs.dimse.responses import status_dataset as failure
 from pacs.errors import InvalidQuery
 from pacs.query import ATTRIBUTES, Level, Model, Query, compile_query, count_query
@@ -37,12 +43,13 @@ MODELS: Mapping[str, Model] = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
     StudyRootQueryRetrieveInformationModelFind: Model.STUDY_ROOT,
 }
-_CONTROL_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
 _FUZZY_BYTE = 2  # PS3.4 C.5.1.1: byte 3 of the C-FIND extended negotiation
 _COMBINED_DATETIME_BYTE = 1
 _TIMEZONE_BYTE = 3
 
 Response = tuple[int | Dataset, Dataset | None]
+# A match is already encoded (bytes) where the fast path could, a Dataset otherwise.
+Answer = tuple[int | Dataset, Dataset | bytes | None]
 
 
 def _value_text(value: Any) -> str:
@@ -66,7 +73,7 @@ def query_from_identifier(
     returned: list[str] = []
     for element in identifier:
         keyword = element.keyword
-        if not keyword or keyword in _CONTROL_KEYS:
+        if not keyword or keyword in CONTROL_KEYS:
             continue
         returned.append(keyword)
         if element.VR == "SQ":
@@ -82,33 +89,6 @@ def query_from_identifier(
     )
 
 
-def _encodable(values: list[str], charset: list[str]) -> bool:
-    encodings = pydicom.charset.convert_encodings(charset)
-    for value in values:
-        if value.isascii():
-            continue
-        if not any(_encodes(value, encoding) for encoding in encodings):
-            return False
-    return True
-
-
-def _encodes(value: str, encoding: str) -> bool:
-    try:
-        value.encode(encoding)
-    except (UnicodeError, LookupError):
-        return False
-    return True
-
-
-def _response_charset(requested: list[str], texts: list[str]) -> list[str] | None:
-    """Answer in the requester's character set when it can carry the values, else UTF-8."""
-    if all(t.isascii() for t in texts):
-        return requested or None
-    if requested and _encodable(texts, requested):
-        return requested
-    return ["ISO_IR 192"]
-
-
 def encode_match(
     row: Mapping[str, Any], identifier: Dataset, level: Level, retrieve_ae_title: str
 ) -> Dataset:
@@ -117,7 +97,7 @@ def encode_match(
     texts: list[str] = []
     for element in identifier:
         keyword = element.keyword
-        if not keyword or keyword in _CONTROL_KEYS:
+        if not keyword or keyword in CONTROL_KEYS:
             continue
         if element.VR == "SQ":
             answer.add_new(element.tag, "SQ", _sequence(keyword, row))
@@ -129,13 +109,7 @@ def encode_match(
         elif isinstance(encoded, list):
             texts.extend(str(v) for v in encoded)
         answer.add_new(element.tag, element.VR, encoded)
-    requested = identifier.get("SpecificCharacterSet")
-    charset = _response_charset(
-        [str(c) for c in requested]
-        if isinstance(requested, MultiValue)
-        else ([str(requested)] if requested else []),
-        texts,
-    )
+    charset = response_charset(requested_charset(identifier), texts)
     if charset:
         answer.SpecificCharacterSet = charset if len(charset) > 1 else charset[0]
     answer.QueryRetrieveLevel = level.value
@@ -179,8 +153,15 @@ def make_find_handler(
             yield failure(QueryStatus.UNABLE_TO_PROCESS, f"identifier unreadable: {exc}"), None
             return
         final: int = QueryStatus.SUCCESS
+        # Matches go out through our own sender; pynetdicom sends only the last response.
+        pending = PendingResponses(
+            event.assoc,
+            event.context,
+            int(event.request.MessageID or 0),
+            str(event.request.AffectedSOPClassUID),
+        )
         try:
-            for response in _answer(
+            for status, answer in answers(
                 archive,
                 event,
                 identifier,
@@ -188,9 +169,19 @@ def make_find_handler(
                 max_matches=max_matches,
                 retrieve_ae=retrieve_ae_title,
             ):
-                status = response[0]
                 final = int(getattr(status, "Status", status))
-                yield response
+                if final == QueryStatus.PENDING and answer is not None:
+                    try:
+                        if not pending.send(answer):
+                            return  # the peer aborted or released: nobody to answer
+                    except Exception as exc:
+                        log.exception("a C-FIND response could not be sent")
+                        final = QueryStatus.UNABLE_TO_PROCESS
+                        yield failure(final, f"response not sent: {exc}"), None
+                        return
+                    continue
+                assert not isinstance(answer, bytes)
+                yield status, answer
         finally:
             ok = final in (0x0000, 0xFE00, 0xFF00, 0xFF01)
             archive.audit.record(
@@ -205,7 +196,7 @@ def make_find_handler(
     return handle_find
 
 
-def _answer(
+def answers(
     archive: Archive,
     event: evt.Event,
     identifier: Dataset,
@@ -213,7 +204,9 @@ def _answer(
     *,
     max_matches: int,
     retrieve_ae: str,
-) -> Iterator[Response]:
+) -> Iterator[Answer]:
+    """The responses to one request, matches as pending ones, checking C-CANCEL before
+    each; the final Success is left to pynetdicom."""
     sop_class = str(event.request.AffectedSOPClassUID)
     negotiated = {str(k): v for k, v in event.assoc.requestor.sop_class_extended.items()}
     extended = negotiated.get(sop_class, b"")
@@ -237,12 +230,23 @@ def _answer(
             statement = compile_query(query).execution_options(
                 stream_results=True, max_row_buffer=500
             )
+            fast = MatchEncoder(
+                identifier, query.level, retrieve_ae, str(event.context.transfer_syntax)
+            )
             for row in conn.execute(statement).mappings():
                 if event.is_cancelled:
                     yield QueryStatus.CANCEL, None
                     return
-                answer = encode_match(dict(row), identifier, query.level, retrieve_ae)
-                yield QueryStatus.PENDING, answer
+                match = dict(row)
+                encoded = fast.encode(match)
+                yield (
+                    QueryStatus.PENDING,
+                    (
+                        encode_match(match, identifier, query.level, retrieve_ae)
+                        if encoded is None
+                        else encoded
+                    ),
+                )
     except InvalidQuery as exc:
         yield failure(exc.dimse_status, str(exc)), None
     except Exception as exc:

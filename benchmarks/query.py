@@ -2,8 +2,10 @@
 
 The index is filled with generated rows (patients, studies of two series of ten
 instances, names and dates spread out) straight through SQL, at each size asked for.
-``filmless serve`` (one DIMSE worker) answers over loopback; each query runs R times on one
-association and we report p50/p95/max in milliseconds. With Orthanc installed and
+``filmless serve`` (one DIMSE worker) answers over loopback. Each query runs once to warm
+up and then R times on one association, with two SCUs: dcmtk's findscu (C, timed from its
+own log) and pynetdicom (timed in Python, so its own per-response cost is part of the
+figure). We report p50/p95/max in milliseconds. With Orthanc installed and
 ``--orthanc N``, the same queries run against an Orthanc holding N small instances
 sent by storescu (loading 100k instances into Orthanc over DIMSE takes too long here).
 
@@ -195,6 +197,7 @@ def queries() -> dict[str, Callable[[], Dataset]]:
 def measure(
     port: int, ae_title: str, make: Callable[[], Dataset], repeats: int
 ) -> tuple[int, list[float]]:
+    """pynetdicom as the SCU: one association, one warm-up query, then ``repeats`` timed."""
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
@@ -207,7 +210,7 @@ def measure(
     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     timings, matches = [], 0
     try:
-        for _ in range(repeats):
+        for _ in range(repeats + 1):
             query = make()
             start = time.perf_counter()
             found = 0
@@ -224,7 +227,7 @@ def measure(
             matches = found
     finally:
         assoc.release()
-    return matches, timings
+    return matches, timings[1:]
 
 
 def findscu_args(query: Dataset) -> list[str]:
@@ -236,24 +239,60 @@ def findscu_args(query: Dataset) -> list[str]:
     return args
 
 
+# dcmtk logs with a wall-clock stamp in fractional milliseconds; each query is timed from
+# "Sending Find Request" to "Received Final Find Response".
+_DCMTK_LOG = """log4cplus.rootLogger = INFO, out
+log4cplus.appender.out = log4cplus::ConsoleAppender
+log4cplus.appender.out.layout = log4cplus::PatternLayout
+log4cplus.appender.out.layout.ConversionPattern = %D{%s %Q} %m%n
+"""
+
+
 def measure_findscu(
-    port: int, ae_title: str, make: Callable[[], Dataset], repeats: int
-) -> tuple[list[float], list[float]]:
-    """Wall time of dcmtk findscu (a new process and association each run) and, as the
-    baseline, of echoscu: their difference is what the query itself costs."""
-    query_cmd = ["findscu", "-S", "-aec", ae_title, *findscu_args(make()), "127.0.0.1", str(port)]
-    echo_cmd = ["echoscu", "-aec", ae_title, "127.0.0.1", str(port)]
-    timings: list[float] = []
-    baseline: list[float] = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        # Output is not decoded: answers may be in any character set.
-        subprocess.run(query_cmd, check=True, capture_output=True)
-        timings.append((time.perf_counter() - start) * 1000)
-        start = time.perf_counter()
-        subprocess.run(echo_cmd, check=True, capture_output=True)
-        baseline.append((time.perf_counter() - start) * 1000)
-    return timings, baseline
+    port: int, ae_title: str, make: Callable[[], Dataset], repeats: int, work: Path
+) -> tuple[int, list[float]]:
+    """dcmtk findscu as the SCU: one association, a warm-up query, then ``repeats`` timed.
+
+    Nagle's algorithm is off (``TCP_NODELAY=1``, dcmtk's switch for it): otherwise
+    findscu's request, a command PDU and a data set PDU, waits for a delayed ACK.
+    """
+    config = work / "findscu-log.cfg"
+    config.write_text(_DCMTK_LOG)
+    run = subprocess.run(
+        [
+            "findscu",
+            "-S",
+            "-lc",
+            str(config),
+            "--repeat",
+            str(repeats + 1),
+            "-aec",
+            ae_title,
+            *findscu_args(make()),
+            "127.0.0.1",
+            str(port),
+        ],
+        capture_output=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        check=False,
+    )
+    # Answers may be in any character set: decoded leniently, only log lines are read.
+    lines = (run.stdout + run.stderr).decode("utf-8", "replace").splitlines()
+
+    def stamps(text: str) -> list[float]:
+        found = []
+        for line in lines:
+            if text in line:
+                seconds, millis = line.split()[:2]
+                found.append(int(seconds) * 1000 + float(millis))
+        return found
+
+    sent, final = stamps("Sending Find Request"), stamps("Received Final Find Response")
+    if run.returncode != 0 or len(sent) != repeats + 1 or len(final) != repeats + 1:
+        raise RuntimeError(f"findscu failed: {lines[-3:]}")
+    pending = sum("(Pending)" in line for line in lines) // (repeats + 1)
+    timings = [end - start for start, end in zip(sent, final, strict=True)]
+    return pending, timings[1:]
 
 
 def _summary(server: str, size: int, name: str, matches: int, timings: list[float]) -> Latency:
@@ -281,15 +320,21 @@ def run_filmless(work: Path, size: int, repeats: int) -> list[Latency]:
     # would share its interpreter lock and inflate every figure.
     server = FilmlessServer(dimse_workers="1", max_find_matches="100000")
     port = free_port()
-    results = []
     with server.running(folder, port):
-        for name, make in queries().items():
-            matches, timings = measure(port, server.ae_title, make, repeats)
-            results.append(_summary("filmless", size, name, matches, timings))
-            if shutil.which("findscu"):
-                wall, echo = measure_findscu(port, server.ae_title, make, repeats // 4)
-                net = [w - e for w, e in zip(wall, echo, strict=True)]
-                results.append(_summary("filmless (findscu - echoscu)", size, name, matches, net))
+        return run_queries("filmless", server.ae_title, port, size=size, repeats=repeats, work=work)
+
+
+def run_queries(
+    server: str, ae_title: str, port: int, *, size: int, repeats: int, work: Path
+) -> list[Latency]:
+    """Every query with each SCU: dcmtk findscu where installed, and pynetdicom."""
+    results = []
+    for name, make in queries().items():
+        if shutil.which("findscu"):
+            matches, timings = measure_findscu(port, ae_title, make, repeats, work)
+            results.append(_summary(f"{server} (findscu)", size, name, matches, timings))
+        matches, timings = measure(port, ae_title, make, repeats)
+        results.append(_summary(f"{server} (pynetdicom SCU)", size, name, matches, timings))
     return results
 
 
@@ -333,17 +378,10 @@ def run_orthanc(binary: str, work: Path, size: int, repeats: int) -> list[Latenc
     folder = work / f"orthanc-{size}"
     files = _orthanc_corpus(work / f"orthanc-in-{size}", size)
     port = free_port()
-    results = []
     with orthanc.running(folder, port):
         with console.status(f"loading {len(files)} instances into Orthanc"):
             send(files, port, orthanc.ae_title, 4)
-        for name, make in queries().items():
-            matches, timings = measure(port, orthanc.ae_title, make, repeats)
-            results.append(_summary("orthanc", size, name, matches, timings))
-            wall, echo = measure_findscu(port, orthanc.ae_title, make, repeats // 4)
-            net = [w - e for w, e in zip(wall, echo, strict=True)]
-            results.append(_summary("orthanc (findscu - echoscu)", size, name, matches, net))
-    return results
+        return run_queries("orthanc", orthanc.ae_title, port, size=size, repeats=repeats, work=work)
 
 
 def markdown(results: list[Latency], meta: dict[str, Any]) -> str:

@@ -6,8 +6,8 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 
@@ -65,19 +65,6 @@ def test_direct_encoding_equals_pydicom(request: tuple[Dataset, dict[str, Any], 
         assert fast == reference(identifier, row, syntax)
 
 
-def _study_identifier(charset: str = "") -> Dataset:
-    identifier = Dataset()
-    if charset:
-        identifier.SpecificCharacterSet = charset
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = ""
-    identifier.PatientName = ""
-    identifier.StudyDate = ""
-    identifier.ModalitiesInStudy = ""
-    identifier.NumberOfStudyRelatedInstances = ""
-    return identifier
-
-
 ROW = {
     "StudyInstanceUID": "2.25.7",
     "PatientName": "Smith^Anna",
@@ -85,6 +72,17 @@ ROW = {
     "ModalitiesInStudy": "CT\\MR",
     "NumberOfStudyRelatedInstances": 20,
 }
+
+
+def _study_identifier(charset: str = "") -> Dataset:
+    """A study-level query asking for every key of ``ROW``."""
+    identifier = Dataset()
+    if charset:
+        identifier.SpecificCharacterSet = charset
+    identifier.QueryRetrieveLevel = "STUDY"
+    for keyword in ROW:
+        setattr(identifier, keyword, "")
+    return identifier
 
 
 def test_ascii_and_utf8_rows_take_the_direct_path() -> None:

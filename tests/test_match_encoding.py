@@ -6,7 +6,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
@@ -43,7 +43,7 @@ def requests(draw: st.DrawFn) -> tuple[Dataset, dict[str, Any], str]:
     identifier.QueryRetrieveLevel = "STUDY"
     row: dict[str, Any] = {}
     for keyword in keys:
-        identifier.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)
+        identifier.add_new(keyword, dictionary_VR(keyword), None)
         vr = ATTRIBUTES[keyword].vr
         row[keyword] = draw(st.one_of(st.none(), st.just(""), VALUES[vr]))
     return identifier, row, draw(st.sampled_from(SYNTAXES))

@@ -130,12 +130,16 @@ def test_study_level_returns_exactly_the_requested_keys(server: Server) -> None:
 
 
 def test_answers_are_cut_to_the_peers_maximum_pdu_length(server: Server) -> None:
-    """A requester that takes 128-byte PDUs still gets every key of every match."""
+    """A requester that takes 128-byte PDUs still gets every key of every match, and one
+    that sets no limit gets answers smaller than their command sets."""
     query = study_query(PatientName="", StudyDescription="", NumberOfStudyRelatedInstances="")
     whole, _ = find(server, query)
     cut, final = find(server, query, max_pdu=128)
     assert final.Status == 0x0000
     assert [a.to_json_dict() for a in cut] == [a.to_json_dict() for a in whole]
+    unlimited, final = find(server, study_query(), max_pdu=0)  # small answers, no limit
+    assert final.Status == 0x0000
+    assert len(unlimited) == len(whole)
     assert len(cut) == len(server.stored.studies) + 1
 
 
@@ -152,6 +156,10 @@ def test_pdus_respect_the_maximum_length() -> None:
         for pdu in grouped:
             assert not limit or sum(6 + len(d) - 1 for _cid, d in pdu) <= limit
     assert len(pdus(1, command, data, 0)) == 1
+    # No limit: a data set shorter than the command still makes one PDU.
+    assert pdus(1, command, b"\x08\x00\x52\x00", 0) == [
+        [(1, b"\x03" + command), (1, b"\x02\x08\x00\x52\x00")]
+    ]
     with pytest.raises(ValueError, match="maximum PDU length"):
         pdus(1, command, data, 64)
 

@@ -61,9 +61,9 @@ def pdus(
 ) -> list[list[tuple[int, bytes]]]:
     """The PDV lists of the PDUs carrying one message: as few PDUs as the peer's maximum
     length allows (0: no limit), the data set cut into fragments where it must be."""
-    room = max_length - _PDV_OVERHEAD if max_length else len(data_set) or 1
-    if room < len(command):
+    if max_length and max_length - _PDV_OVERHEAD < len(command):
         raise ValueError(f"the peer's maximum PDU length {max_length} cannot hold a response")
+    room = max_length - _PDV_OVERHEAD if max_length else max(len(data_set), 1)
     items = [(context_id, bytes([_COMMAND | _LAST]) + command)]
     for start in range(0, max(len(data_set), 1), room):
         last = start + room >= len(data_set)

@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, Request, Response, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Request, Response, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
@@ -214,31 +214,43 @@ def _annotation_pixels(png: bytes) -> int:
     return int(((red > 180) & (green > 180) & (blue < 100)).sum())
 
 
-def test_ai_report_is_drawn_on_the_image(browser: Browser, site: Site) -> None:
-    study = site.studies["cxr"].StudyInstanceUID
-    tab = _open(browser, f"{site.root}/viewer/viewer?StudyInstanceUIDs={study}")
-    page = tab.page
-    canvas = page.locator("canvas.cornerstone-canvas").first
-    canvas.wait_for(timeout=90_000)
+def _open_report(page: Page, label: Locator) -> bool:
+    """Waits for the viewer, then double-clicks the AI report until its labels show."""
+    page.locator("canvas.cornerstone-canvas").first.wait_for(timeout=90_000)
     _skip_tour(page)
-    before = _annotation_pixels(page.screenshot())
     report = page.get_by_text("AI chest-xray", exact=False).first
     report.wait_for(timeout=60_000)
-    # Each positive finding is drawn where its evidence is, labelled with its probability.
-    positive = _positive_findings(site)
-    assert positive, "the demo model called nothing; nothing to draw"
-    label = page.get_by_text(f"{positive[0]} probability", exact=False).first
     # While the study panel still re-renders (a loaded machine), a double click can land
-    # on a thumbnail that is being replaced; the viewer then ignores it.
-    # On a loaded machine the guided tour can also open late, over the panel.
-    for _ in range(4):
+    # on a thumbnail that is being replaced; the viewer then ignores it. The guided tour
+    # can also open late, over the panel.
+    for _ in range(2):
         _skip_tour(page, timeout=1_000)
         report.dblclick()
         with contextlib.suppress(PlaywrightTimeout):
             label.wait_for(timeout=20_000)
+            return True
+    return False
+
+
+def test_ai_report_is_drawn_on_the_image(browser: Browser, site: Site) -> None:
+    study = site.studies["cxr"].StudyInstanceUID
+    tab = _open(browser, f"{site.root}/viewer/viewer?StudyInstanceUIDs={study}")
+    page = tab.page
+    page.locator("canvas.cornerstone-canvas").first.wait_for(timeout=90_000)
+    _skip_tour(page)
+    before = _annotation_pixels(page.screenshot())
+    # Each positive finding is drawn where its evidence is, labelled with its probability.
+    positive = _positive_findings(site)
+    assert positive, "the demo model called nothing; nothing to draw"
+    label = page.get_by_text(f"{positive[0]} probability", exact=False).first
+    # OHIF 3.13 now and then shows the SR's image without drawing its measurements, and
+    # further double clicks do not redo it; the study and SR metadata it was given were
+    # compared and are the same as when it draws them. A fresh page load does draw them.
+    for attempt in range(3):
+        if _open_report(page, label):
             break
-    else:
-        _save("ai-report-not-drawn", page.screenshot())
+        _save(f"ai-report-not-drawn-{attempt}", page.screenshot())
+        page.reload()
     label.wait_for(timeout=1_000)
     time.sleep(2)
     shot = page.screenshot()

@@ -2,9 +2,9 @@
 
 CPython's full collections walk every tracked object. After start-up that is mostly
 torch, MONAI, pydicom's dictionaries and SQLAlchemy's metadata, and each walk measured
-50-180 ms, stopping every thread of the process: C-FIND answers and C-STORE responses
-stalled for that long about once a second under load. Collecting once and then freezing
-the start-up heap leaves the collector only what requests allocate.
+50-230 ms, stopping every thread of the process: C-FIND answers stalled for that long
+about once a second while the imports ran. Collecting once and then freezing the
+start-up heap leaves the collector only what requests allocate.
 """
 
 from __future__ import annotations

@@ -214,10 +214,13 @@ def _annotation_pixels(png: bytes) -> int:
     return int(((red > 180) & (green > 180) & (blue < 100)).sum())
 
 
-def _open_report(page: Page, label: Locator) -> bool:
-    """Waits for the viewer, then double-clicks the AI report until its labels show."""
+def _viewer_ready(page: Page) -> None:
     page.locator("canvas.cornerstone-canvas").first.wait_for(timeout=90_000)
     _skip_tour(page)
+
+
+def _open_report(page: Page, label: Locator) -> bool:
+    """Double-clicks the AI report until its labels show."""
     report = page.get_by_text("AI chest-xray", exact=False).first
     report.wait_for(timeout=60_000)
     # While the study panel still re-renders (a loaded machine), a double click can land
@@ -236,8 +239,7 @@ def test_ai_report_is_drawn_on_the_image(browser: Browser, site: Site) -> None:
     study = site.studies["cxr"].StudyInstanceUID
     tab = _open(browser, f"{site.root}/viewer/viewer?StudyInstanceUIDs={study}")
     page = tab.page
-    page.locator("canvas.cornerstone-canvas").first.wait_for(timeout=90_000)
-    _skip_tour(page)
+    _viewer_ready(page)
     before = _annotation_pixels(page.screenshot())
     # Each positive finding is drawn where its evidence is, labelled with its probability.
     positive = _positive_findings(site)
@@ -251,6 +253,7 @@ def test_ai_report_is_drawn_on_the_image(browser: Browser, site: Site) -> None:
             break
         _save(f"ai-report-not-drawn-{attempt}", page.screenshot())
         page.reload()
+        _viewer_ready(page)
     label.wait_for(timeout=1_000)
     time.sleep(2)
     shot = page.screenshot()

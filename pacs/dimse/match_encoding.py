@@ -92,8 +92,14 @@ class MatchEncoder:
             keys.append((int(element.tag), vr, keyword))
         self._keys = sorted(keys)
         self._requested = requested_charset(identifier)
-        self._level = self._element(0x00080052, "CS", level.value.encode())
-        self._retrieve = self._element(0x00080054, "AE", retrieve_ae_title.encode())
+        fixed = [
+            (0x00080052, self._element(0x00080052, "CS", level.value.encode())),
+            (0x00080054, self._element(0x00080054, "AE", retrieve_ae_title.encode())),
+        ]
+        # What precedes the keys' values: for an all-ASCII row, the requested character
+        # set as asked; for a row that needs UTF-8, ISO_IR 192.
+        self._ascii_head = fixed + self._charset_element(self._requested)
+        self._utf8_head = fixed + self._charset_element([UTF8])
 
     def encode(self, row: Mapping[str, Any]) -> bytes | None:
         if not self._usable:
@@ -115,21 +121,22 @@ class MatchEncoder:
                     return None
                 values.append(text)
                 texts.append(text)
-        charset = response_charset(self._requested, texts)
-        if charset is None or all(t.isascii() for t in texts):
-            codec = "ascii"
-        elif charset == [UTF8]:
-            codec = "utf-8"
+        if all(t.isascii() for t in texts):
+            codec, head = "ascii", self._ascii_head
+        elif response_charset(self._requested, texts) == [UTF8]:
+            codec, head = "utf-8", self._utf8_head
         else:
             return None  # another character set: pydicom knows how to write it
-        head: list[tuple[int, bytes]] = [(0x00080052, self._level), (0x00080054, self._retrieve)]
-        if charset:
-            head.append((0x00080005, self._element(0x00080005, "CS", "\\".join(charset).encode())))
         body = [
             (tag, self._element(tag, vr, v if isinstance(v, bytes) else v.encode(codec)))
             for (tag, vr, _keyword), v in zip(self._keys, values, strict=True)
         ]
         return b"".join(data for _tag, data in sorted(head + body, key=lambda e: e[0]))
+
+    def _charset_element(self, charset: list[str]) -> list[tuple[int, bytes]]:
+        if not charset:
+            return []
+        return [(0x00080005, self._element(0x00080005, "CS", "\\".join(charset).encode()))]
 
     def _element(self, tag: int, vr: str, raw: bytes) -> bytes:
         if len(raw) % 2:

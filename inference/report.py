@@ -10,6 +10,7 @@ second one.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -124,99 +125,157 @@ def build_report(
     (an exam-level aggregation).
     """
     found = findings(manifest, outputs) if isinstance(outputs, Mapping) else list(outputs)
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=manifest.name,
-        version=manifest.version,
-        parameters=[
-            f"weights sha256 {manifest.weights.sha256}",
-            "cleared for clinical use" if manifest.clinical_use else NOT_CLINICAL,
-            f"variant {manifest.variant}",
-        ],
-    )
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name="filmless",
-            manufacturer_name="filmless",
-            model_name=manifest.name[:64],
-        ),
-    )
-    source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources]
     located = regions(manifest, outputs, sources) if isinstance(outputs, Mapping) else {}
-    groups: list[Group] = []
-    for finding in found:
-        evaluations = []
-        if finding.positive is not None:
-            evaluations.append(
-                hd.sr.QualitativeEvaluation(
-                    name=codes.DCM.Finding,
-                    value=codes.SCT.Present if finding.positive else codes.SCT.Absent,
-                )
-            )
-        common: dict[str, Any] = {
-            "tracking_identifier": hd.sr.TrackingIdentifier(
-                uid=derived_uid(job, finding.output, finding.label),
-                identifier=f"{finding.label}"[:64],
-            ),
-            "finding_type": _concept(finding.label),
-            "algorithm_id": algorithm,
-            "measurements": [
-                hd.sr.Measurement(
-                    name=_concept(f"{finding.label} probability"),
-                    value=round(finding.probability, 6),
-                    unit=codes.UCUM.NoUnits,
-                )
-            ],
-            "qualitative_evaluations": evaluations or None,
-        }
-        box = located.get(finding.label) if finding.positive else None
-        if box is None:
-            groups.append(
-                hd.sr.MeasurementsAndQualitativeEvaluations(source_images=source_images, **common)
-            )
-        else:
-            # TID 1410: the finding with the image region where its evidence is, which
-            # viewers draw on the image.
-            region = hd.sr.ImageRegion(
-                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                graphic_data=box.polyline(),
-                source_image=hd.sr.SourceImageForRegion.from_source_image(sources[0]),
-            )
-            groups.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    referenced_region=region, **common
-                )
-            )
-    groups.append(
-        hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derived_uid(job, "summary"), identifier="exam summary"
-            ),
-            finding_type=_concept(f"{manifest.task} summary"),
-            algorithm_id=algorithm,
-            source_images=source_images,
-            qualitative_evaluations=summary(found) or None,
+    constant = Constant.of(manifest, device_uid)
+    groups: list[Group] = [
+        finding_group(
+            constant,
+            finding,
+            sources,
+            derived_uid(job, finding.output, finding.label),
+            located.get(finding.label) if finding.positive else None,
         )
+        for finding in found
+    ]
+    groups.append(summary_group(constant, sources, derived_uid(job, "summary"), summary(found)))
+    sr = document(constant, sources, job=job, series_number=series_number)
+    sr.ContentSequence = constant.report(groups)[0].ContentSequence
+    return sr
+
+
+@dataclass(frozen=True)
+class Constant:
+    """What every report of one model written by one device shares."""
+
+    manifest: Manifest
+    algorithm: hd.sr.AlgorithmIdentification
+    context: hd.sr.ObservationContext
+    procedure: hd.sr.CodedConcept
+    root: Dataset  # the root container's attributes, without its content
+
+    @classmethod
+    def of(cls, manifest: Manifest, device_uid: str) -> Constant:
+        algorithm = hd.sr.AlgorithmIdentification(
+            name=manifest.name,
+            version=manifest.version,
+            parameters=[
+                f"weights sha256 {manifest.weights.sha256}",
+                "cleared for clinical use" if manifest.clinical_use else NOT_CLINICAL,
+                f"variant {manifest.variant}",
+            ],
+        )
+        observer = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid,
+                name="filmless",
+                manufacturer_name="filmless",
+                model_name=manifest.name[:64],
+            ),
+        )
+        context = hd.sr.ObservationContext(observer_device_context=observer)
+        procedure = _concept(f"{manifest.task} screening")
+        # TID 1500 wants a group; the root's own attributes do not depend on it.
+        placeholder = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("root"), identifier="-"),
+            finding_type=procedure,
+        )
+        tree = hd.sr.MeasurementReport(
+            observation_context=context,
+            procedure_reported=procedure,
+            imaging_measurements=[placeholder],
+        )
+        root = Dataset()
+        for element in tree[0]:
+            if element.keyword != "ContentSequence":
+                root.add(element)
+        return cls(manifest, algorithm, context, procedure, root)
+
+    def report(self, groups: Sequence[Group]) -> hd.sr.MeasurementReport:
+        """The TID 1500 content tree around ``groups``."""
+        return hd.sr.MeasurementReport(
+            observation_context=self.context,
+            procedure_reported=self.procedure,
+            imaging_measurements=groups,
+        )
+
+
+def finding_group(
+    constant: Constant,
+    finding: Finding,
+    sources: Sequence[Dataset],
+    tracking_uid: str,
+    box: Box | None,
+) -> Group:
+    """TID 1501 for a finding; TID 1410 (with the region viewers draw) when it has a box."""
+    evaluations = []
+    if finding.positive is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=codes.DCM.Finding,
+                value=codes.SCT.Present if finding.positive else codes.SCT.Absent,
+            )
+        )
+    common: dict[str, Any] = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"{finding.label}"[:64]
+        ),
+        "finding_type": _concept(finding.label),
+        "algorithm_id": constant.algorithm,
+        "measurements": [
+            hd.sr.Measurement(
+                name=_concept(f"{finding.label} probability"),
+                value=round(finding.probability, 6),
+                unit=codes.UCUM.NoUnits,
+            )
+        ],
+        "qualitative_evaluations": evaluations or None,
+    }
+    if box is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            source_images=_source_images(sources), **common
+        )
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=box.polyline(),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(sources[0]),
     )
-    context = hd.sr.ObservationContext(observer_device_context=observer)
-    procedure = _concept(f"{manifest.task} screening")
-    report = hd.sr.MeasurementReport(
-        observation_context=context,
-        procedure_reported=procedure,
-        imaging_measurements=groups,
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+
+
+def summary_group(
+    constant: Constant,
+    sources: Sequence[Dataset],
+    tracking_uid: str,
+    evaluations: Sequence[hd.sr.QualitativeEvaluation],
+) -> Group:
+    """The exam-level reading, after the groups of the findings."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier="exam summary"),
+        finding_type=_concept(f"{constant.manifest.task} summary"),
+        algorithm_id=constant.algorithm,
+        source_images=_source_images(sources),
+        qualitative_evaluations=list(evaluations) or None,
     )
-    # highdicom's document constructor deep-copies and re-parses the whole content tree,
-    # which for 19 groups costs several times the inference itself. The document is made
-    # around a small report (same template, context and evidence: one group), then given
-    # the content built above unchanged.
-    bare = hd.sr.MeasurementReport(
-        observation_context=context, procedure_reported=procedure, imaging_measurements=groups[-1:]
-    )
+
+
+def document(
+    constant: Constant, sources: Sequence[Dataset], *, job: str, series_number: int
+) -> hd.sr.Comprehensive3DSR:
+    """The SR document around an empty content tree: patient, study, series, evidence,
+    flags and the root container's attributes; the caller gives it its content.
+
+    highdicom's document constructor deep-copies and re-parses the whole content tree it
+    is given, which for 19 groups costs several times the inference itself, so it is given
+    only the root container.
+    """
+    manifest = constant.manifest
+    root = copy.deepcopy(constant.root)
+    root.ContentSequence = []
     first = sources[0]
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources),
-        content=bare,
+        content=root,
         series_instance_uid=derived_uid(first.StudyInstanceUID, manifest.name, "series"),
         series_number=series_number,
         sop_instance_uid=derived_uid(job, "report"),
@@ -230,7 +289,6 @@ def build_report(
             + ("" if manifest.clinical_use else " - NOT FOR CLINICAL USE")
         )[:64],
     )
-    sr.ContentSequence = report[0].ContentSequence
     # PS3.3 C.12.1.1.2: a private coding scheme is declared in the object that uses it.
     scheme = Dataset()
     scheme.CodingSchemeDesignator = SCHEME
@@ -238,3 +296,7 @@ def build_report(
     scheme.CodingSchemeResponsibleOrganization = "filmless"
     sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
+
+
+def _source_images(sources: Sequence[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources]

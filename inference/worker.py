@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.forward import PREFIX, Destination, send
 from inference.preprocess import Unusable, preprocess
-from inference.report import Finding, build_report, derived_uid
+from inference.report import Finding, derived_uid
+from inference.report_writer import EncodedReport, ReportWriter
 from inference.routing import decide, missing_views, view
 from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
 from models.manifest import Manifest
@@ -65,6 +67,7 @@ class Worker:
         self.settings = settings
         self.device_uid = derived_uid("filmless device", name)
         self._sessions: dict[str, BatchingSession] = {}
+        self._writers: dict[str, ReportWriter] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
@@ -82,6 +85,14 @@ class Worker:
                     max_wait_ms=s.max_wait_ms,
                 )
             return self._sessions[key]
+
+    def writer(self, manifest: Manifest) -> ReportWriter:
+        """One report writer per model, kept with what it has compiled."""
+        key = f"{manifest.name}:{manifest.version}:{manifest.weights.sha256}"
+        with self._lock:
+            if key not in self._writers:
+                self._writers[key] = ReportWriter(manifest, self.device_uid)
+            return self._writers[key]
 
     def close(self) -> None:
         with self._lock:
@@ -138,9 +149,7 @@ class Worker:
             outputs = dict(
                 zip([o.name for o in manifest.outputs], runner.infer(tensor), strict=True)
             )
-            report: Dataset = build_report(
-                manifest, [header], outputs, job=_job_key(job), device_uid=self.device_uid
-            )
+            report = self.writer(manifest).write([header], outputs, job=_job_key(job))
         else:
             report = self._study(job, manifest, runner.infer)
         stored = self._store(report)
@@ -169,7 +178,7 @@ class Worker:
 
     def _study(
         self, job: Job, manifest: Manifest, infer: Callable[[np.ndarray], list[np.ndarray]]
-    ) -> Dataset:
+    ) -> EncodedReport:
         """Every usable view, then the manifest's aggregation per breast and per exam."""
         images: list[tuple[InstanceRecord, StoredImage]] = []
         for record in self.archive.records(job.StudyInstanceUID):
@@ -189,22 +198,18 @@ class Worker:
             tensor, header = self._read(record, manifest, image)
             per_view[view(value)].append(infer(tensor))
             sources.append(header)
-        return build_report(
-            manifest,
-            sources,
-            aggregate(manifest, per_view),
-            job=_job_key(job),
-            device_uid=self.device_uid,
-        )
+        writer = self.writer(manifest)
+        return writer.write(sources, aggregate(manifest, per_view), job=_job_key(job))
 
-    def _store(self, report: Dataset) -> str:
-        out = io.BytesIO()
-        report.save_as(out, enforce_file_format=True)
-        out.seek(0)
-        self.archive.ingest(
-            InstanceSource.from_part10(out), Origin.INFERENCE, duplicate_policy="overwrite"
+    def _store(self, report: EncodedReport) -> str:
+        source = InstanceSource.from_data_set(
+            io.BytesIO(report.data),
+            TransferSyntaxUID=ExplicitVRLittleEndian,
+            SOPClassUID=report.SOPClassUID,
+            SOPInstanceUID=report.SOPInstanceUID,
         )
-        return str(report.SOPInstanceUID)
+        self.archive.ingest(source, Origin.INFERENCE, duplicate_policy="overwrite")
+        return report.SOPInstanceUID
 
 
 def _job_key(job: Job) -> str:

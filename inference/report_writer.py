@@ -1,0 +1,241 @@
+"""Reports of one model, encoded from pieces that highdicom builds once.
+
+:func:`inference.report.build_report` makes a ~5,000-element pydicom tree per report,
+and building and encoding it costs several times the inference it reports on. The
+content of every report of a model is made of the same few kinds of pieces: a group per
+finding (positive with a region, positive, negative), the exam summary with its calls,
+and the content around them. :class:`ReportWriter` asks highdicom for each kind once,
+with placeholder values, keeps it encoded with holes (:mod:`inference.fragments`), and
+fills in UIDs, probabilities and regions per report. The document around the content
+(patient, study, evidence, flags) is still made by highdicom for every report. The
+bytes are those of ``build_report`` encoded by pydicom, which the tests check.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.tag import Tag
+from pydicom.valuerep import DS
+
+from inference.fragments import Fragments, assemble, compile_dataset, placeholder_key
+from inference.geometry import Box
+from inference.report import (
+    Constant,
+    Finding,
+    derived_uid,
+    document,
+    finding_group,
+    findings,
+    regions,
+    summary,
+    summary_group,
+)
+from models.manifest import Manifest
+
+CONTENT = Tag("ContentSequence")
+# Placeholders: valid values that no report contains.
+_TRACKING = "2.25.100000000000000000000000000000000001"
+_PROBABILITY = 0.271828
+_BOX = Box(top=10.5, left=20.25, bottom=30.75, right=40.125)
+_MARKER_UID = "2.25.100000000000000000000000000000000002"
+
+
+def _instance_uid(n: int) -> str:
+    return f"2.25.1000000000000000000000000000000{n:05d}1"
+
+
+@dataclass(frozen=True)
+class EncodedReport:
+    """A report as an explicit VR little endian data set, ready for the archive."""
+
+    data: bytes
+    SOPClassUID: str
+    SOPInstanceUID: str
+
+
+class ReportWriter:
+    """Reports of one model by one device; safe to share between worker threads."""
+
+    def __init__(self, manifest: Manifest, device_uid: str, series_number: int = 9001) -> None:
+        self.constant = Constant.of(manifest, device_uid)
+        self.series_number = series_number
+        self._groups: dict[tuple[Any, ...], Fragments] = {}
+        self._calls: dict[tuple[Any, ...], bytes] = {}
+        self._lock = threading.Lock()
+        self._content = self._compile_content()
+
+    def write(
+        self,
+        sources: Sequence[Dataset],
+        outputs: Mapping[str, np.ndarray] | Sequence[Finding],
+        *,
+        job: str,
+    ) -> EncodedReport:
+        manifest = self.constant.manifest
+        found = findings(manifest, outputs) if isinstance(outputs, Mapping) else list(outputs)
+        located = regions(manifest, outputs, sources) if isinstance(outputs, Mapping) else {}
+        for source in sources:  # highdicom's checks of a source image, as build_report has
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
+        references = _references(sources)
+        classes = tuple(str(s.SOPClassUID) for s in sources)
+        bodies = []
+        for finding in found:
+            box = located.get(finding.label) if finding.positive else None
+            values: dict[str, Any] = dict(references)
+            values["tracking"] = derived_uid(job, finding.output, finding.label)
+            probability = round(finding.probability, 6)
+            values["numeric"] = DS(probability, auto_format=True)
+            values["float"] = probability
+            if box is not None:
+                values["graphic"] = box.polyline().flatten().tolist()
+            bodies.append(assemble(self._group(finding, classes, box is not None), values))
+        summary_values = {**references, "tracking": derived_uid(job, "summary")}
+        calls = [self._call(evaluation) for evaluation in summary(found)]
+        bodies.append(assemble(self._summary(classes), summary_values, {"evaluations": calls}))
+        content = assemble(self._content, {}, {"groups": bodies})
+        shell = document(self.constant, sources, job=job, series_number=self.series_number)
+        del shell.ContentSequence
+        fp = DicomBytesIO()
+        fp.is_little_endian = True
+        fp.is_implicit_VR = False
+        encodings = shell._character_set
+        pending = True
+        for element in shell:
+            if pending and element.tag > CONTENT:
+                fp.write(content)
+                pending = False
+            write_data_element(fp, element, encodings)
+        if pending:
+            fp.write(content)
+        return EncodedReport(fp.getvalue(), str(shell.SOPClassUID), str(shell.SOPInstanceUID))
+
+    def _compiled(self, key: tuple[Any, ...], make: Any) -> Fragments:
+        with self._lock:
+            if key not in self._groups:
+                self._groups[key] = make()
+            return self._groups[key]
+
+    def _group(self, finding: Finding, classes: tuple[str, ...], boxed: bool) -> Fragments:
+        """The group of one finding, by its label and call and the SOP Classes of its
+        sources (highdicom words a region on a multi-frame image differently), with its
+        values as holes."""
+
+        def make() -> Fragments:
+            # The placeholder probability with a threshold that makes the same call.
+            threshold = {None: None, True: _PROBABILITY, False: 1.0}[finding.positive]
+            stand_in = Finding(finding.output, finding.label, _PROBABILITY, threshold)
+            group = finding_group(
+                self.constant,
+                stand_in,
+                _stand_in_sources(classes),
+                _TRACKING,
+                _BOX if boxed else None,
+            )
+            return _compile(group[0], _holes(len(classes), boxed))
+
+        key = ("finding", finding.output, finding.label, finding.positive, classes, boxed)
+        return self._compiled(key, make)
+
+    def _summary(self, classes: tuple[str, ...]) -> Fragments:
+        """The exam summary, its calls spliced in where highdicom puts them."""
+
+        def make() -> Fragments:
+            marker = _marker_call()
+            group = summary_group(self.constant, _stand_in_sources(classes), _TRACKING, [marker])
+            holes = _holes(len(classes), False)
+            return _compile(group[0], holes, [(_equal_to(marker[0]), "evaluations")])
+
+        return self._compiled(("summary", classes), make)
+
+    def _call(self, evaluation: hd.sr.QualitativeEvaluation) -> bytes:
+        """One encoded call of the summary (a CODE item), the same for every report."""
+        item = evaluation[0]
+        name = item.ConceptNameCodeSequence[0]
+        value = item.ConceptCodeSequence[0]
+        key = tuple(
+            str(c.get(k, ""))
+            for c in (name, value)
+            for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+        )
+        with self._lock:
+            if key not in self._calls:
+                self._calls[key] = assemble(_compile(item, {}), {})
+            return self._calls[key]
+
+    def _compile_content(self) -> Fragments:
+        """The root's content: observer context, procedure, and the Imaging Measurements
+        container, into which the groups are spliced."""
+        marker = summary_group(self.constant, _stand_in_sources(("1.2.3",)), _MARKER_UID, [])
+        tree = self.constant.report([marker])[0]
+        holder = Dataset()
+        holder.ContentSequence = tree.ContentSequence
+        return _compile(holder, {}, [(_equal_to(marker[0]), "groups")])
+
+
+def _compile(
+    ds: Dataset,
+    holes: Mapping[tuple[str, Any], str],
+    splices: Sequence[tuple[Any, str]] = (),
+) -> Fragments:
+    """Every text of a report's content is ASCII (labels and names of the manifest), so
+    its encoding is the same under whatever character set the document declares."""
+    _require_ascii(ds)
+    return compile_dataset(ds, holes, splices)
+
+
+def _require_ascii(ds: Dataset) -> None:
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                _require_ascii(item)
+        elif isinstance(element.value, str) and not element.value.isascii():
+            raise ValueError(f"{element.keyword} is not ASCII: {element.value!r}")
+
+
+def _stand_in_sources(classes: Sequence[str]) -> list[Dataset]:
+    sources = []
+    for index, sop_class in enumerate(classes):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, _instance_uid(index)
+        ds.Modality, ds.Rows, ds.Columns = "OT", 1, 1  # what highdicom checks of an image
+        sources.append(ds)
+    return sources
+
+
+def _holes(sources: int, boxed: bool) -> dict[tuple[str, Any], str]:
+    holes = {
+        placeholder_key("UI", _TRACKING): "tracking",
+        placeholder_key("DS", _PROBABILITY): "numeric",  # NumericValue
+        placeholder_key("FD", _PROBABILITY): "float",  # FloatingPointValue
+    }
+    for index in range(sources):
+        holes[placeholder_key("UI", _instance_uid(index))] = f"instance{index}"
+    if boxed:
+        holes[placeholder_key("FL", _BOX.polyline().flatten().tolist())] = "graphic"
+    return holes
+
+
+def _references(sources: Sequence[Dataset]) -> dict[str, str]:
+    values = {}
+    for index, source in enumerate(sources):
+        values[f"instance{index}"] = str(source.SOPInstanceUID)
+    return values
+
+
+def _equal_to(marker: Dataset) -> Callable[[Dataset], bool]:
+    """highdicom copies what it is given, so a marker is found by value."""
+    return lambda item: bool(item == marker)
+
+
+def _marker_call() -> hd.sr.QualitativeEvaluation:
+    concept = hd.sr.CodedConcept(value="SPLICE", scheme_designator="99SPLICE", meaning="splice")
+    return hd.sr.QualitativeEvaluation(name=concept, value=concept)

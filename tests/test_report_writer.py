@@ -1,0 +1,276 @@
+"""Reports written from compiled pieces are byte for byte the reports highdicom builds."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+)
+from pydicom.valuerep import DS
+
+from inference.fragments import (
+    Hole,
+    Nest,
+    Splice,
+    assemble,
+    compile_dataset,
+    encode_element,
+    encode_value,
+    placeholder_key,
+)
+from inference.report import Finding, build_report
+from inference.report_writer import ReportWriter
+from models.manifest import Manifest
+from scripts.synthetic_corpus import Patient, Rng, chest_dx, fundus_op, mammography
+from tests.support.zoo import ZOO
+
+CXR, FUNDUS, MAMMOGRAPHY = ZOO
+DEVICE = "2.25.4242"
+TIMES = (
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+)
+
+
+def _encoded(ds: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _same_clock(reference: Dataset, written: Dataset) -> None:
+    """The two were made at different moments; give the reference the other's times."""
+    for keyword in TIMES:
+        if keyword in written:
+            setattr(reference, keyword, written[keyword].value)
+    for ours, theirs in zip(
+        reference.get("ContributingEquipmentSequence", []),
+        written.get("ContributingEquipmentSequence", []),
+        strict=True,
+    ):
+        if "ContributionDateTime" in theirs:
+            ours.ContributionDateTime = theirs.ContributionDateTime
+
+
+def _check_identical(
+    writer: ReportWriter,
+    sources: Sequence[Dataset],
+    outputs: dict[str, np.ndarray] | list[Finding],
+    job: str,
+) -> bytes:
+    written = writer.write(sources, outputs, job=job)
+    parsed = pydicom.dcmread(io.BytesIO(written.data), force=True)
+    reference = build_report(writer.constant.manifest, sources, outputs, job=job, device_uid=DEVICE)
+    _same_clock(reference, parsed)
+    assert written.SOPInstanceUID == reference.SOPInstanceUID
+    assert written.SOPClassUID == reference.SOPClassUID
+    assert written.data == _encoded(reference)
+    return written.data
+
+
+PATIENT = Patient("W1", "Writer^Wanda", "ISO_IR 192", "19700101", "F")
+
+
+def _chest(sop_class: str = DigitalXRayImageStorageForPresentation) -> Dataset:
+    frontal, _ = chest_dx(Rng(3), PATIENT, 0.05, "20260101", "W1")
+    frontal.SOPClassUID = sop_class
+    return frontal
+
+
+def _cxr_outputs(probabilities: Sequence[float], peaks: Sequence[int]) -> dict[str, np.ndarray]:
+    maps = np.zeros((18, 7, 7), np.float32)
+    for label, cell in enumerate(peaks):
+        maps[label].flat[cell] = 1.0
+    return {"probabilities": np.asarray(probabilities, np.float32), "activation_maps": maps}
+
+
+_probability = st.floats(0.0, 1.0, width=32)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    probabilities=st.lists(_probability, min_size=18, max_size=18),
+    peaks=st.lists(st.integers(0, 48), min_size=18, max_size=18),
+    computed_radiography=st.booleans(),
+)
+def test_chest_xray_reports_are_identical(
+    probabilities: list[float], peaks: list[int], computed_radiography: bool
+) -> None:
+    sop_class = (
+        ComputedRadiographyImageStorage
+        if computed_radiography
+        else DigitalXRayImageStorageForPresentation
+    )
+    writer = _writer(CXR)
+    _check_identical(writer, [_chest(sop_class)], _cxr_outputs(probabilities, peaks), "cxr-job")
+
+
+def test_no_finding_and_every_finding() -> None:
+    """No call in the summary (highdicom leaves the calls out) and all eighteen."""
+    writer = _writer(CXR)
+    for value in (0.0, 1.0):
+        outputs = _cxr_outputs([value] * 18, list(range(18)))
+        _check_identical(writer, [_chest()], outputs, f"edge-{value}")
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    grades=st.lists(_probability, min_size=5, max_size=5),
+    referable=_probability,
+)
+def test_fundus_reports_are_identical(grades: list[float], referable: float) -> None:
+    left, _right = fundus_op(Rng(5), PATIENT, 0.05, "20260102", "W2")
+    outputs = {
+        "grade_probabilities": np.asarray(grades, np.float32),
+        "referable": np.asarray([referable], np.float32),
+    }
+    _check_identical(_writer(FUNDUS), [left], outputs, "fundus-job")
+
+
+@settings(max_examples=15, deadline=None)
+@given(values=st.lists(_probability, min_size=7, max_size=7))
+def test_exam_level_mammography_reports_are_identical(values: list[float]) -> None:
+    """Four sources and findings given already aggregated, as the worker gives them."""
+    views = mammography(Rng(6), PATIENT, 0.03, "20260103", "W3")
+    threshold = MAMMOGRAPHY.operating_points[0].threshold
+    found = [
+        Finding("malignancy", f"malignancy {side}", v, threshold)
+        for side, v in zip(("L", "R", "exam"), values[:3], strict=True)
+    ]
+    found += [
+        Finding("density", f"density {label}", v, None)
+        for label, v in zip(MAMMOGRAPHY.outputs[1].labels, values[3:], strict=True)
+    ]
+    _check_identical(_writer(MAMMOGRAPHY), views, found, "mammo-job")
+
+
+def test_the_patient_name_keeps_the_character_set_of_its_source() -> None:
+    latin = _chest()
+    latin.SpecificCharacterSet = "ISO_IR 100"
+    latin.PatientName = "Müller^Jürgen"
+    writer = _writer(CXR)
+    data = _check_identical(writer, [latin], _cxr_outputs([0.7] * 18, [3] * 18), "latin")
+    assert "Müller^Jürgen".encode("latin-1") in data
+    assert pydicom.dcmread(io.BytesIO(data), force=True).PatientName == "Müller^Jürgen"
+
+
+def test_a_source_that_is_no_image_is_refused_as_highdicom_refuses_it() -> None:
+    not_an_image = _chest()
+    not_an_image.Modality = "SR"
+    with pytest.raises(ValueError, match="Modality"):
+        _writer(CXR).write([not_an_image], _cxr_outputs([0.5] * 18, [0] * 18), job="sr")
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+def test_dciodvfy_finds_no_errors_in_a_written_report(tmp_path: Path) -> None:
+    written = _writer(CXR).write(
+        [_chest()], _cxr_outputs(np.linspace(0, 1, 18).tolist(), [10] * 18), job="v"
+    )
+    ds = pydicom.dcmread(io.BytesIO(written.data), force=True)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    result = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+    assert errors == [], "\n".join(errors)
+
+
+_WRITERS: dict[str, ReportWriter] = {}
+
+
+def _writer(manifest: Manifest) -> ReportWriter:
+    """One writer per model for the whole module, as a worker keeps one."""
+    if manifest.name not in _WRITERS:
+        _WRITERS[manifest.name] = ReportWriter(manifest, DEVICE)
+    return _WRITERS[manifest.name]
+
+
+# The fragments on their own.
+
+
+@pytest.mark.parametrize(
+    ("VR", "value"),
+    [
+        ("UI", "1.2.3"),  # odd: padded with a NUL
+        ("UI", "1.2.34"),
+        ("DS", DS(0.271828, auto_format=True)),
+        ("DS", DS(1e-07, auto_format=True)),  # odd
+        ("DS", DS(1.0, auto_format=True)),
+        ("FD", 0.1),
+        ("FL", [1.5, 2.25, -3.0]),
+    ],
+)
+def test_a_filled_hole_is_what_pydicom_writes(VR: str, value: object) -> None:
+    tag = {"UI": 0x00081155, "DS": 0x0040A30A, "FD": 0x0040A161, "FL": 0x00700022}[VR]
+    assert encode_value(tag, VR, value) == encode_element(DataElement(tag, VR, value))
+
+
+def _tree() -> Dataset:
+    inner = Dataset()
+    inner.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    inner.ReferencedSOPInstanceUID = "9.9.9"
+    marker = Dataset()
+    marker.CodeValue = "MARK"
+    outer = Dataset()
+    outer.ReferencedSOPSequence = [inner, marker]
+    ds = Dataset()
+    ds.PatientID = "P1"
+    ds.ReferencedSeriesSequence = [outer]
+    ds.StudyID = "S"
+    return ds
+
+
+def test_holes_and_splices_are_found_and_lengths_follow_what_fills_them() -> None:
+    marker = _tree().ReferencedSeriesSequence[0].ReferencedSOPSequence[1]
+    pieces = compile_dataset(
+        _tree(),
+        {placeholder_key("UI", "9.9.9"): "instance"},
+        [(lambda item: item == marker, "extra")],
+    )
+    (series,) = [p for p in pieces if isinstance(p, Nest)]  # open above the hole
+    assert [p for p in pieces if isinstance(p, bytes)]  # and the rest literal
+    inner_item = series.items[0]
+    assert isinstance(inner_item, tuple)
+    nest = inner_item[0]
+    assert isinstance(nest, Nest)
+    assert isinstance(nest.items[1], Splice)
+    first = nest.items[0]
+    assert isinstance(first, tuple)
+    assert any(isinstance(p, Hole) for p in first)
+    extra = Dataset()
+    extra.ReferencedSOPInstanceUID = "7.7"
+    extra_body = _encoded(extra)
+    for instance, spliced in (("1.22.333", []), ("4.5", [extra_body, extra_body])):
+        data = assemble(pieces, {"instance": instance}, {"extra": spliced})
+        expected = _tree()
+        references = expected.ReferencedSeriesSequence[0].ReferencedSOPSequence
+        references[0].ReferencedSOPInstanceUID = instance
+        del references[1]
+        for _ in spliced:
+            references.append(extra)
+        assert data == _encoded(expected)
+        back = pydicom.dcmread(io.BytesIO(data), force=True)
+        assert back.StudyID == "S"  # lengths right: what follows the sequence is intact

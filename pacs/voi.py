@@ -42,12 +42,19 @@ def grey(
     """
     if np.issubdtype(frame.dtype, np.integer):
         low, high = int(frame.min()), int(frame.max())
-        if high - low <= _LUT_LIMIT:
-            domain = np.arange(low, high + 1).astype(frame.dtype)
-            lut = _finish(_unit(domain, ds, window, stretch), levels)
-            index = frame if low == 0 and frame.dtype.kind == "u" else frame.astype(np.int32) - low
-            looked_up: np.ndarray = lut[index]
+        domain = np.arange(low, high + 1).astype(frame.dtype)
+        if frame.itemsize <= 2:
+            # Indexed by the stored bits themselves (signed values wrap to the top half),
+            # so the frame is read once and never converted.
+            unsigned = np.dtype(f"u{frame.itemsize}")
+            lut = np.zeros(1 << (8 * frame.itemsize), np.uint8 if levels else np.float32)
+            lut[domain.view(unsigned)] = _finish(_unit(domain, ds, window, stretch), levels)
+            looked_up: np.ndarray = lut[frame.view(unsigned)]
             return looked_up
+        if high - low <= _LUT_LIMIT:
+            lut = _finish(_unit(domain, ds, window, stretch), levels)
+            wide: np.ndarray = lut[frame.astype(np.int64) - low]
+            return wide
     return _finish(_unit(frame, ds, window, stretch), levels)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from pydicom.dataset import Dataset
 
 from pacs.voi import grey
@@ -23,3 +24,26 @@ def test_voi_lut_takes_modality_values_and_scales_by_its_output_range() -> None:
     assert np.allclose(grey(stored, ds), expected, atol=1e-6)
     ds.PhotometricInterpretation = "MONOCHROME1"
     assert np.allclose(grey(stored, ds), 1 - expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "uint32", "int32"])
+@pytest.mark.parametrize("stretch", [False, True])
+@pytest.mark.parametrize("levels", [None, 255])
+def test_the_lookup_table_gives_what_the_formulas_give(
+    dtype: str, stretch: bool, levels: int | None
+) -> None:
+    """Integer frames go through a table indexed by their stored bits (signed values
+    included); it must agree with the pipeline applied to each value."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(7)
+    low, high = max(info.min, -3000), min(info.max, 3000)
+    frame = rng.integers(low, high, size=(40, 50), endpoint=True).astype(dtype)
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.RescaleSlope, ds.RescaleIntercept = 1.5, -20
+    ds.WindowCenter, ds.WindowWidth = 40, 300
+    # A float frame is not looked up: the formulas are applied to each value.
+    expected = grey(frame.astype(np.float64), ds, stretch=stretch, levels=levels)
+    got = grey(frame, ds, stretch=stretch, levels=levels)
+    assert got.dtype == expected.dtype
+    assert np.allclose(got, expected, atol=1e-6)

@@ -55,6 +55,8 @@ def preprocess(
         if samples != 1 or photometric == "PALETTE COLOR":
             raise Unusable(f"a {photometric} image; the model takes grayscale")
         frame = decoded_frame(stream, image, 0, rgb=False)
+        if _crop_first(preprocessing):
+            frame = frame[_center_square(frame.shape)]
         chw = grey(frame, ds, stretch=preprocessing.voi == "minmax")[None]
     if preprocessing.laterality == "left":
         chw = face_left(chw)
@@ -63,6 +65,19 @@ def preprocess(
     transforms = _transforms(preprocessing.model_dump_json())
     tensor = transforms(torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32)))
     return np.asarray(tensor, dtype=np.float32)
+
+
+def _crop_first(p: Preprocessing) -> bool:
+    """The centre crop commutes with the grayscale pipeline (value by value) unless the
+    window comes from the frame's own range or the laterality from its brightness; then
+    the pipeline runs over the cropped pixels only."""
+    return p.crop == "center" and p.voi == "window" and p.laterality == "none"
+
+
+def _center_square(shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The slices of :class:`_CenterSquare` (MONAI's centre crop), for a 2-D frame."""
+    side = min(shape)
+    return tuple(CenterSpatialCrop((side, side)).compute_slices(shape))
 
 
 def face_left(chw: np.ndarray) -> np.ndarray:

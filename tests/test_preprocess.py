@@ -7,11 +7,13 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from inference.preprocess import Unusable, circle_crop, face_left, preprocess
+from inference.preprocess import Unusable, _transforms, circle_crop, face_left, preprocess
 from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY
+from pacs.voi import grey
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode, fundus_op, mammography
 
 PATIENT = Patient("PRE", "Pre^Process", "ISO_IR 192", "19700101", "O")
@@ -83,3 +85,17 @@ def test_face_left_and_circle_crop_geometry() -> None:
     assert cropped.shape == (3, 29, 29)
     with pytest.raises(Unusable, match="black"):
         circle_crop(np.zeros((3, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(125, 102), (102, 125), (124, 101), (90, 90)])
+def test_cropping_before_the_window_gives_the_same_tensor(rows: int, columns: int) -> None:
+    """The chest X-ray's centre crop is taken before the grayscale pipeline; the tensor
+    must be the one of windowing the whole frame and then cropping with MONAI."""
+    frontal, _ = chest_dx(Rng(4), PATIENT, 0.05, "20260101", "A4")
+    pixels = np.random.default_rng(rows * columns).integers(0, 4096, (rows, columns))
+    frontal.Rows, frontal.Columns = rows, columns
+    frontal.PixelData = pixels.astype(np.uint16).tobytes()
+    spec = CHEST_XRAY.preprocessing
+    whole = grey(pixels.astype(np.uint16), frontal)[None]
+    expected = _transforms(spec.model_dump_json())(torch.from_numpy(whole))
+    assert np.array_equal(preprocess(_stream(frontal), spec), np.asarray(expected))

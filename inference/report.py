@@ -85,13 +85,15 @@ def regions(
 
 
 def summary(found: Sequence[Finding]) -> list[hd.sr.QualitativeEvaluation]:
-    """The exam-level reading: each positive call, and the most probable category of
-    every output whose labels are exclusive (ICDR grade, breast density)."""
-    calls = [
-        hd.sr.QualitativeEvaluation(name=_concept(f.label), value=codes.SCT.Present)
-        for f in found
-        if f.positive
-    ]
+    """The exam-level reading as SR content (see :func:`summary_calls`)."""
+    return [call(name, value) for name, value in summary_calls(found)]
+
+
+def summary_calls(found: Sequence[Finding]) -> list[tuple[str, str | None]]:
+    """The exam-level reading: each positive call (label, None for "present"), and the
+    most probable category of every output whose labels are exclusive (output, label:
+    ICDR grade, breast density)."""
+    calls: list[tuple[str, str | None]] = [(f.label, None) for f in found if f.positive]
     by_output: dict[str, list[Finding]] = {}
     for f in found:
         if f.threshold is None:
@@ -99,10 +101,15 @@ def summary(found: Sequence[Finding]) -> list[hd.sr.QualitativeEvaluation]:
     for output, members in by_output.items():
         if len(members) > 1:
             best = max(members, key=lambda f: f.probability)
-            calls.append(
-                hd.sr.QualitativeEvaluation(name=_concept(output), value=_concept(best.label))
-            )
+            calls.append((output, best.label))
     return calls
+
+
+def call(name: str, value: str | None) -> hd.sr.QualitativeEvaluation:
+    """One call of the summary: ``name`` is present, or its category is ``value``."""
+    return hd.sr.QualitativeEvaluation(
+        name=_concept(name), value=codes.SCT.Present if value is None else _concept(value)
+    )
 
 
 def _concept(text: str) -> hd.sr.CodedConcept:

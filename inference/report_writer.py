@@ -31,12 +31,13 @@ from inference.geometry import Box
 from inference.report import (
     Constant,
     Finding,
+    call,
     derived_uid,
     document,
     finding_group,
     findings,
     regions,
-    summary,
+    summary_calls,
     summary_group,
 )
 from models.manifest import Manifest
@@ -69,7 +70,7 @@ class ReportWriter:
         self.constant = Constant.of(manifest, device_uid)
         self.series_number = series_number
         self._groups: dict[tuple[Any, ...], Fragments] = {}
-        self._calls: dict[tuple[Any, ...], bytes] = {}
+        self._calls: dict[tuple[str, str | None], bytes] = {}
         self._lock = threading.Lock()
         self._content = self._compile_content()
 
@@ -99,7 +100,7 @@ class ReportWriter:
                 values["graphic"] = box.polyline().flatten().tolist()
             bodies.append(assemble(self._group(finding, classes, box is not None), values))
         summary_values = {**references, "tracking": derived_uid(job, "summary")}
-        calls = [self._call(evaluation) for evaluation in summary(found)]
+        calls = [self._call(name, value) for name, value in summary_calls(found)]
         bodies.append(assemble(self._summary(classes), summary_values, {"evaluations": calls}))
         content = assemble(self._content, {}, {"groups": bodies})
         shell = document(self.constant, sources, job=job, series_number=self.series_number)
@@ -156,20 +157,12 @@ class ReportWriter:
 
         return self._compiled(("summary", classes), make)
 
-    def _call(self, evaluation: hd.sr.QualitativeEvaluation) -> bytes:
+    def _call(self, name: str, value: str | None) -> bytes:
         """One encoded call of the summary (a CODE item), the same for every report."""
-        item = evaluation[0]
-        name = item.ConceptNameCodeSequence[0]
-        value = item.ConceptCodeSequence[0]
-        key = tuple(
-            str(c.get(k, ""))
-            for c in (name, value)
-            for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
-        )
         with self._lock:
-            if key not in self._calls:
-                self._calls[key] = assemble(_compile(item, {}), {})
-            return self._calls[key]
+            if (name, value) not in self._calls:
+                self._calls[name, value] = assemble(_compile(call(name, value)[0], {}), {})
+            return self._calls[name, value]
 
     def _compile_content(self) -> Fragments:
         """The root's content: observer context, procedure, and the Imaging Measurements

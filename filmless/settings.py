@@ -114,7 +114,23 @@ class Settings(BaseSettings):
         False, description="serve DICOMweb without tokens on an address other than loopback"
     )
     screening: bool = Field(True, description="run the installed models on what arrives")
-    inference_workers: int = Field(1, ge=0, description="threads running screening jobs")
+    inference_workers: int = Field(
+        4,
+        ge=0,
+        description="threads running screening jobs; more than the passes at a time, so that "
+        "reading, preprocessing and storing overlap with inference",
+    )
+    inference_runs: int = Field(
+        0,
+        ge=0,
+        description="forward passes at a time per model; 0: one per core on the CPU, one on a GPU",
+    )
+    inference_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime threads per forward pass; 0: the cores shared among "
+        "the passes on the CPU, ONNX Runtime's default on a GPU",
+    )
     inference_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [
             "TensorrtExecutionProvider",

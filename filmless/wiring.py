@@ -91,6 +91,8 @@ def start_screening(archive: Archive, settings: Settings, stop: threading.Event)
         name=f"{socket.gethostname()}-{os.getpid()}",
         settings=WorkerSettings(
             providers=tuple(settings.inference_providers),
+            threads=settings.inference_threads,
+            runs=settings.inference_runs,
             max_batch=settings.inference_max_batch,
             max_wait_ms=settings.inference_max_wait_ms,
             max_attempts=settings.job_max_attempts,

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 class WorkerSettings:
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     threads: int = 0
+    runs: int = 0
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_attempts: int = 3
@@ -81,6 +82,7 @@ class Worker:
                     folder / manifest.weights.file,
                     providers=s.providers,
                     threads=s.threads,
+                    runs=s.runs,
                     max_batch=s.max_batch,
                     max_wait_ms=s.max_wait_ms,
                 )

@@ -28,7 +28,7 @@ def test_concurrent_calls_share_batches_and_get_their_own_outputs(tmp_path: Path
     path = tmp_path / manifest.name / "model.onnx"
     images = reference_sample(manifest.input, manifest.preprocessing, batch=8, seed=9)
     expected, _maps = session(path).run(None, {manifest.input.name: images})
-    runner = BatchingSession(path, max_batch=4, max_wait_ms=200)
+    runner = BatchingSession(path, runs=1, max_batch=4, max_wait_ms=200)
     assert runner.providers[-1] == CPU
     results: dict[int, np.ndarray] = {}
     start = threading.Barrier(8)
@@ -60,3 +60,33 @@ def test_a_bad_input_fails_its_caller_only(tmp_path: Path) -> None:
     assert probabilities.shape == (18,)
     assert maps.shape == (18, 7, 7)
     runner.close()
+
+
+@pytest.mark.slow
+def test_several_passes_at_a_time_and_no_waiting_while_a_runner_is_free(tmp_path: Path) -> None:
+    """With two runners, a lone image does not wait for a batch to fill (max_wait is far
+    longer than the timeout), and concurrent images each get their own outputs."""
+    manifest = build_demo(tmp_path, CHEST_XRAY).manifest
+    path = tmp_path / manifest.name / "model.onnx"
+    images = reference_sample(manifest.input, manifest.preprocessing, batch=6, seed=3)
+    expected, _maps = session(path).run(None, {manifest.input.name: images})
+    patient = BatchingSession(path, providers=[CPU], runs=2, threads=1, max_wait_ms=600_000)
+    assert patient.runs == 2
+    alone, _map = patient.infer(images[0], timeout=60)
+    patient.close()
+    assert np.abs(alone - expected[0]).max() < 1e-4
+    runner = BatchingSession(path, providers=[CPU], runs=2, threads=1, max_wait_ms=50)
+    results: dict[int, np.ndarray] = {}
+
+    def worker(n: int) -> None:
+        results[n], _map = runner.infer(images[n], timeout=120)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    runner.close()
+    assert sorted(results) == list(range(6))
+    for n in range(6):
+        assert np.abs(results[n] - expected[n]).max() < 1e-4

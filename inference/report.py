@@ -283,6 +283,7 @@ def document(
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources),
         content=root,
+        specific_character_set=_character_set(first),
         series_instance_uid=derived_uid(first.StudyInstanceUID, manifest.name, "series"),
         series_number=series_number,
         sop_instance_uid=derived_uid(job, "report"),
@@ -303,6 +304,18 @@ def document(
     scheme.CodingSchemeResponsibleOrganization = "filmless"
     sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
+
+
+def _character_set(source: Dataset) -> str | list[str] | None:
+    """The source's Specific Character Set, an empty first value (the default repertoire
+    with code extensions, PS3.3 C.12.1.1.2) spelt "ISO 2022 IR 6", which highdicom wants."""
+    value = source.get("SpecificCharacterSet")
+    if isinstance(value, str) or value is None:
+        return value or None
+    values = [str(v) for v in value]
+    if values and not values[0]:
+        values[0] = "ISO 2022 IR 6"
+    return values
 
 
 def _source_images(sources: Sequence[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:

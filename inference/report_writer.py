@@ -20,6 +20,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
@@ -108,7 +109,7 @@ class ReportWriter:
         fp = DicomBytesIO()
         fp.is_little_endian = True
         fp.is_implicit_VR = False
-        encodings = shell._character_set
+        encodings = convert_encodings(shell.get("SpecificCharacterSet") or "ISO_IR 6")
         pending = True
         for element in shell:
             if pending and element.tag > CONTENT:
@@ -119,7 +120,7 @@ class ReportWriter:
             fp.write(content)
         return EncodedReport(fp.getvalue(), str(shell.SOPClassUID), str(shell.SOPInstanceUID))
 
-    def _compiled(self, key: tuple[Any, ...], make: Any) -> Fragments:
+    def _compiled(self, key: tuple[Any, ...], make: Callable[[], Fragments]) -> Fragments:
         with self._lock:
             if key not in self._groups:
                 self._groups[key] = make()

@@ -164,14 +164,22 @@ def test_exam_level_mammography_reports_are_identical(values: list[float]) -> No
     _check_identical(_writer(MAMMOGRAPHY), views, found, "mammo-job")
 
 
-def test_the_patient_name_keeps_the_character_set_of_its_source() -> None:
-    latin = _chest()
-    latin.SpecificCharacterSet = "ISO_IR 100"
-    latin.PatientName = "Müller^Jürgen"
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        ("ISO_IR 100", "Müller^Jürgen"),
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),
+    ],
+)
+def test_the_patient_name_keeps_the_character_set_of_its_source(
+    charset: str | list[str], name: str
+) -> None:
+    source = _chest()
+    source.SpecificCharacterSet = charset
+    source.PatientName = name
     writer = _writer(CXR)
-    data = _check_identical(writer, [latin], _cxr_outputs([0.7] * 18, [3] * 18), "latin")
-    assert "Müller^Jürgen".encode("latin-1") in data
-    assert pydicom.dcmread(io.BytesIO(data), force=True).PatientName == "Müller^Jürgen"
+    data = _check_identical(writer, [source], _cxr_outputs([0.7] * 18, [3] * 18), "charset")
+    assert pydicom.dcmread(io.BytesIO(data), force=True).PatientName == name
 
 
 def test_a_source_that_is_no_image_is_refused_as_highdicom_refuses_it() -> None:

@@ -10,8 +10,8 @@ recorded, never forced through.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, cast
 
 import numpy as np
 import torch
@@ -49,8 +49,9 @@ def preprocess(
         if samples != 3:
             raise Unusable(f"a {photometric} image; the model takes colour photographs")
         frame = decoded_frame(stream, image, 0, rgb=True)
-        top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
-        chw = np.ascontiguousarray(frame.transpose(2, 0, 1), dtype=np.float32) / top
+        top = np.float32(2 ** int(ds.get("BitsStored", 8)) - 1)
+        chw = np.empty((3, *frame.shape[:2]), np.float32)
+        np.divide(frame.transpose(2, 0, 1), top, out=chw)  # converted and scaled in one pass
     else:
         if samples != 1 or photometric == "PALETTE COLOR":
             raise Unusable(f"a {photometric} image; the model takes grayscale")
@@ -90,15 +91,25 @@ def face_left(chw: np.ndarray) -> np.ndarray:
 
 def circle_crop(chw: np.ndarray, threshold: float = 0.1) -> np.ndarray:
     """The bounding square of a fundus photograph's circular field of view."""
-    brightness = chw.mean(axis=0)
-    rows = np.flatnonzero((brightness > threshold).any(axis=1))
-    columns = np.flatnonzero((brightness > threshold).any(axis=0))
+    bright = chw.mean(axis=0) > threshold
+    rows = np.flatnonzero(bright.any(axis=1))
+    columns = np.flatnonzero(bright.any(axis=0))
     if rows.size == 0 or columns.size == 0:
         raise Unusable("no field of view found: the photograph is black")
     cropped = chw[:, rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
     side = max(cropped.shape[1:])
-    padded = SpatialPad((side, side))(torch.from_numpy(np.ascontiguousarray(cropped)))
-    return np.asarray(padded)
+    # MONAI's SpatialPad (zeros, centred), written straight into the square: one copy.
+    widths = cast(
+        "Sequence[tuple[int, int]]", SpatialPad((side, side)).compute_pad_width(cropped.shape[1:])
+    )
+    (before_rows, _), (before_columns, _) = widths[1], widths[2]  # after the channel axis
+    padded = np.zeros((chw.shape[0], side, side), chw.dtype)
+    padded[
+        :,
+        before_rows : before_rows + cropped.shape[1],
+        before_columns : before_columns + cropped.shape[2],
+    ] = cropped
+    return padded
 
 
 @functools.cache

@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from monai.transforms.croppad.array import SpatialPad
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
@@ -99,3 +100,13 @@ def test_cropping_before_the_window_gives_the_same_tensor(rows: int, columns: in
     whole = grey(pixels.astype(np.uint16), frontal)[None]
     expected = _transforms(spec.model_dump_json())(torch.from_numpy(whole))
     assert np.array_equal(preprocess(_stream(frontal), spec), np.asarray(expected))
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(20, 29), (29, 20), (21, 30), (25, 25)])
+def test_circle_crop_pads_as_monai_does(rows: int, columns: int) -> None:
+    field = np.random.default_rng(rows).uniform(0.2, 1.0, (3, rows, columns)).astype(np.float32)
+    image = np.zeros((3, rows + 6, columns + 9), np.float32)
+    image[:, 2 : 2 + rows, 5 : 5 + columns] = field
+    side = max(rows, columns)
+    expected = SpatialPad((side, side))(torch.from_numpy(field))
+    assert np.array_equal(circle_crop(image), np.asarray(expected))

@@ -30,18 +30,7 @@ def test_concurrent_calls_share_batches_and_get_their_own_outputs(tmp_path: Path
     expected, _maps = session(path).run(None, {manifest.input.name: images})
     runner = BatchingSession(path, runs=1, max_batch=4, max_wait_ms=200)
     assert runner.providers[-1] == CPU
-    results: dict[int, np.ndarray] = {}
-    start = threading.Barrier(8)
-
-    def worker(n: int) -> None:
-        start.wait()
-        results[n], _map = runner.infer(images[n], timeout=120)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    results = _infer_at_once(runner, images)
     runner.close()
     assert sorted(results) == list(range(8))
     for n in range(8):
@@ -76,17 +65,25 @@ def test_several_passes_at_a_time_and_no_waiting_while_a_runner_is_free(tmp_path
     patient.close()
     assert np.abs(alone - expected[0]).max() < 1e-4
     runner = BatchingSession(path, providers=[CPU], runs=2, threads=1, max_wait_ms=50)
-    results: dict[int, np.ndarray] = {}
-
-    def worker(n: int) -> None:
-        results[n], _map = runner.infer(images[n], timeout=120)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=180)
+    results = _infer_at_once(runner, images)
     runner.close()
     assert sorted(results) == list(range(6))
     for n in range(6):
         assert np.abs(results[n] - expected[n]).max() < 1e-4
+
+
+def _infer_at_once(runner: BatchingSession, images: np.ndarray) -> dict[int, np.ndarray]:
+    """Each image from its own thread, all released together; the first output of each."""
+    results: dict[int, np.ndarray] = {}
+    start = threading.Barrier(len(images))
+
+    def worker(n: int) -> None:
+        start.wait()
+        results[n], _map = runner.infer(images[n], timeout=120)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(len(images))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    return results

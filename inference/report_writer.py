@@ -71,9 +71,8 @@ class ReportWriter:
         self.constant = Constant.of(manifest, device_uid)
         self.series_number = series_number
         self._groups: dict[tuple[Any, ...], Fragments] = {}
-        self._calls: dict[tuple[str, str | None], bytes] = {}
+        self._calls: dict[tuple[Any, ...], bytes] = {}
         self._lock = threading.Lock()
-        self._content = self._compile_content()
 
     def write(
         self,
@@ -87,6 +86,10 @@ class ReportWriter:
         located = regions(manifest, outputs, sources) if isinstance(outputs, Mapping) else {}
         for source in sources:  # highdicom's checks of a source image, as build_report has
             hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
+        shell = document(self.constant, sources, job=job, series_number=self.series_number)
+        del shell.ContentSequence
+        # Text in the content (labels, names) is encoded as the document declares.
+        charset = tuple(convert_encodings(shell.get("SpecificCharacterSet") or "ISO_IR 6"))
         references = _references(sources)
         classes = tuple(str(s.SOPClassUID) for s in sources)
         bodies = []
@@ -99,23 +102,22 @@ class ReportWriter:
             values["float"] = probability
             if box is not None:
                 values["graphic"] = box.polyline().flatten().tolist()
-            bodies.append(assemble(self._group(finding, classes, box is not None), values))
+            group = self._group(finding, classes, box is not None, charset)
+            bodies.append(assemble(group, values))
         summary_values = {**references, "tracking": derived_uid(job, "summary")}
-        calls = [self._call(name, value) for name, value in summary_calls(found)]
-        bodies.append(assemble(self._summary(classes), summary_values, {"evaluations": calls}))
-        content = assemble(self._content, {}, {"groups": bodies})
-        shell = document(self.constant, sources, job=job, series_number=self.series_number)
-        del shell.ContentSequence
+        calls = [self._call(name, value, charset) for name, value in summary_calls(found)]
+        summary = self._summary(classes, charset)
+        bodies.append(assemble(summary, summary_values, {"evaluations": calls}))
+        content = assemble(self._content(charset), {}, {"groups": bodies})
         fp = DicomBytesIO()
         fp.is_little_endian = True
         fp.is_implicit_VR = False
-        encodings = convert_encodings(shell.get("SpecificCharacterSet") or "ISO_IR 6")
         pending = True
         for element in shell:
             if pending and element.tag > CONTENT:
                 fp.write(content)
                 pending = False
-            write_data_element(fp, element, encodings)
+            write_data_element(fp, element, list(charset))
         if pending:
             fp.write(content)
         return EncodedReport(fp.getvalue(), str(shell.SOPClassUID), str(shell.SOPInstanceUID))
@@ -126,7 +128,9 @@ class ReportWriter:
                 self._groups[key] = make()
             return self._groups[key]
 
-    def _group(self, finding: Finding, classes: tuple[str, ...], boxed: bool) -> Fragments:
+    def _group(
+        self, finding: Finding, classes: tuple[str, ...], boxed: bool, charset: tuple[str, ...]
+    ) -> Fragments:
         """The group of one finding, by its label and call and the SOP Classes of its
         sources (highdicom words a region on a multi-frame image differently), with its
         values as holes."""
@@ -142,57 +146,45 @@ class ReportWriter:
                 _TRACKING,
                 _BOX if boxed else None,
             )
-            return _compile(group[0], _holes(len(classes), boxed))
+            return compile_dataset(group[0], _holes(len(classes), boxed), (), list(charset))
 
-        key = ("finding", finding.output, finding.label, finding.positive, classes, boxed)
+        key = ("finding", finding.output, finding.label, finding.positive, classes, boxed, charset)
         return self._compiled(key, make)
 
-    def _summary(self, classes: tuple[str, ...]) -> Fragments:
+    def _summary(self, classes: tuple[str, ...], charset: tuple[str, ...]) -> Fragments:
         """The exam summary, its calls spliced in where highdicom puts them."""
 
         def make() -> Fragments:
             marker = _marker_call()
             group = summary_group(self.constant, _stand_in_sources(classes), _TRACKING, [marker])
             holes = _holes(len(classes), False)
-            return _compile(group[0], holes, [(_equal_to(marker[0]), "evaluations")])
+            splices = [(_equal_to(marker[0]), "evaluations")]
+            return compile_dataset(group[0], holes, splices, list(charset))
 
-        return self._compiled(("summary", classes), make)
+        return self._compiled(("summary", classes, charset), make)
 
-    def _call(self, name: str, value: str | None) -> bytes:
+    def _call(self, name: str, value: str | None, charset: tuple[str, ...]) -> bytes:
         """One encoded call of the summary (a CODE item), the same for every report."""
+        key = (name, value, charset)
         with self._lock:
-            if (name, value) not in self._calls:
-                self._calls[name, value] = assemble(_compile(call(name, value)[0], {}), {})
-            return self._calls[name, value]
+            if key not in self._calls:
+                pieces = compile_dataset(call(name, value)[0], {}, (), list(charset))
+                self._calls[key] = assemble(pieces, {})
+            return self._calls[key]
 
-    def _compile_content(self) -> Fragments:
+    def _content(self, charset: tuple[str, ...]) -> Fragments:
         """The root's content: observer context, procedure, and the Imaging Measurements
         container, into which the groups are spliced."""
-        marker = summary_group(self.constant, _stand_in_sources(("1.2.3",)), _MARKER_UID, [])
-        tree = self.constant.report([marker])[0]
-        holder = Dataset()
-        holder.ContentSequence = tree.ContentSequence
-        return _compile(holder, {}, [(_equal_to(marker[0]), "groups")])
 
+        def make() -> Fragments:
+            stand_in = _stand_in_sources(("1.2.3",))
+            marker = summary_group(self.constant, stand_in, _MARKER_UID, [])
+            holder = Dataset()
+            holder.ContentSequence = self.constant.report([marker])[0].ContentSequence
+            splices = [(_equal_to(marker[0]), "groups")]
+            return compile_dataset(holder, {}, splices, list(charset))
 
-def _compile(
-    ds: Dataset,
-    holes: Mapping[tuple[str, Any], str],
-    splices: Sequence[tuple[Any, str]] = (),
-) -> Fragments:
-    """Every text of a report's content is ASCII (labels and names of the manifest), so
-    its encoding is the same under whatever character set the document declares."""
-    _require_ascii(ds)
-    return compile_dataset(ds, holes, splices)
-
-
-def _require_ascii(ds: Dataset) -> None:
-    for element in ds:
-        if element.VR == "SQ":
-            for item in element.value:
-                _require_ascii(item)
-        elif isinstance(element.value, str) and not element.value.isascii():
-            raise ValueError(f"{element.keyword} is not ASCII: {element.value!r}")
+        return self._compiled(("content", charset), make)
 
 
 def _stand_in_sources(classes: Sequence[str]) -> list[Dataset]:

@@ -182,6 +182,19 @@ def test_the_patient_name_keeps_the_character_set_of_its_source(
     assert pydicom.dcmread(io.BytesIO(data), force=True).PatientName == name
 
 
+@pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
+def test_labels_beyond_ascii_are_encoded_as_the_document_declares(charset: str) -> None:
+    """A manifest of one's own may name findings in any language; its pieces are kept per
+    character set."""
+    outputs = [o.model_copy(update={"labels": ["Épanchement", *o.labels[1:]]}) for o in CXR.outputs]
+    manifest = CXR.model_copy(update={"name": f"cxr-fr-{charset[-3:]}", "outputs": outputs})
+    source = _chest()
+    source.SpecificCharacterSet = charset
+    writer = ReportWriter(manifest, DEVICE)
+    data = _check_identical(writer, [source], _cxr_outputs([0.9] * 18, [5] * 18), "fr")
+    assert "Épanchement".encode("latin-1" if charset == "ISO_IR 100" else "utf-8") in data
+
+
 def test_a_source_that_is_no_image_is_refused_as_highdicom_refuses_it() -> None:
     not_an_image = _chest()
     not_an_image.Modality = "SR"

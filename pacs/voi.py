@@ -42,16 +42,18 @@ def grey(
     """
     if np.issubdtype(frame.dtype, np.integer):
         low, high = int(frame.min()), int(frame.max())
-        domain = np.arange(low, high + 1).astype(frame.dtype)
         if frame.itemsize <= 2:
             # Indexed by the stored bits themselves (signed values wrap to the top half),
             # so the frame is read once and never converted.
+            domain = np.arange(low, high + 1).astype(frame.dtype)
             unsigned = np.dtype(f"u{frame.itemsize}")
-            lut = np.zeros(1 << (8 * frame.itemsize), np.uint8 if levels else np.float32)
+            kind = np.float32 if levels is None else np.uint8
+            lut = np.zeros(1 << (8 * frame.itemsize), kind)
             lut[domain.view(unsigned)] = _finish(_unit(domain, ds, window, stretch), levels)
             looked_up: np.ndarray = lut[frame.view(unsigned)]
             return looked_up
         if high - low <= _LUT_LIMIT:
+            domain = np.arange(low, high + 1).astype(frame.dtype)
             lut = _finish(_unit(domain, ds, window, stretch), levels)
             wide: np.ndarray = lut[frame.astype(np.int64) - low]
             return wide

@@ -47,3 +47,13 @@ def test_the_lookup_table_gives_what_the_formulas_give(
     got = grey(frame, ds, stretch=stretch, levels=levels)
     assert got.dtype == expected.dtype
     assert np.allclose(got, expected, atol=1e-6)
+
+
+def test_a_wide_32_bit_range_is_computed_value_by_value() -> None:
+    """No lookup table over two billion values: the formulas go straight to the pixels."""
+    frame = np.array([[-(2**30), 0], [7, 2**30]], dtype=np.int32)
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth = 0, 100
+    # PS3.3 C.11.2.1.2 linear: (x - (c - 0.5)) / (w - 1) + 0.5, clipped to [0, 1]
+    assert np.allclose(grey(frame, ds), [[0.0, 50 / 99], [57 / 99, 1.0]], atol=1e-6)

@@ -70,8 +70,7 @@ class ReportWriter:
     def __init__(self, manifest: Manifest, device_uid: str, series_number: int = 9001) -> None:
         self.constant = Constant.of(manifest, device_uid)
         self.series_number = series_number
-        self._groups: dict[tuple[Any, ...], Fragments] = {}
-        self._calls: dict[tuple[Any, ...], bytes] = {}
+        self._pieces: dict[tuple[Any, ...], Fragments] = {}
         self._lock = threading.Lock()
 
     def write(
@@ -105,7 +104,9 @@ class ReportWriter:
             group = self._group(finding, classes, box is not None, charset)
             bodies.append(assemble(group, values))
         summary_values = {**references, "tracking": derived_uid(job, "summary")}
-        calls = [self._call(name, value, charset) for name, value in summary_calls(found)]
+        calls = [
+            assemble(self._call(name, value, charset), {}) for name, value in summary_calls(found)
+        ]
         summary = self._summary(classes, charset)
         bodies.append(assemble(summary, summary_values, {"evaluations": calls}))
         content = assemble(self._content(charset), {}, {"groups": bodies})
@@ -124,9 +125,9 @@ class ReportWriter:
 
     def _compiled(self, key: tuple[Any, ...], make: Callable[[], Fragments]) -> Fragments:
         with self._lock:
-            if key not in self._groups:
-                self._groups[key] = make()
-            return self._groups[key]
+            if key not in self._pieces:
+                self._pieces[key] = make()
+            return self._pieces[key]
 
     def _group(
         self, finding: Finding, classes: tuple[str, ...], boxed: bool, charset: tuple[str, ...]
@@ -163,14 +164,13 @@ class ReportWriter:
 
         return self._compiled(("summary", classes, charset), make)
 
-    def _call(self, name: str, value: str | None, charset: tuple[str, ...]) -> bytes:
-        """One encoded call of the summary (a CODE item), the same for every report."""
-        key = (name, value, charset)
-        with self._lock:
-            if key not in self._calls:
-                pieces = compile_dataset(call(name, value)[0], {}, (), list(charset))
-                self._calls[key] = assemble(pieces, {})
-            return self._calls[key]
+    def _call(self, name: str, value: str | None, charset: tuple[str, ...]) -> Fragments:
+        """One call of the summary (a CODE item), the same in every report."""
+
+        def make() -> Fragments:
+            return compile_dataset(call(name, value)[0], {}, (), list(charset))
+
+        return self._compiled(("call", name, value, charset), make)
 
     def _content(self, charset: tuple[str, ...]) -> Fragments:
         """The root's content: observer context, procedure, and the Imaging Measurements

@@ -86,7 +86,7 @@ class BatchingSession:
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._threads = [
             threading.Thread(target=self._loop, name=f"batch-{path.parent.name}-{n}", daemon=True)
-            for n in range(max(1, runs))
+            for n in range(runs)
         ]
         for thread in self._threads:
             thread.start()

@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import torch
 from monai.transforms.croppad.array import SpatialPad
+from monai.transforms.spatial.array import Resize
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
+import inference.preprocess
+from inference.area import area_resize, longest_side
 from inference.preprocess import Unusable, _transforms, circle_crop, face_left, preprocess
+from models.manifest import Preprocessing
 from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY
 from pacs.voi import grey
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode, fundus_op, mammography
@@ -110,3 +114,120 @@ def test_circle_crop_pads_as_monai_does(rows: int, columns: int) -> None:
     side = max(rows, columns)
     expected = SpatialPad((side, side))(torch.from_numpy(field))
     assert np.array_equal(circle_crop(image), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    ("shape", "canvas", "offset", "out", "bits"),
+    [
+        ((1885, 1885), (1885, 1885), (0, 0), (512, 512), 8),  # a full-size fundus
+        ((50, 40), (50, 40), (0, 0), (17, 13), 8),  # windows that overlap
+        ((33, 45), (45, 45), (6, 0), (64, 64), 8),  # padded rows, enlarged
+        ((80, 100), (100, 100), (10, 0), (37, 37), 8),
+        ((70, 64), (70, 70), (0, 3), (70, 70), 16),  # same size: only the padding
+        ((9, 7), (9, 7), (0, 0), (20, 30), 16),
+    ],
+)
+def test_area_resize_is_monai_resize_of_the_padded_floats(
+    shape: tuple[int, int],
+    canvas: tuple[int, int],
+    offset: tuple[int, int],
+    out: tuple[int, int],
+    bits: int,
+) -> None:
+    top = 2**bits - 1
+    frame = np.random.default_rng(shape[0]).integers(0, top + 1, (*shape, 3))
+    frame = frame.astype(np.uint8 if bits == 8 else np.uint16)
+    floats = np.zeros((3, *canvas), np.float32)
+    rows, columns = offset[0] + shape[0], offset[1] + shape[1]
+    floats[:, offset[0] : rows, offset[1] : columns] = frame.transpose(2, 0, 1) / np.float32(top)
+    expected = np.asarray(Resize(spatial_size=out, mode="area")(torch.from_numpy(floats)))
+    resized = area_resize(frame, canvas, offset, out, top)
+    assert resized.dtype == np.float32
+    assert np.allclose(resized, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2048, 1536), (1536, 2048), (700, 701), (300, 2)])
+def test_longest_side_is_monai_resize(shape: tuple[int, int]) -> None:
+    resize = Resize(spatial_size=512, size_mode="longest", mode="area")
+    expected = resize(torch.zeros((1, *shape))).shape[1:]
+    assert longest_side(shape, 512) == tuple(expected)
+
+
+def _fundus_frame(rows: int, columns: int, seed: int, bits: int = 8) -> np.ndarray:
+    """A bright disc off the centre with dark margins of different widths, and pixels
+    whose channel mean lies just either side of the crop's threshold."""
+    top = 2**bits - 1
+    rng = np.random.default_rng(seed)
+    frame = rng.integers(0, int(0.05 * top), (rows, columns, 3))
+    yy, xx = np.mgrid[:rows, :columns]
+    centre, radius = (rows * 0.45, columns * 0.55), min(rows, columns) * 0.35
+    disc = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < radius**2
+    frame[disc] = rng.integers(int(0.2 * top), top + 1, (int(disc.sum()), 3))
+    below = int(0.3 * top)  # the largest channel sum not above 3 * 0.1 * top
+    frame[rows - 3, 2] = _split(below + 1)  # inside the field: widens the crop
+    frame[1, columns - 2] = _split(below)  # outside: would widen it the other way
+    return frame.astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def _split(total: int) -> tuple[int, int, int]:
+    third = total // 3
+    return third, third, total - 2 * third
+
+
+def _float_path(frame: np.ndarray, spec: Preprocessing, top: int) -> np.ndarray:
+    """The colour tensor made the plain way: every sample to float, crop, MONAI resize."""
+    chw = np.ascontiguousarray(frame.transpose(2, 0, 1) / np.float32(top), dtype=np.float32)
+    if spec.crop == "circle":
+        chw = circle_crop(chw)
+    return np.asarray(_transforms(spec.model_dump_json())(torch.from_numpy(chw)))
+
+
+def _colour_instance(frame: np.ndarray, bits: int) -> Dataset:
+    right, _left = fundus_op(Rng(7), PATIENT, 0.05, "20260101", "A7")
+    right.Rows, right.Columns = frame.shape[:2]
+    right.BitsAllocated = right.BitsStored = bits
+    right.HighBit = bits - 1
+    right.PixelData = frame.tobytes()
+    return right
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "bits", "crop", "keep_aspect", "size"),
+    [
+        (1536, 2048, 8, "circle", True, (512, 512)),  # a 4:3 camera
+        (301, 257, 8, "circle", True, (512, 512)),  # enlarged
+        (400, 300, 16, "circle", True, (128, 128)),
+        (300, 500, 8, "none", True, (160, 96)),  # padded to the size after the resize
+        (300, 500, 8, "none", False, (64, 80)),
+    ],
+)
+def test_colour_resized_on_integers_is_the_float_pipeline(
+    *, rows: int, columns: int, bits: int, crop: str, keep_aspect: bool, size: tuple[int, int]
+) -> None:
+    """Colour frames are cropped and resized on their stored integers; the tensor must
+    be the one of scaling every sample to float and running MONAI's transforms."""
+    frame = _fundus_frame(rows, columns, rows + columns, bits)
+    spec = FUNDUS.preprocessing.model_copy(
+        update={"crop": crop, "keep_aspect": keep_aspect, "size": size}
+    )
+    expected = _float_path(frame, spec, 2**bits - 1)
+    tensor = preprocess(_stream(_colour_instance(frame, bits)), spec)
+    assert tensor.shape == expected.shape == (3, *size)
+    # Within float32 rounding of the mean, after the normalisation's division by std.
+    assert np.allclose(tensor, expected, rtol=0, atol=1e-5)
+
+
+def test_field_of_view_near_an_integer_cutoff_falls_back_to_floats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A threshold that falls on a sum of channels cannot be decided on integers
+    (float32 rounding decides it); the crop is then found as circle_crop finds it."""
+    monkeypatch.setattr(inference.preprocess, "CIRCLE_THRESHOLD", 0.2)  # 0.2 * 765 = 153
+    frame = np.zeros((40, 50, 3), np.uint8)
+    frame[10:30, 12:40] = 60
+    frame[5, 45] = (51, 51, 51)  # mean exactly 0.2 in reals; float32 puts it above or not
+    chw = np.ascontiguousarray(frame.transpose(2, 0, 1) / np.float32(255), dtype=np.float32)
+    expected = circle_crop(chw).shape
+    rows, columns = inference.preprocess._field_of_view(frame, 255)
+    side = max(rows.stop - rows.start, columns.stop - columns.start)
+    assert expected == (3, side, side)

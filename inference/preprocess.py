@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, cast
+from typing import BinaryIO, Literal, cast
 
 import numpy as np
 import torch
@@ -66,12 +66,18 @@ def preprocess(
         if _crop_first(preprocessing):
             frame = frame[_center_square(frame.shape)]
         chw = grey(frame, ds, stretch=preprocessing.voi == "minmax")[None]
+    spec = preprocessing.model_dump_json()
+    if preprocessing.laterality == "left" and preprocessing.crop == "none":
+        # Area windows mirror each other, so the flip waits for the small image.
+        flip = faces_right(chw)
+        tensor = _transforms(spec, "resize")(torch.from_numpy(np.ascontiguousarray(chw)))
+        tensor = torch.flip(tensor, (-1,)) if flip else tensor
+        return np.asarray(_transforms(spec, "after")(tensor), dtype=np.float32)
     if preprocessing.laterality == "left":
         chw = face_left(chw)
     if preprocessing.crop == "circle":
         chw = circle_crop(chw)
-    transforms = _transforms(preprocessing.model_dump_json())
-    tensor = transforms(torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32)))
+    tensor = _transforms(spec)(torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32)))
     return np.asarray(tensor, dtype=np.float32)
 
 
@@ -94,7 +100,7 @@ def _colour_by_area(frame: np.ndarray, top: int, p: Preprocessing) -> np.ndarray
         canvas, offset = (side, side), _pad_offsets(frame.shape[:2], side)
     size = longest_side(canvas, max(p.size)) if p.keep_aspect else p.size
     chw = area_resize(frame, canvas, offset, size, top)
-    tensor = _transforms(p.model_dump_json(), resized=True)(torch.from_numpy(chw))
+    tensor = _transforms(p.model_dump_json(), "after")(torch.from_numpy(chw))
     return np.asarray(tensor, dtype=np.float32)
 
 
@@ -142,12 +148,15 @@ def _center_square(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(CenterSpatialCrop((side, side)).compute_slices(shape))
 
 
-def face_left(chw: np.ndarray) -> np.ndarray:
-    """Mirror so the breast (the brighter half, chest wall side) is on the left."""
+def faces_right(chw: np.ndarray) -> bool:
+    """Whether the breast (the brighter half, chest wall side) is on the right."""
     half = chw.shape[-1] // 2
-    if chw[..., half:].sum() > chw[..., :half].sum():
-        return np.ascontiguousarray(chw[..., ::-1])
-    return chw
+    return bool(chw[..., half:].sum() > chw[..., :half].sum())
+
+
+def face_left(chw: np.ndarray) -> np.ndarray:
+    """Mirror so the breast is on the left."""
+    return np.ascontiguousarray(chw[..., ::-1]) if faces_right(chw) else chw
 
 
 def circle_crop(chw: np.ndarray) -> np.ndarray:
@@ -168,16 +177,18 @@ def circle_crop(chw: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def _transforms(spec: str, *, resized: bool = False) -> Compose:
-    """One pipeline per distinct preprocessing (keyed by its JSON: the model is unhashable);
-    ``resized``: only the steps after the resize, which was done already."""
+def _transforms(spec: str, part: Literal["all", "resize", "after"] = "all") -> Compose:
+    """One pipeline per distinct preprocessing (keyed by its JSON: the model is unhashable):
+    all of it, or the steps up to the resize, or those after it."""
     p = Preprocessing.model_validate_json(spec)
     steps: list[Callable[..., object]] = []
-    if p.crop == "center" and not resized:
-        steps.append(_CenterSquare())
-    if not resized:
+    if part != "after":
+        if p.crop == "center":
+            steps.append(_CenterSquare())
         longest = Resize(spatial_size=max(p.size), size_mode="longest", mode="area")
         steps.append(longest if p.keep_aspect else Resize(spatial_size=p.size, mode="area"))
+    if part == "resize":
+        return Compose(steps)
     if p.keep_aspect:
         steps.append(ResizeWithPadOrCrop(p.size))
     low, high = p.intensity_range

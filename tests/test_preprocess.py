@@ -231,3 +231,19 @@ def test_field_of_view_near_an_integer_cutoff_falls_back_to_floats(
     rows, columns = inference.preprocess._field_of_view(frame, 255)
     side = max(rows.stop - rows.start, columns.stop - columns.start)
     assert expected == (3, side, side)
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(333, 256), (333, 255), (200, 301), (90, 64)])
+def test_mammograms_flipped_after_the_resize_give_the_same_tensor(rows: int, columns: int) -> None:
+    """The breast is turned to face left on the resized image (area windows mirror each
+    other); the tensor must be that of flipping the full-size image first."""
+    view = mammography(Rng(6), PATIENT, 0.05, "20260101", "A6")[0]
+    pixels = np.random.default_rng(rows + columns).integers(0, 4096, (rows, columns))
+    pixels[:, columns // 2 :] += 8000  # bright on the right: flipped
+    view.Rows, view.Columns = rows, columns
+    spec = MAMMOGRAPHY.preprocessing
+    for stored in (pixels, pixels[:, ::-1]):
+        view.PixelData = np.ascontiguousarray(stored, dtype=np.uint16).tobytes()
+        turned = face_left(grey(stored.astype(np.uint16), view)[None])
+        expected = np.asarray(_transforms(spec.model_dump_json())(torch.from_numpy(turned)))
+        assert np.allclose(preprocess(_stream(view), spec), expected, rtol=0, atol=1e-6)

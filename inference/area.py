@@ -43,7 +43,8 @@ def area_resize(
     row_starts, row_ends = windows(canvas[0], out[0])
     column_starts, column_ends = windows(canvas[1], out[1])
     row_counts, column_counts = row_ends - row_starts, column_ends - column_starts
-    tall = int(top) * int(row_counts.max())
+    # Sized by the type's range, not by ``top``: stray high bits must not wrap around.
+    tall = int(np.iinfo(frame.dtype).max) * int(row_counts.max())
     sums = _sums(frame, row_starts, row_ends, offset[0], _counter(tall))
     # Columns: the same over the flattened (column, channel) axis, a channel at a time.
     flat = sums.reshape(out[0], columns * channels)

@@ -113,7 +113,7 @@ def _field_of_view(frame: np.ndarray, top: int) -> tuple[slice, slice]:
     if abs(cutoff - round(cutoff)) < 1e-6 * channels * top:
         chw = np.divide(frame.transpose(2, 0, 1), np.float32(top), dtype=np.float32)
         return _bounds(chw.mean(axis=0) > CIRCLE_THRESHOLD)
-    kind = np.uint16 if channels * top < 2**16 else np.uint32
+    kind = np.uint16 if channels * np.iinfo(frame.dtype).max < 2**16 else np.uint32
     total: np.ndarray = frame[..., 0].astype(kind)
     for channel in range(1, channels):
         total += frame[..., channel]

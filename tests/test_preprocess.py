@@ -146,6 +146,13 @@ def test_area_resize_is_monai_resize_of_the_padded_floats(
     assert np.allclose(resized, expected, rtol=0, atol=1e-6)
 
 
+def test_area_resize_sums_stray_high_bits_without_wrapping() -> None:
+    """Values above Bits Stored are scaled as the float path scales them, not wrapped."""
+    frame = np.full((40, 40, 3), 65535, np.uint16)
+    resized = area_resize(frame, (40, 40), (0, 0), (8, 8), 4095)
+    assert np.allclose(resized, 65535 / 4095, rtol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(2048, 1536), (1536, 2048), (700, 701), (300, 2)])
 def test_longest_side_is_monai_resize(shape: tuple[int, int]) -> None:
     resize = Resize(spatial_size=512, size_mode="longest", mode="area")

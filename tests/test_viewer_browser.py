@@ -248,12 +248,13 @@ def test_ai_report_is_drawn_on_the_image(browser: Browser, site: Site) -> None:
     # OHIF 3.13 now and then shows the SR's image without drawing its measurements, and
     # further double clicks do not redo it; the study and SR metadata it was given were
     # compared and are the same as when it draws them. A fresh page load does draw them.
-    for attempt in range(3):
+    for attempt in range(4):
+        if attempt:
+            page.reload()
+            _viewer_ready(page)
         if _open_report(page, label):
             break
         _save(f"ai-report-not-drawn-{attempt}", page.screenshot())
-        page.reload()
-        _viewer_ready(page)
     label.wait_for(timeout=1_000)
     time.sleep(2)
     shot = page.screenshot()

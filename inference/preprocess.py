@@ -57,8 +57,7 @@ def preprocess(
         top = 2 ** int(ds.get("BitsStored", 8)) - 1
         if _by_area(preprocessing, frame):
             return _colour_by_area(frame, top, preprocessing)
-        chw = np.empty((3, *frame.shape[:2]), np.float32)
-        np.divide(frame.transpose(2, 0, 1), np.float32(top), out=chw)  # one pass
+        chw = _scaled(frame, top)
     else:
         if samples != 1 or photometric == "PALETTE COLOR":
             raise Unusable(f"a {photometric} image; the model takes grayscale")
@@ -79,6 +78,13 @@ def preprocess(
         chw = circle_crop(chw)
     tensor = _transforms(spec)(torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32)))
     return np.asarray(tensor, dtype=np.float32)
+
+
+def _scaled(frame: np.ndarray, top: int) -> np.ndarray:
+    """A colour frame as (channels, rows, columns) float32 in [0, 1], in one pass."""
+    chw = np.empty((frame.shape[2], *frame.shape[:2]), np.float32)
+    np.divide(frame.transpose(2, 0, 1), np.float32(top), out=chw)
+    return chw
 
 
 def _by_area(p: Preprocessing, frame: np.ndarray) -> bool:
@@ -111,8 +117,7 @@ def _field_of_view(frame: np.ndarray, top: int) -> tuple[slice, slice]:
     channels = frame.shape[2]
     cutoff = float(np.float32(CIRCLE_THRESHOLD)) * channels * top
     if abs(cutoff - round(cutoff)) < 1e-6 * channels * top:
-        chw = np.divide(frame.transpose(2, 0, 1), np.float32(top), dtype=np.float32)
-        return _bounds(chw.mean(axis=0) > CIRCLE_THRESHOLD)
+        return _bounds(_scaled(frame, top).mean(axis=0) > CIRCLE_THRESHOLD)
     kind = np.uint16 if channels * np.iinfo(frame.dtype).max < 2**16 else np.uint32
     total: np.ndarray = frame[..., 0].astype(kind)
     for channel in range(1, channels):

@@ -42,21 +42,19 @@ def grey(
     """
     if np.issubdtype(frame.dtype, np.integer):
         low, high = int(frame.min()), int(frame.max())
-        if frame.itemsize <= 2:
+        if frame.itemsize <= 2 or high - low <= _LUT_LIMIT:
+            domain = np.arange(low, high + 1).astype(frame.dtype)
+            table = _finish(_unit(domain, ds, window, stretch), levels)
+            if frame.itemsize > 2:
+                wide: np.ndarray = table[frame.astype(np.int64) - low]
+                return wide
             # Indexed by the stored bits themselves (signed values wrap to the top half),
             # so the frame is read once and never converted.
-            domain = np.arange(low, high + 1).astype(frame.dtype)
             unsigned = np.dtype(f"u{frame.itemsize}")
-            kind = np.float32 if levels is None else np.uint8
-            lut = np.zeros(1 << (8 * frame.itemsize), kind)
-            lut[domain.view(unsigned)] = _finish(_unit(domain, ds, window, stretch), levels)
+            lut = np.zeros(1 << (8 * frame.itemsize), table.dtype)
+            lut[domain.view(unsigned)] = table
             looked_up: np.ndarray = lut[frame.view(unsigned)]
             return looked_up
-        if high - low <= _LUT_LIMIT:
-            domain = np.arange(low, high + 1).astype(frame.dtype)
-            lut = _finish(_unit(domain, ds, window, stretch), levels)
-            wide: np.ndarray = lut[frame.astype(np.int64) - low]
-            return wide
     return _finish(_unit(frame, ds, window, stretch), levels)
 
 

@@ -5,7 +5,9 @@ package is fetched (``npm pack``: its integrity is checked against the pinned on
 its build dependencies. The build expects to be served at ``/``; the install rewrites
 its few absolute references (the page's links, ``PUBLIC_URL``, webpack's public path)
 to ``/viewer/`` and writes an ``app-config.js`` whose DICOMweb data source is this
-server's own ``/dicom-web`` on the same origin, so no CORS is needed.
+server's own ``/dicom-web`` on the same origin, so no CORS is needed. One line is added
+to the SR viewport so that an AI report is always drawn when it is opened (see
+:func:`_redraw_after_sr_selection`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ OHIF_INTEGRITY = (
 )
 BASE = "/viewer/"
 _MARKER = ".filmless-ohif"
+# Raised whenever :func:`patch` changes, so that an install adapted by an older one is
+# fetched and adapted again by ``make serve`` instead of being kept.
+_ADAPTATION = 2
+_STAMP = f"{OHIF_VERSION}+filmless.{_ADAPTATION}"
 HOW_TO = (
     "the OHIF viewer is not installed: install npm (apt-get install npm, or Node.js from "
     "nodejs.org) and run `filmless viewer install` (`make serve` runs it)"
@@ -38,7 +44,7 @@ class ViewerError(RuntimeError):
 
 def installed(folder: Path) -> bool:
     marker = folder / _MARKER
-    return marker.is_file() and marker.read_text().strip() == OHIF_VERSION
+    return marker.is_file() and marker.read_text().strip() == _STAMP
 
 
 def install(folder: Path, *, npm: str | None = None, timeout: float = 900) -> Path:
@@ -54,7 +60,7 @@ def install(folder: Path, *, npm: str | None = None, timeout: float = 900) -> Pa
         _unpack(package, staging)
         patch(staging)
         (staging / "app-config.js").write_text(app_config())
-        (staging / _MARKER).write_text(OHIF_VERSION + "\n")
+        (staging / _MARKER).write_text(_STAMP + "\n")
         old = work / "old"
         if folder.exists():
             folder.rename(old)
@@ -125,6 +131,35 @@ def patch(dist: Path) -> None:
     for sheet in dist.glob("*.css"):
         css = sheet.read_text()
         sheet.write_text(re.sub(r"url\((['\"]?)/(?!/)", rf"url(\1{BASE}", css))
+    _redraw_after_sr_selection(dist)
+
+
+# OHIF 3.13's SR viewport tells its drawing tool which measurements to draw only after
+# the referenced image is on screen, and nothing draws again until the next render: with
+# the image already cached (it was shown before the report was opened) the report opens
+# without its findings drawn about one time in four. The viewport is rendered again once
+# the tool knows what to draw.
+_SR_SELECTION = "function setTrackingUniqueIdentifiersForElement("
+_SR_SELECTION_STORED = """  state.trackingIdentifiersByViewportId[viewport.id] = {
+    trackingUniqueIdentifiers,
+    activeIndex
+  };
+}"""
+_SR_SELECTION_REDRAWN = """  state.trackingIdentifiersByViewportId[viewport.id] = {
+    trackingUniqueIdentifiers,
+    activeIndex
+  };
+  viewport.render();
+}"""
+
+
+def _redraw_after_sr_selection(dist: Path) -> None:
+    chunks = [script for script in dist.glob("*.js") if _SR_SELECTION in script.read_text()]
+    if len(chunks) != 1:
+        raise ViewerError(f"expected one script with {_SR_SELECTION!r}, found {len(chunks)}")
+    (chunk,) = chunks
+    code = _all(chunk.read_text(), _SR_SELECTION_STORED, _SR_SELECTION_REDRAWN, chunk.name)
+    chunk.write_text(code)
 
 
 def _all(text: str, old: str, new: str, where: str) -> str:

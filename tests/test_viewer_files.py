@@ -10,7 +10,15 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import JPEGLSLossless
 
 from dicomweb.app import create_app
-from filmless.viewer import BASE, HOW_TO, ViewerError, app_config, installed, patch
+from filmless.viewer import (
+    BASE,
+    HOW_TO,
+    OHIF_VERSION,
+    ViewerError,
+    app_config,
+    installed,
+    patch,
+)
 from pacs.archive import Archive, Origin
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode
 from tests.support.instances import source
@@ -24,6 +32,17 @@ INDEX = (
     "</body></html>"
 )
 BUNDLE = 'var x; // webpack/runtime/public_path\n__webpack_require__.p = "/";\n'
+SR_CHUNK = """function setTrackingUniqueIdentifiersForElement(element, ids, activeIndex = 0) {
+  const enabledElement = getEnabledElement(element);
+  const {
+    viewport
+  } = enabledElement;
+  state.trackingIdentifiersByViewportId[viewport.id] = {
+    trackingUniqueIdentifiers,
+    activeIndex
+  };
+}
+"""
 
 
 def _dist(folder: Path) -> Path:
@@ -34,6 +53,7 @@ def _dist(folder: Path) -> Path:
     (folder / "assets" / "logo.svg").write_text("<svg/>")
     (folder / "codec.wasm").write_bytes(b"\0asm")
     (folder / "worker.bundle.9f.js").write_text(BUNDLE)
+    (folder / "7248.bundle.e8.js").write_text(SR_CHUNK)
     (folder / "app.bundle.css").write_text("@font-face{src:url(/f.woff2)}a{b:url(//x/y)}")
     return folder
 
@@ -52,6 +72,8 @@ def test_patch_moves_a_root_build_under_viewer(tmp_path: Path) -> None:
     assert (dist / "app.bundle.css").read_text() == (
         f"@font-face{{src:url({BASE}f.woff2)}}a{{b:url(//x/y)}}"
     )
+    # The SR viewport draws again once it knows which measurements to draw.
+    assert (dist / "7248.bundle.e8.js").read_text().endswith("  };\n  viewport.render();\n}\n")
     # A build that does not look like the pinned one is refused, not half adapted.
     with pytest.raises(ViewerError, match="not found"):
         patch(dist)
@@ -87,6 +109,13 @@ def test_viewer_routes(archive: Archive, tmp_path: Path) -> None:
         assert escape.status_code == 404
         # The DICOMweb API is unaffected.
         assert httpx.get(f"{url}/studies").status_code == 200
+
+
+def test_a_viewer_adapted_by_an_older_install_is_installed_again(tmp_path: Path) -> None:
+    folder = tmp_path / "viewer"
+    folder.mkdir()
+    (folder / ".filmless-ohif").write_text(OHIF_VERSION + "\n")
+    assert not installed(folder)
 
 
 def test_without_a_viewer_the_server_says_how_to_get_one(archive: Archive, tmp_path: Path) -> None:

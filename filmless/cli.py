@@ -133,7 +133,8 @@ def verify_command(settings: Settings, console: Console) -> int:
 
 
 def viewer_install(settings: Settings, console: Console, *, optional: bool, force: bool) -> int:
-    """2 without npm (0 with ``optional``: the server runs without a viewer), 1 on failure."""
+    """2 without npm, 1 when the install fails; 0 in both cases with ``optional``: the
+    server then runs without a viewer and ``/viewer/`` says how to install it."""
     folder = settings.viewer_dir
     if installed(folder) and not force:
         console.print(f"OHIF {OHIF_VERSION} is installed in {folder}")
@@ -146,6 +147,12 @@ def viewer_install(settings: Settings, console: Console, *, optional: bool, forc
             install(folder)
     except ViewerError as exc:
         console.print(f"[red]viewer not installed:[/red] {exc}")
+        if optional:
+            console.print(
+                "[yellow]going on without it: the server runs without the viewer; run "
+                "`filmless viewer install` once the cause is fixed[/yellow]"
+            )
+            return 0
         return 1
     console.print(f"OHIF {OHIF_VERSION} installed in {folder}; served at /viewer/")
     return 0

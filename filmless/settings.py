@@ -19,6 +19,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import make_url
 
 from dicomweb.auth import parse_tokens
 from inference.forward import destination
@@ -250,16 +251,28 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _default_index(self) -> Settings:
+    def _resolve_paths(self) -> Settings:
+        """Every path absolute, once, against the folder the command was started in.
+
+        Parts of the server hand paths to other programs (npm for the viewer) and to
+        other processes; a relative path would mean something else to each of them.
+        """
+        data_dir = self.data_dir.expanduser().resolve()
+        object.__setattr__(self, "data_dir", data_dir)
+        defaults = {"models_dir": "models", "audit_log": "audit.jsonl", "viewer_dir": "viewer"}
+        for name, default in defaults.items():
+            value: Path = getattr(self, name)
+            path = data_dir / default if value == Path("") else value.expanduser().resolve()
+            object.__setattr__(self, name, path)
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "oidc_jwks_file"):
+            if text := getattr(self, name):
+                object.__setattr__(self, name, str(Path(text).expanduser().resolve()))
         if not self.index_url:
-            url = f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
-            object.__setattr__(self, "index_url", url)
-        if self.models_dir == Path(""):
-            object.__setattr__(self, "models_dir", self.data_dir / "models")
-        if self.audit_log == Path(""):
-            object.__setattr__(self, "audit_log", self.data_dir / "audit.jsonl")
-        if self.viewer_dir == Path(""):
-            object.__setattr__(self, "viewer_dir", self.data_dir / "viewer")
+            object.__setattr__(self, "index_url", f"sqlite:///{data_dir / 'index.sqlite'}")
+        url = make_url(self.index_url)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            database = str(Path(url.database).expanduser().resolve())
+            object.__setattr__(self, "index_url", url.set(database=database).render_as_string())
         return self
 
     @classmethod

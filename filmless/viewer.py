@@ -52,6 +52,8 @@ def install(folder: Path, *, npm: str | None = None, timeout: float = 900) -> Pa
     npm = npm or shutil.which("npm")
     if npm is None:
         raise ViewerError(HOW_TO)
+    # npm runs in the scratch folder: every path it is given must not depend on that.
+    folder = folder.resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".viewer-") as scratch:
         work = Path(scratch)

@@ -45,6 +45,8 @@ def configure_logging(*, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # highdicom logs every module it copies into a report at INFO: lines per report.
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def dimse_worker_count(settings: Settings) -> int:

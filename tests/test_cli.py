@@ -69,6 +69,38 @@ def test_defaults(env: Path) -> None:
     assert settings.allowed_calling_aets == []
 
 
+def test_relative_paths_are_resolved_once_against_the_starting_folder(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make serve`` runs with ``data_dir = "data"``: every path the parts (and npm, in
+    another working directory) are given is absolute, wherever they run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FILMLESS_DATA_DIR", "data")
+    monkeypatch.setenv("FILMLESS_AUDIT_LOG", "logs/audit.jsonl")
+    monkeypatch.setenv("FILMLESS_INDEX_URL", "sqlite:///db/index.sqlite")
+    settings = load_settings()
+    assert settings.data_dir == tmp_path / "data"
+    assert settings.models_dir == tmp_path / "data" / "models"
+    assert settings.viewer_dir == tmp_path / "data" / "viewer"
+    assert settings.audit_log == tmp_path / "logs" / "audit.jsonl"
+    assert settings.index_url == f"sqlite:///{tmp_path / 'db' / 'index.sqlite'}"
+
+
+def test_an_optional_viewer_install_that_fails_lets_the_server_start(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    npm = tmp_path / "bin" / "npm"
+    npm.parent.mkdir()
+    npm.write_text("#!/bin/sh\necho 'npm error network unreachable' >&2\nexit 1\n")
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{npm.parent}{os.pathsep}{os.environ['PATH']}")
+    assert main(["viewer", "install", "--optional"]) == 0
+    err = " ".join(capsys.readouterr().err.split())  # as wrapped by rich
+    assert "network unreachable" in err
+    assert "runs without the viewer" in err
+    assert main(["viewer", "install"]) == 1
+
+
 def test_config_show_round_trips(
     env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -57,7 +57,7 @@ def test_a_marker_without_a_shell_block_is_an_error() -> None:
 
 def test_server_lines_with_settings_in_front_start_a_server() -> None:
     server, test = commands(
-        "<!-- readme-check -->\n```sh\nFILMLESS_X='{\"A\": \"b\"}' make serve\n"
+        '<!-- readme-check -->\n```sh\nFILMLESS_X=\'{"A": "b"}\' make serve\n'
         "make test    # the tests\n```\n"
     )
     assert server.starts_server

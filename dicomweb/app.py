@@ -29,7 +29,7 @@ from dicomweb.viewer import viewer_router
 from dicomweb.wado import wado_router
 from pacs.archive import Archive
 from pacs.errors import PacsError
-from pacs.query import Level, compile_query
+from pacs.query import Level, execute
 
 _NOT_GZIPPED = (*DEFAULT_EXCLUDED_CONTENT_TYPES, "multipart/*", "image/*", "application/dicom")
 
@@ -46,13 +46,16 @@ def create_app(
     api_tokens: Sequence[ApiToken] = (),
     oidc: OidcVerifier | None = None,
     request_timeout: float = 300.0,
+    case_insensitive_names: bool = True,
 ) -> FastAPI:
     """``cors_origins``: origins of other sites allowed to call the API from a browser
     (``*`` for any); empty keeps the same-origin policy, which the bundled viewer needs.
     ``viewer_dir``: the web viewer's files, served at /viewer/ (``viewer_missing`` is
     the answer while they are not there). ``api_tokens`` and ``oidc``: when given, every
     API route needs one of the tokens or an OIDC access token (the viewer's static files
-    do not: they hold no patient data). ``request_timeout``: see :mod:`dicomweb.deadline`."""
+    do not: they hold no patient data). ``request_timeout``: see :mod:`dicomweb.deadline`.
+    ``case_insensitive_names``: person names match without regard to case and accents
+    even without ``fuzzymatching=true``."""
     app = FastAPI(title="filmless DICOMweb", version="0.1.0")
     app.add_middleware(GZipMiddleware, minimum_size=1024, exclude_content_types=_NOT_GZIPPED)
     if api_tokens or oidc is not None:
@@ -72,20 +75,30 @@ def create_app(
     async def _pacs_error(_request: Request, exc: PacsError) -> JSONResponse:
         return JSONResponse(status_code=exc.http_status, content={"error": str(exc)})
 
-    def search(request: Request, level: Level, **uids: str) -> Response:
-        parsed = parse_search(level, list(request.query_params.multi_items()), **uids)
+    def search(
+        request: Request,
+        level: Level,
+        StudyInstanceUID: str | None = None,
+        SeriesInstanceUID: str | None = None,
+    ) -> Response:
+        parsed = parse_search(
+            level,
+            list(request.query_params.multi_items()),
+            StudyInstanceUID=StudyInstanceUID,
+            SeriesInstanceUID=SeriesInstanceUID,
+            case_insensitive_names=case_insensitive_names,
+        )
         # At most max_results per request; one more row tells whether there are others.
         limit = min(parsed.limit if parsed.limit is not None else max_results, max_results)
         # Run the query before answering, so that a database error is a proper status.
         with archive.index.reading() as conn:
-            statement = compile_query(parsed.query, limit=limit + 1, offset=parsed.offset)
-            rows = [dict(row) for row in conn.execute(statement).mappings()]
+            rows = list(execute(conn, parsed.query, limit=limit + 1, offset=parsed.offset))
         headers = {}
-        if len(rows) > limit and (parsed.limit is None or parsed.limit > max_results):
+        if len(rows) > limit:
             # PS3.18 8.3.4.4.1: say that the answer was cut and how to get the rest.
             headers["Warning"] = (
-                "299 filmless: The number of results exceeded the maximum supported by the "
-                "server. Additional results can be requested."
+                "299 filmless: There are more matches than returned; request them with "
+                f"offset={parsed.offset + limit}"
             )
         base = str(request.base_url).rstrip("/") + base_path
         # At most max_results rows: one body built at once beats a chunk (and a thread

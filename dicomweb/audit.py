@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacs.audit import Actor, AuditEvent, AuditTrail, Outcome
@@ -27,6 +28,17 @@ def classify(method: str, path: str) -> AuditEvent:
     if method == "POST":
         return AuditEvent.STORE
     return AuditEvent.QUERY if _SEARCH.match(path) else AuditEvent.RETRIEVE
+
+
+def scope_actor(scope: Scope) -> Actor:
+    """Who sent a request: the token's name (once checked) and the peer's address."""
+    state: dict[str, Any] = scope.get("state", {})
+    client = scope.get("client") or ("", 0)
+    return Actor(str(state.get("token", "anonymous")), str(client[0]), "DICOMweb")
+
+
+def request_actor(request: Request) -> Actor:
+    return scope_actor(request.scope)
 
 
 class AuditRequests:
@@ -50,17 +62,28 @@ class AuditRequests:
                 status = int(message["status"])
             await send(message)
 
+        cut: BaseException | None = None
         try:
             await self.app(scope, receive, remember)
+        except BaseException as exc:
+            cut = exc
+            raise
         finally:
-            self._record(scope, path.removeprefix(self.prefix), status)
+            self._record(scope, path.removeprefix(self.prefix), status, cut)
 
-    def _record(self, scope: Scope, path: str, status: int) -> None:
+    def _record(
+        self, scope: Scope, path: str, status: int, cut: BaseException | None = None
+    ) -> None:
         state: dict[str, Any] = scope.get("state", {})
-        client = scope.get("client") or ("", 0)
-        actor = Actor(str(state.get("token", "anonymous")), str(client[0]), "DICOMweb")
+        actor = scope_actor(scope)
         study = _STUDY.match(path)
         detail = f"{scope['method']} {path[:300]} -> {status}"
+        if note := state.get("audit_note"):
+            detail += f" ({note})"
+        if cut is not None:
+            # The status line went out, the body did not: not a success, whatever it said.
+            detail += f", answer cut off: {type(cut).__name__}"
+            status = 500
         if status in (401, 403):
             self.audit.record(AuditEvent.LOGIN, actor, Outcome.MINOR_FAILURE, detail=detail)
             return

@@ -113,12 +113,19 @@ class InstanceChoice:
 
     def syntax_for(self, stored: str) -> UID | None:
         """The syntax an instance stored as ``stored`` is sent in, or None if it cannot be."""
+        found = self.candidates(stored)
+        return found[0] if found else None
+
+    def candidates(self, stored: str) -> list[UID]:
+        """Every syntax it may be sent in, preferred first: the caller falls back to the
+        next one when producing one fails (pixels that cannot be decoded)."""
+        found: list[UID] = []
         for syntax in self.syntaxes:
             if syntax in (ANY_SYNTAX, stored):
-                return UID(stored)
-            if syntax in UNCOMPRESSED:
-                return UID(syntax)
-        return None
+                found.append(UID(stored))
+            elif syntax in UNCOMPRESSED:
+                found.append(UID(syntax))
+        return list(dict.fromkeys(found))
 
 
 def choose_instances(ranges: Iterable[MediaRange]) -> InstanceChoice:

@@ -9,23 +9,16 @@ sequences (``.../bulkdata/00540016/0/00181071``), so each one can be fetched alo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
+from pacs.attributes import BULK_VRS, BulkPath, dataset_json
 from pacs.errors import MalformedRequest, NotFound
 from pacs.pixels import PIXEL_DATA, StoredImage
 
 log = logging.getLogger(__name__)
-
-BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
-BULK_THRESHOLD = 1024
-_CHARSET = 0x00080005
-
-BulkPath = tuple[int, ...]
 
 
 def instance_json(image: StoredImage, instance_url: str) -> dict[str, Any]:
@@ -34,39 +27,11 @@ def instance_json(image: StoredImage, instance_url: str) -> dict[str, Any]:
     def uri(path: BulkPath) -> str:
         return f"{instance_url}/bulkdata/{format_path(path)}"
 
-    out = dataset_json(image.header, uri, ())
+    out = dataset_json(image.header, uri)
     if image.has_pixels:
-        bits = int(image.header.get("BitsAllocated", 8))
-        vr = "OB" if image.encapsulated or bits <= 8 else "OW"
-        out[f"{PIXEL_DATA:08X}"] = {"vr": vr, "BulkDataURI": uri((PIXEL_DATA,))}
+        # The VR the Pixel Data was stored with (PS3.18 F.2: metadata is what was stored).
+        out[f"{PIXEL_DATA:08X}"] = {"vr": image.pixel_vr, "BulkDataURI": uri((PIXEL_DATA,))}
     return dict(sorted(out.items()))
-
-
-def dataset_json(ds: Dataset, uri: Callable[[BulkPath], str], path: BulkPath) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset yields elements)
-        key = f"{tag:08X}"
-        try:
-            element = ds[tag]
-            out[key] = _element_json(element, uri, (*path, int(tag)))
-        except Exception as exc:  # a value pydicom cannot convert: say so, keep the rest
-            log.warning("metadata: element %s left empty: %s", key, exc)
-            out[key] = {"vr": "UN"}
-    return out
-
-
-def _element_json(
-    element: DataElement, uri: Callable[[BulkPath], str], path: BulkPath
-) -> dict[str, Any]:
-    if element.tag == _CHARSET:
-        # Values were decoded with the stored character set; JSON carries them as UTF-8.
-        return {"vr": "CS", "Value": ["ISO_IR 192"]}
-    if element.VR == "SQ":
-        items = [dataset_json(item, uri, (*path, n)) for n, item in enumerate(element.value or [])]
-        return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-    if element.VR in BULK_VRS and element.value is not None and len(element.value) > BULK_THRESHOLD:
-        return {"vr": element.VR, "BulkDataURI": uri(path)}
-    return element.to_json_dict(None, BULK_THRESHOLD)
 
 
 def format_path(path: BulkPath) -> str:

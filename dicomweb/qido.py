@@ -12,10 +12,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
 
 from pacs.errors import InvalidQuery
-from pacs.query import Level, Model, Query, keys_at_or_above
+from pacs.query import (
+    ATTRIBUTES,
+    DEPTH,
+    DERIVED,
+    Level,
+    Model,
+    Query,
+    key_name,
+    keys_at_or_above,
+    model_depth,
+    returned_value,
+    tag_of,
+    vr_of,
+)
 
 # PS3.18 tables 10.6.3-3 to -5: attributes returned without includefield.
 DEFAULT_RETURN: Mapping[Level, tuple[str, ...]] = {
@@ -66,7 +79,6 @@ DEFAULT_RETURN: Mapping[Level, tuple[str, ...]] = {
 }
 _CONTROL = {"limit", "offset", "fuzzymatching", "includefield"}
 _TAG = re.compile(r"[0-9A-Fa-f]{8}")
-_DERIVED = {"InstanceAvailability", "RetrieveURL"}
 
 
 @dataclass(frozen=True)
@@ -77,22 +89,32 @@ class Search:
     offset: int
 
 
-def _keyword(name: str) -> str:
-    """A query parameter names an attribute by keyword or by tag (``00100010``)."""
+def _keyword(name: str) -> str | None:
+    """A query parameter names an attribute by keyword or by tag (``00100010``); None
+    for a parameter that names none (PS3.18 8.3.4: such parameters are ignored, and
+    viewers add cache busters)."""
     if _TAG.fullmatch(name):
-        keyword = keyword_for_tag(int(name, 16))
-        if not keyword:
-            raise InvalidQuery(f"unknown attribute tag {name}")
-        return keyword
-    if tag_for_keyword(name) is None:
-        raise InvalidQuery(f"unknown query parameter {name!r}")
-    return name
+        tag = int(name, 16)
+    else:
+        found = tag_for_keyword(name)
+        if found is None:
+            return None
+        tag = int(found)
+    if tag >> 16 == 0x0002:
+        raise InvalidQuery(f"{name} is a File Meta Information attribute, not a search key")
+    return key_name(tag)
 
 
 def _non_negative(name: str, value: str) -> int:
-    if not value.isdigit():
-        raise InvalidQuery(f"{name} must be a non-negative integer, not {value!r}")
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise InvalidQuery(f"{name} must be a non-negative integer, not {value[:40]!r}")
     return int(value)
+
+
+def _included(level: Level, keyword: str) -> bool:
+    """PS3.18 10.6.3.3: attributes of a lower level named in includefield are not
+    returned (nor returned empty)."""
+    return keyword in DERIVED or model_depth(keyword, Model.STUDY_ROOT) <= DEPTH[level]
 
 
 def parse_search(
@@ -101,6 +123,7 @@ def parse_search(
     *,
     StudyInstanceUID: str | None = None,
     SeriesInstanceUID: str | None = None,
+    case_insensitive_names: bool = True,
 ) -> Search:
     keys: dict[str, str] = {}
     included: list[str] = []
@@ -121,20 +144,28 @@ def parse_search(
             for field in (f.strip() for f in value.split(",")):
                 if field == "all":
                     include_all = True
-                elif field:
-                    included.append(_keyword(field))
-        else:
-            keyword = _keyword(name)
+                elif field and (keyword := _keyword(field)) is not None:
+                    included.append(keyword)
+        elif (keyword := _keyword(name)) is not None:
             if keyword in keys:
                 raise InvalidQuery(f"{name} is given twice")
-            keys[keyword] = value
+            # PS3.18 8.3.4.1: a list of UIDs is comma-separated in a URL.
+            is_uid = vr_of(keyword) == "UI"
+            keys[keyword] = "\\".join(v.strip() for v in value.split(",")) if is_uid else value
     if StudyInstanceUID is not None:
         keys["StudyInstanceUID"] = StudyInstanceUID
     if SeriesInstanceUID is not None:
         keys["SeriesInstanceUID"] = SeriesInstanceUID
     if include_all:
         included = list(keys_at_or_above(level))
-    returned = tuple(dict.fromkeys([*DEFAULT_RETURN[level], *keys, *included]))
+    defaults = list(DEFAULT_RETURN[level])
+    # PS3.18 10.6.3.3.2 and .3: across studies, the study's attributes come with each
+    # series or instance; across series, the series' attributes with each instance.
+    if level in (Level.SERIES, Level.IMAGE) and StudyInstanceUID is None:
+        defaults += DEFAULT_RETURN[Level.STUDY]
+    if level == Level.IMAGE and SeriesInstanceUID is None:
+        defaults += DEFAULT_RETURN[Level.SERIES]
+    returned = tuple(k for k in dict.fromkeys([*defaults, *keys, *included]) if _included(level, k))
     query = Query(
         level=level,
         model=Model.STUDY_ROOT,
@@ -142,15 +173,14 @@ def parse_search(
         return_keys=returned,
         fuzzy=fuzzy,
         hierarchical=False,
+        case_insensitive_names=case_insensitive_names,
     )
     return Search(query=query, return_keys=returned, limit=limit, offset=offset)
 
 
 @functools.cache
 def _tag_and_vr(keyword: str) -> tuple[str, str]:
-    tag = tag_for_keyword(keyword)
-    assert tag is not None
-    return f"{tag:08X}", dictionary_VR(tag)
+    return f"{tag_of(keyword):08X}", vr_of(keyword)
 
 
 def _json_value(keyword: str, value: Any) -> dict[str, Any]:
@@ -177,15 +207,17 @@ def to_dicom_json(
     """One match as a DICOM JSON object (PS3.18 F.2), tags as keys in ascending order."""
     out: dict[str, Any] = {}
     for keyword in return_keys:
+        tag, vr = _tag_and_vr(keyword)
         if keyword == "InstanceAvailability":
-            value: Any = "ONLINE"
+            out[tag] = _json_value(keyword, "ONLINE")
         elif keyword == "RetrieveURL":
-            value = _retrieve_url(row, level, base_url)
-        elif keyword in _DERIVED or keyword not in row:
-            value = None
+            out[tag] = _json_value(keyword, _retrieve_url(row, level, base_url))
+        elif keyword in ATTRIBUTES:
+            out[tag] = _json_value(keyword, row.get(keyword))
         else:
-            value = row[keyword]
-        out[_tag_and_vr(keyword)[0]] = _json_value(keyword, value)
+            # Straight from the stored header, which is DICOM JSON already.
+            stored = returned_value(row, keyword)
+            out[tag] = stored if stored is not None else {"vr": vr}
     return dict(sorted(out.items()))
 
 

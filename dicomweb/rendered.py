@@ -121,7 +121,8 @@ def to_display(frame: np.ndarray, image: StoredImage, window: Window | None) -> 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         rgb = np.asarray(apply_color_lut(frame, ds))
-        return _to_uint8(rgb, int(ds.get("BitsStored", 8)))
+        # The LUT's own entry size (PS3.3 C.7.6.3.1.5: 8 or 16 bits), not the pixels'.
+        return _to_uint8(rgb, int(ds.RedPaletteColorLookupTableDescriptor[2]))
     if int(ds.get("SamplesPerPixel", 1)) > 1:
         return _to_uint8(frame, int(ds.get("BitsStored", 8)))
     return grey(frame, ds, window, levels=255)

@@ -18,8 +18,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from dicomweb import media
+from dicomweb.audit import request_actor
 from dicomweb.multipart import ReceivedPart, media_params, parse
 from pacs.archive import Archive, InstanceSource, Origin
+from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.errors import (
     MalformedRequest,
     PacsError,
@@ -107,7 +109,9 @@ def _boundary(content_type: str) -> str:
 def stow_router(archive: Archive, *, max_bytes: int) -> APIRouter:
     router = APIRouter()
 
-    def store_part(part: ReceivedPart, study: str | None) -> InstanceRecord | Failure:
+    def store_part(part: ReceivedPart, study: str | None, actor: Actor) -> InstanceRecord | Failure:
+        """One instance, audited on its own as a C-STORE is (who, from where, which study,
+        the outcome and the reason)."""
         sop_class = sop_instance = ""
         try:
             kind, _ = media_params(part.content_type or media.DICOM)
@@ -117,16 +121,35 @@ def stow_router(archive: Archive, *, max_bytes: int) -> APIRouter:
             sop_class = source.meta.MediaStorageSOPClassUID
             sop_instance = source.meta.MediaStorageSOPInstanceUID
             outcome = archive.ingest(source, Origin.STOW, StudyInstanceUID=study)
-            return outcome.record
         except PacsError as exc:
             log.info("STOW-RS refused %s: %s", sop_instance or "a part", exc)
+            archive.audit.record(
+                AuditEvent.STORE,
+                actor,
+                Outcome.MINOR_FAILURE,
+                StudyInstanceUID=study or "",
+                detail=f"STOW-RS {sop_instance} refused: {exc}",
+            )
             return Failure(sop_class, sop_instance, exc.dimse_status, str(exc))
         except Exception:
             log.exception("STOW-RS failed to store %s", sop_instance or "a part")
+            archive.audit.record(
+                AuditEvent.STORE, actor, Outcome.SERIOUS_FAILURE, detail="STOW-RS internal error"
+            )
             failure = StoreStatus.PROCESSING_FAILURE
             return Failure(sop_class, sop_instance, failure, "processing failure")
         finally:
             part.body.close()
+        archive.audit.record(
+            AuditEvent.STORE,
+            actor,
+            Outcome.SUCCESS,
+            StudyInstanceUID=outcome.record.StudyInstanceUID,
+            detail="; ".join(
+                (f"STOW-RS {outcome.record.SOPInstanceUID} {outcome.action}", *outcome.notes)
+            ),
+        )
+        return outcome.record
 
     async def store(request: Request, study: str | None) -> Response:
         if study is not None:
@@ -137,8 +160,9 @@ def stow_router(archive: Archive, *, max_bytes: int) -> APIRouter:
             raise RequestTooLarge(f"the request body exceeds the maximum of {max_bytes} bytes")
         stored: list[InstanceRecord] = []
         failed: list[Failure] = []
+        actor = request_actor(request)
         async for part in parse(request.stream(), boundary, max_bytes=max_bytes):
-            result = await run_in_threadpool(store_part, part, study)
+            result = await run_in_threadpool(store_part, part, study, actor)
             if isinstance(result, Failure):
                 failed.append(result)
             else:

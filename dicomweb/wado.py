@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC
 from email.utils import format_datetime, parsedate_to_datetime
+from typing import IO
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -22,11 +24,12 @@ from dicomweb.metadata import bulk_value, instance_json, parse_path
 from dicomweb.multipart import Part, encode, multipart_type, new_boundary
 from dicomweb.rendered import THUMBNAIL_SIZE, Viewport, parse_params, render
 from pacs.archive import Archive
-from pacs.errors import MalformedRequest, NoSuchFrame, NotAcceptable
+from pacs.errors import MalformedRequest, NoSuchFrame, NotAcceptable, UndecodablePixels
 from pacs.index import InstanceRecord
 from pacs.pixels import PIXEL_DATA, native_frame, read_image, stored_frame, transcode
 
 _CHUNK = 1 << 20
+_SPOOL_IN_MEMORY = 8 << 20
 _THUMBNAIL_CANDIDATES = 16
 
 
@@ -36,9 +39,45 @@ def _file_chunks(archive: Archive, record: InstanceRecord) -> Iterator[bytes]:
             yield chunk
 
 
-def _transcoded(archive: Archive, record: InstanceRecord, syntax: str) -> Iterator[bytes]:
-    with archive.open(record) as stream:
-        yield transcode(stream, UID(syntax))
+Plan = tuple[InstanceRecord, str, IO[bytes] | None]
+
+
+def _plan(archive: Archive, record: InstanceRecord, choice: media.InstanceChoice) -> Plan:
+    """How one instance is sent, decided before the first byte of the answer: as stored,
+    or transcoded now into a spool file (memory up to a few MB, then disk), falling back
+    to the next acceptable syntax when the pixels cannot be decoded (PS3.18 8.7.3.5.2:
+    406 when none of them can be produced)."""
+    reasons = []
+    for syntax in choice.candidates(record.TransferSyntaxUID):
+        if syntax == record.TransferSyntaxUID:
+            return record, syntax, None
+        spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115
+        try:
+            with archive.open(record) as stream:
+                spool.write(transcode(stream, UID(syntax)))
+        except UndecodablePixels as exc:
+            spool.close()
+            reasons.append(str(exc))
+            continue
+        spool.seek(0)
+        return record, syntax, spool
+    raise NotAcceptable(
+        f"instance {record.SOPInstanceUID} is stored as {record.TransferSyntaxUID} and none "
+        "of the accepted transfer syntaxes can be produced from it"
+        + (f" ({'; '.join(reasons)})" if reasons else "")
+        + "; accept transfer-syntax=* to receive it as stored"
+    )
+
+
+def _spooled(body: IO[bytes]) -> Iterator[bytes]:
+    while chunk := body.read(_CHUNK):
+        yield chunk
+
+
+def _close(plans: list[Plan]) -> None:
+    for _record, _syntax, body in plans:
+        if body is not None:
+            body.close()
 
 
 def validators(records: Sequence[InstanceRecord], variant: str) -> dict[str, str]:
@@ -109,27 +148,23 @@ def wado_router(archive: Archive) -> APIRouter:
     def retrieve(request: Request, found: list[InstanceRecord]) -> Response:
         _check_params(request, {"accept"})
         choice = media.choose_instances(_ranges(request))
-        syntaxes = []
-        for record in found:
-            syntax = choice.syntax_for(record.TransferSyntaxUID)
-            if syntax is None:
-                raise NotAcceptable(
-                    f"instance {record.SOPInstanceUID} is stored as {record.TransferSyntaxUID}"
-                    " and none of the accepted transfer syntaxes can be produced from it"
-                )
-            syntaxes.append(syntax)
+        plans = [_plan(archive, record, choice) for record in found]
+        syntaxes = [syntax for _record, syntax, _body in plans]
         headers = validators(found, "instances " + ",".join(syntaxes))
         if (cached := not_modified(request, headers)) is not None:
+            _close(plans)
             return cached
+        transcoded = sum(body is not None for _r, _s, body in plans)
+        if transcoded:
+            request.state.audit_note = f"{transcoded} of {len(plans)} instance(s) transcoded"
 
         def parts() -> Iterator[Part]:
-            for record, syntax in zip(found, syntaxes, strict=True):
-                body = (
-                    _file_chunks(archive, record)
-                    if syntax == record.TransferSyntaxUID
-                    else _transcoded(archive, record, syntax)
-                )
-                yield Part(media.content_type(media.DICOM, syntax), body)
+            try:
+                for record, syntax, body in plans:
+                    chunks = _file_chunks(archive, record) if body is None else _spooled(body)
+                    yield Part(media.content_type(media.DICOM, syntax), chunks)
+            finally:
+                _close(plans)
 
         boundary = new_boundary()
         return StreamingResponse(

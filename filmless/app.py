@@ -45,6 +45,7 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
             api_tokens=parse_tokens(settings.api_tokens),
             oidc=oidc_verifier(settings),
             request_timeout=settings.request_timeout,
+            case_insensitive_names=settings.case_insensitive_names,
         ),
         host=settings.bind_address,
         port=settings.http_port,

@@ -9,6 +9,7 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -23,11 +24,15 @@ from filmless.settings import Settings, load_settings, to_toml
 from filmless.viewer import HOW_TO, OHIF_VERSION, ViewerError, install, installed
 from filmless.wiring import build_archive, configure_logging
 from pacs.archive import Archive, Origin
+from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.errors import PacsError
 from pacs.jobs import JobQueue, JobState
+from pacs.status import StoreStatus
 from pacs.verify import verify
 
 _REJECTIONS_SHOWN = 20
+# Who the audit trail names for `filmless import`: the operator's account on this host.
+IMPORTER = Actor(os.environ.get("USER", "") or "operator", "localhost", "filmless import")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -208,26 +213,48 @@ def import_paths(settings: Settings, paths: Sequence[Path], console: Console) ->
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("import", total=len(files))
         for path in files:
-            result = _import_one(archive, path)
-            if isinstance(result, str):
-                counts[result] += 1
+            result = import_one(archive, path)
+            if result.refused is None:
+                counts[result.action] += 1
             else:
                 counts["rejected"] += 1
-                rejected.append((path, result[1]))
+                rejected.append((path, result.refused))
             progress.advance(task)
     archive.index.dispose()
     _summary(console, counts, rejected, len(files))
     return 1 if rejected else 0
 
 
-def _import_one(archive: Archive, path: Path) -> str | tuple[None, str]:
+@dataclass(frozen=True)
+class Imported:
+    """One file's outcome: what the archive did, or why it refused (with the DICOM
+    status a C-STORE of the same instance gets)."""
+
+    action: str = ""
+    refused: str | None = None
+    status: int = 0
+    SOPInstanceUID: str = ""
+
+
+def import_one(archive: Archive, path: Path) -> Imported:
     try:
         outcome = archive.ingest_file(path, Origin.IMPORT)
     except PacsError as exc:
-        return (None, str(exc))
+        archive.audit.record(
+            AuditEvent.STORE, IMPORTER, Outcome.MINOR_FAILURE, detail=f"refused {path}: {exc}"
+        )
+        return Imported(refused=str(exc), status=exc.dimse_status)
     except OSError as exc:
-        return (None, f"cannot read the file: {exc.strerror or exc}")
-    return str(outcome.action)
+        reason = f"cannot read the file: {exc.strerror or exc}"
+        return Imported(refused=reason, status=StoreStatus.PROCESSING_FAILURE)
+    archive.audit.record(
+        AuditEvent.STORE,
+        IMPORTER,
+        Outcome.SUCCESS,
+        StudyInstanceUID=outcome.record.StudyInstanceUID,
+        detail="; ".join((f"{outcome.action} {path}", *outcome.notes)),
+    )
+    return Imported(action=str(outcome.action), SOPInstanceUID=outcome.record.SOPInstanceUID)
 
 
 def _summary(

@@ -25,6 +25,7 @@ from dicomweb.auth import parse_tokens
 from inference.forward import destination
 
 DuplicatePolicy = Literal["reject", "overwrite"]
+PatientPolicy = Literal["reject", "update"]
 
 
 class Settings(BaseSettings):
@@ -153,7 +154,22 @@ class Settings(BaseSettings):
     )
     job_max_attempts: int = Field(3, ge=1, description="a failing job stops after this many")
     duplicate_policy: DuplicatePolicy = Field(
-        "reject", description="same SOP Instance UID, different bytes: reject or overwrite"
+        "reject", description="same SOP Instance UID, different content: reject or overwrite"
+    )
+    patient_conflict: PatientPolicy = Field(
+        "reject",
+        description="an instance naming a study of another patient: reject it, or update "
+        "the study to the instance's patient",
+    )
+    case_insensitive_names: bool = Field(
+        True,
+        description="person names match regardless of case and accents without fuzzy "
+        "matching (C-FIND and QIDO-RS)",
+    )
+    screen_without_view_position: bool = Field(
+        False,
+        description="run the chest X-ray model on a DX/CR image without ViewPosition "
+        "(else the job is skipped with the reason)",
     )
 
     @field_validator("allowed_calling_aets", "cors_origins", "inference_providers", mode="before")

@@ -64,6 +64,7 @@ def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
         index,
         EventBus(),
         duplicate_policy=settings.duplicate_policy,
+        patient_policy=settings.patient_conflict,
         audit=AuditTrail(settings.audit_log),
     )
     if settings.screening:
@@ -151,6 +152,7 @@ def dimse_config(settings: Settings) -> DimseConfig:
         network_timeout=settings.network_timeout,
         max_pdu=settings.max_pdu,
         max_find_matches=settings.max_find_matches,
+        case_insensitive_names=settings.case_insensitive_names,
         move_destinations=tuple(
             (title, address.rpartition(":")[0], int(address.rpartition(":")[2]))
             for title, address in settings.move_destinations.items()

@@ -11,21 +11,51 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
 from pacs.audit import AuditTrail
-from pacs.errors import DuplicateRejected, NotFound, PacsError, StudyMismatch
+from pacs.equivalence import same_instance
+from pacs.errors import (
+    DuplicateRejected,
+    InvalidInstance,
+    NotFound,
+    PacsError,
+    SOPClassMismatch,
+    StudyMismatch,
+)
 from pacs.events import EventBus, InstanceStored
 from pacs.header import read_header
-from pacs.index import BlobFacts, DuplicatePolicy, Index, IndexAction, InstanceRecord
-from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
+from pacs.index import (
+    BlobFacts,
+    DuplicatePolicy,
+    Index,
+    IndexAction,
+    InstanceRecord,
+    PatientPolicy,
+)
+from pacs.part10 import FileMeta, encode_file_meta, guess_transfer_syntax, read_file_meta
 from pacs.store import FsBlobStore, StagedBlob
 from pacs.uids import require_uid
 
 log = logging.getLogger(__name__)
+
+# Stands in for a UID a file's meta group lacks until the data set names it.
+_UNKNOWN = "2.25.0"
+
+
+def _refuse_other_identity(found: FileMeta, announced: FileMeta) -> None:
+    if found.MediaStorageSOPClassUID != announced.MediaStorageSOPClassUID:
+        raise SOPClassMismatch(
+            f"data set SOP Class UID {found.MediaStorageSOPClassUID} differs from the "
+            f"announced {announced.MediaStorageSOPClassUID}"
+        )
+    raise InvalidInstance(
+        f"data set SOP Instance UID {found.MediaStorageSOPInstanceUID} differs from the "
+        f"announced {announced.MediaStorageSOPInstanceUID}"
+    )
 
 
 class Origin(StrEnum):
@@ -39,15 +69,26 @@ class Origin(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class InstanceSource:
-    """An encoded data set plus the identity its sender announced for it."""
+    """An encoded data set plus the identity its sender announced for it.
+
+    ``announced``: the UIDs were stated by the sender for this transfer (a C-STORE
+    request), so a data set that says otherwise is refused. A file's meta group is not
+    such a statement: dcmtk's and pynetdicom's SCUs send the same file with the UIDs of
+    its data set, so the data set's identity wins and the stored meta group is written
+    from it, and every route gives a file the same outcome.
+    """
 
     meta: FileMeta
     body: BinaryIO
+    announced: bool = True
 
     @classmethod
     def from_part10(cls, stream: BinaryIO) -> InstanceSource:
         """A DICOM file: its own meta group is read for the identity, then dropped."""
-        return cls(meta=read_file_meta(stream), body=stream)
+        meta = read_file_meta(stream, lenient=True)
+        if not meta.TransferSyntaxUID:
+            meta = replace(meta, TransferSyntaxUID=guess_transfer_syntax(stream))
+        return cls(meta=meta, body=stream, announced=False)
 
     @classmethod
     def from_data_set(
@@ -71,6 +112,8 @@ class InstanceSource:
 class StoreOutcome:
     action: IndexAction
     record: InstanceRecord
+    # What the archive changed or decided beyond storing, for the audit trail.
+    notes: tuple[str, ...] = ()
 
 
 class Archive:
@@ -83,12 +126,14 @@ class Archive:
         events: EventBus | None = None,
         *,
         duplicate_policy: DuplicatePolicy = "reject",
+        patient_policy: PatientPolicy = "reject",
         audit: AuditTrail | None = None,
     ) -> None:
         self.store = store
         self.index = index
         self.events = events or EventBus()
         self.duplicate_policy = duplicate_policy
+        self.patient_policy = patient_policy
         self.audit = audit or AuditTrail(None)
 
     def ingest(
@@ -107,16 +152,24 @@ class Archive:
         ``duplicate_policy`` overrides the configured one: a re-run inference job replaces
         its earlier report whatever the policy for peers is.
         """
-        head = encode_file_meta(source.meta)
+        # A file's meta group may lack the instance's UIDs: stand-ins until the data set
+        # says which they are (the file is then staged again with them).
+        staging_meta = replace(
+            source.meta,
+            MediaStorageSOPClassUID=source.meta.MediaStorageSOPClassUID or _UNKNOWN,
+            MediaStorageSOPInstanceUID=source.meta.MediaStorageSOPInstanceUID or _UNKNOWN,
+        )
+        head = encode_file_meta(staging_meta)
         staged = self.store.stage(head, source.body)
         return self.ingest_staged(
             staged,
-            source.meta,
+            staging_meta,
             len(head),
             origin,
             SourceApplicationEntityTitle=SourceApplicationEntityTitle,
             StudyInstanceUID=StudyInstanceUID,
             duplicate_policy=duplicate_policy,
+            announced=source.announced,
         )
 
     def ingest_staged(
@@ -129,6 +182,7 @@ class Archive:
         SourceApplicationEntityTitle: str = "",
         StudyInstanceUID: str | None = None,
         duplicate_policy: DuplicatePolicy | None = None,
+        announced: bool = True,
     ) -> StoreOutcome:
         """:meth:`ingest` of a file already written and fsynced in staging (its owner now).
 
@@ -136,15 +190,32 @@ class Archive:
         writes them for ``meta``, come before the data set.
         """
         policy = duplicate_policy or self.duplicate_policy
+        notes: list[str] = []
         try:
             header = read_header(staged.path, head_length, meta)
+            identity = FileMeta(
+                header.instance.SOPClassUID, header.instance.SOPInstanceUID, meta.TransferSyntaxUID
+            )
+            if identity != meta:
+                if announced:
+                    _refuse_other_identity(identity, meta)
+                if _UNKNOWN not in (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID):
+                    notes.append(
+                        f"file meta named {meta.MediaStorageSOPInstanceUID}; stored as the data "
+                        f"set's {identity.MediaStorageSOPInstanceUID}"
+                    )
+                staged, head_length = self._restaged(staged, head_length, identity)
+                meta = identity
             if StudyInstanceUID is not None and header.study.StudyInstanceUID != StudyInstanceUID:
                 raise StudyMismatch(
                     f"instance {header.instance.SOPInstanceUID} belongs to study "
                     f"{header.study.StudyInstanceUID}, not {StudyInstanceUID}"
                 )
             existing = self.index.instance(meta.MediaStorageSOPInstanceUID)
-            if existing is not None and existing.sha256 == staged.sha256:
+            if existing is not None and (
+                existing.sha256 == staged.sha256
+                or same_instance(self.store.path(existing.path), staged.path)
+            ):
                 self.store.discard(staged)
                 return StoreOutcome(IndexAction.DUPLICATE, existing)
             if existing is not None and policy == "reject":
@@ -171,7 +242,7 @@ class Archive:
             SourceApplicationEntityTitle=SourceApplicationEntityTitle,
         )
         try:
-            outcome = self.index.add(header, facts, policy)
+            outcome = self.index.add(header, facts, policy, self.patient_policy)
         except BaseException:
             # Lost a race to a different copy, or the database is down: the blob goes.
             other = self._indexed_path(header.instance.SOPInstanceUID)
@@ -189,7 +260,30 @@ class Archive:
                     replaced=outcome.replaced is not None,
                 )
             )
-        return StoreOutcome(outcome.action, outcome.record)
+        if outcome.patient_updated:
+            notes.append(
+                f"patient of study {header.study.StudyInstanceUID} now "
+                f"{header.patient.PatientID!r} {header.patient.PatientName!r}"
+            )
+        return StoreOutcome(outcome.action, outcome.record, tuple(notes))
+
+    def _restaged(
+        self, staged: StagedBlob, head_length: int, meta: FileMeta
+    ) -> tuple[StagedBlob, int]:
+        """The same data set behind a meta group naming ``meta`` (a new staging file)."""
+        head = encode_file_meta(meta)
+        writer = self.store.open_staging(head)
+        try:
+            with open(staged.path, "rb") as source:
+                source.seek(head_length)
+                while chunk := source.read(1 << 20):
+                    writer.write(chunk)
+        except BaseException:
+            writer.discard()
+            raise
+        restaged = writer.finish()
+        self.store.discard(staged)
+        return restaged, len(head)
 
     def _indexed_path(self, SOPInstanceUID: str) -> str | None:
         try:

@@ -5,7 +5,10 @@
     PacsError                       0x0110 processing failure / 500
     ├── InvalidInstance             0xC000 cannot understand   / 400
     │   ├── InvalidUID              0xC000                     / 400
-    │   └── StudyMismatch           0xA900 not of the study named / 409
+    │   ├── StudyMismatch           0xA900 not of the study named / 409
+    │   └── IdentityConflict        0xA900 study/series of another patient/study / 409
+    │       ├── PatientConflict
+    │       └── SeriesConflict
     ├── SOPClassMismatch            0xA900 does not match SOP class / 400
     ├── InvalidQuery                0xA900 identifier does not match / 400
     ├── DuplicateRejected           0x0111 duplicate SOP instance   / 409
@@ -57,6 +60,21 @@ class StudyMismatch(InvalidInstance):
 
     dimse_status = StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     http_status = 409
+
+
+class IdentityConflict(InvalidInstance):
+    """The instance names a study or series that the archive holds for someone else."""
+
+    dimse_status = StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    http_status = 409
+
+
+class PatientConflict(IdentityConflict):
+    """The study it names is another patient's (PatientID, or both name and birth date)."""
+
+
+class SeriesConflict(IdentityConflict):
+    """The series it names belongs to another study."""
 
 
 class SOPClassMismatch(PacsError):

@@ -18,8 +18,9 @@ from typing import Any
 import pydicom
 import pydicom.config
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
 
+from pacs.attributes import dataset_json, pack
 from pacs.errors import InvalidInstance, SOPClassMismatch
 from pacs.part10 import FileMeta
 from pacs.structure import check_structure, check_structure_bytes
@@ -95,6 +96,9 @@ class InstanceHeader:
     study: StudyAttributes
     series: SeriesAttributes
     instance: InstanceAttributes
+    # Every attribute of the header as packed DICOM JSON (pacs.attributes), for the keys
+    # the index has no column for.
+    attributes: bytes = b""
 
 
 def normalise_name(name: str) -> str:
@@ -105,37 +109,49 @@ def normalise_name(name: str) -> str:
 
 
 def read_header(path: Path, data_set_offset: int, meta: FileMeta) -> InstanceHeader:
-    """Validate the staged file at ``path`` and extract what the index stores."""
+    """Validate the staged file at ``path`` and extract what the index stores.
+
+    The identity the data set carries is returned as it is; whether it must equal the
+    one announced for it (``meta``) is the caller's decision.
+    """
     syntax = UID(meta.TransferSyntaxUID)
     if not syntax.is_transfer_syntax:
         raise InvalidInstance(f"transfer syntax {meta.TransferSyntaxUID} is not supported")
     if syntax == DeflatedExplicitVRLittleEndian:
         check_structure_bytes(_inflate(path, data_set_offset), explicit=True, little=True)
     else:
-        check_structure(
-            path,
-            data_set_offset,
-            explicit=not syntax.is_implicit_VR,
-            little=syntax.is_little_endian,
-        )
+        _check_encoding(path, data_set_offset, syntax)
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE, stop_before_pixels=True)
+        if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+            raise InvalidInstance(
+                "a DICOMDIR (Media Storage Directory) indexes files; it is not an instance "
+                "to archive: store the files it lists"
+            )
         header = _extract(ds)
     except (InvalidInstance, SOPClassMismatch):
         raise
     except (Exception, RecursionError) as exc:  # pydicom raises many types on bad input
         raise InvalidInstance(f"data set cannot be parsed: {exc}") from exc
-    if header.instance.SOPClassUID != meta.MediaStorageSOPClassUID:
-        raise SOPClassMismatch(
-            f"data set SOP Class UID {header.instance.SOPClassUID} differs from the "
-            f"announced {meta.MediaStorageSOPClassUID}"
-        )
-    if header.instance.SOPInstanceUID != meta.MediaStorageSOPInstanceUID:
-        raise InvalidInstance(
-            f"data set SOP Instance UID {header.instance.SOPInstanceUID} differs from the "
-            f"announced {meta.MediaStorageSOPInstanceUID}"
-        )
     return header
+
+
+def _check_encoding(path: Path, offset: int, syntax: UID) -> None:
+    """The length-checked walk; when it fails, name the real cause if the data set is
+    sound in the other VR encoding (a writer that declared the wrong transfer syntax)."""
+    explicit = not syntax.is_implicit_VR
+    try:
+        check_structure(path, offset, explicit=explicit, little=syntax.is_little_endian)
+    except InvalidInstance as exc:
+        try:
+            check_structure(path, offset, explicit=not explicit, little=syntax.is_little_endian)
+        except InvalidInstance:
+            raise exc from None
+        declared, actual = ("explicit", "implicit") if explicit else ("implicit", "explicit")
+        raise InvalidInstance(
+            f"the data set is encoded with {actual} VR, but its transfer syntax "
+            f"{syntax.name or syntax} says {declared} VR"
+        ) from None
 
 
 def _inflate(path: Path, offset: int) -> bytes:
@@ -160,6 +176,7 @@ def _inflate(path: Path, offset: int) -> bytes:
 def _extract(ds: Dataset) -> InstanceHeader:
     request = _first_item(ds, "RequestAttributesSequence")
     return InstanceHeader(
+        attributes=pack(dataset_json(ds, None)),
         patient=PatientAttributes(
             PatientID=_text(ds, "PatientID"),
             IssuerOfPatientID=_text(ds, "IssuerOfPatientID"),

@@ -15,7 +15,7 @@ other while different studies commit in parallel. A transaction that loses a rac
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -30,6 +30,7 @@ from sqlalchemy import (
     Engine,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -39,6 +40,8 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
+    inspect,
     select,
     update,
 )
@@ -50,10 +53,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from pacs.errors import DuplicateRejected, IndexFailure, InvalidInstance
+from pacs.errors import DuplicateRejected, IndexFailure, PatientConflict, SeriesConflict
 from pacs.header import InstanceHeader, normalise_name
 
 DuplicatePolicy = Literal["reject", "overwrite"]
+PatientPolicy = Literal["reject", "update"]
 
 metadata = MetaData()
 
@@ -70,10 +74,21 @@ def _count(name: str) -> Column[int]:
     return Column(name, Integer, nullable=False, default=0)
 
 
+# Bumped whenever a table changes: an index made by another version is refused with the
+# command that rebuilds it from the stored files (``filmless reindex``).
+SCHEMA_VERSION = 2
+
+schema = Table("filmless_schema", metadata, Column("version", Integer, nullable=False))
+
+# PATIENT-level C-FIND groups studies by PatientID + IssuerOfPatientID (PatientKey); a
+# study without a PatientID is a patient of its own, never grouped with another. The
+# attributes here are those of the latest instance stored for the patient; every study
+# keeps its own copy of what its instances said (see ``study``).
 patient = Table(
     "patient",
     metadata,
     Column("id", Integer, primary_key=True),
+    Column("PatientKey", Text, nullable=False, unique=True),
     _text("PatientID"),
     _text("IssuerOfPatientID"),
     _text("PatientName"),
@@ -83,7 +98,6 @@ patient = Table(
     _count("NumberOfPatientRelatedStudies"),
     _count("NumberOfPatientRelatedSeries"),
     _count("NumberOfPatientRelatedInstances"),
-    UniqueConstraint("PatientID", "IssuerOfPatientID", name="uq_patient_identity"),
     # Prefix matching (``Smith*``) can use these: SQLite with case_sensitive_like, and
     # PostgreSQL through the pattern operator class.
     SqlIndex("ix_patient_name", "PatientName", postgresql_ops={"PatientName": "text_pattern_ops"}),
@@ -100,6 +114,13 @@ study = Table(
     Column("id", Integer, primary_key=True),
     Column("patient_id", ForeignKey("patient.id"), nullable=False, index=True),
     _uid("StudyInstanceUID", unique=True),
+    # The patient as this study's instances named it (the latest of them).
+    _text("PatientID"),
+    _text("IssuerOfPatientID"),
+    _text("PatientName"),
+    _text("PatientNameSearch"),
+    _text("PatientBirthDate"),
+    _text("PatientSex"),
     _text("StudyDate"),
     _text("StudyTime"),
     _text("AccessionNumber"),
@@ -116,6 +137,15 @@ study = Table(
     SqlIndex("ix_study_date", "StudyDate"),
     SqlIndex("ix_study_accession", "AccessionNumber"),
     SqlIndex("ix_study_patient_date", "patient_id", "StudyDate"),
+    SqlIndex("ix_study_patient_identifier", "PatientID"),
+    SqlIndex(
+        "ix_study_patient_name", "PatientName", postgresql_ops={"PatientName": "text_pattern_ops"}
+    ),
+    SqlIndex(
+        "ix_study_patient_name_search",
+        "PatientNameSearch",
+        postgresql_ops={"PatientNameSearch": "text_pattern_ops"},
+    ),
 )
 
 series = Table(
@@ -164,6 +194,8 @@ instance = Table(
     _text("origin"),
     _text("SourceApplicationEntityTitle"),
     Column("received_at", DateTime(timezone=True), nullable=False),
+    # Every attribute of the header, packed DICOM JSON (pacs.attributes).
+    Column("attributes", LargeBinary, nullable=False, default=b""),
 )
 
 
@@ -232,6 +264,9 @@ class IndexOutcome:
     action: IndexAction
     record: InstanceRecord
     replaced: InstanceRecord | None = None
+    # The patient attributes of an existing study changed (a correction, or the study
+    # moved to another patient under patient_conflict = "update").
+    patient_updated: bool = False
 
 
 _RETRIES = 8
@@ -274,10 +309,38 @@ class Index:
         return engine
 
     def create_schema(self) -> None:
+        """Create what is missing; refuse an index that another schema version made."""
+        version = self.schema_version()
+        if version is not None and version != SCHEMA_VERSION:
+            raise IndexFailure(
+                f"the index {self.url.render_as_string(hide_password=True)} has schema "
+                f"version {version}, this filmless needs {SCHEMA_VERSION}: rebuild it from "
+                "the stored files with `filmless reindex`"
+            )
         metadata.create_all(self.writer)
+        with self.writer.begin() as conn:
+            if conn.execute(select(func.count()).select_from(schema)).scalar_one() == 0:
+                conn.execute(insert(schema).values(version=SCHEMA_VERSION))
+
+    def schema_version(self) -> int | None:
+        """None for an empty database; 1 for an index from before versions were kept."""
+        with self.reader.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            if "instance" not in tables:
+                return None
+            if schema.name not in tables:
+                return 1
+            found = conn.execute(select(func.max(schema.c.version))).scalar_one()
+            return None if found is None else int(found)
 
     def drop_schema(self) -> None:
         metadata.drop_all(self.writer)
+
+    def drop_archive_tables(self) -> None:
+        """The patient, study, series and instance tables (not the jobs): ``reindex``."""
+        with self.writer.begin() as conn:
+            for name in ("instance", "series", "study", "patient", schema.name):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
 
     def dispose(self) -> None:
         self.writer.dispose()
@@ -322,12 +385,18 @@ class Index:
 
     # -- writes ----------------------------------------------------------------------
 
-    def add(self, header: InstanceHeader, blob: BlobFacts, policy: DuplicatePolicy) -> IndexOutcome:
+    def add(
+        self,
+        header: InstanceHeader,
+        blob: BlobFacts,
+        policy: DuplicatePolicy,
+        patient_policy: PatientPolicy = "reject",
+    ) -> IndexOutcome:
         """Index one instance under ``policy`` in one transaction, retrying lost races."""
         for attempt in range(_RETRIES):
             try:
                 with self.writer.begin() as conn:
-                    return _add(conn, header, blob, policy)
+                    return _add(conn, header, blob, policy, patient_policy)
             except (IntegrityError, OperationalError) as exc:
                 if attempt == _RETRIES - 1 or not _retryable(exc):
                     raise IndexFailure(f"the index cannot commit: {_reason(exc)}") from exc
@@ -410,7 +479,11 @@ def _insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> in
 
 
 def _add(
-    conn: Connection, header: InstanceHeader, blob: BlobFacts, policy: DuplicatePolicy
+    conn: Connection,
+    header: InstanceHeader,
+    blob: BlobFacts,
+    policy: DuplicatePolicy,
+    patient_policy: PatientPolicy,
 ) -> IndexOutcome:
     existing = _find_instance(conn, header.instance.SOPInstanceUID)
     replaced = None
@@ -425,23 +498,17 @@ def _add(
         _remove(conn, existing)
         replaced = existing
     now = datetime.now(UTC)
+    incoming = _patient_values(header)
 
     # The study row is locked first: instances of one study commit one after the other.
     study_row = _study_for_update(conn, header.study.StudyInstanceUID)
     new_study = False
+    patient_changed = False
     if study_row is None:
-        patient_values = asdict(header.patient)
-        patient_values["PatientNameSearch"] = normalise_name(header.patient.PatientName)
-        patient_id = _insert_ignore(conn, patient, patient_values)
-        if patient_id is None:
-            patient_id = conn.execute(
-                select(patient.c.id).where(
-                    patient.c.PatientID == header.patient.PatientID,
-                    patient.c.IssuerOfPatientID == header.patient.IssuerOfPatientID,
-                )
-            ).scalar_one()
+        patient_id = _patient_row(conn, header, incoming)
         study_values = asdict(header.study)
         study_values.update(
+            incoming,
             patient_id=patient_id,
             ReferringPhysicianNameSearch=normalise_name(header.study.ReferringPhysicianName),
             created_at=now,
@@ -450,7 +517,24 @@ def _add(
         new_study = _insert_ignore(conn, study, study_values) is not None
         study_row = _study_for_update(conn, header.study.StudyInstanceUID)
         assert study_row is not None
-    study_id, owner = study_row
+    elif (conflict := patient_conflict(study_row, incoming)) is not None:
+        if patient_policy == "reject":
+            raise PatientConflict(
+                f"the study is another patient's ({conflict}): study "
+                f"{header.study.StudyInstanceUID}; refused (patient_conflict = 'reject')"
+            )
+        _move_study(conn, study_row, _patient_row(conn, header, incoming))
+        study_row = _study_for_update(conn, header.study.StudyInstanceUID)
+        assert study_row is not None
+        patient_changed = True
+    study_id, owner = study_row["id"], study_row["patient_id"]
+    # The latest instance names the patient (a corrected name, a birth date added); an
+    # attribute it leaves empty does not erase what the others said.
+    changes = {k: v for k, v in incoming.items() if v and study_row[k] != v}
+    if changes:
+        conn.execute(update(study).where(study.c.id == study_id).values(**changes))
+        conn.execute(update(patient).where(patient.c.id == owner).values(**changes))
+        patient_changed = True
 
     series_row = conn.execute(
         select(series.c.id, series.c.study_id).where(
@@ -469,12 +553,14 @@ def _add(
         ).one()
     series_id, series_study = series_row
     if series_study != study_id:
-        raise InvalidInstance(
-            f"Series {header.series.SeriesInstanceUID} already belongs to another study "
-            f"than {header.study.StudyInstanceUID}"
+        raise SeriesConflict(
+            f"the series belongs to another study: series {header.series.SeriesInstanceUID} "
+            f"is not in study {header.study.StudyInstanceUID}"
         )
     instance_values = asdict(header.instance)
-    instance_values.update(asdict(blob), series_id=series_id, received_at=now)
+    instance_values.update(
+        asdict(blob), series_id=series_id, received_at=now, attributes=header.attributes
+    )
     instance_id = conn.execute(
         instance.insert().values(**instance_values).returning(instance.c.id)
     ).scalar_one()
@@ -517,16 +603,121 @@ def _add(
         received_at=now,
     )
     action = IndexAction.STORED if replaced is None else IndexAction.OVERWRITTEN
-    return IndexOutcome(action, record, replaced)
+    return IndexOutcome(action, record, replaced, patient_changed and not new_study)
 
 
-def _study_for_update(conn: Connection, StudyInstanceUID: str) -> tuple[int, int] | None:
-    row = conn.execute(
-        select(study.c.id, study.c.patient_id)
-        .where(study.c.StudyInstanceUID == StudyInstanceUID)
-        .with_for_update()
-    ).first()
-    return None if row is None else (row[0], row[1])
+_PATIENT_COLUMNS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientNameSearch",
+    "PatientBirthDate",
+    "PatientSex",
+)
+
+
+def _study_for_update(conn: Connection, StudyInstanceUID: str) -> Mapping[str, Any] | None:
+    row = (
+        conn.execute(
+            select(
+                study.c.id,
+                study.c.patient_id,
+                study.c.NumberOfStudyRelatedSeries,
+                study.c.NumberOfStudyRelatedInstances,
+                *(study.c[name] for name in _PATIENT_COLUMNS),
+            )
+            .where(study.c.StudyInstanceUID == StudyInstanceUID)
+            .with_for_update()
+        )
+        .mappings()
+        .first()
+    )
+    return None if row is None else dict(row)
+
+
+def _patient_values(header: InstanceHeader) -> dict[str, str]:
+    values = asdict(header.patient)
+    values["PatientNameSearch"] = normalise_name(header.patient.PatientName)
+    return values
+
+
+def patient_key(PatientID: str, IssuerOfPatientID: str, StudyInstanceUID: str) -> str:
+    """Who a study belongs to for PATIENT-level grouping; no ID groups nothing."""
+    if PatientID:
+        return f"{PatientID}\\{IssuerOfPatientID}"  # a backslash never occurs in an LO value
+    return f"\\study\\{StudyInstanceUID}"
+
+
+def patient_conflict(stored: Mapping[str, Any], incoming: Mapping[str, str]) -> str | None:
+    """Why an instance's patient is not the patient of the study it names, or None.
+
+    Another PatientID (or issuer) is another patient. With the same ID, a different name
+    alone is a correction, and so is a birth date alone; both at once is another person.
+    """
+    for key in ("PatientID", "IssuerOfPatientID"):
+        if stored[key] != incoming[key]:
+            return f"{key} {stored[key]!r}, not {incoming[key]!r}"
+    name_differs = stored["PatientNameSearch"] != incoming["PatientNameSearch"]
+    birth_differs = stored["PatientBirthDate"] != incoming["PatientBirthDate"]
+    if (
+        name_differs
+        and birth_differs
+        and stored["PatientBirthDate"]
+        and incoming["PatientBirthDate"]
+    ):
+        return (
+            f"PatientName {stored['PatientName']!r} born {stored['PatientBirthDate']}, not "
+            f"{incoming['PatientName']!r} born {incoming['PatientBirthDate']}"
+        )
+    return None
+
+
+def _patient_row(conn: Connection, header: InstanceHeader, values: Mapping[str, str]) -> int:
+    key = patient_key(
+        header.patient.PatientID,
+        header.patient.IssuerOfPatientID,
+        header.study.StudyInstanceUID,
+    )
+    created = _insert_ignore(conn, patient, {**values, "PatientKey": key})
+    if created is not None:
+        return created
+    row = (
+        conn.execute(
+            select(patient.c.id, *(patient.c[k] for k in values)).where(patient.c.PatientKey == key)
+        )
+        .mappings()
+        .one()
+    )
+    # A new study names the patient as they are known now.
+    changes = {k: v for k, v in values.items() if v and row[k] != v}
+    if changes:
+        conn.execute(update(patient).where(patient.c.id == row["id"]).values(**changes))
+    found: int = row["id"]
+    return found
+
+
+def _move_study(conn: Connection, row: Mapping[str, Any], to_patient: int) -> None:
+    """The study, with its counts, from the patient it was under to ``to_patient``."""
+    series_count = row["NumberOfStudyRelatedSeries"]
+    instance_count = row["NumberOfStudyRelatedInstances"]
+    for patient_id, sign in ((row["patient_id"], -1), (to_patient, 1)):
+        conn.execute(
+            update(patient)
+            .where(patient.c.id == patient_id)
+            .values(
+                NumberOfPatientRelatedStudies=patient.c.NumberOfPatientRelatedStudies + sign,
+                NumberOfPatientRelatedSeries=patient.c.NumberOfPatientRelatedSeries
+                + sign * series_count,
+                NumberOfPatientRelatedInstances=patient.c.NumberOfPatientRelatedInstances
+                + sign * instance_count,
+            )
+        )
+    conn.execute(update(study).where(study.c.id == row["id"]).values(patient_id=to_patient))
+    conn.execute(
+        delete(patient).where(
+            patient.c.id == row["patient_id"], patient.c.NumberOfPatientRelatedStudies == 0
+        )
+    )
 
 
 def _refresh_modalities(conn: Connection, study_id: int) -> None:

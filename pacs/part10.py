@@ -55,8 +55,12 @@ def encode_file_meta(meta: FileMeta) -> bytes:
     return PREAMBLE + PREFIX + buffer.getvalue()
 
 
-def read_file_meta(stream: BinaryIO) -> FileMeta:
+def read_file_meta(stream: BinaryIO, *, lenient: bool = False) -> FileMeta:
     """Read preamble, prefix and group 0002, leaving ``stream`` at the data set's first byte.
+
+    ``lenient``: a UID missing from the group is returned empty instead of refused; the
+    archive then takes it from the data set (and the transfer syntax from its encoding),
+    as dcmtk and pydicom do when they read such a file.
 
     A Part 10 file has a "DICM" prefix at offset 128 and a meta group naming the SOP
     Class, SOP Instance and transfer syntax. Like dcmtk and pydicom, a file whose
@@ -102,11 +106,35 @@ def read_file_meta(stream: BinaryIO) -> FileMeta:
         transfer_syntax = ds.get("TransferSyntaxUID")
     except Exception as exc:  # pydicom raises many types for malformed input
         raise InvalidInstance(f"File Meta Information cannot be parsed: {exc}") from exc
+    found = {
+        "MediaStorageSOPClassUID": _text(sop_class),
+        "MediaStorageSOPInstanceUID": _text(sop_instance),
+        "TransferSyntaxUID": _text(transfer_syntax),
+    }
     return FileMeta(
-        MediaStorageSOPClassUID=require_uid(_text(sop_class), "MediaStorageSOPClassUID"),
-        MediaStorageSOPInstanceUID=require_uid(_text(sop_instance), "MediaStorageSOPInstanceUID"),
-        TransferSyntaxUID=require_uid(_text(transfer_syntax), "TransferSyntaxUID"),
+        **{
+            keyword: "" if lenient and not value else require_uid(value, keyword)
+            for keyword, value in found.items()
+        }
     )
+
+
+def guess_transfer_syntax(stream: BinaryIO) -> str:
+    """The little endian encoding of a data set whose file meta names none (PS3.10 7.1
+    makes it Type 1, but writers omit it): explicit when the first element has a VR."""
+    start = stream.tell()
+    first = stream.read(8)
+    stream.seek(start)
+    if len(first) < 8:
+        raise InvalidInstance("the data set is empty")
+    group = struct.unpack("<H", first[:2])[0]
+    if group > 0x00FF and struct.unpack(">H", first[:2])[0] <= 0x00FF:
+        raise InvalidInstance(
+            "the file meta names no transfer syntax and the data set is big endian"
+        )
+    vr = first[4:6]
+    explicit = vr.isalpha() and vr.isupper()
+    return "1.2.840.10008.1.2.1" if explicit else "1.2.840.10008.1.2"
 
 
 def _text(value: object) -> str | None:

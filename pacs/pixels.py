@@ -44,9 +44,41 @@ class StoredImage:
 
     header: Dataset
     transfer_syntax: UID
-    number_of_frames: int
+    frames_value: object  # NumberOfFrames as stored; see number_of_frames
     value_offset: int | None
     value_length: int
+    # The VR Pixel Data was written with (explicit VR), or the one PS3.5 A.1 implies.
+    stored_vr: str = ""
+
+    @property
+    def pixel_vr(self) -> str:
+        if self.stored_vr in ("OB", "OW"):
+            return self.stored_vr
+        if self.encapsulated:
+            return "OB"
+        return (
+            "OW"
+            if self.transfer_syntax.is_implicit_VR
+            else ("OB" if int(self.header.get("BitsAllocated") or 8) <= 8 else "OW")
+        )
+
+    @property
+    def number_of_frames(self) -> int:
+        """NumberOfFrames (1 when absent). A value that is not a number leaves the
+        header readable (metadata is served) but the pixels unusable: which frame is
+        where cannot be known."""
+        value = self.frames_value
+        if value is None or value == "":
+            return 1
+        try:
+            frames = int(str(value).strip())
+        except ValueError:
+            raise UndecodablePixels(
+                f"NumberOfFrames {str(value)[:20]!r} is not a number: the frames cannot be read"
+            ) from None
+        if frames < 1:
+            raise UndecodablePixels(f"NumberOfFrames {frames} is not a frame count")
+        return frames
 
     @property
     def encapsulated(self) -> bool:
@@ -60,7 +92,11 @@ class StoredImage:
     @property
     def frame_bits(self) -> int:
         ds = self.header
-        return int(ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+            # Native 4:2:2 keeps two chroma values per two pixels (PS3.3 C.7.6.3.1.2).
+            samples = 2
+        return int(ds.Rows * ds.Columns * samples * ds.BitsAllocated)
 
     @property
     def frame_length(self) -> int:
@@ -73,7 +109,7 @@ def read_image(stream: BinaryIO) -> StoredImage:
     stream.seek(0)
     ds = pydicom.dcmread(stream, stop_before_pixels=True)
     syntax = UID(ds.file_meta.TransferSyntaxUID)
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = _raw_value(ds, "NumberOfFrames")
     if syntax == DeflatedExplicitVRLittleEndian:
         # Offsets inside a deflated stream mean nothing on disk; decode instead.
         has = "Rows" in ds
@@ -92,7 +128,16 @@ def read_image(stream: BinaryIO) -> StoredImage:
     else:
         (length,) = struct.unpack(f"{endian}L", head[8:12])
         offset = start + 12
+        return StoredImage(ds, syntax, frames, offset, length, head[4:6].decode("latin-1"))
     return StoredImage(ds, syntax, frames, offset, length)
+
+
+def _raw_value(ds: Dataset, keyword: str) -> object:
+    try:
+        return ds.get(keyword)
+    except Exception:  # a value pydicom cannot convert at all
+        element = ds.get_item(keyword)
+        return None if element is None else element.value
 
 
 def _check_index(image: StoredImage, index: int) -> None:
@@ -197,14 +242,18 @@ def decoding_plugin(syntax: UID) -> str:
 
 
 def native_frame(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
-    """Frame ``index`` as uncompressed little endian bytes, colour as stored (no YBR->RGB).
+    """Frame ``index`` as uncompressed little endian bytes.
 
-    For a native stored frame this is the stored bytes; a compressed one is decoded.
+    For a native stored frame this is the stored bytes. A compressed one is decoded;
+    YBR colour from a JPEG bit stream comes out as RGB, as it does when the whole
+    instance is decompressed (the decompressed instance says RGB), so that frames and
+    retrieved instances agree.
     """
     syntax = image.transfer_syntax
     if syntax in UNCOMPRESSED or syntax == DeflatedExplicitVRLittleEndian:
         return stored_frame(stream, image, index)
-    return _decoded_native(stream, image, index)
+    photometric = str(image.header.get("PhotometricInterpretation", "")).strip()
+    return _decoded_native(stream, image, index, rgb=photometric.startswith("YBR"))
 
 
 def _byte_aligned(image: StoredImage) -> bool:
@@ -212,8 +261,10 @@ def _byte_aligned(image: StoredImage) -> bool:
     return image.frame_bits % 8 == 0 or image.number_of_frames == 1
 
 
-def _decoded_native(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
-    array = decoded_frame(stream, image, index, rgb=False)
+def _decoded_native(
+    stream: BinaryIO, image: StoredImage, index: int, *, rgb: bool = False
+) -> bytes:
+    array = decoded_frame(stream, image, index, rgb=rgb)
     if image.header.BitsAllocated == 1:
         return np.packbits(array.ravel(), bitorder="little").tobytes()
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -229,6 +280,8 @@ def transcode(stream: BinaryIO, syntax: UID) -> bytes:
         raise UndecodablePixels(f"cannot encode {syntax} here")
     stream.seek(0)
     ds = pydicom.dcmread(stream)
+    if not ds.file_meta.TransferSyntaxUID.is_little_endian:
+        return _big_to_little(stream, ds, syntax)
     try:
         if ds.file_meta.TransferSyntaxUID.is_compressed and "PixelData" in ds:
             plugin = decoding_plugin(ds.file_meta.TransferSyntaxUID)
@@ -243,4 +296,39 @@ def transcode(stream: BinaryIO, syntax: UID) -> bytes:
         ds.save_as(out, enforce_file_format=True)
     except Exception as exc:
         raise UndecodablePixels(f"cannot re-encode the instance as {syntax.name}: {exc}") from exc
+    return out.getvalue()
+
+
+# Bytes per word of the binary VRs whose values are byte-swapped in big endian (PS3.5 7.3).
+_SWAPPED_VRS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _big_to_little(stream: BinaryIO, ds: Dataset, syntax: UID) -> bytes:
+    """Big endian (retired, PS3.5 A.3) to little endian: lossless, values kept; pydicom
+    leaves the words of binary values and the pixel data for the caller to swap."""
+    try:
+        for element in ds.iterall():
+            words = _SWAPPED_VRS.get(str(element.VR))
+            if words and element.tag != PIXEL_DATA and isinstance(element.value, bytes):
+                value = element.value
+                usable = len(value) - len(value) % words
+                swapped = np.frombuffer(value[:usable], dtype=f">u{words}").astype(f"<u{words}")
+                element.value = swapped.tobytes() + value[usable:]
+        if "PixelData" in ds:
+            stream.seek(0)
+            array = pixel_array(stream, raw=True)
+            if int(ds.get("SamplesPerPixel", 1)) > 1 and int(ds.get("PlanarConfiguration", 0)):
+                # pydicom hands colour by pixel; the data set keeps it by plane.
+                array = np.moveaxis(array, -1, -3)
+            if int(ds.BitsAllocated) == 1:
+                data = np.packbits(array.ravel(), bitorder="little").tobytes()
+            else:
+                data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            ds.PixelData = data + (b"\0" if len(data) % 2 else b"")
+            ds["PixelData"].VR = "OB" if int(ds.BitsAllocated) <= 8 else "OW"
+        ds.file_meta.TransferSyntaxUID = syntax
+        out = io.BytesIO()
+        pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    except Exception as exc:
+        raise UndecodablePixels(f"cannot re-encode the big endian instance: {exc}") from exc
     return out.getvalue()

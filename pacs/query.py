@@ -1,33 +1,45 @@
-"""The one matching engine (PS3.4 C.2.2.2) behind C-FIND and QIDO-RS, compiled to SQL.
+"""The one matching engine (PS3.4 C.2.2.2) behind C-FIND and QIDO-RS.
 
 A request is decoded by its protocol adapter into a :class:`Query`: the level, the
 matching keys (keyword -> raw value as sent), the return keys and whether person names
-match fuzzily. Everything from there is pure: :func:`compile_query` turns it into one
-SQLAlchemy ``SELECT`` over the index, so matching scales with the database's indexes
-instead of a Python loop, and the protocol adapter only encodes the rows it streams.
+match fuzzily. From there the engine decides what SQL can do and finishes the rest:
+keys the index has a column for become one ``SELECT`` (so matching scales with the
+database's indexes); any other attribute, sequences included, is matched and returned
+from the stored header (:mod:`pacs.attributes`) of the entity's first instance, as
+Orthanc does for the tags it does not index. :func:`execute` streams the matches.
 
 Matching rules, per value representation:
 
 - empty value: universal matching, the attribute is only returned;
 - UI with backslashes: list of UIDs;
 - ``*`` and ``?`` in text values: wildcard matching (SQL LIKE with ``%``/``_`` escaped);
+  on DA, DT and TM they are refused (PS3.4 C.2.2.2.4 allows them only on text VRs);
 - DA, TM, DT with ``-``: range matching (``a-``, ``-b``, ``a-b``); an upper bound covers
   everything it is a prefix of, so ``-1200`` includes 12:00:30;
 - StudyDate and StudyTime both given as ranges: combined date-time range matching;
-- PN with fuzzy matching: case- and accent-insensitive, on the normalised form;
+- a study with no StudyDate (StudyTime) matches any StudyDate (StudyTime) key: they are
+  Required Keys, and PS3.4 C.2.2.1.2 makes an unknown value match;
+- PN: case- and accent-insensitive on the normalised form with fuzzy matching, or when
+  ``case_insensitive_names`` is set (the default, as Orthanc's CaseSensitivePN=false);
 - multi-valued stored attributes (ModalitiesInStudy, ImageType): any value matches;
+- sequences (C-FIND): an item of the stored sequence must match every item key
+  (PS3.4 C.2.2.2.6);
 - anything else: single value matching, exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from sqlalchemy import ColumnElement, Connection, Select, and_, func, or_, select, true
 
+from pacs.attributes import text_values, unpack
+from pacs.attributes import values as json_values
 from pacs.errors import InvalidQuery
 from pacs.header import normalise_name
 from pacs.index import instance, patient, record_query, series, study
@@ -48,7 +60,9 @@ class Model(StrEnum):
     STUDY_ROOT = "study"
 
 
-_DEPTH = {Level.PATIENT: 0, Level.STUDY: 1, Level.SERIES: 2, Level.IMAGE: 3}
+DEPTH = {Level.PATIENT: 0, Level.STUDY: 1, Level.SERIES: 2, Level.IMAGE: 3}
+# Where a match finds the stored header of its entity (a row's decoded attributes).
+ATTRIBUTES_KEY = "__attributes__"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +73,9 @@ class Attribute:
     vr: str
     search_column: Any = None  # normalised person name
     multi_valued: bool = False
+    # Patient attributes as the study's own instances named them (below PATIENT level).
+    study_column: Any = None
+    study_search_column: Any = None
 
 
 _TABLES = {Level.PATIENT: patient, Level.STUDY: study, Level.SERIES: series, Level.IMAGE: instance}
@@ -118,6 +135,10 @@ _KEYS: dict[Level, dict[str, str]] = {
     },
 }
 _MULTI_VALUED = {"ModalitiesInStudy", "ImageType"}
+# Required Keys (PS3.4 C.6) whose unknown (empty) stored value matches any key value
+# (C.2.2.1.2). Applied to the study's date and time only: applied to PatientID or a name
+# it would list unidentified studies under an identified patient's query.
+_UNKNOWN_MATCHES = {"StudyDate", "StudyTime"}
 
 
 def _attributes() -> dict[str, Attribute]:
@@ -126,8 +147,17 @@ def _attributes() -> dict[str, Attribute]:
         table = _TABLES[level]
         for keyword, vr in keys.items():
             search = table.c.get(f"{keyword}Search") if vr == "PN" else None
+            own = study.c.get(keyword) if level == Level.PATIENT else None
+            own_search = study.c.get(f"{keyword}Search") if own is not None and vr == "PN" else None
             found[keyword] = Attribute(
-                keyword, level, table.c[keyword], vr, search, keyword in _MULTI_VALUED
+                keyword,
+                level,
+                table.c[keyword],
+                vr,
+                search,
+                keyword in _MULTI_VALUED,
+                own,
+                own_search,
             )
     return found
 
@@ -139,9 +169,102 @@ UNIQUE_KEYS = {
     Level.SERIES: "SeriesInstanceUID",
     Level.IMAGE: "SOPInstanceUID",
 }
-_NUMERIC_VRS = {"IS", "US", "UL", "SS", "SL"}
+_NUMERIC_VRS = {"IS", "US", "UL", "SS", "SL", "UV", "SV"}
+_DECIMAL_VRS = {"DS", "FL", "FD"}
 _RANGE_VRS = {"DA", "TM", "DT"}
 _ESCAPE = "!"
+_TAG = re.compile(r"[0-9A-F]{8}")
+
+# The level of attributes the index has no column for, for the ones whose level is not
+# the instance (PS3.3 modules: Patient; General Study and Patient Study; General Series,
+# General Equipment, Frame of Reference). InstitutionName is a study attribute here, as
+# in Orthanc's main tags, so that a study list can show it.
+_PATIENT_STUDY_KEYS = {"PatientAge", "PatientSize", "PatientWeight", "Occupation"}
+_STUDY_KEYS = {
+    "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianIdentificationSequence",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "RequestedProcedureDescription",
+    "InstitutionName",
+    "AdmittingDiagnosesDescription",
+    "AdditionalPatientHistory",
+    "ProcedureCodeSequence",
+    "ReferencedStudySequence",
+    "StudyComments",
+    "ReasonForPerformedProcedureCodeSequence",
+}
+_SERIES_KEYS = {
+    "SeriesDate",
+    "SeriesTime",
+    "ProtocolName",
+    "OperatorsName",
+    "PerformingPhysicianName",
+    "PatientPosition",
+    "RequestAttributesSequence",
+    "PerformedProcedureStepID",
+    "PerformedProcedureStepDescription",
+    "PerformedProtocolCodeSequence",
+    "ReferencedPerformedProcedureStepSequence",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+    "InstitutionalDepartmentName",
+    "InstitutionAddress",
+    "DeviceSerialNumber",
+    "SoftwareVersions",
+    "FrameOfReferenceUID",
+    "SeriesType",
+}
+
+
+def tag_of(keyword: str) -> int:
+    """A keyword's tag; private attributes are named by their tag (``00091001``)."""
+    if _TAG.fullmatch(keyword):
+        return int(keyword, 16)
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise InvalidQuery(f"unknown attribute {keyword!r}")
+    return int(tag)
+
+
+def key_name(tag: int) -> str:
+    """The name of an attribute in a query: its keyword, or its tag if it has none."""
+    return keyword_for_tag(tag) or f"{tag:08X}"
+
+
+def vr_of(keyword: str) -> str:
+    if keyword in ATTRIBUTES:
+        return ATTRIBUTES[keyword].vr
+    try:
+        return str(dictionary_VR(tag_of(keyword))).split(" ")[0]
+    except KeyError:
+        return "UN"
+
+
+def level_of(keyword: str) -> Level:
+    """The information model level an attribute belongs to."""
+    if keyword in ATTRIBUTES:
+        return ATTRIBUTES[keyword].level
+    if keyword in _PATIENT_STUDY_KEYS or keyword in _STUDY_KEYS:
+        return Level.STUDY
+    if keyword in _SERIES_KEYS:
+        return Level.SERIES
+    if (tag_of(keyword) >> 16) == 0x0010:
+        return Level.PATIENT
+    if (tag_of(keyword) >> 16) == 0x0032:
+        return Level.STUDY
+    return Level.IMAGE
+
+
+def model_depth(keyword: str, model: Model) -> int:
+    """How deep an attribute is; in the Study Root model patient attributes are the
+    study's own (PS3.4 C.6.2)."""
+    level = level_of(keyword)
+    if model == Model.STUDY_ROOT and level == Level.PATIENT:
+        return DEPTH[Level.STUDY]
+    return DEPTH[level]
 
 
 @dataclass(frozen=True)
@@ -157,6 +280,9 @@ class Query:
     # DIMSE C-FIND is hierarchical; QIDO-RS also searches /series and /instances across
     # studies, without the unique keys of the levels above.
     hierarchical: bool = True
+    # Sequence matching keys: keyword -> the keys of its one item (PS3.4 C.2.2.2.6).
+    sequences: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    case_insensitive_names: bool = False
 
     def __post_init__(self) -> None:
         if self.model == Model.PATIENT_ROOT:
@@ -166,6 +292,10 @@ class Query:
         if self.level not in allowed:
             raise InvalidQuery(f"level {self.level} is not part of the {self.model} root model")
 
+    @property
+    def names_folded(self) -> bool:
+        return self.fuzzy or self.case_insensitive_names
+
 
 def check_hierarchy(query: Query) -> None:
     """Hierarchical search (PS3.4 C.4.1.3.1): unique keys above the level, nothing below.
@@ -173,24 +303,21 @@ def check_hierarchy(query: Query) -> None:
     Patient-level unique keys are needed only in the Patient Root model; Study Root starts
     at STUDY, so the patient attributes there are ordinary matching keys of the study.
     """
-    depth = _DEPTH[query.level]
+    depth = DEPTH[query.level]
     top = 0 if query.model == Model.PATIENT_ROOT else 1
     for level, keyword in UNIQUE_KEYS.items():
-        level_depth = _DEPTH[level]
+        level_depth = DEPTH[level]
         if query.hierarchical and top <= level_depth < depth:
             value = query.keys.get(keyword, "")
             if not value or "\\" in value or "*" in value or "?" in value:
                 raise InvalidQuery(
                     f"{keyword} must be a single value to query at {query.level} level"
                 )
-    for keyword, value in query.keys.items():
-        attribute = ATTRIBUTES.get(keyword)
-        if attribute is None or not value:
-            continue
-        key_depth = _DEPTH[attribute.level]
-        if query.model == Model.STUDY_ROOT and attribute.level == Level.PATIENT:
-            key_depth = _DEPTH[Level.STUDY]
-        if key_depth > depth:
+    matched = [k for k, v in query.keys.items() if v] + [
+        k for k, item in query.sequences.items() if any(item.values())
+    ]
+    for keyword in matched:
+        if model_depth(keyword, query.model) > depth:
             raise InvalidQuery(f"{keyword} is below the {query.level} level")
 
 
@@ -258,12 +385,24 @@ def _combined(date_col: Any, time_col: Any, dates: str, times: str) -> ColumnEle
             if t_high
             else date_col <= d_high
         )
-    return and_(*conditions)
+    return or_(date_col == "", and_(*conditions))
 
 
-def match_condition(attribute: Attribute, value: str, fuzzy: bool) -> ColumnElement[bool]:
+def _check_value(keyword: str, vr: str, value: str) -> None:
+    if vr in _RANGE_VRS and _has_wildcard(value):
+        raise InvalidQuery(
+            f"{keyword}: wildcards are not allowed on {vr} values (PS3.4 C.2.2.2.4); "
+            "use a range such as 20240101-20240131"
+        )
+
+
+def match_condition(
+    attribute: Attribute, value: str, fuzzy: bool, column: Any = None, search: Any = None
+) -> ColumnElement[bool]:
     """The SQL condition one matching key contributes (``value`` as sent, not empty)."""
-    column = attribute.column
+    column = attribute.column if column is None else column
+    search = attribute.search_column if search is None else search
+    _check_value(attribute.keyword, attribute.vr, value)
     if attribute.vr == "UI":
         uids = [v.strip() for v in value.split("\\") if v.strip()]
         for uid in uids:
@@ -272,91 +411,287 @@ def match_condition(attribute: Attribute, value: str, fuzzy: bool) -> ColumnElem
         if len(uids) > 1:
             return column.in_(uids)  # type: ignore[no-any-return]
         return _text_match(column, uids[0]) if uids else true()
+    unknown_matches = attribute.keyword in _UNKNOWN_MATCHES
     if attribute.vr in _RANGE_VRS and "-" in value:
-        return _range(column, value)
+        condition = _range(column, value)
+        return or_(column == "", condition) if unknown_matches else condition
     if attribute.vr in _NUMERIC_VRS:
         try:
-            return column == int(value.strip())  # type: ignore[no-any-return]
+            number = int(value.strip())
         except ValueError as exc:
             raise InvalidQuery(f"{attribute.keyword} {value[:40]!r} is not a number") from exc
-    if attribute.vr == "PN" and fuzzy and attribute.search_column is not None:
-        return _text_match(attribute.search_column, normalise_name(value))
+        if not -(1 << 63) <= number < (1 << 63):
+            raise InvalidQuery(f"{attribute.keyword} {value[:40]!r} is out of range")
+        return column == number  # type: ignore[no-any-return]
+    if attribute.vr == "PN" and fuzzy and search is not None:
+        return _text_match(search, normalise_name(value))
     values = value.split("\\") if attribute.vr != "PN" else [value]
     if attribute.multi_valued:
         return or_(*(_multi_match(column, v) for v in values if v)) if any(values) else true()
     if len(values) > 1:
         # A multi-valued key matches any of its values (e.g. Modality "CT\\MR").
-        return or_(*(_text_match(column, v) for v in values))
-    return _text_match(column, value)
+        condition = or_(*(_text_match(column, v) for v in values))
+    else:
+        condition = _text_match(column, value)
+    return or_(column == "", condition) if unknown_matches else condition
 
 
-def conditions(query: Query) -> list[ColumnElement[bool]]:
-    result: list[ColumnElement[bool]] = []
-    keys = {k: v for k, v in query.keys.items() if v and v != "*"}
-    if (
-        query.combined_datetime
-        and "-" in keys.get("StudyDate", "")
-        and "-" in keys.get("StudyTime", "")
-    ):
-        result.append(
-            _combined(
-                study.c.StudyDate, study.c.StudyTime, keys.pop("StudyDate"), keys.pop("StudyTime")
-            )
+# -- matching in Python, on the stored header ------------------------------------------
+
+
+def _wild(pattern: str, value: str) -> bool:
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, value, flags=re.DOTALL) is not None
+
+
+def _in_range(key: str, value: str) -> bool:
+    low, _, high = key.partition("-")
+    low, high = low.strip(), high.strip()
+    if not value:
+        return False
+    return (not low or value >= low) and (not high or value < high + "\x7f")
+
+
+def value_matches(keyword: str, vr: str, key: str, stored: list[str], folded: bool) -> bool:
+    """One non-empty key against the stored values of an attribute (any may match)."""
+    _check_value(keyword, vr, key)
+    present = [v for v in stored if v != ""]
+    if not present:
+        return False
+    if vr == "UI":
+        return any(v in key.split("\\") for v in present) or any(
+            _wild(key, v) for v in present if _has_wildcard(key)
         )
-    for keyword, value in keys.items():
-        attribute = ATTRIBUTES.get(keyword)
-        if attribute is None:
-            # A key the index does not hold cannot be matched: it is returned empty.
+    if vr in _RANGE_VRS and "-" in key:
+        return any(_in_range(key, v) for v in present)
+    if vr in _NUMERIC_VRS or vr in _DECIMAL_VRS:
+        parse: Callable[[str], float] = int if vr in _NUMERIC_VRS else float
+        try:
+            wanted = [parse(k.strip()) for k in key.split("\\")]
+        except ValueError as exc:
+            raise InvalidQuery(f"{keyword} {key[:40]!r} is not a number") from exc
+        found = []
+        for v in present:
+            try:
+                found.append(parse(str(v).strip()))
+            except ValueError:
+                continue
+        return any(f in wanted for f in found)
+    if vr == "PN":
+        if folded:
+            return any(_wild(normalise_name(key), normalise_name(v)) for v in present)
+        return any(_wild(key, v) for v in present)
+    keys = key.split("\\")
+    return any(_wild(k, v.strip()) for k in keys for v in present)
+
+
+def item_matches(item: Mapping[str, Any], keys: Mapping[str, str], folded: bool) -> bool:
+    for keyword, key in keys.items():
+        if not key or key == "*":
             continue
-        result.append(match_condition(attribute, value, query.fuzzy))
-    return result
+        stored = text_values(item, f"{tag_of(keyword):08X}") or []
+        if not value_matches(keyword, vr_of(keyword), key, stored, folded):
+            return False
+    return True
+
+
+def sequence_matches(
+    attributes: Mapping[str, Any], keyword: str, keys: Mapping[str, str], folded: bool
+) -> bool:
+    """PS3.4 C.2.2.2.6: some item matches every item key; no item keys: universal."""
+    if not any(v and v != "*" for v in keys.values()):
+        return True
+    items = json_values(attributes, f"{tag_of(keyword):08X}") or []
+    return any(isinstance(i, dict) and item_matches(i, keys, folded) for i in items)
+
+
+# -- the plan ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What SQL does (``statement``) and what is finished on the stored header."""
+
+    statement: Select[Any]
+    residual: Mapping[str, str]
+    sequences: Mapping[str, Mapping[str, str]]
+    attributes: bool  # the stored header is fetched with each row
+
+    @property
+    def exact_in_sql(self) -> bool:
+        return not self.residual and not any(
+            any(v and v != "*" for v in keys.values()) for keys in self.sequences.values()
+        )
+
+
+def _attributes_column(level: Level) -> Any:
+    if level == Level.IMAGE:
+        return instance.c.attributes
+    inner = instance.alias("representative")
+    inner_series = series.alias("representative_series")
+    statement = select(inner.c.attributes)
+    if level == Level.SERIES:
+        statement = statement.where(inner.c.series_id == series.c.id).order_by(inner.c.id)
+    else:
+        statement = statement.join(inner_series, inner.c.series_id == inner_series.c.id)
+        if level == Level.STUDY:
+            statement = statement.where(inner_series.c.study_id == study.c.id).order_by(inner.c.id)
+        else:
+            inner_study = study.alias("representative_study")
+            statement = (
+                statement.join(inner_study, inner_series.c.study_id == inner_study.c.id)
+                .where(inner_study.c.patient_id == patient.c.id)
+                .order_by(inner.c.id.desc())
+            )
+    return statement.limit(1).correlate_except(inner).scalar_subquery()
+
+
+def _column(attribute: Attribute, depth: int) -> tuple[Any, Any]:
+    """The column (and its normalised form) an attribute is matched and returned from."""
+    if depth >= DEPTH[Level.STUDY] and attribute.study_column is not None:
+        return attribute.study_column, attribute.study_search_column
+    return attribute.column, attribute.search_column
 
 
 def _columns_for(query: Query) -> list[Any]:
-    depth = _DEPTH[query.level]
+    depth = DEPTH[query.level]
     wanted = []
     for attribute in ATTRIBUTES.values():
-        if _DEPTH[attribute.level] <= depth:
-            wanted.append(attribute.column.label(attribute.keyword))
+        if DEPTH[attribute.level] <= depth:
+            column, _search = _column(attribute, depth)
+            wanted.append(column.label(attribute.keyword))
     return wanted
 
 
-def compile_query(query: Query, *, limit: int | None = None, offset: int = 0) -> Select[Any]:
-    """One SELECT returning one row per match at ``query.level``, DICOM keywords as labels."""
+def needs_attributes(query: Query) -> bool:
+    """Whether an answer names an attribute that only the stored header has."""
+    return any(k not in ATTRIBUTES and k not in DERIVED for k in query.return_keys)
+
+
+DERIVED = frozenset({"InstanceAvailability", "RetrieveURL", "QueryRetrieveLevel"})
+
+
+def plan(query: Query, *, limit: int | None = None, offset: int = 0) -> Plan:
+    """One SELECT returning one row per candidate at ``query.level``, DICOM keywords as
+    labels; the keys it could not express in SQL are left in :attr:`Plan.residual`."""
     check_hierarchy(query)
-    depth = _DEPTH[query.level]
-    statement = select(*_columns_for(query)).select_from(patient)
+    depth = DEPTH[query.level]
+    keys = {k: v for k, v in query.keys.items() if v and v != "*"}
+    residual = {k: v for k, v in keys.items() if k not in ATTRIBUTES}
+    for keyword, value in residual.items():
+        _check_value(keyword, vr_of(keyword), value)
+    with_attributes = bool(residual) or bool(query.sequences) or needs_attributes(query)
+    columns = _columns_for(query)
+    if with_attributes:
+        columns.append(_attributes_column(query.level).label(ATTRIBUTES_KEY))
+    statement = select(*columns).select_from(patient)
     if depth >= 1:
         statement = statement.join(study, study.c.patient_id == patient.c.id)
     if depth >= 2:
         statement = statement.join(series, series.c.study_id == study.c.id)
     if depth >= 3:
         statement = statement.join(instance, instance.c.series_id == series.c.id)
-    for condition in conditions(query):
-        statement = statement.where(condition)
-    order = {
-        0: [patient.c.id],
-        1: [study.c.id],
-        2: [series.c.id],
-        3: [instance.c.id],
-    }[depth]
+    indexed = {k: v for k, v in keys.items() if k in ATTRIBUTES}
+    if (
+        query.combined_datetime
+        and "-" in indexed.get("StudyDate", "")
+        and "-" in indexed.get("StudyTime", "")
+    ):
+        statement = statement.where(
+            _combined(
+                study.c.StudyDate,
+                study.c.StudyTime,
+                indexed.pop("StudyDate"),
+                indexed.pop("StudyTime"),
+            )
+        )
+    for keyword, value in indexed.items():
+        attribute = ATTRIBUTES[keyword]
+        column, search = _column(attribute, depth)
+        statement = statement.where(
+            match_condition(attribute, value, query.names_folded, column, search)
+        )
+    order = {0: [patient.c.id], 1: [study.c.id], 2: [series.c.id], 3: [instance.c.id]}[depth]
     statement = statement.order_by(*order)
-    if limit is not None:
-        statement = statement.limit(limit)
-    if offset:
-        statement = statement.offset(offset)
-    return statement
+    result = Plan(statement, residual, dict(query.sequences), with_attributes)
+    if result.exact_in_sql:
+        if limit is not None:
+            statement = statement.limit(limit)
+        if offset:
+            statement = statement.offset(offset)
+        result = Plan(statement, residual, dict(query.sequences), with_attributes)
+    return result
+
+
+def compile_query(query: Query, *, limit: int | None = None, offset: int = 0) -> Select[Any]:
+    """The SQL part of :func:`plan` (all of it when every key has a column)."""
+    return plan(query, limit=limit, offset=offset).statement
+
+
+def _finished(query: Query, found: Plan, row: dict[str, Any]) -> bool:
+    attributes = row[ATTRIBUTES_KEY]
+    for keyword, key in found.residual.items():
+        stored = text_values(attributes, f"{tag_of(keyword):08X}") or []
+        if not value_matches(keyword, vr_of(keyword), key, stored, query.names_folded):
+            return False
+    return all(
+        sequence_matches(attributes, keyword, keys, query.names_folded)
+        for keyword, keys in found.sequences.items()
+    )
+
+
+def execute(
+    conn: Connection, query: Query, *, limit: int | None = None, offset: int = 0
+) -> Iterator[dict[str, Any]]:
+    """The matches, streamed (a server-side cursor where the database has one); each row
+    carries the decoded stored header under :data:`ATTRIBUTES_KEY` when one is needed."""
+    found = plan(query, limit=limit, offset=offset)
+    statement = found.statement.execution_options(stream_results=True, max_row_buffer=500)
+    skipped = 0
+    given = 0
+    for mapping in conn.execute(statement).mappings():
+        row = dict(mapping)
+        if found.attributes:
+            row[ATTRIBUTES_KEY] = unpack(row.get(ATTRIBUTES_KEY))
+        if not found.exact_in_sql:
+            if not _finished(query, found, row):
+                continue
+            if skipped < offset:
+                skipped += 1
+                continue
+            if limit is not None and given >= limit:
+                return
+        given += 1
+        yield row
+
+
+def count(conn: Connection, query: Query, *, at_most: int) -> int:
+    """How many matches there are, counting no further than ``at_most``."""
+    found = plan(query, limit=at_most)
+    if found.exact_in_sql:
+        inner = found.statement.subquery()
+        return int(conn.execute(select(func.count()).select_from(inner)).scalar_one())
+    return sum(1 for _ in execute(conn, query, limit=at_most))
 
 
 def count_query(query: Query, *, at_most: int) -> Select[Any]:
-    """How many matches there are, counting no further than ``at_most``."""
+    """SQL counting the matches of a query whose keys all have columns."""
     inner = compile_query(query, limit=at_most).subquery()
     return select(func.count()).select_from(inner)
 
 
 def keys_at_or_above(level: Level) -> Iterable[str]:
-    depth = _DEPTH[level]
-    return [k for k, a in ATTRIBUTES.items() if _DEPTH[a.level] <= depth]
+    depth = DEPTH[level]
+    return [k for k, a in ATTRIBUTES.items() if DEPTH[a.level] <= depth]
+
+
+def returned_value(row: Mapping[str, Any], keyword: str) -> Any:
+    """What an answer holds for ``keyword``: the indexed value, or the stored header's
+    DICOM JSON element (a dict) for any other attribute, None when absent."""
+    if keyword in ATTRIBUTES:
+        return row.get(keyword)
+    attributes = row.get(ATTRIBUTES_KEY) or {}
+    return attributes.get(f"{tag_of(keyword):08X}")
 
 
 def compile_retrieve(query: Query) -> Select[Any]:
@@ -382,5 +717,7 @@ def compile_retrieve(query: Query) -> Select[Any]:
         .order_by(study.c.id, series.c.id, instance.c.id)
     )
     for keyword, value in wanted.items():
-        statement = statement.where(match_condition(ATTRIBUTES[keyword], value, fuzzy=False))
+        attribute = ATTRIBUTES[keyword]
+        column, search = _column(attribute, DEPTH[Level.STUDY])
+        statement = statement.where(match_condition(attribute, value, False, column, search))
     return statement  # type: ignore[no-any-return]

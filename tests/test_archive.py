@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -120,9 +121,27 @@ def test_bad_instances_leave_nothing(
     assert callable(mutate)
     mutate(ds)
     data = part10(ds, fill_meta=False)
+    # As a C-STORE request announces them: the UIDs are a statement of the sender.
+    source = replace(InstanceSource.from_part10(io.BytesIO(data)), announced=True)
     with pytest.raises(error):
-        archive.ingest(InstanceSource.from_part10(io.BytesIO(data)), Origin.DIMSE)
+        archive.ingest(source, Origin.DIMSE)
     assert _leftovers(archive) == ([], [], 0)
+
+
+def test_a_files_meta_group_does_not_overrule_its_data_set(archive: Archive) -> None:
+    """A file is stored under the UIDs of its data set, as dcmtk's storescu would send it
+    (pydicom's rtdose.dcm has another SOP Instance UID in its meta group)."""
+    ds = ct_instance()
+    part10(ds)
+    announced = str(ds.file_meta.MediaStorageSOPInstanceUID)
+    ds.SOPInstanceUID = "1.2.3.4.5.6"
+    data = part10(ds, fill_meta=False)
+    outcome = archive.ingest(InstanceSource.from_part10(io.BytesIO(data)), Origin.IMPORT)
+    assert outcome.record.SOPInstanceUID == "1.2.3.4.5.6"
+    assert any(announced in note for note in outcome.notes)
+    with archive.open(outcome.record) as stored:
+        assert read_file_meta(stored).MediaStorageSOPInstanceUID == "1.2.3.4.5.6"
+    assert archive.index.instance(announced) is None
 
 
 def test_unparseable_and_truncated_leave_nothing(archive: Archive) -> None:

@@ -107,14 +107,16 @@ def test_dicomweb_requests_and_refusals(archive: Archive, tmp_path: Path) -> Non
     lines = _lines(trail)
     assert [_event(line) for line in lines] == [
         ("User Authentication", "E", 4),
-        ("DICOM Instances Transferred", "C", 0),
+        ("DICOM Instances Transferred", "C", 0),  # the instance, with its study
+        ("DICOM Instances Transferred", "C", 0),  # the request
         ("Query", "E", 0),
         ("DICOM Instances Transferred", "R", 0),
         ("DICOM Study Deleted", "D", 0),
     ]
     assert lines[0]["ActiveParticipant"]["UserID"] == "anonymous"
     assert {line["ActiveParticipant"]["UserID"] for line in lines[1:]} == {"workstation"}
-    assert lines[4]["ParticipantObject"]["StudyInstanceUID"] == ds.StudyInstanceUID
+    assert lines[1]["ParticipantObject"]["StudyInstanceUID"] == ds.StudyInstanceUID
+    assert lines[5]["ParticipantObject"]["StudyInstanceUID"] == ds.StudyInstanceUID
 
 
 def test_search_paths_are_queries_and_others_retrieves() -> None:

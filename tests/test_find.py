@@ -26,7 +26,7 @@ from pacs.dimse.find import answers
 from pacs.dimse.pending import find_response_command, pdus
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
-from pacs.query import Model
+from pacs.query import Level, Model, Query, execute
 from pacs.status import QueryStatus
 from tests.conftest import free_port, make_archive
 from tests.support.instances import ct_instance, source
@@ -492,12 +492,19 @@ def _find_negotiated(server: Server, identifier: Dataset, app_info: bytes) -> li
     return answers
 
 
-def test_fuzzy_person_names_when_negotiated(server: Server) -> None:
-    query = study_query(PatientName="muller*")
-    assert _find_negotiated(server, query, b"\x00\x00\x00") == []
-    fuzzy = _find_negotiated(server, study_query(PatientName="muller*"), b"\x00\x00\x01")
+def test_person_names_match_without_case_and_accents(server: Server) -> None:
+    """With ``case_insensitive_names`` (the default, as Orthanc's CaseSensitivePN=false)
+    a name key matches as PS3.4 C.2.2.2.1 allows for PN, whether or not fuzzy semantic
+    matching (C.5.1.1) was negotiated; without the setting only fuzzy matching does."""
     expected = {
         u for u, ds in server.stored.studies.items() if str(ds.PatientName).startswith("Müller")
     }
     assert expected
-    assert {m.StudyInstanceUID for m in fuzzy} == expected
+    for fuzzy in (b"\x00\x00\x00", b"\x00\x00\x01"):
+        answers = _find_negotiated(server, study_query(PatientName="muller*"), fuzzy)
+        assert {m.StudyInstanceUID for m in answers} == expected
+    strict = Query(level=Level.STUDY, keys={"PatientName": "muller*"})
+    with server.archive.index.reading() as conn:
+        assert list(execute(conn, strict)) == []
+        fuzzy_query = Query(level=Level.STUDY, keys={"PatientName": "muller*"}, fuzzy=True)
+        assert {r["StudyInstanceUID"] for r in execute(conn, fuzzy_query)} == expected

@@ -6,7 +6,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs.errors import InvalidInstance, InvalidUID, SOPClassMismatch
+from pacs.errors import InvalidInstance, InvalidUID
 from pacs.header import normalise_name, read_header
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
 from tests.support.instances import ct_instance, part10
@@ -58,18 +58,6 @@ def test_malformed_uid_is_refused(tmp_path: Path) -> None:
     path, offset, meta = _stage(tmp_path, part10(ds))
     with pytest.raises(InvalidUID, match="StudyInstanceUID"):
         read_header(path, offset, meta)
-
-
-def test_announced_sop_class_must_match(tmp_path: Path) -> None:
-    ds = ct_instance()
-    stream = io.BytesIO(part10(ds))
-    meta = read_file_meta(stream)
-    wrong = FileMeta(
-        "1.2.840.10008.5.1.4.1.1.4", meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID
-    )
-    path, offset, _ = _stage(tmp_path, part10(ds), wrong)
-    with pytest.raises(SOPClassMismatch, match="differs from the announced"):
-        read_header(path, offset, wrong)
 
 
 def test_garbage_is_refused(tmp_path: Path) -> None:

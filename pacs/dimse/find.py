@@ -34,7 +34,18 @@ from pacs.dimse.match_encoding import (
 from pacs.dimse.pending import PendingResponses
 from pacs.dimse.responses import status_dataset as failure
 from pacs.errors import InvalidQuery
-from pacs.query import ATTRIBUTES, Level, Model, Query, compile_query, count_query
+from pacs.query import (
+    ATTRIBUTES,
+    Level,
+    Model,
+    Query,
+    count,
+    execute,
+    item_matches,
+    key_name,
+    returned_value,
+    tag_of,
+)
 from pacs.status import QueryStatus
 
 log = logging.getLogger(__name__)
@@ -61,7 +72,12 @@ def _value_text(value: Any) -> str:
 
 
 def query_from_identifier(
-    identifier: Dataset, model: Model, *, fuzzy: bool = False, combined_datetime: bool = True
+    identifier: Dataset,
+    model: Model,
+    *,
+    fuzzy: bool = False,
+    combined_datetime: bool = True,
+    case_insensitive_names: bool = False,
 ) -> Query:
     """Decode a C-FIND identifier into the protocol-free query."""
     raw_level = str(identifier.get("QueryRetrieveLevel", "") or "").strip()
@@ -70,14 +86,25 @@ def query_from_identifier(
     except ValueError as exc:
         raise InvalidQuery(f"QueryRetrieveLevel {raw_level!r} is not valid") from exc
     keys: dict[str, str] = {}
+    sequences: dict[str, dict[str, str]] = {}
     returned: list[str] = []
     for element in identifier:
-        keyword = element.keyword
-        if not keyword or keyword in CONTROL_KEYS:
+        if element.tag.is_private_creator or element.tag.element == 0:
+            continue
+        keyword = key_name(int(element.tag))
+        if keyword in CONTROL_KEYS:
             continue
         returned.append(keyword)
         if element.VR == "SQ":
-            continue  # sequence matching is not supported; the sequence is returned
+            items = list(element.value or [])
+            if len(items) > 1:
+                raise InvalidQuery(f"{keyword}: a sequence matching key has one item")
+            sequences[keyword] = (
+                {key_name(int(e.tag)): _value_text(e.value).strip() for e in items[0]}
+                if items
+                else {}
+            )
+            continue
         keys[keyword] = _value_text(element.value).strip()
     return Query(
         level=level,
@@ -86,24 +113,36 @@ def query_from_identifier(
         return_keys=tuple(returned),
         fuzzy=fuzzy,
         combined_datetime=combined_datetime,
+        sequences=sequences,
+        case_insensitive_names=case_insensitive_names,
     )
 
 
 def encode_match(
-    row: Mapping[str, Any], identifier: Dataset, level: Level, retrieve_ae_title: str
+    row: Mapping[str, Any],
+    identifier: Dataset,
+    level: Level,
+    retrieve_ae_title: str,
+    query: Query | None = None,
 ) -> Dataset:
     """The pending-response identifier for one matching row."""
     answer = Dataset()
     texts: list[str] = []
+    folded = query is not None and query.names_folded
     for element in identifier:
-        keyword = element.keyword
-        if not keyword or keyword in CONTROL_KEYS:
+        if element.tag.is_private_creator or element.tag.element == 0:
+            continue
+        keyword = key_name(int(element.tag))
+        if keyword in CONTROL_KEYS:
             continue
         if element.VR == "SQ":
-            answer.add_new(element.tag, "SQ", _sequence(keyword, row))
+            item_keys = query.sequences.get(keyword, {}) if query is not None else {}
+            answer.add_new(element.tag, "SQ", _sequence(row, keyword, item_keys, folded))
             continue
-        value = row.get(keyword) if keyword in ATTRIBUTES else None
-        encoded = _as_vr(value, element.VR)
+        if keyword in ATTRIBUTES:
+            encoded = _as_vr(row.get(keyword), element.VR)
+        else:
+            encoded = _stored(returned_value(row, keyword), element)
         if isinstance(encoded, str | PersonName):
             texts.append(str(encoded))
         elif isinstance(encoded, list):
@@ -117,13 +156,37 @@ def encode_match(
     return answer
 
 
-def _sequence(keyword: str, row: Mapping[str, Any]) -> list[Dataset]:
-    if keyword != "RequestAttributesSequence":
-        return []
-    item = Dataset()
-    item.ScheduledProcedureStepID = row.get("ScheduledProcedureStepID") or ""
-    item.RequestedProcedureID = row.get("RequestedProcedureID") or ""
-    return [item] if item.ScheduledProcedureStepID or item.RequestedProcedureID else []
+def _stored(element_json: dict[str, Any] | None, requested: Any) -> Any:
+    """A value of the stored header (DICOM JSON) as the requested element's value."""
+    if not element_json or not element_json.get("Value"):
+        return None
+    tag = f"{int(requested.tag):08X}"
+    try:
+        found = Dataset.from_json({tag: element_json})[requested.tag]
+    except Exception:  # a value kept as sent (an IS of "1A"): returned as that text
+        texts = [str(v) for v in element_json["Value"] if v is not None]
+        return texts[0] if len(texts) == 1 else texts
+    return found.value
+
+
+def _sequence(
+    row: Mapping[str, Any], keyword: str, item_keys: Mapping[str, str], folded: bool
+) -> list[Dataset]:
+    """PS3.4 C.2.2.2.6: the matching items, with only the requested attributes; the
+    whole sequence when no item attribute was named."""
+    stored = returned_value(row, keyword) or {}
+    items = [i for i in stored.get("Value") or [] if isinstance(i, dict)]
+    if any(item_keys.values()):
+        items = [i for i in items if item_matches(i, item_keys, folded)]
+    wanted = {f"{tag_of(k):08X}" for k in item_keys}
+    out = []
+    for item in items:
+        kept = {t: v for t, v in item.items() if t in wanted} if wanted else item
+        try:
+            out.append(Dataset.from_json(kept))
+        except Exception:
+            log.warning("C-FIND: an item of %s could not be returned", keyword)
+    return out
 
 
 def _as_vr(value: Any, vr: str) -> Any:
@@ -140,7 +203,11 @@ def _as_vr(value: Any, vr: str) -> Any:
 
 
 def make_find_handler(
-    archive: Archive, *, max_matches: int, retrieve_ae_title: str
+    archive: Archive,
+    *,
+    max_matches: int,
+    retrieve_ae_title: str,
+    case_insensitive_names: bool = True,
 ) -> Callable[[evt.Event], Iterator[Response]]:
     def handle_find(event: evt.Event) -> Iterator[Response]:
         model = MODELS.get(str(event.request.AffectedSOPClassUID))
@@ -168,6 +235,7 @@ def make_find_handler(
                 model,
                 max_matches=max_matches,
                 retrieve_ae=retrieve_ae_title,
+                case_insensitive_names=case_insensitive_names,
             ):
                 final = int(getattr(status, "Status", status))
                 if final == QueryStatus.PENDING and answer is not None:
@@ -204,6 +272,7 @@ def answers(
     *,
     max_matches: int,
     retrieve_ae: str,
+    case_insensitive_names: bool = True,
 ) -> Iterator[Answer]:
     """The responses to one request, matches as pending ones, checking C-CANCEL before
     each; the final Success is left to pynetdicom."""
@@ -218,31 +287,27 @@ def answers(
             combined_datetime=(
                 len(extended) > _COMBINED_DATETIME_BYTE and extended[_COMBINED_DATETIME_BYTE] == 1
             ),
+            case_insensitive_names=case_insensitive_names,
         )
         with archive.index.reading() as conn:
-            count = conn.execute(count_query(query, at_most=max_matches + 1)).scalar_one()
-            if count > max_matches:
+            if count(conn, query, at_most=max_matches + 1) > max_matches:
                 comment = f"more than {max_matches} matches: refine the query"
                 yield failure(QueryStatus.OUT_OF_RESOURCES, comment), None
                 return
-            # Server-side cursor where the database has one: rows are fetched as they
-            # are sent, never all at once.
-            statement = compile_query(query).execution_options(
-                stream_results=True, max_row_buffer=500
-            )
             fast = MatchEncoder(
                 identifier, query.level, retrieve_ae, str(event.context.transfer_syntax)
             )
-            for row in conn.execute(statement).mappings():
+            # Rows are fetched as they are sent (a server-side cursor where the database
+            # has one), never all at once.
+            for match in execute(conn, query):
                 if event.is_cancelled:
                     yield QueryStatus.CANCEL, None
                     return
-                match = dict(row)
                 encoded = fast.encode(match)
                 yield (
                     QueryStatus.PENDING,
                     (
-                        encode_match(match, identifier, query.level, retrieve_ae)
+                        encode_match(match, identifier, query.level, retrieve_ae, query)
                         if encoded is None
                         else encoded
                     ),

@@ -84,10 +84,14 @@ class MatchEncoder:
         keys: list[tuple[int, str, str]] = []
         for element in identifier:
             keyword = element.keyword
-            if not keyword or keyword in CONTROL_KEYS:
+            if keyword in CONTROL_KEYS:
                 continue
             vr = str(element.VR)
-            if vr not in _TEXT_VRS and vr not in _BINARY and vr != "IS":
+            if keyword not in ATTRIBUTES or (
+                vr not in _TEXT_VRS and vr not in _BINARY and vr != "IS"
+            ):
+                # Values from the stored header, sequences, private attributes: the
+                # general path.
                 self._usable = False
             keys.append((int(element.tag), vr, keyword))
         self._keys = sorted(keys)

@@ -88,6 +88,7 @@ class DimseConfig:
     network_timeout: float = 60.0
     max_pdu: int = 1048576
     max_find_matches: int = 10000
+    case_insensitive_names: bool = True
     # AE title -> (host, port) for C-MOVE
     move_destinations: tuple[tuple[str, str, int], ...] = ()
 
@@ -121,7 +122,10 @@ def service_handlers(archive: Archive, config: DimseConfig) -> list[Any]:
         (
             evt.EVT_C_FIND,
             find.make_find_handler(
-                archive, max_matches=config.max_find_matches, retrieve_ae_title=config.ae_title
+                archive,
+                max_matches=config.max_find_matches,
+                retrieve_ae_title=config.ae_title,
+                case_insensitive_names=config.case_insensitive_names,
             ),
         ),
         (evt.EVT_SOP_EXTENDED, find.accept_extended_negotiation),

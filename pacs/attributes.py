@@ -1,0 +1,136 @@
+"""A stored header as DICOM JSON (PS3.18 F.2): the one encoding of attribute values.
+
+Values are decoded with the stored Specific Character Set and carried as UTF-8, as JSON
+is; the Specific Character Set itself is kept as stored, since it "reflects the
+character encoding of the source DICOM dataset" (F.2.2 note 3).
+
+The index keeps a column for the keys it matches often; every other attribute a query
+asks for is answered from this JSON, kept compressed per instance, so that an answer is
+true to what was stored whatever it names. WADO-RS metadata uses the same conversion
+of elements. Values that pydicom cannot convert as their VR says (an IS of "1A", a DS
+of "1,5") are kept as the text that was sent rather than dropped: F.2.6 lets a number
+that is not valid for its VR be sent as a string.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+log = logging.getLogger(__name__)
+
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+BULK_THRESHOLD = 1024
+PIXEL_DATA = 0x7FE00010
+_NUMERIC = frozenset({"IS", "DS"})
+_STRINGS = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+
+BulkPath = tuple[int, ...]
+BulkURI = Callable[[BulkPath], str]
+
+
+def dataset_json(ds: Dataset, uri: BulkURI | None, path: BulkPath = ()) -> dict[str, Any]:
+    """Every element of ``ds`` except group lengths (PS3.18 F.2: "shall not be included").
+
+    ``uri`` names where a large binary value can be fetched (WADO-RS bulk data); without
+    one, such values are left out (they are never matched or returned by a query).
+    """
+    out: dict[str, Any] = {}
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset yields elements)
+        if tag.element == 0 or (tag == PIXEL_DATA and not path):
+            continue  # the image's own Pixel Data is described by WADO-RS apart
+        key = f"{tag:08X}"
+        try:
+            element = ds[tag]
+        except Exception as exc:  # a raw element pydicom cannot convert at all
+            log.debug("element %s could not be read: %s", key, exc)
+            out[key] = {"vr": "UN"}
+            continue
+        converted = element_json(element, uri, (*path, int(tag)))
+        if converted is not None:
+            out[key] = converted
+    return dict(sorted(out.items()))
+
+
+def element_json(
+    element: DataElement, uri: BulkURI | None, path: BulkPath
+) -> dict[str, Any] | None:
+    vr = str(element.VR)
+    if vr == "SQ":
+        items = [dataset_json(item, uri, (*path, n)) for n, item in enumerate(element.value or [])]
+        return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+    value = element.value
+    if vr in BULK_VRS or " or " in vr:
+        if value is None or len(value) == 0:
+            return {"vr": vr[:2]}
+        if len(value) > BULK_THRESHOLD // 4 * 3:  # its base64 over BULK_THRESHOLD, as pydicom
+            return None if uri is None else {"vr": vr[:2], "BulkDataURI": uri(path)}
+    try:
+        converted: dict[str, Any] = element.to_json_dict(None, BULK_THRESHOLD)
+    except Exception:
+        converted = _as_sent(element)
+    return _nulls_for_empty_values(converted)
+
+
+def _as_sent(element: DataElement) -> dict[str, Any]:
+    """A value pydicom cannot convert as its VR says, as the text that was sent."""
+    vr = str(element.VR)
+    value = element.value
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    if vr in _NUMERIC or vr in _STRINGS:
+        return {"vr": vr, "Value": [None if v in (None, "") else str(v) for v in values]}
+    return {"vr": vr}
+
+
+def _nulls_for_empty_values(converted: dict[str, Any]) -> dict[str, Any]:
+    """PS3.18 F.2.5: an empty value inside a multi-valued element is ``null``."""
+    values = converted.get("Value")
+    if isinstance(values, list) and len(values) > 1:
+        converted["Value"] = [None if v == "" else v for v in values]
+    return converted
+
+
+def pack(attributes: Mapping[str, Any]) -> bytes:
+    return zlib.compress(json.dumps(attributes, separators=(",", ":")).encode(), 6)
+
+
+def unpack(data: bytes | None) -> dict[str, Any]:
+    if not data:
+        return {}
+    unpacked: dict[str, Any] = json.loads(zlib.decompress(data))
+    return unpacked
+
+
+def values(attributes: Mapping[str, Any], tag: str) -> list[Any] | None:
+    """The JSON values of an attribute; None when absent, [] when present but empty."""
+    element = attributes.get(tag)
+    if element is None:
+        return None
+    found: list[Any] = element.get("Value") or []
+    return found
+
+
+def text_values(attributes: Mapping[str, Any], tag: str) -> list[str] | None:
+    """Values as DICOM text (person names in their ``=``-joined form), for matching."""
+    found = values(attributes, tag)
+    if found is None:
+        return None
+    texts = []
+    for value in found:
+        if value is None:
+            texts.append("")
+        elif isinstance(value, dict):
+            groups = [value.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")]
+            texts.append("=".join(groups).rstrip("="))
+        else:
+            texts.append(str(value))
+    return texts

@@ -130,7 +130,11 @@ def find(
     assoc = ae.associate("127.0.0.1", site.dimse.port, ae_title="FILMLESS")
     assert assoc.is_established
     try:
-        return [a for s, a in assoc.send_c_find(identifier, model) if s.Status in (0xFF00, 0xFF01)]
+        return [
+            a
+            for s, a in assoc.send_c_find(identifier, model)
+            if s.Status in (0xFF00, 0xFF01) and a is not None
+        ]
     finally:
         assoc.release()
 

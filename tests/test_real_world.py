@@ -432,7 +432,8 @@ def _reference_picture(path: Path) -> np.ndarray | None:
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
         return np.asarray(rgb / (2**bits - 1) * 255)
     if int(ds.get("SamplesPerPixel", 1)) > 1:
-        return np.asarray(array, dtype=np.float64) / (2 ** int(ds.BitsStored) - 1) * 255
+        scaled: np.ndarray = np.asarray(array, dtype=np.float64) / (2 ** int(ds.BitsStored) - 1)
+        return scaled * 255
     return np.asarray(grey64(cast(Dataset, _Frame(ds, array))) * 255)
 
 

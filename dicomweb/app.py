@@ -27,6 +27,7 @@ from dicomweb.qido import Search, parse_search, to_dicom_json
 from dicomweb.stow import stow_router
 from dicomweb.viewer import viewer_router
 from dicomweb.wado import wado_router
+from dicomweb.wado_uri import wado_uri_router
 from pacs.archive import Archive
 from pacs.errors import PacsError
 from pacs.query import Level, execute
@@ -154,6 +155,7 @@ def create_app(
         return Response(status_code=204)
 
     app.include_router(wado_router(archive), prefix=base_path)
+    app.include_router(wado_uri_router(archive), prefix=base_path)
     app.include_router(stow_router(archive, max_bytes=max_request_bytes), prefix=base_path)
     if viewer_dir is not None:
         app.include_router(viewer_router(viewer_dir, missing=viewer_missing))

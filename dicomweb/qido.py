@@ -114,7 +114,24 @@ def _non_negative(name: str, value: str) -> int:
 def _included(level: Level, keyword: str) -> bool:
     """PS3.18 10.6.3.3: attributes of a lower level named in includefield are not
     returned (nor returned empty)."""
-    return keyword in DERIVED or model_depth(keyword, Model.STUDY_ROOT) <= DEPTH[level]
+    if keyword in DERIVED or _private(keyword):
+        return True  # private attributes belong to no level; asked for, they are returned
+    return model_depth(keyword, Model.STUDY_ROOT) <= DEPTH[level]
+
+
+def _private(keyword: str) -> bool:
+    return bool(_TAG.fullmatch(keyword)) and int(keyword[:4], 16) % 2 == 1
+
+
+def _with_creators(keywords: list[str]) -> list[str]:
+    """PS3.18 10.6.3.3.1: a private element comes with its Private Creator element."""
+    out: list[str] = []
+    for keyword in keywords:
+        if _private(keyword) and int(keyword[4:], 16) > 0xFF:
+            group, element = int(keyword[:4], 16), int(keyword[4:], 16)
+            out.append(f"{group:04X}{element >> 8:04X}")
+        out.append(keyword)
+    return out
 
 
 def parse_search(
@@ -165,7 +182,8 @@ def parse_search(
         defaults += DEFAULT_RETURN[Level.STUDY]
     if level == Level.IMAGE and SeriesInstanceUID is None:
         defaults += DEFAULT_RETURN[Level.SERIES]
-    returned = tuple(k for k in dict.fromkeys([*defaults, *keys, *included]) if _included(level, k))
+    wanted = _with_creators([*defaults, *keys, *included])
+    returned = tuple(k for k in dict.fromkeys(wanted) if _included(level, k))
     query = Query(
         level=level,
         model=Model.STUDY_ROOT,

@@ -56,8 +56,7 @@ def parse_params(
             if not value.isdigit() or not 1 <= int(value) <= 100:
                 raise MalformedRequest(f"quality must be 1..100, not {value!r}")
             quality = int(value)
-        elif name != "accept":
-            raise MalformedRequest(f"unknown parameter {name!r} for a rendered resource")
+        # Anything else (a viewer's cache buster) is ignored, as for searches (PS3.18 8.3.4).
     return RenderParams(window, viewport, quality)
 
 

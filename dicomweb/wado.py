@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC
@@ -22,12 +23,13 @@ from pydicom.uid import UID
 from dicomweb import media
 from dicomweb.metadata import bulk_value, instance_json, parse_path
 from dicomweb.multipart import Part, encode, multipart_type, new_boundary
-from dicomweb.rendered import THUMBNAIL_SIZE, Viewport, parse_params, render
+from dicomweb.rendered import THUMBNAIL_SIZE, RenderParams, Viewport, parse_params, render
 from pacs.archive import Archive
 from pacs.errors import MalformedRequest, NoSuchFrame, NotAcceptable, UndecodablePixels
 from pacs.index import InstanceRecord
 from pacs.pixels import PIXEL_DATA, native_frame, read_image, stored_frame, transcode
 
+log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 _SPOOL_IN_MEMORY = 8 << 20
 _THUMBNAIL_CANDIDATES = 16
@@ -330,6 +332,46 @@ def wado_router(archive: Archive) -> APIRouter:
             raise MalformedRequest("a rendered frame names exactly one frame")
         return rendered(request, records(study, series, instance), numbers[0])
 
+    def rendered_many(request: Request, found: list[InstanceRecord]) -> Response:
+        """PS3.18 10.4.1.1.3 and 8.3.5: a study or series rendered is every frame of its
+        images, one image part each. The first is rendered before answering (a study
+        with nothing to render is a 404/406, not an empty body); a later one that cannot
+        be decoded is left out and said so in the log, never a cut answer."""
+        params = parse_params(list(request.query_params.multi_items()))
+        media_type = media.choose_rendered(_ranges(request))
+        headers = validators(found, f"rendered {media_type} {params}")
+        if (cached := not_modified(request, headers)) is not None:
+            return cached
+        frames = _frames_to_render(archive, found)
+        first = None
+        while frames and first is None:
+            record, index = frames.pop(0)
+            first = _render_or_none(archive, record, index, params, media_type)
+        if first is None:
+            raise NoSuchFrame("nothing in it has pixel data that can be rendered")
+
+        def parts() -> Iterator[Part]:
+            yield Part(media_type, [first])
+            for record, index in frames:
+                body = _render_or_none(archive, record, index, params, media_type)
+                if body is not None:
+                    yield Part(media_type, [body])
+
+        boundary = new_boundary()
+        return StreamingResponse(
+            encode(boundary, parts()),
+            media_type=multipart_type(media_type, boundary),
+            headers=headers,
+        )
+
+    @router.get("/studies/{study}/rendered")
+    def study_rendered(request: Request, study: str) -> Response:
+        return rendered_many(request, records(study))
+
+    @router.get("/studies/{study}/series/{series}/rendered")
+    def series_rendered(request: Request, study: str, series: str) -> Response:
+        return rendered_many(request, records(study, series))
+
     thumbnail_size = Viewport(THUMBNAIL_SIZE, THUMBNAIL_SIZE)
 
     @router.get("/studies/{study}/thumbnail")
@@ -354,6 +396,34 @@ def wado_router(archive: Archive) -> APIRouter:
         return rendered(request, records(study, series, instance), numbers[0], thumbnail_size)
 
     return router
+
+
+def _frames_to_render(
+    archive: Archive, found: list[InstanceRecord]
+) -> list[tuple[InstanceRecord, int]]:
+    frames = []
+    for record in found:
+        with archive.open(record) as stream:
+            image = read_image(stream)
+        if not image.has_pixels:
+            continue
+        try:
+            count = image.number_of_frames
+        except UndecodablePixels:
+            count = 0
+        frames += [(record, index) for index in range(count)]
+    return frames
+
+
+def _render_or_none(
+    archive: Archive, record: InstanceRecord, index: int, params: RenderParams, media_type: str
+) -> bytes | None:
+    try:
+        with archive.open(record) as stream:
+            return render(stream, read_image(stream), index, params, media_type)
+    except UndecodablePixels as exc:
+        log.warning("rendered: %s frame %d left out: %s", record.SOPInstanceUID, index + 1, exc)
+        return None
 
 
 def _representative(found: list[InstanceRecord]) -> list[InstanceRecord]:

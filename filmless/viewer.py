@@ -30,7 +30,7 @@ BASE = "/viewer/"
 _MARKER = ".filmless-ohif"
 # Raised whenever :func:`patch` changes, so that an install adapted by an older one is
 # fetched and adapted again by ``make serve`` instead of being kept.
-_ADAPTATION = 2
+_ADAPTATION = 3
 _STAMP = f"{OHIF_VERSION}+filmless.{_ADAPTATION}"
 HOW_TO = (
     "the OHIF viewer is not installed: install npm (apt-get install npm, or Node.js from "
@@ -209,7 +209,7 @@ window.config = {
       configuration: {
         friendlyName: 'filmless',
         name: 'filmless',
-        wadoUriRoot: window.location.origin + '/dicom-web',
+        wadoUriRoot: window.location.origin + '/dicom-web/wado',
         qidoRoot: window.location.origin + '/dicom-web',
         wadoRoot: window.location.origin + '/dicom-web',
         qidoSupportsIncludeField: true,

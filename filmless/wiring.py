@@ -74,6 +74,7 @@ def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
                 JobQueue(index),
                 store.manifests,
                 stable_seconds=settings.study_stable_seconds,
+                without_view_position=settings.screen_without_view_position,
             )
         )
     return archive

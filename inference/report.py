@@ -19,7 +19,9 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
 
 from inference.geometry import Box, peak_box, to_image
 from models.manifest import Manifest
@@ -31,6 +33,74 @@ Group = (
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
 _ROOT = uuid.UUID("6f0b5c36-9a51-4e8a-9a8f-0b8f3c1d2e4a")
+
+
+# Type 2 attributes of the modules highdicom copies from the first source into a report
+# (Patient, General Study): present in the report, empty when the source lacks them.
+_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+_SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
+
+
+class UnreportableSource(ValueError):
+    """A source image lacks what a report must name (a Type 1 attribute)."""
+
+
+def report_source(source: Dataset) -> Dataset:
+    """The header a report is made from: the source's, with what modalities get wrong
+    made into what the SR IOD allows, so that a report is never lost to it.
+
+    Type 2 attributes the source lacks are written empty; values whose form the SR
+    cannot carry are made to fit: PatientSex "male" is M (anything else unknown is
+    empty), several values in a single-valued name or ID keep the first, a date or time
+    that is not one is left empty, and an unknown Specific Character Set leaves the
+    report in UTF-8 (the values were read with the default repertoire). The source in
+    the archive is not touched.
+    """
+    ds = Dataset()
+    for element in source:  # a shallow copy: the pixel data is not in a header anyway
+        ds.add(element)
+    for keyword in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        if not str(ds.get(keyword) or "").strip():
+            raise UnreportableSource(f"the source image has no {keyword}; no report can name it")
+    for keyword in _TYPE_2:
+        value = ds.get(keyword)
+        if value is None:
+            setattr(ds, keyword, "")
+        elif isinstance(value, MultiValue):
+            setattr(ds, keyword, value[0] if len(value) else "")
+    sex = str(ds.get("PatientSex") or "").strip().upper()
+    ds.PatientSex = _SEX.get(sex, "")
+    for keyword, form in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        text = str(ds.get(keyword) or "").strip()
+        if text:
+            try:
+                form(text)
+            except ValueError:
+                setattr(ds, keyword, "")
+    charset = ds.get("SpecificCharacterSet")
+    if charset is not None and not _known_charset(charset):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
+
+
+def _known_charset(value: object) -> bool:
+    values = [str(v) for v in value] if isinstance(value, MultiValue | list) else [str(value)]
+    for term in values:
+        try:
+            hd.enum.SpecificCharacterSetValues(term or "ISO 2022 IR 6")
+        except ValueError:
+            return False
+    return True
 
 
 def derived_uid(*parts: str) -> str:
@@ -131,6 +201,7 @@ def build_report(
     ``outputs`` are the model's outputs by name, or findings already derived from them
     (an exam-level aggregation).
     """
+    sources = [report_source(s) for s in sources]
     found = findings(manifest, outputs) if isinstance(outputs, Mapping) else list(outputs)
     located = regions(manifest, outputs, sources) if isinstance(outputs, Mapping) else {}
     constant = Constant.of(manifest, device_uid)

@@ -38,6 +38,7 @@ from inference.report import (
     finding_group,
     findings,
     regions,
+    report_source,
     summary_calls,
     summary_group,
 )
@@ -81,6 +82,7 @@ class ReportWriter:
         job: str,
     ) -> EncodedReport:
         manifest = self.constant.manifest
+        sources = [report_source(s) for s in sources]
         found = findings(manifest, outputs) if isinstance(outputs, Mapping) else list(outputs)
         located = regions(manifest, outputs, sources) if isinstance(outputs, Mapping) else {}
         for source in sources:  # highdicom's checks of a source image, as build_report has

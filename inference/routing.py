@@ -24,13 +24,27 @@ class Decision:
     reason: str = ""
 
 
+# Where an attribute may also be found: the laterality of an image is ImageLaterality,
+# or the series' Laterality when all its images show one side (PS3.3 C.7.3.1.1.1).
+_FALLBACK = {"ImageLaterality": "Laterality"}
+
+
 def _value(header: Header, keyword: str) -> str:
     value = header.get(keyword)
-    return "" if value is None else str(value).strip().upper()
+    text = "" if value is None else str(value).strip().upper()
+    if not text and keyword in _FALLBACK:
+        return _value(header, _FALLBACK[keyword])
+    return text
 
 
-def decide(header: Header, manifest: Manifest) -> Decision | None:
-    """None when the model is not concerned (another modality); else run or skip, why."""
+def decide(
+    header: Header, manifest: Manifest, *, without_view_position: bool = False
+) -> Decision | None:
+    """None when the model is not concerned (another modality); else run or skip, why.
+
+    ``without_view_position``: an image-level model whose rules name ViewPosition runs on
+    an image that has none (the ``screen_without_view_position`` setting).
+    """
     rules = list(manifest.routing.match.items())
     if not rules:
         return Decision(manifest.name, runs=True)
@@ -39,6 +53,13 @@ def decide(header: Header, manifest: Manifest) -> Decision | None:
         return None
     for keyword, values in others:
         value = _value(header, keyword)
+        if (
+            not value
+            and keyword == "ViewPosition"
+            and without_view_position
+            and manifest.routing.level == "instance"
+        ):
+            continue
         if value not in {v.upper() for v in values}:
             shown = value or "absent"
             return Decision(
@@ -49,13 +70,15 @@ def decide(header: Header, manifest: Manifest) -> Decision | None:
     return Decision(manifest.name, runs=True)
 
 
-def route(header: Header, manifests: Iterable[Manifest]) -> list[Decision]:
+def route(
+    header: Header, manifests: Iterable[Manifest], *, without_view_position: bool = False
+) -> list[Decision]:
     """Decisions of every default model concerned by an instance."""
     decisions = []
     for manifest in manifests:
         if not manifest.default:
             continue
-        decision = decide(header, manifest)
+        decision = decide(header, manifest, without_view_position=without_view_position)
         if decision is not None:
             decisions.append(decision)
     return decisions

@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.forward import PREFIX, Destination, send
 from inference.preprocess import Unusable, preprocess
-from inference.report import Finding, derived_uid
+from inference.report import Finding, UnreportableSource, derived_uid
 from inference.report_writer import EncodedReport, ReportWriter
 from inference.routing import decide, missing_views, view
 from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
@@ -114,6 +114,10 @@ class Worker:
             log.info(
                 "%s skipped %s: %s", job.model, job.SOPInstanceUID or job.StudyInstanceUID, exc
             )
+        except UnreportableSource as exc:
+            # Running it again cannot help: failed now, with what the image lacks.
+            self.queue.fail(job, f"no report can be written: {exc}", max_attempts=job.attempts)
+            log.warning("%s failed on job %d: %s", job.model, job.id, exc)
         except Exception as exc:  # any failure is recorded on the job, never lost
             log.exception("%s failed on job %d", job.model, job.id)
             self.queue.fail(
@@ -225,6 +229,7 @@ def _values(header: Dataset) -> dict[str, str | None]:
         "PresentationIntentType",
         "ViewPosition",
         "ImageLaterality",
+        "Laterality",
     )
     return {k: str(header.get(k, "")) or None for k in keywords}
 

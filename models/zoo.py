@@ -46,7 +46,7 @@ ICDR_GRADES = [
     "4 proliferative DR",
 ]
 DENSITY = ["A", "B", "C", "D"]
-DEMO_VERSION = "0.2.0-demo"
+DEMO_VERSION = "0.3.0-demo"
 
 DX_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
@@ -162,6 +162,8 @@ FUNDUS = Task(
             "Modality": ["OP", "XC"],
             "SOPClassUID": FUNDUS_CLASSES,
             "PhotometricInterpretation": ["RGB", "YBR_FULL", "YBR_FULL_422"],
+            # Results are per eye: an image of no known eye is skipped, with the reason.
+            "ImageLaterality": ["L", "R"],
         },
     ),
     operating_points=[

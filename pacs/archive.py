@@ -29,6 +29,7 @@ from pacs.errors import (
 from pacs.events import EventBus, InstanceStored
 from pacs.header import read_header
 from pacs.index import (
+    DERIVED_ORIGIN,
     BlobFacts,
     DuplicatePolicy,
     Index,
@@ -64,7 +65,7 @@ class Origin(StrEnum):
     DIMSE = "dimse"
     STOW = "stow"
     IMPORT = "import"
-    INFERENCE = "inference"
+    INFERENCE = DERIVED_ORIGIN
 
 
 @dataclass(frozen=True, slots=True)

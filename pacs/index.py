@@ -58,6 +58,7 @@ from pacs.header import InstanceHeader, normalise_name
 
 DuplicatePolicy = Literal["reject", "overwrite"]
 PatientPolicy = Literal["reject", "update"]
+DERIVED_ORIGIN = "inference"
 
 metadata = MetaData()
 
@@ -499,6 +500,8 @@ def _add(
         replaced = existing
     now = datetime.now(UTC)
     incoming = _patient_values(header)
+    # What the archive derives from a study (AI reports) never changes who it belongs to.
+    derived = blob.origin == DERIVED_ORIGIN
 
     # The study row is locked first: instances of one study commit one after the other.
     study_row = _study_for_update(conn, header.study.StudyInstanceUID)
@@ -517,6 +520,8 @@ def _add(
         new_study = _insert_ignore(conn, study, study_values) is not None
         study_row = _study_for_update(conn, header.study.StudyInstanceUID)
         assert study_row is not None
+    elif derived:
+        pass  # a report on the study's own images: it names the patient as they did
     elif (conflict := patient_conflict(study_row, incoming)) is not None:
         if patient_policy == "reject":
             raise PatientConflict(
@@ -530,7 +535,7 @@ def _add(
     study_id, owner = study_row["id"], study_row["patient_id"]
     # The latest instance names the patient (a corrected name, a birth date added); an
     # attribute it leaves empty does not erase what the others said.
-    changes = {k: v for k, v in incoming.items() if v and study_row[k] != v}
+    changes = {} if derived else {k: v for k, v in incoming.items() if v and study_row[k] != v}
     if changes:
         conn.execute(update(study).where(study.c.id == study_id).values(**changes))
         conn.execute(update(patient).where(patient.c.id == owner).values(**changes))

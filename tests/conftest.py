@@ -32,6 +32,18 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three demo models, built once for every test that screens."""
+    from models.build import build_demo  # noqa: PLC0415 (torch: only for the tests that need it)
+    from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("demo-models")
+    for task in (CHEST_XRAY, FUNDUS, MAMMOGRAPHY):
+        build_demo(root, task)
+    return root
+
+
+@pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     binaries = find_postgres_binaries()
     if binaries is None:

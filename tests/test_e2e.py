@@ -20,7 +20,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from models.build import build_demo
 from models.manifest import Manifest
 from models.store import ModelStore
 from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY
@@ -46,11 +45,8 @@ WAIT_SECONDS = 300
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("e2e-models")
-    for task in (CHEST_XRAY, FUNDUS, MAMMOGRAPHY):
-        build_demo(root, task)
-    return root
+def models_dir(demo_models: Path) -> Path:
+    return demo_models
 
 
 @pytest.fixture(scope="module")

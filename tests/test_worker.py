@@ -11,9 +11,8 @@ from dicomweb.app import create_app
 from inference.forward import destination
 from inference.scheduler import Scheduler
 from inference.worker import Worker, WorkerSettings
-from models.build import build_demo
 from models.store import ModelStore
-from models.zoo import CHEST_XRAY, MAMMOGRAPHY
+from models.zoo import CHEST_XRAY
 from pacs.archive import Archive, Origin
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
@@ -27,11 +26,8 @@ PATIENT = Patient("E2E", "End^To End", "ISO_IR 192", "19700101", "O")
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("worker-models")
-    for task in (CHEST_XRAY, MAMMOGRAPHY):
-        build_demo(root, task)
-    return root
+def models_dir(demo_models: Path) -> Path:
+    return demo_models
 
 
 def _pipeline(archive: Archive, models_dir: Path) -> tuple[JobQueue, Worker]:

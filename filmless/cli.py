@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,8 +26,9 @@ from filmless.viewer import HOW_TO, OHIF_VERSION, ViewerError, install, installe
 from filmless.wiring import build_archive, configure_logging
 from pacs.archive import Archive, Origin
 from pacs.audit import Actor, AuditEvent, Outcome
-from pacs.errors import PacsError
+from pacs.errors import IndexFailure, PacsError
 from pacs.jobs import JobQueue, JobState
+from pacs.reindex import reindex, stored_files
 from pacs.status import StoreStatus
 from pacs.verify import verify
 
@@ -60,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--force", action="store_true", help="install again")
     commands.add_parser("verify", help="re-hash every stored file against the index")
+    commands.add_parser(
+        "reindex", help="rebuild the index from the stored files (after an upgrade)"
+    )
     token = commands.add_parser("token", help="DICOMweb bearer tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     new = token_commands.add_parser("new", help="make a token and print its settings line")
@@ -90,6 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]invalid settings:[/red] {exc}")
         return 2
+    try:
+        return _run(args, settings, console)
+    except IndexFailure as exc:
+        # The index cannot be used (another schema version, a database that is down):
+        # the reason and what to do, not a traceback.
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 1
+
+
+def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
     if args.command == "serve":
         serve(settings)
         return 0
@@ -104,11 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return jobs_command(settings, args, console)
     if args.command == "verify":
         return verify_command(settings, console)
+    if args.command == "reindex":
+        return reindex_command(settings, console)
     if args.command == "token":
         token, sha256 = new_token()
         console.print("the token (shown once; give it to the client):")
         sys.stdout.write(f"{token}\n")
-        console.print("add to [api_tokens] in filmless.toml:")
+        console.print(escape("add to [api_tokens] in filmless.toml:"))
         sys.stdout.write(f'{args.name} = "{args.scope}:{sha256}"\n')
         return 0
     if args.command == "viewer":
@@ -135,6 +152,27 @@ def verify_command(settings: Settings, console: Console) -> int:
         for uid in uids[:_REJECTIONS_SHOWN]:
             console.print(f"[red]{label}:[/red] {uid}")
     return 0 if result.ok else 1
+
+
+def reindex_command(settings: Settings, console: Console) -> int:
+    """1 when a stored file could not be indexed (it stays where it is, listed)."""
+    archive = build_archive(settings, create_schema=False)
+    try:
+        files = len(stored_files(archive))
+        columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("reindex", total=files)
+            result = reindex(archive, lambda: progress.advance(task))
+    finally:
+        archive.index.dispose()
+    console.print(
+        f"{result.indexed} of {files} stored file(s) indexed; {len(result.refused)} left out, "
+        f"{len(result.changed)} changed a study's patient"
+    )
+    for label, entries in (("left out", result.refused), ("changed", result.changed)):
+        for path, reason in entries[:_REJECTIONS_SHOWN]:
+            console.print(f"[yellow]{label}[/yellow] {path}: {reason}")
+    return 1 if result.refused else 0
 
 
 def viewer_install(settings: Settings, console: Console, *, optional: bool, force: bool) -> int:

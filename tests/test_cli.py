@@ -151,6 +151,30 @@ def test_import_folder(
     assert "duplicate" in err
 
 
+def test_an_index_of_another_schema_is_rebuilt_by_reindex(
+    env: Path, tmp_path: Path, corpus: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An index from an older filmless is refused with the command that rebuilds it;
+    ``filmless reindex`` makes it again from the stored files and loses none."""
+    assert main(["import", *map(str, corpus[:12])]) == 0
+    index = Index(load_settings().index_url)
+    before = {r.SOPInstanceUID: r.sha256 for r in index.instances()}
+    with index.writer.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE filmless_schema")  # what version 1 looked like
+    index.dispose()
+    capsys.readouterr()
+    assert main(["import", str(corpus[12])]) == 1
+    assert "rebuild it from the stored files with `filmless reindex`" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    assert main(["reindex"]) == 0
+    assert "12 of 12 stored file(s) indexed" in " ".join(capsys.readouterr().err.split())
+    index = Index(load_settings().index_url)
+    assert {r.SOPInstanceUID: r.sha256 for r in index.instances()} == before
+    index.dispose()
+    assert main(["import", str(corpus[12])]) == 0
+
+
 def test_import_missing_path(env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["import", str(tmp_path / "nowhere")]) == 2
     assert "no such file" in capsys.readouterr().err
@@ -270,3 +294,12 @@ def test_serve_screens_a_stored_chest_xray(
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output.decode()
     assert b"runs on CPUExecutionProvider" in output
+
+
+def test_token_new_names_the_settings_table(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["token", "new", "--name", "ris", "--scope", "write"]) == 0
+    captured = capsys.readouterr()
+    assert "add to [api_tokens] in filmless.toml" in captured.err
+    token, line = captured.out.splitlines()
+    assert line.startswith('ris = "write:')
+    assert len(token) > 20

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 
 from dicomweb.audit import AuditRequests
@@ -57,7 +58,8 @@ def create_app(
     do not: they hold no patient data). ``request_timeout``: see :mod:`dicomweb.deadline`.
     ``case_insensitive_names``: person names match without regard to case and accents
     even without ``fuzzymatching=true``."""
-    app = FastAPI(title="filmless DICOMweb", version="0.1.0")
+    # /docs and /redoc load Swagger UI and ReDoc from this server: they work offline.
+    app = FastAPIOffline(title="filmless DICOMweb", version="0.1.0", static_url="/docs-static")
     app.add_middleware(GZipMiddleware, minimum_size=1024, exclude_content_types=_NOT_GZIPPED)
     if api_tokens or oidc is not None:
         app.add_middleware(BearerAuth, tokens=list(api_tokens), prefix=base_path, oidc=oidc)

@@ -203,10 +203,23 @@ def wado_router(archive: Archive) -> APIRouter:
         def array() -> Iterator[bytes]:
             yield b"["
             for n, record in enumerate(found):
-                with archive.open(record) as stream:
-                    entry = instance_json(read_image(stream), instance_url(request, record))
-                yield (b"," if n else b"") + json.dumps(entry).encode()
+                yield (b"," if n else b"") + json.dumps(entry(record)).encode()
             yield b"]"
+
+        def entry(record: InstanceRecord) -> dict[str, object]:
+            """One instance's metadata; one whose header cannot be read any more is
+            named by its UIDs, so that the rest of the study is still answered whole."""
+            try:
+                with archive.open(record) as stream:
+                    return instance_json(read_image(stream), instance_url(request, record))
+            except Exception:
+                log.exception("metadata of %s cannot be read", record.SOPInstanceUID)
+                return {
+                    "00080016": {"vr": "UI", "Value": [record.SOPClassUID]},
+                    "00080018": {"vr": "UI", "Value": [record.SOPInstanceUID]},
+                    "0020000D": {"vr": "UI", "Value": [record.StudyInstanceUID]},
+                    "0020000E": {"vr": "UI", "Value": [record.SeriesInstanceUID]},
+                }
 
         return StreamingResponse(array(), media_type=media.DICOM_JSON, headers=headers)
 

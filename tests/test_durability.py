@@ -35,7 +35,8 @@ def _write_instances(folder: Path, count: int, seed: int) -> list[Path]:
     studies = [(generate_uid(), generate_uid()) for _ in range(max(1, count // 50))]
     paths = []
     for number in range(count):
-        study, series = studies[number % len(studies)]
+        which = number % len(studies)
+        study, series = studies[which]
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -43,8 +44,9 @@ def _write_instances(folder: Path, count: int, seed: int) -> list[Path]:
         ds.SOPInstanceUID = generate_uid()
         ds.StudyInstanceUID = study
         ds.SeriesInstanceUID = series
-        ds.PatientID = f"DUR{number % 7}"
-        ds.PatientName = f"Durable^{number % 7}"
+        # One patient per study: an instance naming another patient's study is refused.
+        ds.PatientID = f"DUR{which % 7}"
+        ds.PatientName = f"Durable^{which % 7}"
         ds.Modality = "OT"
         ds.InstanceNumber = number + 1
         ds.Rows = ds.Columns = 48

@@ -280,7 +280,7 @@ def test_frames_of_encapsulated_pixel_data_with_a_defined_length(web: Web) -> No
         ("/rendered?window=1,2", "image/jpeg", 400),
         ("/rendered?window=40,400,cubic", "image/jpeg", 400),
         ("/rendered?viewport=0,10", "image/jpeg", 400),
-        ("/rendered?frobnicate=1", "image/jpeg", 400),
+        ("/rendered?quality=101", "image/jpeg", 400),
         ("/frames/2/rendered", "image/jpeg", 404),
         ("/bulkdata/7FE0", "*/*", 400),
         ("/bulkdata/00280030", "*/*", 404),

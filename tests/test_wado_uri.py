@@ -138,3 +138,6 @@ def test_study_and_series_rendered_are_every_frame(served: Served) -> None:
     assert series.status_code == 200
     assert len(parts(series)) == int(ds.NumberOfFrames)
     assert all(kind == "image/jpeg" for kind, _ in parts(series))
+    # A viewer's cache buster is ignored, as in searches (PS3.18 8.3.4).
+    busted = httpx.get(f"{served.url}/studies/{served.study}/rendered", params={"_": "1712"})
+    assert busted.status_code == 200

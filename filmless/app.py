@@ -19,6 +19,7 @@ from filmless.settings import Settings
 from filmless.wiring import build_archive, dimse_config, dimse_worker_count, start_screening
 from pacs.archive import Archive
 from pacs.dimse.server import start_dimse
+from pacs.lock import ArchiveLock
 from pacs.verify import reconcile
 
 log = logging.getLogger("filmless")
@@ -67,6 +68,8 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
 def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then stop accepting and let open associations end."""
     archive = build_archive(settings)
+    lock = ArchiveLock(settings.data_dir, archive.index)
+    lock.acquire()  # before anything moves: a second server fails here, changing nothing
     reconcile(archive)  # before anything is received: what a crash left behind
     workers = dimse_worker_count(settings)
     stop = threading.Event()
@@ -117,4 +120,5 @@ def serve(settings: Settings) -> None:
         stop_dimse()
         if screening is not None:
             screening.close()
+        lock.release()
         archive.index.dispose()

@@ -26,8 +26,9 @@ from filmless.viewer import HOW_TO, OHIF_VERSION, ViewerError, install, installe
 from filmless.wiring import build_archive, configure_logging
 from pacs.archive import Archive, Origin
 from pacs.audit import Actor, AuditEvent, Outcome
-from pacs.errors import IndexFailure, PacsError
+from pacs.errors import ArchiveInUse, IndexFailure, PacsError
 from pacs.jobs import JobQueue, JobState
+from pacs.lock import ArchiveLock
 from pacs.reindex import reindex, stored_files
 from pacs.status import StoreStatus
 from pacs.verify import verify
@@ -97,9 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _run(args, settings, console)
-    except IndexFailure as exc:
-        # The index cannot be used (another schema version, a database that is down):
-        # the reason and what to do, not a traceback.
+    except (IndexFailure, ArchiveInUse) as exc:
+        # The index cannot be used (another schema version, a database that is down) or
+        # another server holds the archive: the reason and what to do, not a traceback.
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 1
 
@@ -157,13 +158,16 @@ def verify_command(settings: Settings, console: Console) -> int:
 def reindex_command(settings: Settings, console: Console) -> int:
     """1 when a stored file could not be indexed (it stays where it is, listed)."""
     archive = build_archive(settings, create_schema=False)
+    lock = ArchiveLock(settings.data_dir, archive.index)
     try:
+        lock.acquire()  # never under a running server
         files = len(stored_files(archive))
         columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("reindex", total=files)
             result = reindex(archive, lambda: progress.advance(task))
     finally:
+        lock.release()
         archive.index.dispose()
     console.print(
         f"{result.indexed} of {files} stored file(s) indexed; {len(result.refused)} left out, "

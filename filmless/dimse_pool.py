@@ -29,6 +29,7 @@ from filmless.settings import Settings
 from filmless.wiring import build_archive, configure_logging, dimse_config
 from pacs.dimse.frontdoor import AssociationCounts
 from pacs.dimse.server import start_handoff
+from pacs.lock import hold_as_worker
 
 log = logging.getLogger("filmless.dimse")
 
@@ -151,6 +152,8 @@ def worker_main(
     """Entry point of a worker process: one archive, one handoff server, until SIGTERM."""
     settings = Settings.model_validate(settings_data)
     configure_logging(verbose=False)
+    # Held until this process exits: no new server reconciles while it still stores.
+    worker_lock = hold_as_worker(settings.data_dir)
     archive = build_archive(settings, create_schema=False)
     config = dimse_config(settings)
 
@@ -194,3 +197,4 @@ def worker_main(
         time.sleep(0.1)
     server.shutdown()
     archive.index.dispose()
+    worker_lock.close()

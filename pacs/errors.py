@@ -23,6 +23,7 @@
     ├── RequestTimedOut             0xA700 out of resources    / 408
     ├── AnswerTimedOut              0xA700 out of resources    / 503
     ├── UnsupportedMediaType        0xC000 cannot understand   / 415
+    ├── ArchiveInUse                (at start: another server holds the archive)
     ├── Unauthenticated             0x0124 not authorized      / 401
     └── Forbidden                   0x0124 not authorized      / 403
 
@@ -166,6 +167,10 @@ class UnsupportedMediaType(PacsError):
 
     dimse_status = StoreStatus.CANNOT_UNDERSTAND
     http_status = 415
+
+
+class ArchiveInUse(PacsError):
+    """Another server process holds the archive (its data folder or its index)."""
 
 
 class Unauthenticated(PacsError):

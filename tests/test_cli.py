@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from pacs.jobs import JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx
 from tests.conftest import free_port
 from tests.support.instances import ct_instance, write
+from tests.support.postgres import PostgresServer
 from tests.support.server import serve
 
 CXR_PATIENT = Patient("SERVE", "Serve^Screen", "ISO_IR 192", "19700101", "O")
@@ -218,6 +221,45 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
     index.dispose()
 
 
+def test_a_second_server_on_the_same_data_fails_at_once_and_changes_nothing(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two servers on one data folder: the second would reconcile (move the first's
+    files being stored) before failing to bind its ports. It stops first."""
+    port, http_port = free_port(), free_port()
+    first = serve(port, http_port, FILMLESS_DIMSE_WORKERS="2")
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+        assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
+        assert assoc.is_established
+        assert assoc.send_c_store(ct_instance()).Status == 0
+        assoc.release()
+        stored = sorted(p for p in env.rglob("*.dcm"))
+        second = subprocess.run(
+            [sys.executable, "-m", "filmless.cli", "serve"],
+            env={
+                **os.environ,
+                "FILMLESS_DIMSE_PORT": str(free_port()),
+                "FILMLESS_HTTP_PORT": str(free_port()),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert "is in use by filmless pid" in " ".join(second.stderr.split())
+        assert sorted(p for p in env.rglob("*.dcm")) == stored
+        assert not (env / "orphans").exists() or not any((env / "orphans").rglob("*"))
+        assert main(["reindex"]) == 1  # nor may the index be rebuilt under it
+        assert "in use" in capsys.readouterr().err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, output.decode()
+
+
 def test_serve_spreads_associations_over_workers(env: Path, tmp_path: Path) -> None:
     """With two worker processes, two concurrent associations land on different workers."""
     port = free_port()
@@ -303,3 +345,34 @@ def test_token_new_names_the_settings_table(env: Path, capsys: pytest.CaptureFix
     token, line = captured.out.splitlines()
     assert line.startswith('ris = "write:')
     assert len(token) > 20
+
+
+@pytest.mark.postgresql
+def test_one_server_per_postgresql_index(
+    env: Path, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    """Two data folders on one PostgreSQL index: each would reconcile the other's files
+    away; the second server stops at the index's advisory lock."""
+    url = postgres.fresh_database()
+    first = serve(free_port(), free_port(), FILMLESS_INDEX_URL=url)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "filmless.cli", "serve"],
+            env={
+                **os.environ,
+                "FILMLESS_DATA_DIR": str(tmp_path / "other"),
+                "FILMLESS_INDEX_URL": url,
+                "FILMLESS_DIMSE_PORT": str(free_port()),
+                "FILMLESS_HTTP_PORT": str(free_port()),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert "advisory lock" in " ".join(second.stderr.split())
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, output.decode()

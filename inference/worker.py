@@ -13,7 +13,8 @@ import io
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
 from models.manifest import Manifest
 from models.store import ModelStore
 from pacs.archive import Archive, InstanceSource, Origin
+from pacs.errors import NotFound, PacsError, SourceGone
 from pacs.index import InstanceRecord
 from pacs.jobs import Job, JobQueue
 from pacs.pixels import StoredImage, read_image
@@ -104,16 +106,22 @@ class Worker:
 
     def run_once(self) -> bool:
         """Handle one due job; False when there was none."""
-        job = self.queue.claim(self.name, lease=self.settings.lease_seconds)
+        job = self.queue.claim(
+            self.name, lease=self.settings.lease_seconds, max_attempts=self.settings.max_attempts
+        )
         if job is None:
             return False
         try:
-            result = self.process(job)
+            with self._renewing(job):
+                result = self.process(job)
         except Unusable as exc:
             self.queue.skip(job, str(exc))
             log.info(
                 "%s skipped %s: %s", job.model, job.SOPInstanceUID or job.StudyInstanceUID, exc
             )
+        except NotFound as exc:
+            # The images were deleted since the job was queued: nothing to screen.
+            self.queue.skip(job, f"the images it reads were deleted: {exc}")
         except UnreportableSource as exc:
             # Running it again cannot help: failed now, with what the image lacks.
             self.queue.fail(job, f"no report can be written: {exc}", max_attempts=job.attempts)
@@ -127,6 +135,29 @@ class Worker:
             if not self.queue.complete(job, result):
                 log.warning("job %d lost its lease; its report stays the latest run's", job.id)
         return True
+
+    @contextmanager
+    def _renewing(self, job: Job) -> Iterator[None]:
+        """Renew the job's lease while it runs, so that a long job (a large study on a
+        busy machine) is never taken for abandoned and run a second time beside it."""
+        done = threading.Event()
+        every = self.settings.lease_seconds / 3
+
+        def renew() -> None:
+            while not done.wait(every):
+                try:
+                    if not self.queue.renew(job, self.settings.lease_seconds):
+                        return
+                except PacsError:
+                    log.warning("job %d: the lease could not be renewed now", job.id)
+
+        renewer = threading.Thread(target=renew, name=f"lease-{job.id}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewer.join()
 
     def wake(self, *_: object) -> None:
         """Something may be due now (an instance was stored in this process)."""
@@ -156,9 +187,13 @@ class Worker:
                 zip([o.name for o in manifest.outputs], runner.infer(tensor), strict=True)
             )
             report = self.writer(manifest).write([header], outputs, job=_job_key(job))
+            sources = [record.SOPInstanceUID]
         else:
-            report = self._study(job, manifest, runner.infer)
-        stored = self._store(report)
+            report, sources = self._study(job, manifest, runner.infer)
+        try:
+            stored = self._store(report, sources)
+        except SourceGone as exc:
+            raise Unusable(f"the report was dropped: {exc}") from exc
         for target in self.settings.destinations:
             self.queue.enqueue(target.job_model, job.StudyInstanceUID, stored)
         return stored
@@ -184,8 +219,9 @@ class Worker:
 
     def _study(
         self, job: Job, manifest: Manifest, infer: Callable[[np.ndarray], list[np.ndarray]]
-    ) -> EncodedReport:
-        """Every usable view, then the manifest's aggregation per breast and per exam."""
+    ) -> tuple[EncodedReport, list[str]]:
+        """Every usable view, then the manifest's aggregation per breast and per exam;
+        the report and the SOP Instance UIDs of the views it was made from."""
         images: list[tuple[InstanceRecord, StoredImage]] = []
         for record in self.archive.records(job.StudyInstanceUID):
             with self.archive.open(record) as stream:
@@ -205,16 +241,19 @@ class Worker:
             per_view[view(value)].append(infer(tensor))
             sources.append(header)
         writer = self.writer(manifest)
-        return writer.write(sources, aggregate(manifest, per_view), job=_job_key(job))
+        report = writer.write(sources, aggregate(manifest, per_view), job=_job_key(job))
+        return report, [r.SOPInstanceUID for r, _i, _v in usable]
 
-    def _store(self, report: EncodedReport) -> str:
+    def _store(self, report: EncodedReport, sources: list[str]) -> str:
         source = InstanceSource.from_data_set(
             io.BytesIO(report.data),
             TransferSyntaxUID=ExplicitVRLittleEndian,
             SOPClassUID=report.SOPClassUID,
             SOPInstanceUID=report.SOPInstanceUID,
         )
-        self.archive.ingest(source, Origin.INFERENCE, duplicate_policy="overwrite")
+        self.archive.ingest(
+            source, Origin.INFERENCE, duplicate_policy="overwrite", requires=sources
+        )
         return report.SOPInstanceUID
 
 

@@ -10,7 +10,7 @@ row behind and no file in the store.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -145,13 +145,16 @@ class Archive:
         SourceApplicationEntityTitle: str = "",
         StudyInstanceUID: str | None = None,
         duplicate_policy: DuplicatePolicy | None = None,
+        requires: Sequence[str] = (),
     ) -> StoreOutcome:
         """Store one instance durably or raise a :class:`PacsError` that says why not.
 
         ``StudyInstanceUID``, when given, is the study the sender says the instance
         belongs to (STOW-RS to ``/studies/{study}``); an instance of another is refused.
         ``duplicate_policy`` overrides the configured one: a re-run inference job replaces
-        its earlier report whatever the policy for peers is.
+        its earlier report whatever the policy for peers is. ``requires``: the instances a
+        derived object was made from; if one was deleted meanwhile it is not stored
+        (:class:`SourceGone`), so that a report never brings a deleted study back.
         """
         # A file's meta group may lack the instance's UIDs: stand-ins until the data set
         # says which they are (the file is then staged again with them).
@@ -171,6 +174,7 @@ class Archive:
             StudyInstanceUID=StudyInstanceUID,
             duplicate_policy=duplicate_policy,
             announced=source.announced,
+            requires=requires,
         )
 
     def ingest_staged(
@@ -184,6 +188,7 @@ class Archive:
         StudyInstanceUID: str | None = None,
         duplicate_policy: DuplicatePolicy | None = None,
         announced: bool = True,
+        requires: Sequence[str] = (),
     ) -> StoreOutcome:
         """:meth:`ingest` of a file already written and fsynced in staging (its owner now).
 
@@ -243,7 +248,7 @@ class Archive:
             SourceApplicationEntityTitle=SourceApplicationEntityTitle,
         )
         try:
-            outcome = self.index.add(header, facts, policy, self.patient_policy)
+            outcome = self.index.add(header, facts, policy, self.patient_policy, requires)
         except BaseException:
             # Lost a race to a different copy, or the database is down: the blob goes.
             other = self._indexed_path(header.instance.SOPInstanceUID)
@@ -334,8 +339,12 @@ class Archive:
         SOPInstanceUID: str | None = None,
     ) -> list[InstanceRecord]:
         """Delete a whole study, series or one instance; :class:`NotFound` if none."""
-        records = self.records(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)
-        return self.delete_all(r.SOPInstanceUID for r in records)
+        self.records(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)  # NotFound
+        # Everything in it when the transaction runs, not a list taken before.
+        removed = self.index.remove_records(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)
+        for record in removed:
+            self.store.delete(record.path)
+        return removed
 
     def delete_all(self, SOPInstanceUIDs: Iterable[str]) -> list[InstanceRecord]:
         """Unindex all in one transaction, then remove the blobs: a crash in between

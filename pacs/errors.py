@@ -15,7 +15,8 @@
     ├── StorageFailure              0xA700 out of resources    / 507
     ├── IndexFailure                0xA700 out of resources    / 503
     ├── NotFound                    0xC000 unable to process   / 404
-    │   └── NoSuchFrame             0xC000                     / 404
+    │   ├── NoSuchFrame             0xC000                     / 404
+    │   └── SourceGone              0xC000 a report's images were deleted / 404
     ├── NotAcceptable               0x0110 (HTTP only in practice) / 406
     │   └── UndecodablePixels       0x0110 no decoder or corrupt pixels / 406
     ├── MalformedRequest            0xC000 cannot understand   / 400
@@ -118,6 +119,10 @@ class NotFound(PacsError):
 
     dimse_status = StoreStatus.CANNOT_UNDERSTAND
     http_status = 404
+
+
+class SourceGone(NotFound):
+    """A derived object (a report) whose source instances were deleted meanwhile."""
 
 
 class NoSuchFrame(NotFound):

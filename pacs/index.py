@@ -15,7 +15,7 @@ other while different studies commit in parallel. A transaction that loses a rac
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -53,7 +53,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from pacs.errors import DuplicateRejected, IndexFailure, PatientConflict, SeriesConflict
+from pacs.errors import (
+    DuplicateRejected,
+    IndexFailure,
+    PatientConflict,
+    SeriesConflict,
+    SourceGone,
+)
 from pacs.header import InstanceHeader, normalise_name
 
 DuplicatePolicy = Literal["reject", "overwrite"]
@@ -392,12 +398,17 @@ class Index:
         blob: BlobFacts,
         policy: DuplicatePolicy,
         patient_policy: PatientPolicy = "reject",
+        requires: Sequence[str] = (),
     ) -> IndexOutcome:
-        """Index one instance under ``policy`` in one transaction, retrying lost races."""
+        """Index one instance under ``policy`` in one transaction, retrying lost races.
+
+        ``requires``: SOP Instance UIDs that must still be stored when it commits (the
+        images a report was made from); otherwise :class:`SourceGone`.
+        """
         for attempt in range(_RETRIES):
             try:
                 with self.writer.begin() as conn:
-                    return _add(conn, header, blob, policy, patient_policy)
+                    return _add(conn, header, blob, policy, patient_policy, requires=requires)
             except (IntegrityError, OperationalError) as exc:
                 if attempt == _RETRIES - 1 or not _retryable(exc):
                     raise IndexFailure(f"the index cannot commit: {_reason(exc)}") from exc
@@ -410,6 +421,34 @@ class Index:
         """Drop an instance and the parents it leaves empty; returns what was removed."""
         removed = self.remove_all([SOPInstanceUID])
         return removed[0] if removed else None
+
+    def remove_records(
+        self,
+        StudyInstanceUID: str,
+        SeriesInstanceUID: str | None = None,
+        SOPInstanceUID: str | None = None,
+    ) -> list[InstanceRecord]:
+        """Drop a study, series or instance as it is at the moment of the transaction:
+        what is stored into it meanwhile (a report being written) goes too, or waits."""
+        try:
+            with self.writer.begin() as conn:
+                # Lock the study first: an instance of it commits before or after, whole.
+                conn.execute(
+                    select(study.c.id)
+                    .where(study.c.StudyInstanceUID == StudyInstanceUID)
+                    .with_for_update()
+                ).first()
+                statement = record_query().where(study.c.StudyInstanceUID == StudyInstanceUID)
+                if SeriesInstanceUID is not None:
+                    statement = statement.where(series.c.SeriesInstanceUID == SeriesInstanceUID)
+                if SOPInstanceUID is not None:
+                    statement = statement.where(instance.c.SOPInstanceUID == SOPInstanceUID)
+                found = [InstanceRecord(**row) for row in conn.execute(statement).mappings()]
+                for record in found:
+                    _remove(conn, record)
+                return found
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"the index cannot commit: {_reason(exc)}") from exc
 
     def remove_all(self, SOPInstanceUIDs: Iterable[str]) -> list[InstanceRecord]:
         """Drop instances in one transaction: all of them go, or none."""
@@ -485,7 +524,21 @@ def _add(
     blob: BlobFacts,
     policy: DuplicatePolicy,
     patient_policy: PatientPolicy,
+    *,
+    requires: Sequence[str] = (),
 ) -> IndexOutcome:
+    if requires:
+        # The study is locked first, as a DELETE of it does: either the sources are
+        # there when this commits, or the deletion already went through.
+        _study_for_update(conn, header.study.StudyInstanceUID)
+        present = set(
+            conn.execute(
+                select(instance.c.SOPInstanceUID).where(instance.c.SOPInstanceUID.in_(requires))
+            ).scalars()
+        )
+        gone = [uid for uid in requires if uid not in present]
+        if gone:
+            raise SourceGone(f"what it was made from was deleted meanwhile: {gone[0]}")
     existing = _find_instance(conn, header.instance.SOPInstanceUID)
     replaced = None
     if existing is not None:

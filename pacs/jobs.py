@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from pacs.errors import IndexFailure
@@ -143,9 +143,23 @@ class JobQueue:
                 raise IndexFailure(f"cannot queue the job: {exc}") from exc
         raise IndexFailure("cannot queue the job: the target keeps changing")
 
-    def claim(self, worker: str, *, lease: float = 300.0, models: Sequence[str] = ()) -> Job | None:
-        """The oldest due job (or one whose lease ran out), now leased to ``worker``."""
+    def claim(
+        self,
+        worker: str,
+        *,
+        lease: float = 300.0,
+        models: Sequence[str] = (),
+        max_attempts: int | None = None,
+    ) -> Job | None:
+        """The oldest due job (or one whose lease ran out), now leased to ``worker``.
+
+        The attempt is counted here, when the job starts: a job whose worker died while
+        running it (an image that crashes the process) has used its attempt, and one
+        found with ``max_attempts`` used up that way is failed, not run once more.
+        """
         now = _now()
+        if max_attempts is not None:
+            self._fail_abandoned(max_attempts, now)
         due = or_(
             and_(job.c.state == JobState.PENDING, job.c.not_before <= now),
             and_(job.c.state == JobState.RUNNING, job.c.lease_until < now),
@@ -180,6 +194,52 @@ class JobQueue:
                 return Job.from_row(row)
         except SQLAlchemyError as exc:
             raise IndexFailure(f"cannot claim a job: {exc}") from exc
+
+    def _fail_abandoned(self, max_attempts: int, now: datetime) -> None:
+        """Jobs whose lease ran out after their last allowed attempt: failed, with why."""
+        abandoned = and_(
+            job.c.state == JobState.RUNNING,
+            job.c.lease_until < now,
+            job.c.attempts >= max_attempts,
+        )
+        with self.index.reading() as conn:
+            if conn.execute(select(job.c.id).where(abandoned).limit(1)).first() is None:
+                return
+        try:
+            with self.index.writer.begin() as conn:
+                conn.execute(
+                    update(job)
+                    .where(abandoned)
+                    .values(
+                        state=JobState.FAILED,
+                        lease_until=None,
+                        updated_at=now,
+                        reason=literal(
+                            "the worker running it stopped (crash or kill) in each of its "
+                            f"{max_attempts} attempts"
+                        ),
+                    )
+                )
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"cannot fail abandoned jobs: {exc}") from exc
+
+    def renew(self, claimed: Job, lease: float) -> bool:
+        """Extend the lease of a job still being worked on; False if it was lost."""
+        try:
+            with self.index.writer.begin() as conn:
+                changed = conn.execute(
+                    update(job)
+                    .where(
+                        job.c.id == claimed.id,
+                        job.c.state == JobState.RUNNING,
+                        job.c.worker == claimed.worker,
+                        job.c.attempts == claimed.attempts,
+                    )
+                    .values(lease_until=_now() + timedelta(seconds=lease))
+                ).rowcount
+                return bool(changed)
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"cannot renew the lease: {exc}") from exc
 
     def _finish(self, claimed: Job, **values: Any) -> bool:
         """Apply ``values`` if ``claimed`` still holds the lease; False if it lost it."""

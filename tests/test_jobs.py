@@ -103,3 +103,38 @@ def test_expired_jobs_of_a_gone_worker_are_claimed_at_once(index: Index) -> None
     assert not queue.complete(gone, result="late")  # the gone worker cannot finish it
     assert queue.complete(again, result="9.9")
     assert queue.expire([gone.id]) == 0  # only running jobs
+
+
+def test_a_job_whose_worker_keeps_dying_stops_after_its_attempts(index: Index) -> None:
+    """A poison image that kills the worker process: each claim counts an attempt, and
+    once they are used up the job is failed with why, not claimed at every restart."""
+    queue = JobQueue(index)
+    queue.enqueue("cxr", "1.2.3", "1.2.3.4")
+    for attempt in (1, 2, 3):
+        # The worker dies mid-job: its lease runs out (already expired here).
+        died = queue.claim(f"w{attempt}", lease=-1, max_attempts=3)
+        assert died is not None
+        assert died.attempts == attempt
+    assert queue.claim("w4", max_attempts=3) is None
+    (failed,) = queue.jobs()
+    assert failed.state == JobState.FAILED
+    assert "stopped (crash or kill) in each of its 3 attempts" in failed.reason
+    # Visible and retried on request, as any failed job.
+    assert queue.retry() == 1
+    assert queue.claim("w5", max_attempts=3) is not None
+
+
+def test_a_renewed_lease_keeps_a_long_job_from_running_twice(index: Index) -> None:
+    queue = JobQueue(index)
+    queue.enqueue("mammo", "1.2.3")
+    long = queue.claim("w1", lease=-1)  # its lease has run out...
+    assert long is not None
+    assert queue.renew(long, lease=300)  # ...but the worker renews it while working
+    assert queue.claim("w2") is None
+    assert queue.complete(long, result="9.9")
+    # A lease lost to another worker cannot be renewed.
+    queue.enqueue("mammo", "1.2.3")
+    lost = queue.claim("w1", lease=-1)
+    assert lost is not None
+    assert queue.claim("w2") is not None
+    assert not queue.renew(lost, lease=300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -74,6 +75,39 @@ def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(archive: Archive, models_
     in_study = archive.index.records(frontal.StudyInstanceUID)
     assert len(in_study) == 3  # two images and one report
     assert queue.jobs(JobState.DONE)[0].result == done.result
+    worker.close()
+
+
+@pytest.mark.slow
+def test_a_study_deleted_while_its_report_is_written_stays_deleted(
+    archive: Archive, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DELETE arrives after the model ran and before the report is stored: the report is
+    dropped (the job says why), and nothing of the study comes back."""
+    queue, worker = _pipeline(archive, models_dir)
+    frontal, _ = chest_dx(Rng(21), PATIENT, 0.05, "20260101", "DEL")
+    archive.ingest(source(frontal), Origin.DIMSE)
+    writer = worker.writer(
+        next(
+            m.manifest
+            for m in ModelStore(models_dir).installed()
+            if m.manifest.name == CHEST_XRAY.name
+        )
+    )
+    written = writer.write
+
+    def write_then_delete(*args: Any, **kwargs: Any) -> Any:
+        report = written(*args, **kwargs)
+        archive.delete(frontal.StudyInstanceUID)
+        return report
+
+    monkeypatch.setattr(writer, "write", write_then_delete)
+    _drain(worker)
+    (job,) = queue.jobs()
+    assert job.state == JobState.SKIPPED
+    assert "the report was dropped" in job.reason
+    assert archive.index.records(frontal.StudyInstanceUID) == []
+    assert archive.index.instances() == []
     worker.close()
 
 

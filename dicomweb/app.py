@@ -23,6 +23,7 @@ from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 from dicomweb.audit import AuditRequests
 from dicomweb.auth import ApiToken, BearerAuth, OidcVerifier
 from dicomweb.deadline import RequestDeadline
+from dicomweb.hosts import LOOPBACK_NAMES, HostCheck
 from dicomweb.media import DICOM_JSON
 from dicomweb.qido import Search, parse_search, to_dicom_json
 from dicomweb.stow import stow_router
@@ -49,6 +50,7 @@ def create_app(
     oidc: OidcVerifier | None = None,
     request_timeout: float = 300.0,
     case_insensitive_names: bool = True,
+    allowed_hosts: Sequence[str] = LOOPBACK_NAMES,
 ) -> FastAPI:
     """``cors_origins``: origins of other sites allowed to call the API from a browser
     (``*`` for any); empty keeps the same-origin policy, which the bundled viewer needs.
@@ -57,7 +59,8 @@ def create_app(
     API route needs one of the tokens or an OIDC access token (the viewer's static files
     do not: they hold no patient data). ``request_timeout``: see :mod:`dicomweb.deadline`.
     ``case_insensitive_names``: person names match without regard to case and accents
-    even without ``fuzzymatching=true``."""
+    even without ``fuzzymatching=true``. ``allowed_hosts``: the Host names answered
+    (``*`` for any), see :mod:`dicomweb.hosts`."""
     # /docs and /redoc load Swagger UI and ReDoc from this server: they work offline.
     app = FastAPIOffline(title="filmless DICOMweb", version="0.1.0", static_url="/docs-static")
     app.add_middleware(GZipMiddleware, minimum_size=1024, exclude_content_types=_NOT_GZIPPED)
@@ -65,6 +68,8 @@ def create_app(
         app.add_middleware(BearerAuth, tokens=list(api_tokens), prefix=base_path, oidc=oidc)
     app.add_middleware(RequestDeadline, seconds=request_timeout)
     app.add_middleware(AuditRequests, audit=archive.audit, prefix=base_path)
+    # Outermost: a request for another host name is refused before anything else runs.
+    app.add_middleware(HostCheck, allowed=allowed_hosts)
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,

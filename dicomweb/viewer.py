@@ -35,7 +35,12 @@ def viewer_router(folder: Path, *, prefix: str = "/viewer", missing: str = "") -
             return PlainTextResponse("no such file", status_code=404)
         target = root.joinpath(*parts) if parts else root / "index.html"
         if target.is_file():
-            return _file(target)
+            # Only what lies inside the viewer's folder: a link in it to elsewhere (the
+            # data folder, the index) is not followed.
+            resolved = target.resolve()
+            if not resolved.is_relative_to(root):
+                return PlainTextResponse(f"no such file: {path}", status_code=404)
+            return _file(resolved)
         if not parts or "." not in parts[-1]:
             return _file(root / "index.html")
         return PlainTextResponse(f"no such file: {path}", status_code=404)

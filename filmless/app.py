@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import uvicorn
 
 from dicomweb.app import create_app
 from dicomweb.auth import OidcVerifier, parse_tokens
+from dicomweb.hosts import LOOPBACK_NAMES
 from filmless import heap, viewer
 from filmless.dimse_pool import DimsePool
 from filmless.settings import Settings
@@ -33,6 +35,15 @@ def oidc_verifier(settings: Settings) -> OidcVerifier | None:
     )
 
 
+def allowed_hosts(settings: Settings) -> list[str]:
+    """The Host names DICOMweb answers: loopback, the bind address, this machine's names
+    when it listens on all of them, and the configured ones."""
+    names = [*LOOPBACK_NAMES, settings.bind_address, *settings.allowed_hosts]
+    if settings.bind_address in ("0.0.0.0", "::"):
+        names += [socket.gethostname(), socket.getfqdn()]
+    return names
+
+
 def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
     """DICOMweb in a thread of the main process; the caller sets ``should_exit``."""
     config = uvicorn.Config(
@@ -47,9 +58,14 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
             oidc=oidc_verifier(settings),
             request_timeout=settings.request_timeout,
             case_insensitive_names=settings.case_insensitive_names,
+            allowed_hosts=allowed_hosts(settings),
         ),
         host=settings.bind_address,
         port=settings.http_port,
+        # X-Forwarded-For and -Proto only from the proxies named (uvicorn's default
+        # believes anyone on loopback, who could then forge the audit trail's addresses).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies) or None,
         limit_concurrency=settings.http_max_connections,
         log_level="warning",
         lifespan="off",

@@ -112,6 +112,16 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(
         1000, ge=1, description="open DICOMweb connections at most (more get 503)"
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names DICOMweb answers besides the loopback names, the bind "
+        'address and this machine\'s names ("*" = any); others get 421 (DNS rebinding)',
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="addresses of reverse proxies whose X-Forwarded-For/-Proto are "
+        "believed; empty = nobody's (the peer address is the connection's)",
+    )
     allow_unauthenticated_bind: bool = Field(
         False, description="serve DICOMweb without tokens on an address other than loopback"
     )
@@ -172,7 +182,14 @@ class Settings(BaseSettings):
         "(else the job is skipped with the reason)",
     )
 
-    @field_validator("allowed_calling_aets", "cors_origins", "inference_providers", mode="before")
+    @field_validator(
+        "allowed_calling_aets",
+        "cors_origins",
+        "inference_providers",
+        "allowed_hosts",
+        "trusted_proxies",
+        mode="before",
+    )
     @classmethod
     def _split_aets(cls, value: Any) -> Any:
         """Environment variables carry lists as ``A,B,C``; TOML carries real arrays."""

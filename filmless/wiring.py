@@ -30,6 +30,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("filmless")
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
+class PrintableRecords(logging.Filter):
+    """Control characters in a message (a UID or AE title a peer sent with a newline in
+    it) are escaped, so that no peer can forge a line of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = message.translate(_CONTROL)
+        if escaped != message:
+            record.msg, record.args = escaped, None
+        return True
+
+
 def configure_logging(*, verbose: bool) -> None:
     """Rich output on a terminal; one plain line per record under a service manager."""
     handler: logging.Handler
@@ -41,6 +56,7 @@ def configure_logging(*, verbose: bool) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
         )
+    handler.addFilter(PrintableRecords())
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )

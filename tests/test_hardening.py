@@ -3,6 +3,8 @@ its DIMSE worker processes): idle sockets, absurd length claims, TLS, many assoc
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import socket
 import ssl
@@ -18,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from benchmarks.support import session_memory
+from filmless.wiring import configure_logging
 from tests.support.server import Server, closed_by_peer
 from tests.support.tls import Pki, make_pki
 
@@ -160,3 +163,56 @@ def _stalled_tls_peers(port: int, pki: Pki) -> list[socket.socket]:
         socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
     )
     return [silent, half, done]
+
+
+def test_values_from_peers_cannot_forge_log_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    """A UID or AE title with a newline (or a terminal escape) stays on its own line."""
+    configure_logging(verbose=False)
+    try:
+        logging.getLogger("pacs.dimse.store").warning(
+            "C-STORE %s from %s refused", "1.2.3\n2026-01-01 INFO forged", "AE\r\x1b[31m"
+        )
+        err = capfd.readouterr().err
+    finally:
+        logging.getLogger().handlers.clear()
+    (line,) = [line for line in err.splitlines() if "C-STORE" in line]
+    assert "1.2.3\\x0a2026-01-01 INFO forged from AE\\x0d\\x1b[31m refused" in line
+    assert "forged" not in err.replace(line, "")
+
+
+def test_requests_for_other_host_names_are_refused(tmp_path: Path) -> None:
+    """DNS rebinding: a page elsewhere sends requests to a name it controls that points
+    at 127.0.0.1. Their Host names the attacker's host: 421, nothing read or deleted."""
+    server = Server(tmp_path / "data", FILMLESS_SCREENING="false")
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.http_port}"
+        assert httpx.get(f"{base}/dicom-web/studies").status_code == 200
+        localhost = httpx.get(f"{base}/dicom-web/studies", headers={"Host": "localhost"})
+        assert localhost.status_code == 200
+        for path in ("/dicom-web/studies", "/viewer/", "/docs"):
+            rebound = httpx.get(base + path, headers={"Host": "attacker.example:8080"})
+            assert rebound.status_code == 421, path
+            assert "allowed_hosts" in rebound.json()["error"]
+        deleted = httpx.delete(
+            f"{base}/dicom-web/studies/1.2.3", headers={"Host": "attacker.example"}
+        )
+        assert deleted.status_code == 421
+    finally:
+        assert server.stop() == 0
+
+
+def test_forwarded_addresses_are_believed_only_from_named_proxies(tmp_path: Path) -> None:
+    """X-Forwarded-For from anyone would let a client name any address in the audit
+    trail; without trusted_proxies the address is the connection's."""
+    server = Server(tmp_path / "data", FILMLESS_SCREENING="false")
+    server.start()
+    try:
+        forged = {"X-Forwarded-For": "203.0.113.66", "X-Forwarded-Proto": "https"}
+        answer = httpx.get(f"{server.url}/studies", headers=forged)
+        assert answer.status_code == 200
+    finally:
+        assert server.stop() == 0
+    lines = (tmp_path / "data" / "audit.jsonl").read_text().splitlines()
+    addresses = {json.loads(line)["ActiveParticipant"]["NetworkAccessPointID"] for line in lines}
+    assert addresses == {"127.0.0.1"}

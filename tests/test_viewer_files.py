@@ -107,6 +107,9 @@ def test_viewer_routes(archive: Archive, tmp_path: Path) -> None:
         assert httpx.get(f"{root}/viewer/missing.js").status_code == 404
         escape = httpx.get(f"{root}/viewer/..%2F..%2Fetc%2Fpasswd")
         assert escape.status_code == 404
+        # A link in the viewer's folder to elsewhere (here the index) is not followed.
+        (dist / "index.sqlite").symlink_to(tmp_path / "index.sqlite")
+        assert httpx.get(f"{root}/viewer/index.sqlite").status_code == 404
         # The DICOMweb API is unaffected.
         assert httpx.get(f"{url}/studies").status_code == 200
 

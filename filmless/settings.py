@@ -61,6 +61,17 @@ class Settings(BaseSettings):
     max_pending_connections: int = Field(
         256, ge=1, description="connections per DIMSE process still sending A-ASSOCIATE-RQ"
     )
+    max_pending_per_host: int = Field(
+        32, ge=1, description="connections from one peer address still sending A-ASSOCIATE-RQ"
+    )
+    check_called_aet: bool = Field(
+        True, description="refuse associations that call another AE title than ae_title"
+    )
+    allow_open_dimse: bool = Field(
+        False,
+        description="let DIMSE listen on an address other than loopback without "
+        "calling_aets_by_network or TLS client certificates",
+    )
     handshake_timeout: float = Field(
         10.0, gt=0, description="seconds a new connection has for TLS and its A-ASSOCIATE-RQ"
     )
@@ -270,17 +281,26 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _exposed_needs_tokens(self) -> Settings:
         authenticated = bool(self.api_tokens or self.oidc_jwks_file)
-        if not authenticated and not self.allow_unauthenticated_bind:
-            try:
-                loopback = ipaddress.ip_address(self.bind_address).is_loopback
-            except ValueError:
-                loopback = self.bind_address == "localhost"
-            if not loopback:
-                raise ValueError(
-                    f"bind_address {self.bind_address} is reachable from other machines and "
-                    "no api_tokens or OIDC are set; add tokens (filmless token new) or set "
-                    "allow_unauthenticated_bind = true"
-                )
+        exposed = not _loopback(self.bind_address)
+        if not authenticated and not self.allow_unauthenticated_bind and exposed:
+            raise ValueError(
+                f"bind_address {self.bind_address} is reachable from other machines and "
+                "no api_tokens or OIDC are set; add tokens (filmless token new) or set "
+                "allow_unauthenticated_bind = true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _exposed_dimse_needs_a_rule(self) -> Settings:
+        """A DIMSE port reachable from other machines serves C-FIND and C-GET of every
+        study to any peer that asks: name the peers, or require their certificates."""
+        guarded = bool(self.calling_aets_by_network or self.tls_client_ca)
+        if not guarded and not self.allow_open_dimse and not _loopback(self.bind_address):
+            raise ValueError(
+                f"bind_address {self.bind_address} exposes DIMSE to other machines without "
+                "an allow-list of peers: set calling_aets_by_network (e.g. "
+                '{ "10.1.0.0/16" = ["CT1"] }) or tls_client_ca, or allow_open_dimse = true'
+            )
         return self
 
     @model_validator(mode="after")
@@ -318,6 +338,13 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def _require_ae_title(value: str) -> None:

@@ -157,6 +157,8 @@ def dimse_config(settings: Settings) -> DimseConfig:
         max_associations=settings.max_associations,
         max_associations_per_host=settings.max_associations_per_host,
         max_pending_connections=settings.max_pending_connections,
+        max_pending_per_host=settings.max_pending_per_host,
+        check_called_aet=settings.check_called_aet,
         handshake_timeout=settings.handshake_timeout,
         calling_aets_by_network=tuple(
             (network, tuple(titles)) for network, titles in settings.calling_aets_by_network.items()

@@ -97,13 +97,41 @@ def test_no_open_api_off_loopback(tmp_path: Path, capsys: pytest.CaptureFixture[
         load_settings(data_dir=tmp_path, bind_address="0.0.0.0")
     load_settings(data_dir=tmp_path, bind_address="127.0.0.2")
     load_settings(data_dir=tmp_path, bind_address="::1")
-    load_settings(data_dir=tmp_path, bind_address="0.0.0.0", allow_unauthenticated_bind=True)
+    # (The DIMSE side has its own rule: test_no_open_dimse_off_loopback.)
+    load_settings(
+        data_dir=tmp_path,
+        bind_address="0.0.0.0",
+        allow_unauthenticated_bind=True,
+        allow_open_dimse=True,
+    )
     _token, sha256 = new_token()
-    load_settings(data_dir=tmp_path, bind_address="0.0.0.0", api_tokens={"a": f"read:{sha256}"})
+    load_settings(
+        data_dir=tmp_path,
+        bind_address="0.0.0.0",
+        api_tokens={"a": f"read:{sha256}"},
+        allow_open_dimse=True,
+    )
     config = tmp_path / "open.toml"
     config.write_text('bind_address = "0.0.0.0"\n')
     assert main(["--config", str(config), "config", "show"]) == 2
     assert "allow_unauthenticated_bind" in capsys.readouterr().err
+
+
+def test_no_open_dimse_off_loopback(tmp_path: Path) -> None:
+    """DICOMweb tokens do not guard DIMSE: an exposed DIMSE port needs its own rule."""
+    _token, sha256 = new_token()
+    tokens = {"a": f"read:{sha256}"}
+    with pytest.raises(ValidationError, match="calling_aets_by_network"):
+        load_settings(data_dir=tmp_path, bind_address="10.0.0.5", api_tokens=tokens)
+    load_settings(
+        data_dir=tmp_path,
+        bind_address="10.0.0.5",
+        calling_aets_by_network={"10.1.0.0/16": ["CT1"]},
+        api_tokens=tokens,
+    )
+    load_settings(
+        data_dir=tmp_path, bind_address="10.0.0.5", allow_open_dimse=True, api_tokens=tokens
+    )
 
 
 def test_token_new_prints_a_working_settings_line(

@@ -263,3 +263,111 @@ def test_aborted_transfer_leaves_no_staging_file(audited: Archive) -> None:
         assert list(store.staging.iterdir()) == []
     finally:
         server.shutdown()
+
+
+def _associate_rq(
+    *,
+    called: str = "FILMLESS",
+    context_id: int = 1,
+    identity: bytes | None = None,
+) -> bytes:
+    """An A-ASSOCIATE-RQ built byte by byte (PS3.8 9.3.2), to get it wrong on purpose."""
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    application = item(0x10, b"1.2.840.10008.3.1.1.1")
+    context = item(
+        0x20,
+        bytes((context_id, 0, 0, 0))
+        + item(0x30, b"1.2.840.10008.1.1")
+        + item(0x40, b"1.2.840.10008.1.2"),
+    )
+    user = item(0x51, struct.pack(">L", 16384)) + item(0x52, b"1.2.3.4")
+    if identity is not None:
+        user += item(0x58, identity)
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16).encode()
+        + b"MODALITY".ljust(16)
+        + bytes(32)
+        + application
+        + context
+        + item(0x50, user)
+    )
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def _answer_to(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        return sock.recv(64)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "reason"),
+    [
+        (_associate_rq(context_id=2), "presentation context ID 2 is not odd"),
+        (_associate_rq(context_id=0), "presentation context ID 0 is not odd"),
+        (_associate_rq(identity=b"\x09\x00\x00\x01x\x00\x00"), "user identity type 9"),
+    ],
+)
+def test_malformed_requests_are_refused_at_once_and_give_their_place_back(
+    audited: Archive, request_bytes: bytes, reason: str
+) -> None:
+    """pynetdicom's reader dies on these and the association keeps its place until the
+    ACSE timeout (PS3.8 9.3.2.2: context IDs are odd). Refused here, A-ASSOCIATE-RJ
+    permanent, before pynetdicom; with one association allowed, a real peer gets in
+    right after."""
+    config = _config(max_associations=1, acse_timeout=60.0)
+    server = start_dimse(audited, config)
+    try:
+        for _ in range(3):
+            answer = _answer_to(config.port, request_bytes)
+            assert answer[0] == 0x03  # A-ASSOCIATE-RJ
+            assert answer[7] == 1  # rejected-permanent
+        assoc = _associate(config.port)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert reason in audited.audit.path.read_text()  # type: ignore[union-attr]
+
+
+def test_the_called_ae_title_is_checked(audited: Archive) -> None:
+    """As Orthanc's DicomCheckCalledAet: a request for another AE title is refused with
+    reason 7, called-AE-title-not-recognized (PS3.8 9.3.4)."""
+    config = _config()
+    server = start_dimse(audited, config)
+    try:
+        answer = _answer_to(config.port, _associate_rq(called="ANY-SCP"))
+        assert answer[0] == 0x03
+        assert (answer[7], answer[8], answer[9]) == (1, 1, 7)
+        assert _answer_to(config.port, _associate_rq())[0] == 0x02  # A-ASSOCIATE-AC
+    finally:
+        server.shutdown()
+    open_server = start_dimse(audited, _config(check_called_aet=False))
+    try:
+        port = open_server.server_address[1]
+        assert _answer_to(port, _associate_rq(called="ANY-SCP"))[0] == 0x02
+    finally:
+        open_server.shutdown()
+
+
+def test_one_address_cannot_fill_the_negotiating_places(audited: Archive) -> None:
+    """Silent connections from one peer stop at max_pending_per_host; another peer
+    still gets in while they wait (here 127.0.0.2, another loopback address)."""
+    config = _config(max_pending_connections=8, max_pending_per_host=4, handshake_timeout=30.0)
+    server = start_dimse(audited, config)
+    silent = [socket.create_connection(("127.0.0.1", config.port)) for _ in range(8)]
+    try:
+        closed = sum(closed_by_peer(s, within=5) for s in silent[4:])
+        assert closed == 4
+        assoc = _associate(config.port, source="127.0.0.2")
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        for sock in silent:
+            sock.close()
+        server.shutdown()

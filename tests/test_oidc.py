@@ -165,6 +165,7 @@ def test_settings_need_issuer_and_audience(tmp_path: Path) -> None:
     settings = load_settings(
         data_dir=tmp_path,
         bind_address="0.0.0.0",
+        allow_open_dimse=True,
         oidc_jwks_file=str(jwks),
         oidc_issuer=ISSUER,
         oidc_audience=AUDIENCE,

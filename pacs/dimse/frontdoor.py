@@ -34,13 +34,21 @@ REJECTED_PERMANENT = 1
 REJECTED_TRANSIENT = 2
 SOURCE_SERVICE_USER = 1
 SOURCE_PROVIDER_PRESENTATION = 3
+SOURCE_PROVIDER_ACSE = 2
+REASON_NO_REASON = 1
 REASON_CALLING_AE_NOT_RECOGNIZED = 3
+REASON_CALLED_AE_NOT_RECOGNIZED = 7
 REASON_LOCAL_LIMIT_EXCEEDED = 2
 
 _ASSOCIATE_RQ = 0x01
 _HEADER = struct.Struct(">BBL")
-# Calling AE Title: bytes 27-42 of the A-ASSOCIATE-RQ (PS3.8 9.3.2), after the 6-byte header.
+# Called and Calling AE Title: bytes 11-26 and 27-42 of the A-ASSOCIATE-RQ (PS3.8 9.3.2).
+_CALLED_AE = slice(10, 26)
 _CALLING_AE = slice(26, 42)
+_VARIABLE_ITEMS = 74
+_ITEM = struct.Struct(">BBH")
+# User Identity Type (PS3.7 D.3.3.7.1): username, username+passcode, Kerberos, SAML, JWT.
+_USER_IDENTITY_TYPES = range(1, 6)
 
 
 class Dropped(Exception):
@@ -71,6 +79,69 @@ class Refusal(Exception):
 def calling_ae_title(request: bytes) -> str:
     """The Calling AE Title of an A-ASSOCIATE-RQ PDU (header included)."""
     return request[_CALLING_AE].decode("ascii", "replace").strip()
+
+
+def called_ae_title(request: bytes) -> str:
+    return request[_CALLED_AE].decode("ascii", "replace").strip()
+
+
+def malformed(request: bytes) -> str | None:
+    """What is wrong with the structure of an A-ASSOCIATE-RQ (PS3.8 9.3.2), or None.
+
+    pynetdicom trusts what it decodes: an even or zero presentation context ID (9.3.2.2
+    says odd, 1-255), a repeated one, or a user identity of an unknown type kills the
+    thread reading the association, which then holds its place until acse_timeout. Such
+    a request is refused here, before pynetdicom sees it.
+    """
+    position, end = _VARIABLE_ITEMS, len(request)
+    context_ids: set[int] = set()
+    while position < end:
+        if position + _ITEM.size > end:
+            return "an item header runs past the end of the request"
+        kind, _reserved, length = _ITEM.unpack_from(request, position)
+        body = position + _ITEM.size
+        if body + length > end:
+            return f"item 0x{kind:02X} claims {length} bytes past the end of the request"
+        if kind == 0x20:
+            if length < 4:
+                return "a presentation context item is too short"
+            context_id = request[body]
+            if context_id % 2 == 0:
+                return f"presentation context ID {context_id} is not odd"
+            if context_id in context_ids:
+                return f"presentation context ID {context_id} is given twice"
+            context_ids.add(context_id)
+            problem = _sub_items(request, body + 4, body + length, (0x30, 0x40))
+            if problem:
+                return problem
+        elif kind == 0x50:
+            problem = _sub_items(request, body, body + length, range(0x51, 0x60))
+            if problem:
+                return problem
+        elif kind != 0x10:
+            return f"item type 0x{kind:02X} is not one of an A-ASSOCIATE-RQ"
+        position = body + length
+    if not context_ids:
+        return "no presentation context is proposed"
+    return None
+
+
+def _sub_items(request: bytes, position: int, end: int, kinds: Iterable[int]) -> str | None:
+    allowed = set(kinds)
+    while position < end:
+        if position + _ITEM.size > end:
+            return "a sub-item header runs past the end of its item"
+        kind, _reserved, length = _ITEM.unpack_from(request, position)
+        body = position + _ITEM.size
+        if body + length > end:
+            return f"sub-item 0x{kind:02X} runs past the end of its item"
+        if kind not in allowed:
+            return f"sub-item 0x{kind:02X} does not belong in its item"
+        if kind == 0x58 and (length < 1 or request[body] not in _USER_IDENTITY_TYPES):
+            identity = request[body] if length else None
+            return f"user identity type {identity} is not one of PS3.7 D.3.3.7.1"
+        position = body + length
+    return None
 
 
 @dataclass(frozen=True)
@@ -200,6 +271,9 @@ class FrontDoor:
     max_associations: int = 32
     max_per_host: int = 16
     max_pending: int = 256
+    max_pending_per_host: int = 32
+    # The AE title a request must call, when it is checked (empty: any).
+    called_ae_title: str = ""
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
     negotiation_limit: int = 1 << 20
@@ -207,6 +281,7 @@ class FrontDoor:
     tls: ssl.SSLContext | None = None
     on_refused: Callable[[str, str, str], None] = lambda host, ae, reason: None
     _pending: int = 0
+    _pending_by_host: dict[str, int] = field(default_factory=dict)
     _pending_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def enter(self, connection: socket.socket, host: str) -> tuple[socket.socket, bytes]:
@@ -219,7 +294,13 @@ class FrontDoor:
             if self._pending >= self.max_pending:
                 _close(connection)
                 raise Dropped(f"{self._pending} connections are still negotiating")
+            mine = self._pending_by_host.get(host, 0)
+            if mine >= self.max_pending_per_host:
+                # One address cannot take the places every other peer needs to get in.
+                _close(connection)
+                raise Dropped(f"{host} has {mine} connections still negotiating")
             self._pending += 1
+            self._pending_by_host[host] = mine + 1
         sock = connection
         try:
             deadline = time.monotonic() + self.handshake_timeout
@@ -227,7 +308,7 @@ class FrontDoor:
                 sock = _tls_handshake(connection, self.tls, deadline)
             request = _read_request(sock, deadline, self.negotiation_limit)
             calling = calling_ae_title(request)
-            refusal = self._refusal(host, calling)
+            refusal = self._refusal(host, calling, request)
             if refusal is not None:
                 self.on_refused(host, calling, str(refusal))
                 _answer(sock, refusal.pdu(), deadline)
@@ -239,11 +320,32 @@ class FrontDoor:
         finally:
             with self._pending_lock:
                 self._pending -= 1
+                left = self._pending_by_host[host] - 1
+                if left:
+                    self._pending_by_host[host] = left
+                else:
+                    del self._pending_by_host[host]
         sock.setblocking(True)
         sock.settimeout(self.idle_timeout)
         return sock, request
 
-    def _refusal(self, host: str, calling: str) -> Refusal | None:
+    def _refusal(self, host: str, calling: str, request: bytes) -> Refusal | None:
+        problem = malformed(request)
+        if problem is not None:
+            return Refusal(
+                f"malformed A-ASSOCIATE-RQ: {problem}",
+                REJECTED_PERMANENT,
+                SOURCE_PROVIDER_ACSE,
+                REASON_NO_REASON,
+            )
+        called = called_ae_title(request)
+        if self.called_ae_title and called != self.called_ae_title:
+            return Refusal(
+                f"called AE title {called!r} is not this server's {self.called_ae_title!r}",
+                REJECTED_PERMANENT,
+                SOURCE_SERVICE_USER,
+                REASON_CALLED_AE_NOT_RECOGNIZED,
+            )
         if not self.rules.allows(host, calling):
             return Refusal(
                 f"calling AE title {calling!r} is not allowed from {host}",

@@ -77,6 +77,8 @@ class DimseConfig:
     max_associations: int = 32
     max_associations_per_host: int = 16
     max_pending_connections: int = 256
+    max_pending_per_host: int = 32
+    check_called_aet: bool = True
     handshake_timeout: float = 10.0
     # network (CIDR) -> calling AE titles allowed from there ("*" = any); empty = anyone
     calling_aets_by_network: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -161,6 +163,8 @@ def front_door(
         max_associations=config.max_associations,
         max_per_host=config.max_associations_per_host,
         max_pending=config.max_pending_connections,
+        max_pending_per_host=config.max_pending_per_host,
+        called_ae_title=config.ae_title if config.check_called_aet else "",
         handshake_timeout=config.handshake_timeout,
         idle_timeout=config.network_timeout,
         rules=CallingRules.parse(dict(config.calling_aets_by_network)),

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     max_pdu: int = Field(
         1048576, ge=0, description="largest P-DATA PDU we accept, bytes (0 = no limit)"
     )
+    max_identifier_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="largest C-FIND/C-MOVE/C-GET identifier, bytes (larger: A-ABORT)",
+    )
     max_find_matches: int = Field(
         10000, ge=1, description="C-FIND answers at most this many matches, else 0xA700"
     )

@@ -171,6 +171,7 @@ def dimse_config(settings: Settings) -> DimseConfig:
         network_timeout=settings.network_timeout,
         max_pdu=settings.max_pdu,
         max_find_matches=settings.max_find_matches,
+        max_identifier_bytes=settings.max_identifier_bytes,
         case_insensitive_names=settings.case_insensitive_names,
         move_destinations=tuple(
             (title, address.rpartition(":")[0], int(address.rpartition(":")[2]))

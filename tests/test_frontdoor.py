@@ -371,3 +371,28 @@ def test_one_address_cannot_fill_the_negotiating_places(audited: Archive) -> Non
         for sock in silent:
             sock.close()
         server.shutdown()
+
+
+def test_an_identifier_larger_than_the_limit_ends_the_association(audited: Archive) -> None:
+    """A C-FIND identifier is gathered in memory: past max_identifier_bytes the
+    association is aborted, and the server goes on serving others."""
+    config = _config(max_identifier_bytes=64 << 10)
+    server = start_dimse(audited, config)
+    try:
+        ae = AE(ae_title="FINDER")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")
+        ae.maximum_pdu_size = 16384
+        assoc = ae.associate("127.0.0.1", config.port, ae_title="FILMLESS")
+        assert assoc.is_established
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.add_new(0x0040A160, "UT", "x" * (1 << 20))  # 1 MiB in one element
+        answers = list(assoc.send_c_find(identifier, "1.2.840.10008.5.1.4.1.2.2.1"))
+        assert not assoc.is_established
+        assert all(status is None or "Status" not in status for status, _ in answers)
+        small = _associate(config.port)
+        assert small.is_established
+        assert small.send_c_echo().Status == 0
+        small.release()
+    finally:
+        server.shutdown()

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[
 
 from pacs.archive import Archive
 from pacs.audit import Actor, AuditEvent, AuditTrail, Outcome
-from pacs.dimse import associations, find, retrieve, spool
+from pacs.dimse import associations, bounds, find, retrieve, spool
 from pacs.dimse.echo import handle_echo
 from pacs.dimse.frontdoor import (
     AssociationCounts,
@@ -90,6 +90,7 @@ class DimseConfig:
     network_timeout: float = 60.0
     max_pdu: int = 1048576
     max_find_matches: int = 10000
+    max_identifier_bytes: int = 1 << 20
     case_insensitive_names: bool = True
     # AE title -> (host, port) for C-MOVE
     move_destinations: tuple[tuple[str, str, int], ...] = ()
@@ -179,6 +180,7 @@ def start_dimse(archive: Archive, config: DimseConfig) -> FilmlessServer:
     handlers = service_handlers(archive, config)
     door = front_door(config, archive.audit)
     spool.install()
+    bounds.install(config.max_identifier_bytes)
     server = serve_in_thread(ae, (config.bind_address, config.port), handlers, door)
     server.spool_store = archive.store
     return server
@@ -189,6 +191,7 @@ def start_handoff(
 ) -> HandoffServer:
     """A server for connections accepted elsewhere (see :class:`HandoffServer`)."""
     spool.install()
+    bounds.install(config.max_identifier_bytes)
     server = handoff_server(
         build_ae(config),
         service_handlers(archive, config),

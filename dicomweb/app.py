@@ -51,6 +51,7 @@ def create_app(
     request_timeout: float = 300.0,
     case_insensitive_names: bool = True,
     allowed_hosts: Sequence[str] = LOOPBACK_NAMES,
+    max_uploads: int = 16,
 ) -> FastAPI:
     """``cors_origins``: origins of other sites allowed to call the API from a browser
     (``*`` for any); empty keeps the same-origin policy, which the bundled viewer needs.
@@ -163,7 +164,10 @@ def create_app(
 
     app.include_router(wado_router(archive), prefix=base_path)
     app.include_router(wado_uri_router(archive), prefix=base_path)
-    app.include_router(stow_router(archive, max_bytes=max_request_bytes), prefix=base_path)
+    app.include_router(
+        stow_router(archive, max_bytes=max_request_bytes, max_uploads=max_uploads),
+        prefix=base_path,
+    )
     if viewer_dir is not None:
         app.include_router(viewer_router(viewer_dir, missing=viewer_missing))
     return app

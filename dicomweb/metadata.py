@@ -2,13 +2,14 @@
 
 Pixel Data is never read for this: the header is parsed up to it, and its BulkDataURI
 is given from where it lies in the file. Other binary values larger than
-:data:`BULK_THRESHOLD` become BulkDataURIs whose path names the element, through any
+:data:`pacs.attributes.BULK_THRESHOLD` become BulkDataURIs whose path names the element, through any
 sequences (``.../bulkdata/00540016/0/00181071``), so each one can be fetched alone.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -19,6 +20,8 @@ from pacs.errors import MalformedRequest, NotFound
 from pacs.pixels import PIXEL_DATA, StoredImage
 
 log = logging.getLogger(__name__)
+_TAG = re.compile(r"[0-9A-Fa-f]{8}")
+_ITEM_NUMBER = re.compile(r"[0-9]{1,6}")
 
 
 def instance_json(image: StoredImage, instance_url: str) -> dict[str, Any]:
@@ -45,12 +48,11 @@ def parse_path(text: str) -> BulkPath:
         raise MalformedRequest(f"bulk data path {text!r} must be tag(/item/tag)*")
     path: list[int] = []
     for n, part in enumerate(parts):
-        try:
-            path.append(int(part, 16) if n % 2 == 0 else int(part, 10))
-        except ValueError as exc:
-            raise MalformedRequest(f"bulk data path {text!r}: {part!r} is not valid") from exc
-        if n % 2 == 0 and len(part) != 8:
-            raise MalformedRequest(f"bulk data path {text!r}: tags have 8 hex digits")
+        valid = _TAG.fullmatch(part) if n % 2 == 0 else _ITEM_NUMBER.fullmatch(part)
+        if valid is None:
+            kind = "a tag of 8 hex digits" if n % 2 == 0 else "an item number"
+            raise MalformedRequest(f"bulk data path {text[:80]!r}: {part[:20]!r} is not {kind}")
+        path.append(int(part, 16) if n % 2 == 0 else int(part, 10))
     return tuple(path)
 
 

@@ -12,12 +12,15 @@ import secrets
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, cast
 
 from pacs.errors import MalformedRequest, RequestTooLarge
 
 CRLF = b"\r\n"
-_SPOOL_IN_MEMORY = 8 << 20
+# Per part in memory before it goes to a file: a thousand slow uploads cost 256 MiB.
+SPOOL_IN_MEMORY = 256 << 10
+SPOOL_PREFIX = "upload-"  # what startup clears from the staging folder after a crash
 _MAX_HEADER_BYTES = 16 << 10
 _PARAM = re.compile(r';\s*([^=;\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
@@ -90,11 +93,17 @@ def _headers(block: bytes) -> dict[str, str]:
 
 
 async def parse(
-    chunks: AsyncIterator[bytes], boundary: str, *, max_bytes: int
+    chunks: AsyncIterator[bytes],
+    boundary: str,
+    *,
+    max_bytes: int,
+    spool_dir: Path | None = None,
 ) -> AsyncIterator[ReceivedPart]:
     """Parts of a multipart body as they complete; raises on a malformed or oversize body.
 
     ``max_bytes`` bounds the whole body even when no Content-Length was sent (chunked).
+    Parts past :data:`SPOOL_IN_MEMORY` are spooled to files in ``spool_dir`` (the
+    store's staging folder: on the archive's disk, not in a RAM-backed /tmp).
     """
     delimiter = CRLF + b"--" + boundary.encode("latin-1")
     # A CRLF in front lets the first boundary (at offset 0) match like the others.
@@ -103,56 +112,69 @@ async def parse(
     state = "preamble"
     body: BinaryIO | None = None
     headers: dict[str, str] = {}
-    async for chunk in chunks:
-        received += len(chunk)
-        if received > max_bytes:
-            if body is not None:
-                body.close()
-            raise RequestTooLarge(f"the request body exceeds the maximum of {max_bytes} bytes")
-        buffer += chunk
-        while True:
-            if state == "preamble":
-                at = buffer.find(delimiter)
-                if at < 0:
-                    del buffer[: max(0, len(buffer) - len(delimiter))]
+    try:
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > max_bytes:
+                if body is not None:
+                    body.close()
+                raise RequestTooLarge(f"the request body exceeds the maximum of {max_bytes} bytes")
+            buffer += chunk
+            while True:
+                if state == "preamble":
+                    at = buffer.find(delimiter)
+                    if at < 0:
+                        del buffer[: max(0, len(buffer) - len(delimiter))]
+                        break
+                    del buffer[: at + len(delimiter)]
+                    state = "boundary"
+                if state == "boundary":
+                    if len(buffer) < 2:
+                        break
+                    if buffer[:2] == b"--":
+                        state = "end"
+                        break
+                    end = buffer.find(CRLF + CRLF)
+                    if end < 0:
+                        if len(buffer) > _MAX_HEADER_BYTES:
+                            raise MalformedRequest("a part's headers are too long")
+                        break
+                    # The boundary line may carry transport padding before its CRLF.
+                    line_end = buffer.find(CRLF)
+                    headers = _headers(bytes(buffer[line_end + 2 : end + 2]))
+                    del buffer[: end + 4]
+                    body = cast(
+                        BinaryIO,
+                        tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by its consumer)
+                            max_size=SPOOL_IN_MEMORY,
+                            dir=None if spool_dir is None else str(spool_dir),
+                            prefix=SPOOL_PREFIX,
+                        ),
+                    )
+                    state = "body"
+                if state == "body":
+                    assert body is not None
+                    at = buffer.find(delimiter)
+                    if at < 0:
+                        keep = len(delimiter) - 1
+                        if len(buffer) > keep:
+                            body.write(buffer[: len(buffer) - keep])
+                            del buffer[: len(buffer) - keep]
+                        break
+                    body.write(buffer[:at])
+                    del buffer[: at + len(delimiter)]
+                    body.seek(0)
+                    yield ReceivedPart(headers, body)
+                    body = None
+                    state = "boundary"
+                if state == "end":
                     break
-                del buffer[: at + len(delimiter)]
-                state = "boundary"
-            if state == "boundary":
-                if len(buffer) < 2:
-                    break
-                if buffer[:2] == b"--":
-                    state = "end"
-                    break
-                end = buffer.find(CRLF + CRLF)
-                if end < 0:
-                    if len(buffer) > _MAX_HEADER_BYTES:
-                        raise MalformedRequest("a part's headers are too long")
-                    break
-                # The boundary line may carry transport padding before its CRLF.
-                line_end = buffer.find(CRLF)
-                headers = _headers(bytes(buffer[line_end + 2 : end + 2]))
-                del buffer[: end + 4]
-                body = cast(BinaryIO, tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY))  # noqa: SIM115
-                state = "body"
-            if state == "body":
-                assert body is not None
-                at = buffer.find(delimiter)
-                if at < 0:
-                    keep = len(delimiter) - 1
-                    if len(buffer) > keep:
-                        body.write(buffer[: len(buffer) - keep])
-                        del buffer[: len(buffer) - keep]
-                    break
-                body.write(buffer[:at])
-                del buffer[: at + len(delimiter)]
-                body.seek(0)
-                yield ReceivedPart(headers, body)
-                body = None
-                state = "boundary"
-            if state == "end":
-                break
-    if body is not None:
-        body.close()
+        if body is not None:
+            body.close()
+    except BaseException:
+        # A request that fails or a client gone mid-part: its unfinished part goes.
+        if body is not None:
+            body.close()
+        raise
     if state != "end":
         raise MalformedRequest("the multipart body ends before its closing boundary")

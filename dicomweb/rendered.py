@@ -53,7 +53,7 @@ def parse_params(
         elif name == "viewport":
             viewport = _viewport(value)
         elif name == "quality":
-            if not value.isdigit() or not 1 <= int(value) <= 100:
+            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 100:
                 raise MalformedRequest(f"quality must be 1..100, not {value!r}")
             quality = int(value)
         # Anything else (a viewer's cache buster) is ignored, as for searches (PS3.18 8.3.4).

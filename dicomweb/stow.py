@@ -9,6 +9,7 @@ reason being the DICOM status of the archive error (PS3.18 table 10.5.3-2).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from dicomweb import media
 from dicomweb.audit import request_actor
@@ -26,6 +28,7 @@ from pacs.errors import (
     MalformedRequest,
     PacsError,
     RequestTooLarge,
+    TooBusy,
     UnsupportedMediaType,
 )
 from pacs.index import InstanceRecord
@@ -106,8 +109,10 @@ def _boundary(content_type: str) -> str:
     return boundary
 
 
-def stow_router(archive: Archive, *, max_bytes: int) -> APIRouter:
+def stow_router(archive: Archive, *, max_bytes: int, max_uploads: int = 16) -> APIRouter:
+    """``max_uploads``: STOW-RS requests received at a time; more get 503 at once."""
     router = APIRouter()
+    uploads = threading.BoundedSemaphore(max_uploads)
 
     def store_part(part: ReceivedPart, study: str | None, actor: Actor) -> InstanceRecord | Failure:
         """One instance, audited on its own as a C-STORE is (who, from where, which study,
@@ -161,12 +166,28 @@ def stow_router(archive: Archive, *, max_bytes: int) -> APIRouter:
         stored: list[InstanceRecord] = []
         failed: list[Failure] = []
         actor = request_actor(request)
-        async for part in parse(request.stream(), boundary, max_bytes=max_bytes):
-            result = await run_in_threadpool(store_part, part, study, actor)
-            if isinstance(result, Failure):
-                failed.append(result)
-            else:
-                stored.append(result)
+        if not uploads.acquire(blocking=False):
+            raise TooBusy(f"{max_uploads} STOW-RS requests are being received; send again shortly")
+        try:
+            parts = parse(
+                request.stream(), boundary, max_bytes=max_bytes, spool_dir=archive.store.staging
+            )
+            async for part in parts:
+                result = await run_in_threadpool(store_part, part, study, actor)
+                if isinstance(result, Failure):
+                    failed.append(result)
+                else:
+                    stored.append(result)
+        except ClientDisconnect:
+            # The sender went away: what it sent whole is stored (and audited, each);
+            # nobody is left to answer.
+            request.state.audit_note = (
+                f"client went away; {len(stored)} stored, {len(failed)} refused before"
+            )
+            log.info("STOW-RS sender went away after %d instance(s)", len(stored))
+            return Response(status_code=400)
+        finally:
+            uploads.release()
         if not stored and not failed:
             raise MalformedRequest("the request holds no instances")
 

@@ -129,9 +129,12 @@ def _check_params(request: Request, allowed: set[str]) -> None:
 
 def _frame_numbers(text: str) -> list[int]:
     numbers = []
-    for part in text.split(","):
-        if not part.strip().isdigit() or int(part) < 1:
-            raise MalformedRequest(f"frame list {text!r} must be positive integers, like 1,2,3")
+    for raw in text.split(","):
+        part = raw.strip()
+        if not part.isascii() or not part.isdigit() or len(part) > 9 or int(part) < 1:
+            raise MalformedRequest(
+                f"frame list {text[:80]!r} must be positive integers, like 1,2,3"
+            )
         numbers.append(int(part))
     return numbers
 
@@ -252,6 +255,12 @@ def wado_router(archive: Archive) -> APIRouter:
         if not image.has_pixels:
             raise NoSuchFrame(f"instance {record.SOPInstanceUID} has no pixel data")
         wanted = numbers or list(range(1, image.number_of_frames + 1))
+        if len(wanted) > image.number_of_frames:
+            # Each listed frame is a part of the answer: a list longer than the instance
+            # (frame 1 five thousand times) would multiply it.
+            raise MalformedRequest(
+                f"{len(wanted)} frames asked for; the instance has {image.number_of_frames}"
+            )
         for number in wanted:
             if number > image.number_of_frames:
                 raise NoSuchFrame(

@@ -59,6 +59,7 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
             request_timeout=settings.request_timeout,
             case_insensitive_names=settings.case_insensitive_names,
             allowed_hosts=allowed_hosts(settings),
+            max_uploads=settings.max_concurrent_uploads,
         ),
         host=settings.bind_address,
         port=settings.http_port,

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     move_destinations: dict[str, str] = Field(
         default_factory=dict, description='C-MOVE destinations: AE title = "host:port"'
     )
+    max_concurrent_uploads: int = Field(
+        16, ge=1, description="STOW-RS requests received at a time (more get 503)"
+    )
     max_request_bytes: int = Field(
         1 << 31, ge=1, description="largest STOW-RS request body, bytes (else HTTP 413)"
     )

@@ -23,6 +23,7 @@
     ├── RequestTooLarge             0xA700 out of resources    / 413
     ├── RequestTimedOut             0xA700 out of resources    / 408
     ├── AnswerTimedOut              0xA700 out of resources    / 503
+    ├── TooBusy                     0xA700 out of resources    / 503
     ├── UnsupportedMediaType        0xC000 cannot understand   / 415
     ├── ArchiveInUse                (at start: another server holds the archive)
     ├── Unauthenticated             0x0124 not authorized      / 401
@@ -158,6 +159,13 @@ class RequestTimedOut(PacsError):
 
     dimse_status = StoreStatus.OUT_OF_RESOURCES
     http_status = 408
+
+
+class TooBusy(PacsError):
+    """More requests of a kind at once than the server takes; the client may retry."""
+
+    dimse_status = StoreStatus.OUT_OF_RESOURCES
+    http_status = 503
 
 
 class AnswerTimedOut(PacsError):

@@ -47,7 +47,9 @@ def reconcile(archive: Archive) -> Reconciled:
     """Both ways between the store and the index; call it before taking any input."""
     store = archive.store
     result = Reconciled()
-    for leftover in store.staging.glob("*.part"):
+    # Staging files and spooled request parts (dicomweb.multipart) of a process that
+    # stopped: none of them was acknowledged.
+    for leftover in [*store.staging.glob("*.part"), *store.staging.glob("upload-*")]:
         leftover.unlink(missing_ok=True)
         result.staging_removed += 1
     indexed = {}

@@ -83,3 +83,22 @@ def session_memory(session: int) -> tuple[int, int, int]:
             elif line.startswith("Pss:"):
                 pss += int(line.split()[1]) * 1024
     return count, rss, pss
+
+
+def session_peak_rss(session: int) -> int:
+    """The sum of the peak RSS (VmHWM) of every process in the session ``session``
+    leads: an upper bound of what the server and its workers ever held at once."""
+    peak = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) != session:
+                continue
+            status = (entry / "status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in status:
+            if line.startswith("VmHWM:"):
+                peak += int(line.split()[1]) * 1024
+    return peak

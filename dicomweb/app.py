@@ -31,8 +31,8 @@ from dicomweb.viewer import viewer_router
 from dicomweb.wado import wado_router
 from dicomweb.wado_uri import wado_uri_router
 from pacs.archive import Archive
-from pacs.errors import PacsError
-from pacs.query import Level, execute
+from pacs.errors import PacsError, QueryTooLarge
+from pacs.query import MAX_QUERY_KEYS, Level, execute
 
 _NOT_GZIPPED = (*DEFAULT_EXCLUDED_CONTENT_TYPES, "multipart/*", "image/*", "application/dicom")
 
@@ -52,6 +52,8 @@ def create_app(
     case_insensitive_names: bool = True,
     allowed_hosts: Sequence[str] = LOOPBACK_NAMES,
     max_uploads: int = 16,
+    max_query_keys: int = MAX_QUERY_KEYS,
+    max_answer_bytes: int = 64 << 20,
 ) -> FastAPI:
     """``cors_origins``: origins of other sites allowed to call the API from a browser
     (``*`` for any); empty keeps the same-origin policy, which the bundled viewer needs.
@@ -96,6 +98,7 @@ def create_app(
             StudyInstanceUID=StudyInstanceUID,
             SeriesInstanceUID=SeriesInstanceUID,
             case_insensitive_names=case_insensitive_names,
+            max_keys=max_query_keys,
         )
         # At most max_results per request; one more row tells whether there are others.
         limit = min(parsed.limit if parsed.limit is not None else max_results, max_results)
@@ -113,7 +116,7 @@ def create_app(
         # At most max_results rows: one body built at once beats a chunk (and a thread
         # hop) per match.
         return Response(
-            _json_array(rows[:limit], parsed, level, base),
+            _json_array(rows[:limit], parsed, level, base, max_answer_bytes),
             media_type=DICOM_JSON,
             status_code=200,
             headers=headers,
@@ -173,6 +176,20 @@ def create_app(
     return app
 
 
-def _json_array(rows: list[dict[str, object]], parsed: Search, level: Level, base: str) -> bytes:
-    answers = [to_dicom_json(row, parsed.return_keys, level, base) for row in rows]
-    return json.dumps(answers, separators=(",", ":")).encode()
+def _json_array(
+    rows: list[dict[str, object]], parsed: Search, level: Level, base: str, max_bytes: int
+) -> bytes:
+    """The answer, one match at a time, refused (400) once it grows past ``max_bytes``."""
+    body = bytearray(b"[")
+    for n, row in enumerate(rows):
+        match = json.dumps(
+            to_dicom_json(row, parsed.return_keys, level, base), separators=(",", ":")
+        )
+        body += (b"," if n else b"") + match.encode()
+        if len(body) > max_bytes:
+            raise QueryTooLarge(
+                f"the answer would be larger than {max_bytes} bytes (max_answer_bytes): ask "
+                "for fewer attributes, or fewer matches with limit"
+            )
+    body += b"]"
+    return bytes(body)

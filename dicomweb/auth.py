@@ -114,7 +114,7 @@ class OidcVerifier:
         scopes = [OIDC_SCOPES[n] for n in names if n in OIDC_SCOPES]
         name = f"oidc:{claims['sub']}"
         if not scopes:
-            raise Forbidden(f"{name} has none of the scopes {', '.join(OIDC_SCOPES)}")
+            raise Forbidden(f"{name} has none of the scopes {', '.join(OIDC_SCOPES)}", name)
         return ApiToken(name, max(scopes, key=SCOPES.index), "")
 
 
@@ -140,7 +140,9 @@ def authorize(
         token = matches[0]
     needed = _NEEDED.get(method.upper(), "admin")
     if SCOPES.index(token.scope) < SCOPES.index(needed):
-        raise Forbidden(f"token {token.name} has scope {token.scope}; {method} needs {needed}")
+        raise Forbidden(
+            f"token {token.name} has scope {token.scope}; {method} needs {needed}", token.name
+        )
     return token
 
 
@@ -171,6 +173,9 @@ class BearerAuth:
         try:
             token = authorize(self.tokens, headers.get("authorization"), scope["method"], self.oidc)
         except PacsError as exc:
+            if isinstance(exc, Forbidden) and exc.who:
+                # The audit trail names who was refused, not "anonymous".
+                scope.setdefault("state", {})["token"] = exc.who
             challenge = ((b"www-authenticate", b'Bearer realm="filmless"'),)
             await send_error(send, exc, challenge if exc.http_status == 401 else ())
             return

@@ -19,9 +19,11 @@ from pacs.query import (
     ATTRIBUTES,
     DEPTH,
     DERIVED,
+    MAX_QUERY_KEYS,
     Level,
     Model,
     Query,
+    check_size,
     key_name,
     keys_at_or_above,
     model_depth,
@@ -141,6 +143,7 @@ def parse_search(
     StudyInstanceUID: str | None = None,
     SeriesInstanceUID: str | None = None,
     case_insensitive_names: bool = True,
+    max_keys: int = MAX_QUERY_KEYS,
 ) -> Search:
     keys: dict[str, str] = {}
     included: list[str] = []
@@ -192,7 +195,9 @@ def parse_search(
         fuzzy=fuzzy,
         hierarchical=False,
         case_insensitive_names=case_insensitive_names,
+        max_keys=max_keys,
     )
+    check_size(query, max_keys)
     return Search(query=query, return_keys=returned, limit=limit, offset=offset)
 
 

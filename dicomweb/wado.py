@@ -27,7 +27,14 @@ from dicomweb.rendered import THUMBNAIL_SIZE, RenderParams, Viewport, parse_para
 from pacs.archive import Archive
 from pacs.errors import MalformedRequest, NoSuchFrame, NotAcceptable, UndecodablePixels
 from pacs.index import InstanceRecord
-from pacs.pixels import PIXEL_DATA, native_frame, read_image, stored_frame, transcode
+from pacs.pixels import (
+    PIXEL_DATA,
+    check_pixels,
+    native_frame,
+    read_image,
+    stored_frame,
+    transcode,
+)
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -55,7 +62,7 @@ def _plan(archive: Archive, record: InstanceRecord, choice: media.InstanceChoice
             return record, syntax, None
         spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115
         try:
-            with archive.open(record) as stream:
+            with archive.open_parsed(record) as stream:
                 spool.write(transcode(stream, UID(syntax)))
         except UndecodablePixels as exc:
             spool.close()
@@ -213,7 +220,7 @@ def wado_router(archive: Archive) -> APIRouter:
             """One instance's metadata; one whose header cannot be read any more is
             named by its UIDs, so that the rest of the study is still answered whole."""
             try:
-                with archive.open(record) as stream:
+                with archive.open_parsed(record) as stream:
                     return instance_json(read_image(stream), instance_url(request, record))
             except Exception:
                 log.exception("metadata of %s cannot be read", record.SOPInstanceUID)
@@ -250,10 +257,13 @@ def wado_router(archive: Archive) -> APIRouter:
                 "media types and transfer syntaxes can be produced from it"
             )
         part_type, syntax = picked
-        with archive.open(record) as stream:
+        with archive.open_parsed(record) as stream:
             image = read_image(stream)
-        if not image.has_pixels:
-            raise NoSuchFrame(f"instance {record.SOPInstanceUID} has no pixel data")
+            if not image.has_pixels:
+                raise NoSuchFrame(f"instance {record.SOPInstanceUID} has no pixel data")
+            # Before any list of frames is made or a frame is read: a frame count that the
+            # pixel data does not bear out, a frame too large to decode.
+            check_pixels(image, stream)
         wanted = numbers or list(range(1, image.number_of_frames + 1))
         if len(wanted) > image.number_of_frames:
             # Each listed frame is a part of the answer: a list longer than the instance
@@ -274,12 +284,12 @@ def wado_router(archive: Archive) -> APIRouter:
         read = stored_frame if as_stored else native_frame
         # The first frame is read before answering: a frame that cannot be located or
         # decoded is an error status, not a response cut off after its headers.
-        with archive.open(record) as stream:
+        with archive.open_parsed(record) as stream:
             first = read(stream, image, wanted[0] - 1)
 
         def parts() -> Iterator[Part]:
             yield Part(media.content_type(part_type, syntax), [first])
-            with archive.open(record) as stream:
+            with archive.open_parsed(record) as stream:
                 for number in wanted[1:]:
                     data = read(stream, image, number - 1)
                     yield Part(media.content_type(part_type, syntax), [data])
@@ -308,7 +318,7 @@ def wado_router(archive: Archive) -> APIRouter:
             r.type in ("*/*", media.MULTIPART, media.OCTET_STREAM) for r in _ranges(request)
         ):
             raise NotAcceptable("bulk data is sent as application/octet-stream")
-        with archive.open(record) as stream:
+        with archive.open_parsed(record) as stream:
             value = bulk_value(read_image(stream).header, tags)
         boundary = new_boundary()
         return StreamingResponse(
@@ -330,7 +340,7 @@ def wado_router(archive: Archive) -> APIRouter:
         )
         media_type = media.choose_rendered(_ranges(request))
         for record in candidates:
-            with archive.open(record) as stream:
+            with archive.open_parsed(record) as stream:
                 image = read_image(stream)
                 if not image.has_pixels:
                     continue
@@ -425,7 +435,7 @@ def _frames_to_render(
 ) -> list[tuple[InstanceRecord, int]]:
     frames = []
     for record in found:
-        with archive.open(record) as stream:
+        with archive.open_parsed(record) as stream:
             image = read_image(stream)
         if not image.has_pixels:
             continue
@@ -441,7 +451,7 @@ def _render_or_none(
     archive: Archive, record: InstanceRecord, index: int, params: RenderParams, media_type: str
 ) -> bytes | None:
     try:
-        with archive.open(record) as stream:
+        with archive.open_parsed(record) as stream:
             return render(stream, read_image(stream), index, params, media_type)
     except UndecodablePixels as exc:
         log.warning("rendered: %s frame %d left out: %s", record.SOPInstanceUID, index + 1, exc)

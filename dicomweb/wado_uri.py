@@ -133,7 +133,7 @@ def wado_uri_router(archive: Archive) -> APIRouter:
         if kind == media.DICOM:
             return _instance(archive, record, _single(params, "transferSyntax"))
         frame = _number(params, "frameNumber", 1, 1 << 31)
-        with archive.open(record) as stream:
+        with archive.open_parsed(record) as stream:
             image = read_image(stream)
             if not image.has_pixels:
                 raise NoSuchFrame(f"instance {record.SOPInstanceUID} has no pixel data")
@@ -163,6 +163,6 @@ def _instance(archive: Archive, record: InstanceRecord, syntax: str | None) -> R
 
 
 def _chunks(archive: Archive, record: InstanceRecord) -> Iterator[bytes]:
-    with archive.open(record) as stream:
+    with archive.open_parsed(record) as stream:
         while chunk := stream.read(_CHUNK):
             yield chunk

@@ -60,6 +60,8 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
             case_insensitive_names=settings.case_insensitive_names,
             allowed_hosts=allowed_hosts(settings),
             max_uploads=settings.max_concurrent_uploads,
+            max_query_keys=settings.max_query_keys,
+            max_answer_bytes=settings.max_answer_bytes,
         ),
         host=settings.bind_address,
         port=settings.http_port,

@@ -99,6 +99,15 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest C-FIND/C-MOVE/C-GET identifier, bytes (larger: A-ABORT)",
     )
+    max_query_keys: int = Field(
+        256,
+        ge=8,
+        description="attributes one C-FIND or QIDO-RS request may name (matching, return "
+        "keys, includefield); more: 0xA700 / 400",
+    )
+    max_answer_bytes: int = Field(
+        64 << 20, ge=1 << 20, description="largest QIDO-RS answer body, bytes (larger: 400)"
+    )
     max_find_matches: int = Field(
         10000, ge=1, description="C-FIND answers at most this many matches, else 0xA700"
     )
@@ -107,6 +116,18 @@ class Settings(BaseSettings):
     )
     max_concurrent_uploads: int = Field(
         16, ge=1, description="STOW-RS requests received at a time (more get 503)"
+    )
+    max_instance_bytes: int = Field(
+        4 << 30,
+        ge=1 << 20,
+        description="largest data set stored, bytes, after inflation for a deflated one "
+        "(C-STORE 0xA700, STOW-RS FailureReason 0xA700)",
+    )
+    max_pixels: int = Field(
+        1 << 27,
+        ge=1 << 16,
+        description="largest frame decoded, Rows x Columns x SamplesPerPixel (rendered, "
+        "frames, screening); beyond it 406 or a skipped job",
     )
     max_request_bytes: int = Field(
         1 << 31, ge=1, description="largest STOW-RS request body, bytes (else HTTP 413)"

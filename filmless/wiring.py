@@ -16,6 +16,7 @@ from filmless.settings import Settings
 from inference.forward import destination
 from inference.scheduler import Scheduler
 from models.store import ModelStore
+from pacs import pixels
 from pacs.archive import Archive
 from pacs.audit import AuditTrail
 from pacs.dimse.server import DimseConfig
@@ -72,6 +73,7 @@ def dimse_worker_count(settings: Settings) -> int:
 def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
     """The archive of a process; with screening on, what it stores becomes jobs."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    pixels.LIMITS.max_pixels = settings.max_pixels
     index = Index(settings.index_url)
     if create_schema:
         index.create_schema()
@@ -82,6 +84,7 @@ def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
         duplicate_policy=settings.duplicate_policy,
         patient_policy=settings.patient_conflict,
         audit=AuditTrail(settings.audit_log),
+        max_instance_bytes=settings.max_instance_bytes,
     )
     if settings.screening:
         store = ModelStore(settings.models_dir)
@@ -172,6 +175,7 @@ def dimse_config(settings: Settings) -> DimseConfig:
         max_pdu=settings.max_pdu,
         max_find_matches=settings.max_find_matches,
         max_identifier_bytes=settings.max_identifier_bytes,
+        max_query_keys=settings.max_query_keys,
         case_insensitive_names=settings.case_insensitive_names,
         move_destinations=tuple(
             (title, address.rpartition(":")[0], int(address.rpartition(":")[2]))

@@ -32,7 +32,8 @@ from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
 from models.manifest import Manifest
 from models.store import ModelStore
 from pacs.archive import Archive, InstanceSource, Origin
-from pacs.errors import NotFound, PacsError, SourceGone
+from pacs.audit import Actor, AuditEvent, Outcome
+from pacs.errors import NotFound, PacsError, SourceGone, UndecodablePixels
 from pacs.index import InstanceRecord
 from pacs.jobs import Job, JobQueue
 from pacs.pixels import StoredImage, read_image
@@ -114,7 +115,9 @@ class Worker:
         try:
             with self._renewing(job):
                 result = self.process(job)
-        except Unusable as exc:
+        except (Unusable, UndecodablePixels) as exc:
+            # Not for this model, or pixels beyond what is decoded (max_pixels, a frame
+            # whose codestream claims more than its header): skipped before decoding.
             self.queue.skip(job, str(exc))
             log.info(
                 "%s skipped %s: %s", job.model, job.SOPInstanceUID or job.StudyInstanceUID, exc
@@ -194,6 +197,13 @@ class Worker:
             stored = self._store(report, sources)
         except SourceGone as exc:
             raise Unusable(f"the report was dropped: {exc}") from exc
+        self.archive.audit.record(
+            AuditEvent.STORE,
+            self.actor(job),
+            Outcome.SUCCESS,
+            StudyInstanceUID=job.StudyInstanceUID,
+            detail=f"report {stored} of {manifest.name} {manifest.version}",
+        )
         for target in self.settings.destinations:
             self.queue.enqueue(target.job_model, job.StudyInstanceUID, stored)
         return stored
@@ -204,15 +214,36 @@ class Worker:
         if target is None:
             raise Unusable(f"destination {name} is no longer configured")
         (record,) = self.archive.records(job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID)
-        with self.archive.open(record) as stream:
-            send(target, stream, calling_ae=self.settings.ae_title)
+        try:
+            with self.archive.open(record) as stream:  # as stored
+                send(target, stream, calling_ae=self.settings.ae_title)
+        except Exception as exc:
+            self.archive.audit.record(
+                AuditEvent.RETRIEVE,
+                self.actor(job),
+                Outcome.MINOR_FAILURE,
+                StudyInstanceUID=job.StudyInstanceUID,
+                detail=f"report {job.SOPInstanceUID} not sent to {target.name}: {exc}",
+            )
+            raise
+        self.archive.audit.record(
+            AuditEvent.RETRIEVE,
+            self.actor(job),
+            Outcome.SUCCESS,
+            StudyInstanceUID=job.StudyInstanceUID,
+            detail=f"report {job.SOPInstanceUID} sent to {target.name}",
+        )
         return job.SOPInstanceUID
+
+    def actor(self, job: Job) -> Actor:
+        """Who acts for the audit trail: this server's screening, and which job."""
+        return Actor(f"filmless screening {job.model}", self.name, "filmless")
 
     def _read(
         self, record: InstanceRecord, manifest: Manifest, image: StoredImage | None = None
     ) -> tuple[np.ndarray, Dataset]:
         """The model input and the header, parsing the file's header once."""
-        with self.archive.open(record) as stream:
+        with self.archive.open_parsed(record) as stream:
             image = image or read_image(stream)
             tensor = preprocess(stream, manifest.preprocessing, image)
         return tensor, image.header
@@ -224,7 +255,7 @@ class Worker:
         the report and the SOP Instance UIDs of the views it was made from."""
         images: list[tuple[InstanceRecord, StoredImage]] = []
         for record in self.archive.records(job.StudyInstanceUID):
-            with self.archive.open(record) as stream:
+            with self.archive.open_parsed(record) as stream:
                 images.append((record, read_image(stream)))
         values = [(r, i, _values(i.header)) for r, i in images]
         usable = [

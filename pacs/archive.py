@@ -10,16 +10,20 @@ row behind and no file in the store.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
 from pacs.audit import AuditTrail
 from pacs.equivalence import same_instance
 from pacs.errors import (
     DuplicateRejected,
+    InstanceTooLarge,
     InvalidInstance,
     NotFound,
     PacsError,
@@ -27,7 +31,7 @@ from pacs.errors import (
     StudyMismatch,
 )
 from pacs.events import EventBus, InstanceStored
-from pacs.header import read_header
+from pacs.header import MAX_INSTANCE_BYTES, read_header
 from pacs.index import (
     DERIVED_ORIGIN,
     BlobFacts,
@@ -37,6 +41,7 @@ from pacs.index import (
     InstanceRecord,
     PatientPolicy,
 )
+from pacs.inflate import inflated
 from pacs.part10 import FileMeta, encode_file_meta, guess_transfer_syntax, read_file_meta
 from pacs.store import FsBlobStore, StagedBlob
 from pacs.uids import require_uid
@@ -129,6 +134,7 @@ class Archive:
         duplicate_policy: DuplicatePolicy = "reject",
         patient_policy: PatientPolicy = "reject",
         audit: AuditTrail | None = None,
+        max_instance_bytes: int = MAX_INSTANCE_BYTES,
     ) -> None:
         self.store = store
         self.index = index
@@ -136,6 +142,7 @@ class Archive:
         self.duplicate_policy = duplicate_policy
         self.patient_policy = patient_policy
         self.audit = audit or AuditTrail(None)
+        self.max_instance_bytes = max_instance_bytes
 
     def ingest(
         self,
@@ -198,7 +205,12 @@ class Archive:
         policy = duplicate_policy or self.duplicate_policy
         notes: list[str] = []
         try:
-            header = read_header(staged.path, head_length, meta)
+            if staged.size - head_length > self.max_instance_bytes:
+                raise InstanceTooLarge(
+                    f"the data set has {staged.size - head_length} bytes, more than "
+                    f"max_instance_bytes {self.max_instance_bytes}"
+                )
+            header = read_header(staged.path, head_length, meta, max_bytes=self.max_instance_bytes)
             identity = FileMeta(
                 header.instance.SOPClassUID, header.instance.SOPInstanceUID, meta.TransferSyntaxUID
             )
@@ -303,8 +315,25 @@ class Archive:
             return self.ingest(InstanceSource.from_part10(stream), origin)
 
     def open(self, record: InstanceRecord) -> BinaryIO:
-        """The stored Part 10 file of an indexed instance."""
+        """The stored Part 10 file of an indexed instance, byte for byte."""
         return self.store.open(record.path)
+
+    @contextmanager
+    def open_parsed(self, record: InstanceRecord) -> Iterator[BinaryIO]:
+        """The stored file to read attributes and pixels from: itself, or for a deflated
+        one an inflated copy on disk, so that no reader holds it inflated in memory."""
+        if record.TransferSyntaxUID != DeflatedExplicitVRLittleEndian:
+            with self.store.open(record.path) as stream:
+                yield stream
+            return
+        with self.store.open(record.path) as stream:
+            meta = read_file_meta(stream)
+            offset = stream.tell()
+        source = self.store.path(record.path)
+        folder = self.store.staging
+        limit = self.max_instance_bytes
+        with inflated(source, offset, meta, folder, limit) as (copy, _), open(copy, "rb") as stream:
+            yield stream
 
     def records(
         self,

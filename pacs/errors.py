@@ -11,7 +11,9 @@
     │       └── SeriesConflict
     ├── SOPClassMismatch            0xA900 does not match SOP class / 400
     ├── InvalidQuery                0xA900 identifier does not match / 400
+    │   └── QueryTooLarge           0xA700 out of resources    / 400
     ├── DuplicateRejected           0x0111 duplicate SOP instance   / 409
+    ├── InstanceTooLarge            0xA700 out of resources    / 413
     ├── StorageFailure              0xA700 out of resources    / 507
     ├── IndexFailure                0xA700 out of resources    / 503
     ├── NotFound                    0xC000 unable to process   / 404
@@ -94,11 +96,25 @@ class InvalidQuery(PacsError):
     http_status = 400
 
 
+class QueryTooLarge(InvalidQuery):
+    """A query asking for more attributes, or an answer larger, than the server gives."""
+
+    dimse_status = StoreStatus.OUT_OF_RESOURCES
+    http_status = 400
+
+
 class DuplicateRejected(PacsError):
     """Same SOP Instance UID, different bytes, and the policy keeps the first copy."""
 
     dimse_status = StoreStatus.DUPLICATE_SOP_INSTANCE
     http_status = 409
+
+
+class InstanceTooLarge(PacsError):
+    """A data set beyond max_instance_bytes (after inflation, for a deflated one)."""
+
+    dimse_status = StoreStatus.OUT_OF_RESOURCES
+    http_status = 413
 
 
 class StorageFailure(PacsError):
@@ -194,7 +210,11 @@ class Unauthenticated(PacsError):
 
 
 class Forbidden(PacsError):
-    """Valid credentials without the scope the action needs."""
+    """Valid credentials without the scope the action needs; ``who`` they name."""
 
     dimse_status = StoreStatus.NOT_AUTHORIZED
     http_status = 403
+
+    def __init__(self, message: str, who: str = "") -> None:
+        super().__init__(message)
+        self.who = who

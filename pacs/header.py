@@ -10,7 +10,6 @@ form for case- and accent-insensitive matching.
 from __future__ import annotations
 
 import unicodedata
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirecto
 
 from pacs.attributes import dataset_json, pack
 from pacs.errors import InvalidInstance, SOPClassMismatch
+from pacs.inflate import inflated
 from pacs.part10 import FileMeta
-from pacs.structure import check_structure, check_structure_bytes
+from pacs.structure import check_structure
 from pacs.uids import require_uid
 
 # The archive checks the attributes it indexes itself (UIDs strictly) and keeps every
@@ -33,7 +33,8 @@ pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 # Values longer than this stay on disk while the header is parsed.
 _DEFER_SIZE = 4096
-_MAX_INFLATED = 4 << 30
+# Largest data set taken, after inflation (max_instance_bytes).
+MAX_INSTANCE_BYTES = 4 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,19 +109,27 @@ def normalise_name(name: str) -> str:
     return " ".join(stripped.replace("^", " ").replace("=", " ").casefold().split())
 
 
-def read_header(path: Path, data_set_offset: int, meta: FileMeta) -> InstanceHeader:
+def read_header(
+    path: Path, data_set_offset: int, meta: FileMeta, *, max_bytes: int = MAX_INSTANCE_BYTES
+) -> InstanceHeader:
     """Validate the staged file at ``path`` and extract what the index stores.
 
     The identity the data set carries is returned as it is; whether it must equal the
-    one announced for it (``meta``) is the caller's decision.
+    one announced for it (``meta``) is the caller's decision. A deflated data set is
+    inflated to a file beside ``path`` (at most ``max_bytes``) and read from there.
     """
     syntax = UID(meta.TransferSyntaxUID)
     if not syntax.is_transfer_syntax:
         raise InvalidInstance(f"transfer syntax {meta.TransferSyntaxUID} is not supported")
     if syntax == DeflatedExplicitVRLittleEndian:
-        check_structure_bytes(_inflate(path, data_set_offset), explicit=True, little=True)
-    else:
-        _check_encoding(path, data_set_offset, syntax)
+        with inflated(path, data_set_offset, meta, path.parent, max_bytes) as (copy, offset):
+            check_structure(copy, offset, explicit=True, little=True)
+            return _parse(copy)
+    _check_encoding(path, data_set_offset, syntax)
+    return _parse(path)
+
+
+def _parse(path: Path) -> InstanceHeader:
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE, stop_before_pixels=True)
         if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
@@ -152,25 +161,6 @@ def _check_encoding(path: Path, offset: int, syntax: UID) -> None:
             f"the data set is encoded with {actual} VR, but its transfer syntax "
             f"{syntax.name or syntax} says {declared} VR"
         ) from None
-
-
-def _inflate(path: Path, offset: int) -> bytes:
-    """Deflated data sets (PS3.5 A.5) are raw deflate streams after the meta group."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        out = bytearray()
-        try:
-            while chunk := fh.read(1 << 20):
-                out += inflater.decompress(chunk, _MAX_INFLATED - len(out))
-                if inflater.unconsumed_tail:
-                    raise InvalidInstance("deflated data set inflates beyond 4 GiB")
-            out += inflater.flush()
-        except zlib.error as exc:
-            raise InvalidInstance(f"deflated data set is corrupt: {exc}") from exc
-        if not inflater.eof:
-            raise InvalidInstance("deflated data set is truncated")
-    return bytes(out)
 
 
 def _extract(ds: Dataset) -> InstanceHeader:

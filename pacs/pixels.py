@@ -28,6 +28,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
+from pacs.codestream import dimensions
 from pacs.errors import NoSuchFrame, UndecodablePixels
 
 PIXEL_DATA = 0x7FE00010
@@ -140,6 +141,85 @@ def _raw_value(ds: Dataset, keyword: str) -> object:
         return None if element is None else element.value
 
 
+@dataclass
+class PixelLimits:
+    """Set once by the composition root (``max_pixels``)."""
+
+    max_pixels: int = 1 << 27
+
+
+LIMITS = PixelLimits()
+_ALLOCATED = (1, 8, 16, 32)
+
+
+def check_pixels(image: StoredImage, stream: BinaryIO) -> None:
+    """Refuse, before anything is decoded or a frame list is made, an image whose pixel
+    description is not one that can be decoded within the limits, or whose frame count
+    its pixel data does not bear out (NumberOfFrames 2^31 on a one-frame image)."""
+    if not image.has_pixels:
+        raise NoSuchFrame("the instance has no pixel data")
+    ds = image.header
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.get("BitsAllocated") or 0)
+    if rows < 1 or columns < 1:
+        raise UndecodablePixels(f"Rows {rows} x Columns {columns}: there is no image")
+    if samples not in (1, 3):
+        raise UndecodablePixels(f"SamplesPerPixel {samples} is not 1 or 3 (PS3.3 C.7.6.3)")
+    if bits not in _ALLOCATED:
+        raise UndecodablePixels(f"BitsAllocated {bits} is not one of 1, 8, 16, 32")
+    if rows * columns * samples > LIMITS.max_pixels:
+        raise UndecodablePixels(
+            f"{rows} x {columns} x {samples} samples per frame is more than max_pixels "
+            f"{LIMITS.max_pixels}"
+        )
+    frames = image.number_of_frames
+    if image.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return  # read from an inflated copy (Archive.open_parsed), checked there
+    if not image.encapsulated:
+        needed = frames * image.frame_length if _byte_aligned(image) else 0
+        if image.value_length < needed:
+            raise UndecodablePixels(
+                f"NumberOfFrames {frames} needs {needed} bytes of pixel data; there are "
+                f"{image.value_length}"
+            )
+        return
+    assert image.value_offset is not None
+    fragments = _count_fragments(stream, image.value_offset, frames)
+    if fragments < frames:
+        raise UndecodablePixels(
+            f"NumberOfFrames {frames}, but the pixel data holds {fragments} fragment(s)"
+        )
+
+
+def _count_fragments(stream: BinaryIO, offset: int, enough: int) -> int:
+    """Fragments after the Basic Offset Table, counting no further than ``enough``."""
+    stream.seek(offset)
+    count = -1  # the first item is the offset table
+    while count < enough:
+        head = stream.read(8)
+        if len(head) < 8:
+            break
+        group, element, length = struct.unpack("<HHL", head)
+        if (group, element) != (0xFFFE, 0xE000):
+            break
+        count += 1
+        stream.seek(length, io.SEEK_CUR)
+    return max(count, 0)
+
+
+def _check_frame_size(frame: bytes, image: StoredImage) -> None:
+    """A compressed frame may claim any size in its own header: not more than the
+    instance's Rows and Columns, which the limits were checked on."""
+    claimed = dimensions(frame)
+    rows, columns = int(image.header.Rows), int(image.header.Columns)
+    if claimed is not None and (claimed[0] > rows or claimed[1] > columns):
+        raise UndecodablePixels(
+            f"the frame's codestream says {claimed[0]} x {claimed[1]}, the instance "
+            f"{rows} x {columns}"
+        )
+
+
 def _check_index(image: StoredImage, index: int) -> None:
     if not image.has_pixels:
         raise NoSuchFrame("the instance has no pixel data")
@@ -151,6 +231,7 @@ def _check_index(image: StoredImage, index: int) -> None:
 
 def stored_frame(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
     """Frame ``index`` (from 0) exactly as stored: a compressed bit stream or native bytes."""
+    check_pixels(image, stream)
     _check_index(image, index)
     if image.transfer_syntax == DeflatedExplicitVRLittleEndian:
         return _decoded_native(stream, image, index)
@@ -181,7 +262,10 @@ def stored_frame(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
 
 def decoded_frame(stream: BinaryIO, image: StoredImage, index: int, *, rgb: bool) -> np.ndarray:
     """Frame ``index`` decoded to an array; ``rgb`` converts YBR colour to RGB."""
+    check_pixels(image, stream)
     _check_index(image, index)
+    if image.encapsulated:
+        _check_frame_size(stored_frame(stream, image, index), image)
     if _plain_grey(image):
         return _native_grey(stream, image, index)
     stream.seek(0)

@@ -116,10 +116,3 @@ def check_structure(path: Path, offset: int, *, explicit: bool, little: bool) ->
             raise InvalidInstance("the data set is empty")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             _Walker(buf, little).elements(offset, size, depth=0, in_item=False, explicit=explicit)
-
-
-def check_structure_bytes(data: bytes, *, explicit: bool, little: bool) -> None:
-    """The same check over an in-memory data set (an inflated deflated one)."""
-    if not data:
-        raise InvalidInstance("the data set is empty")
-    _Walker(data, little).elements(0, len(data), depth=0, in_item=False, explicit=explicit)

@@ -47,9 +47,13 @@ def reconcile(archive: Archive) -> Reconciled:
     """Both ways between the store and the index; call it before taking any input."""
     store = archive.store
     result = Reconciled()
-    # Staging files and spooled request parts (dicomweb.multipart) of a process that
+    # Staging files, spooled request parts and inflated copies of a process that
     # stopped: none of them was acknowledged.
-    for leftover in [*store.staging.glob("*.part"), *store.staging.glob("upload-*")]:
+    for leftover in [
+        *store.staging.glob("*.part"),
+        *store.staging.glob("upload-*"),  # dicomweb.multipart
+        *store.staging.glob("inflated-*"),  # pacs.inflate
+    ]:
         leftover.unlink(missing_ok=True)
         result.staging_removed += 1
     indexed = {}

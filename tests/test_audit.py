@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -16,11 +17,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from dicomweb.app import create_app
 from dicomweb.audit import classify
 from dicomweb.auth import ApiToken, digest
+from filmless.cli import import_one
 from pacs.archive import Archive, InstanceSource, Origin
 from pacs.audit import AuditEvent, AuditTrail
 from pacs.dimse.server import DimseConfig, start_dimse
@@ -178,3 +181,66 @@ def test_dimse_retrieves(archive: Archive, tmp_path: Path) -> None:
     assert lines[0]["ActiveParticipant"]["UserID"] == "READER"
     assert lines[0]["ParticipantObject"]["StudyInstanceUID"] == ds.StudyInstanceUID
     assert lines[0]["Detail"] == "C-GET: 1 instance(s)"
+
+
+# pynetdicom drops the socket of a destination it could not connect to without closing
+# it; CPython closes it at once (refcount), with a ResourceWarning this test ignores.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_every_kind_of_access_names_who_and_the_real_outcome(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """PS3.15 A.5: who, from where, which study and the real outcome, for what the other
+    tests here leave out: a refusal for lack of scope names the token, an import is
+    audited, a C-MOVE to an unknown or unreachable destination is a failure."""
+    trail = tmp_path / "audit.jsonl"
+    archive.audit = AuditTrail(trail)
+    ds = ct_instance(patient_id="AUDIT4")
+    # filmless import (the operator's account on this host).
+    imported = import_one(archive, _written(ds, tmp_path / "ct.dcm"))
+    assert imported.refused is None
+    # A token that may read but not delete.
+    tokens = [ApiToken("viewer", "read", digest("read-only"))]
+    with serving(create_app(archive, api_tokens=tokens)) as url:
+        refused = httpx.delete(
+            f"{url}/studies/{ds.StudyInstanceUID}",
+            headers={"Authorization": "Bearer read-only"},
+        )
+        assert refused.status_code == 403
+    # C-MOVE to a destination nobody configured, and to one that does not answer.
+    silent = free_port()
+    config = DimseConfig(port=free_port(), move_destinations=(("GONE", "127.0.0.1", silent),))
+    server = start_dimse(archive, config)
+    try:
+        ae = AE(ae_title="MOVER")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", config.port, ae_title="FILMLESS")
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ds.StudyInstanceUID
+        for destination in ("NOWHERE", "GONE"):
+            statuses = [
+                s.Status
+                for s, _ in assoc.send_c_move(
+                    query, destination, StudyRootQueryRetrieveInformationModelMove
+                )
+            ]
+            assert statuses[-1] != 0
+        assoc.release()
+    finally:
+        server.shutdown()
+    lines = _lines(trail)
+    stored, forbidden, unknown, unreachable = lines
+    assert stored["ActiveParticipant"]["Protocol"] == "filmless import"
+    assert stored["ParticipantObject"]["StudyInstanceUID"] == ds.StudyInstanceUID
+    assert forbidden["ActiveParticipant"]["UserID"] == "viewer"
+    assert forbidden["EventOutcomeIndicator"] == 4
+    assert "unknown destination 'NOWHERE'" in unknown["Detail"]
+    assert unknown["EventOutcomeIndicator"] == 4
+    assert "GONE" in unreachable["Detail"]
+    assert "did not complete" in unreachable["Detail"]
+    assert unreachable["EventOutcomeIndicator"] == 4
+
+
+def _written(ds: Dataset, path: Path) -> Path:
+    path.write_bytes(part10(ds))
+    return path

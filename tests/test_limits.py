@@ -9,20 +9,35 @@ measured.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
 import socket
+import struct
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
+import openjpeg
+import pydicom
 import pytest
+from PIL import Image
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 
+from benchmarks.support import session_peak_rss
 from dicomweb.app import create_app
 from pacs.archive import Archive, Origin
 from pacs.audit import AuditTrail
 from pacs.index import InstanceRecord
+from pacs.part10 import FileMeta, encode_file_meta
 from tests.support.instances import ct_instance, part10, source
+from tests.support.server import Server
 from tests.support.web import serving
 
 
@@ -161,3 +176,195 @@ def test_a_sender_gone_mid_upload_leaves_what_it_sent_stored_and_audited(
     assert all(line["EventOutcomeIndicator"] == 0 for line in stored)
     assert any("client went away; 2 stored" in str(line["Detail"]) for line in lines)
     assert len(served.archive.index.instances()) == 3  # the fixture's and the two
+
+
+# -- bombs, against a running server ------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def _deflated_bomb(inflated_bytes: int) -> bytes:
+    """A small image whose deflated data set inflates to ``inflated_bytes``: a private
+    OB element of zeros (a megabyte of deflate stream per gigabyte inflated)."""
+    ds = ct_instance()
+    block = ds.private_block(0x0009, "FILMLESS BOMB", create=True)
+    block.add_new(0x01, "OB", b"")  # placeholder: the zeros are streamed below
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    encoded = body.getvalue()
+    marker = struct.pack("<HH2sHL", 0x0009, 0x1001, b"OB", 0, 0)
+    at = encoded.index(marker)
+    zeros = inflated_bytes - len(encoded)
+    head = encoded[:at] + struct.pack("<HH2sHL", 0x0009, 0x1001, b"OB", 0, zeros)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = deflater.compress(head)
+    chunk = bytes(MiB)
+    for _ in range(zeros // MiB):
+        stream += deflater.compress(chunk)
+    stream += deflater.compress(bytes(zeros % MiB)) + deflater.compress(encoded[at + len(marker) :])
+    stream += deflater.flush()
+    meta = FileMeta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), DeflatedExplicitVRLittleEndian)
+    return encode_file_meta(meta) + stream
+
+
+def _image_bomb(codec: str, *, header_rows: int) -> bytes:
+    """A tiny compressed frame whose codestream claims 16384 x 16384 pixels, in an
+    instance whose header says ``header_rows`` square."""
+    pixels = np.full((64, 64), 128, dtype=np.uint8)
+    if codec == "jpeg":
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="JPEG")
+        frame = bytearray(out.getvalue())
+        sof = frame.index(b"\xff\xc0")
+        struct.pack_into(">HH", frame, sof + 5, 16384, 16384)
+        syntax = JPEGBaseline8Bit
+    else:
+        frame = bytearray(openjpeg.encode(pixels))  # type: ignore[attr-defined]
+        siz = frame.index(b"\xff\x51")
+        struct.pack_into(">LL", frame, siz + 6, 16384, 16384)
+        syntax = JPEG2000Lossless
+    ds = ct_instance()
+    ds.Rows = ds.Columns = header_rows
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    return part10(ds)
+
+
+def _malformed_image(**changes: object) -> bytes:
+    ds = ct_instance()
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    return part10(ds)
+
+
+@dataclass
+class Running:
+    server: Server
+    session: int
+
+    def stow(self, data: bytes) -> httpx.Response:
+        boundary = "bomb-boundary"
+        body = (
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + data
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        return httpx.post(
+            f"{self.server.url}/studies",
+            content=body,
+            headers={
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+            },
+            timeout=300,
+        )
+
+    def instance_url(self, data: bytes) -> str:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        return (
+            f"{self.server.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}"
+        )
+
+    def peak(self) -> int:
+        return session_peak_rss(self.session)
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    server = Server(
+        tmp_path_factory.mktemp("limits") / "data",
+        FILMLESS_SCREENING="false",
+        FILMLESS_MAX_INSTANCE_BYTES=str(256 * MiB),
+    )
+    server.start()
+    assert server.process is not None
+    try:
+        yield Running(server, os.getsid(server.process.pid))
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_deflate_bomb_is_refused_without_taking_memory(running: Running) -> None:
+    """1 MB that inflates to 1 GiB: refused at max_instance_bytes (256 MiB here), inflated
+    in pieces to disk, so the server's peak memory barely moves."""
+    bomb = _deflated_bomb(1 << 30)
+    assert len(bomb) < 2 * MiB
+    before = running.peak()
+    answer = running.stow(bomb)
+    (failure,) = answer.json()["00081198"]["Value"]
+    assert failure["00081197"]["Value"] == [0xA700]
+    assert "max_instance_bytes" in answer.headers["warning"]
+    assert running.peak() - before < 64 * MiB
+
+
+def test_a_stored_deflated_giant_is_read_back_in_pieces(running: Running) -> None:
+    """200 MiB inflated, stored (under the limit): its metadata, its image and its
+    frames are read from an inflated copy on disk, never whole in memory."""
+    big = _deflated_bomb(200 * MiB)
+    assert running.stow(big).status_code == 200
+    before = running.peak()
+    url = running.instance_url(big)
+    metadata = httpx.get(f"{url}/metadata", timeout=120)
+    assert metadata.status_code == 200
+    (entry,) = metadata.json()
+    assert "BulkDataURI" in entry["00091001"]
+    assert httpx.get(f"{url}/rendered", timeout=120).status_code == 200
+    assert httpx.get(f"{url}/frames/1", timeout=120).status_code == 200
+    assert running.peak() - before < 64 * MiB
+
+
+@pytest.mark.parametrize(
+    ("codec", "header_rows", "reason"),
+    [
+        ("jpeg", 64, "codestream says 16384 x 16384"),
+        ("j2k", 64, "codestream says 16384 x 16384"),
+        ("jpeg", 16384, "more than max_pixels"),
+    ],
+)
+def test_an_image_bomb_is_refused_before_decoding(
+    running: Running, codec: str, header_rows: int, reason: str
+) -> None:
+    """A few KB claiming 16384 x 16384 (1.3-1.75 GB decoded): 406 with the reason, for
+    the rendered image and the uncompressed frame, and the memory does not move."""
+    bomb = _image_bomb(codec, header_rows=header_rows)
+    assert len(bomb) < 8 << 10
+    assert running.stow(bomb).status_code == 200
+    before = running.peak()
+    url = running.instance_url(bomb)
+    for path in ("/rendered", "/frames/1"):
+        answer = httpx.get(
+            url + path,
+            headers={"Accept": 'multipart/related; type="application/octet-stream"'}
+            if path.startswith("/frames")
+            else {},
+            timeout=60,
+        )
+        assert answer.status_code == 406, (path, answer.text)
+        assert reason in answer.json()["error"]
+    assert running.peak() - before < 64 * MiB
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"NumberOfFrames": 1 << 31}, "NumberOfFrames 2147483648 needs"),
+        ({"BitsAllocated": 64}, "BitsAllocated 64"),
+        ({"SamplesPerPixel": 4}, "SamplesPerPixel 4"),
+        ({"Rows": 0}, "there is no image"),
+    ],
+)
+def test_pixel_descriptions_that_cannot_be_decoded_are_406(
+    running: Running, changes: dict[str, object], reason: str
+) -> None:
+    """Not a 500 (and no list of 2^31 frames): the reason, before anything is read."""
+    data = _malformed_image(**changes)
+    assert running.stow(data).status_code == 200
+    url = running.instance_url(data)
+    for path in ("/rendered", "/frames/1", "/bulkdata/7FE00010"):
+        answer = httpx.get(url + path, timeout=60)
+        assert answer.status_code == 406, (path, answer.text)
+        assert reason in answer.json()["error"]

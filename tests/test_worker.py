@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from inference.worker import Worker, WorkerSettings
 from models.store import ModelStore
 from models.zoo import CHEST_XRAY
 from pacs.archive import Archive, Origin
+from pacs.audit import AuditTrail
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
@@ -47,7 +49,10 @@ def _drain(worker: Worker) -> None:
 
 
 @pytest.mark.slow
-def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(archive: Archive, models_dir: Path) -> None:
+def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(
+    archive: Archive, models_dir: Path, tmp_path: Path
+) -> None:
+    archive.audit = AuditTrail(tmp_path / "audit.jsonl")
     queue, worker = _pipeline(archive, models_dir)
     frontal, lateral = chest_dx(Rng(11), PATIENT, 0.05, "20260101", "E1")
     for ds in (frontal, lateral):
@@ -75,6 +80,15 @@ def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(archive: Archive, models_
     in_study = archive.index.records(frontal.StudyInstanceUID)
     assert len(in_study) == 3  # two images and one report
     assert queue.jobs(JobState.DONE)[0].result == done.result
+    # Each report stored is audited, naming the screening that wrote it (PS3.15 A.5).
+    audited = [
+        json.loads(line)
+        for line in (tmp_path / "audit.jsonl").read_text().splitlines()
+        if "filmless screening" in line
+    ]
+    assert len(audited) == 2
+    assert audited[0]["ParticipantObject"]["StudyInstanceUID"] == frontal.StudyInstanceUID
+    assert done.result in audited[0]["Detail"]
     worker.close()
 
 

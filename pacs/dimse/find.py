@@ -36,6 +36,7 @@ from pacs.dimse.responses import status_dataset as failure
 from pacs.errors import InvalidQuery
 from pacs.query import (
     ATTRIBUTES,
+    MAX_QUERY_KEYS,
     Level,
     Model,
     Query,
@@ -78,6 +79,7 @@ def query_from_identifier(
     fuzzy: bool = False,
     combined_datetime: bool = True,
     case_insensitive_names: bool = False,
+    max_keys: int = MAX_QUERY_KEYS,
 ) -> Query:
     """Decode a C-FIND identifier into the protocol-free query."""
     raw_level = str(identifier.get("QueryRetrieveLevel", "") or "").strip()
@@ -115,6 +117,7 @@ def query_from_identifier(
         combined_datetime=combined_datetime,
         sequences=sequences,
         case_insensitive_names=case_insensitive_names,
+        max_keys=max_keys,
     )
 
 
@@ -208,6 +211,7 @@ def make_find_handler(
     max_matches: int,
     retrieve_ae_title: str,
     case_insensitive_names: bool = True,
+    max_keys: int = MAX_QUERY_KEYS,
 ) -> Callable[[evt.Event], Iterator[Response]]:
     def handle_find(event: evt.Event) -> Iterator[Response]:
         model = MODELS.get(str(event.request.AffectedSOPClassUID))
@@ -236,6 +240,7 @@ def make_find_handler(
                 max_matches=max_matches,
                 retrieve_ae=retrieve_ae_title,
                 case_insensitive_names=case_insensitive_names,
+                max_keys=max_keys,
             ):
                 final = int(getattr(status, "Status", status))
                 if final == QueryStatus.PENDING and answer is not None:
@@ -273,6 +278,7 @@ def answers(
     max_matches: int,
     retrieve_ae: str,
     case_insensitive_names: bool = True,
+    max_keys: int = MAX_QUERY_KEYS,
 ) -> Iterator[Answer]:
     """The responses to one request, matches as pending ones, checking C-CANCEL before
     each; the final Success is left to pynetdicom."""
@@ -288,6 +294,7 @@ def answers(
                 len(extended) > _COMBINED_DATETIME_BYTE and extended[_COMBINED_DATETIME_BYTE] == 1
             ),
             case_insensitive_names=case_insensitive_names,
+            max_keys=max_keys,
         )
         with archive.index.reading() as conn:
             if count(conn, query, at_most=max_matches + 1) > max_matches:

@@ -138,9 +138,16 @@ def make_move_handler(
 ) -> Callable[[evt.Event], Iterator[Any]]:
     def handle_move(event: evt.Event) -> Iterator[Any]:
         model = MOVE_MODELS[str(event.request.AffectedSOPClassUID)]
-        destination = destinations.get(str(event.move_destination or "").strip())
+        name = str(event.move_destination or "").strip()
+        destination = destinations.get(name)
         if destination is None:
-            log.warning("C-MOVE to unknown destination %r", event.move_destination)
+            log.warning("C-MOVE to unknown destination %r", name)
+            archive.audit.record(
+                AuditEvent.RETRIEVE,
+                actor(event),
+                Outcome.MINOR_FAILURE,
+                detail=f"C-MOVE to unknown destination {name!r} (0xA801)",
+            )
             yield None, None
             return
         try:
@@ -148,7 +155,8 @@ def make_move_handler(
             problem: PacsError | None = None
         except PacsError as exc:
             records, problem = [], exc
-        _audit(archive, event, records, problem, f"C-MOVE to {event.move_destination}")
+        if problem is not None:
+            _audit(archive, event, records, problem, f"C-MOVE to {name}")
         # pynetdicom opens the destination association before any status can be sent,
         # even for a refusal: propose what every Storage SCP accepts in that case.
         contexts = _contexts(records) or [
@@ -156,13 +164,30 @@ def make_move_handler(
             build_context(CTImageStorage, _UNCOMPRESSED),
             build_context(SecondaryCaptureImageStorage, _UNCOMPRESSED),
         ]
-        yield destination[0], destination[1], {"contexts": contexts}
-        if problem is not None:
-            yield 1
-            yield failure(problem.dimse_status, str(problem)), None
-            return
-        yield len(records)
-        yield from _sub_operations(archive, event, records)
+        finished = False
+        try:
+            yield destination[0], destination[1], {"contexts": contexts}
+            if problem is not None:
+                yield 1
+                yield failure(problem.dimse_status, str(problem)), None
+                return
+            yield len(records)
+            yield from _sub_operations(archive, event, records)
+            finished = True
+        finally:
+            # pynetdicom stops asking for the data sets when the destination cannot be
+            # reached (0xA801) or the association ends: that is no success to record.
+            if problem is None:
+                if finished:
+                    _audit(archive, event, records, None, f"C-MOVE to {name}")
+                else:
+                    archive.audit.record(
+                        AuditEvent.RETRIEVE,
+                        actor(event),
+                        Outcome.MINOR_FAILURE,
+                        detail=f"C-MOVE to {name} at {destination[0]}:{destination[1]} "
+                        "did not complete (destination unreachable or association ended)",
+                    )
 
     return handle_move
 

@@ -91,6 +91,7 @@ class DimseConfig:
     max_pdu: int = 1048576
     max_find_matches: int = 10000
     max_identifier_bytes: int = 1 << 20
+    max_query_keys: int = 256
     case_insensitive_names: bool = True
     # AE title -> (host, port) for C-MOVE
     move_destinations: tuple[tuple[str, str, int], ...] = ()
@@ -129,6 +130,7 @@ def service_handlers(archive: Archive, config: DimseConfig) -> list[Any]:
                 max_matches=config.max_find_matches,
                 retrieve_ae_title=config.ae_title,
                 case_insensitive_names=config.case_insensitive_names,
+                max_keys=config.max_query_keys,
             ),
         ),
         (evt.EVT_SOP_EXTENDED, find.accept_extended_negotiation),
@@ -179,7 +181,7 @@ def start_dimse(archive: Archive, config: DimseConfig) -> FilmlessServer:
     ae = build_ae(config)
     handlers = service_handlers(archive, config)
     door = front_door(config, archive.audit)
-    spool.install()
+    spool.install(archive.max_instance_bytes)
     bounds.install(config.max_identifier_bytes)
     server = serve_in_thread(ae, (config.bind_address, config.port), handlers, door)
     server.spool_store = archive.store
@@ -190,7 +192,7 @@ def start_handoff(
     archive: Archive, config: DimseConfig, counts: AssociationCounts
 ) -> HandoffServer:
     """A server for connections accepted elsewhere (see :class:`HandoffServer`)."""
-    spool.install()
+    spool.install(archive.max_instance_bytes)
     bounds.install(config.max_identifier_bytes)
     server = handoff_server(
         build_ae(config),

@@ -24,7 +24,7 @@ from typing import Any
 
 from pynetdicom import _config, dimse_messages
 
-from pacs.errors import PacsError
+from pacs.errors import InstanceTooLarge, PacsError
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
 from pacs.store import FsBlobStore, StagedBlob, StagingWriter
 
@@ -33,14 +33,17 @@ _META_START = 132  # preamble and "DICM"
 _GROUP_LENGTH = struct.Struct("<L")
 
 _stores: weakref.WeakKeyDictionary[threading.Thread, FsBlobStore] = weakref.WeakKeyDictionary()
+_limits = {"max_instance_bytes": 4 << 30}
 _install_lock = threading.Lock()
 
 
 class Spool:
     """The file-like object pynetdicom writes one C-STORE data set into."""
 
-    def __init__(self, store: FsBlobStore) -> None:
+    def __init__(self, store: FsBlobStore, max_bytes: int | None = None) -> None:
         self.store = store
+        self.max_bytes = _limits["max_instance_bytes"] if max_bytes is None else max_bytes
+        self.received = 0
         self.meta: FileMeta | None = None
         self.error: PacsError | None = None
         self.memory = io.BytesIO()
@@ -86,6 +89,16 @@ class Spool:
             self._keep(rest)
 
     def _keep(self, data: bytes | bytearray | memoryview) -> None:
+        self.received += len(data)
+        if self.received > self.max_bytes:
+            # Past max_instance_bytes nothing more is kept; the handler refuses it.
+            self.error = InstanceTooLarge(
+                f"the data set has more than max_instance_bytes {self.max_bytes} bytes"
+            )
+            self.discard()
+            self._writer = None
+            self.memory = io.BytesIO()
+            return
         if self._writer is not None:
             self._writer.write(data)
             return
@@ -137,9 +150,11 @@ def _spool_file(*args: Any, **kwargs: Any) -> Any:
     return Spool(store)
 
 
-def install() -> None:
+def install(max_instance_bytes: int | None = None) -> None:
     """Turn on chunked receive for this process, with spools for registered threads."""
     with _install_lock:
+        if max_instance_bytes is not None:
+            _limits["max_instance_bytes"] = max_instance_bytes
         factory: Callable[..., Any] = _spool_file
         dimse_messages.NamedTemporaryFile = factory  # type: ignore[attr-defined]
         _config.STORE_RECV_CHUNKED_DATASET = True

@@ -23,6 +23,7 @@ from pacs.index import Index
 from pacs.part10 import read_file_meta
 from pacs.store import FsBlobStore
 from tests.support.postgres import PostgresServer
+from tests.support.scu import store
 from tests.support.server import Server
 
 pytestmark = pytest.mark.slow
@@ -85,8 +86,13 @@ class Sender:
             self.next += 1
             return self.paths[self.next - 1]
 
-    def run_until_failure(self) -> None:
-        """Until the files run out or the server goes away; files in flight are resent."""
+    def run_until_failure(self, *, wait: float | None = 120) -> None:
+        """Until the files run out or the server goes away; files in flight are resent.
+
+        ``wait``: how long to wait for the associations to end (a round that is killed);
+        None waits as long as they send (a run expected to complete: on a busy machine
+        it may take minutes, and cutting it short would lose files, not find a fault).
+        """
 
         def one() -> None:
             ae = AE(ae_title="DURABLE")
@@ -97,7 +103,7 @@ class Sender:
             try:
                 while (path := self._take()) is not None:
                     try:
-                        status = assoc.send_c_store(path)
+                        status = store(assoc, path)
                     except (OSError, RuntimeError, ValueError):
                         return
                     if not assoc.is_established or "Status" not in status:
@@ -116,7 +122,7 @@ class Sender:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(120)
+            thread.join(wait)
         # What was sent but not acknowledged goes again after the restart.
         with self.lock:
             self.paths = [p for p in self.paths if p.name not in self.acknowledged]
@@ -149,7 +155,7 @@ def test_eight_associations_of_250_instances(tmp_path: Path) -> None:
     server.start()
     try:
         sender = Sender(server.port, paths, associations=8)
-        sender.run_until_failure()
+        sender.run_until_failure(wait=None)
     finally:
         assert server.stop() == 0
     assert len(sender.acknowledged) == 2000
@@ -198,11 +204,15 @@ def test_kill_9_five_times_during_ingest(
         kills += 1
         worker.join(120)
         assert len(sender.acknowledged) > before, "nothing was stored in this round"
-    # A last clean run: the startup pass reconciles what the kills left behind.
+    # A last clean run: the startup pass reconciles what the kills left behind. It sends
+    # until everything is acknowledged (an association that ends is opened again).
     server.start()
     try:
         sender.port = server.port
-        sender.run_until_failure()
+        for _round in range(5):
+            sender.run_until_failure(wait=None)
+            if len(sender.acknowledged) == len(paths):
+                break
     finally:
         assert server.stop() == 0
     assert len(sender.acknowledged) == len(paths)

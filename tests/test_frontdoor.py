@@ -26,6 +26,7 @@ from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
 from pacs.store import FsBlobStore
+from scripts.hostile import associate_rq
 from tests.conftest import free_port
 from tests.support.server import closed_by_peer
 
@@ -265,39 +266,6 @@ def test_aborted_transfer_leaves_no_staging_file(audited: Archive) -> None:
         server.shutdown()
 
 
-def _associate_rq(
-    *,
-    called: str = "FILMLESS",
-    context_id: int = 1,
-    identity: bytes | None = None,
-) -> bytes:
-    """An A-ASSOCIATE-RQ built byte by byte (PS3.8 9.3.2), to get it wrong on purpose."""
-
-    def item(kind: int, body: bytes) -> bytes:
-        return struct.pack(">BBH", kind, 0, len(body)) + body
-
-    application = item(0x10, b"1.2.840.10008.3.1.1.1")
-    context = item(
-        0x20,
-        bytes((context_id, 0, 0, 0))
-        + item(0x30, b"1.2.840.10008.1.1")
-        + item(0x40, b"1.2.840.10008.1.2"),
-    )
-    user = item(0x51, struct.pack(">L", 16384)) + item(0x52, b"1.2.3.4")
-    if identity is not None:
-        user += item(0x58, identity)
-    body = (
-        struct.pack(">HH", 1, 0)
-        + called.ljust(16).encode()
-        + b"MODALITY".ljust(16)
-        + bytes(32)
-        + application
-        + context
-        + item(0x50, user)
-    )
-    return struct.pack(">BBL", 0x01, 0, len(body)) + body
-
-
 def _answer_to(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
@@ -307,9 +275,9 @@ def _answer_to(port: int, request: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("request_bytes", "reason"),
     [
-        (_associate_rq(context_id=2), "presentation context ID 2 is not odd"),
-        (_associate_rq(context_id=0), "presentation context ID 0 is not odd"),
-        (_associate_rq(identity=b"\x09\x00\x00\x01x\x00\x00"), "user identity type 9"),
+        (associate_rq(context_id=2), "presentation context ID 2 is not odd"),
+        (associate_rq(context_id=0), "presentation context ID 0 is not odd"),
+        (associate_rq(identity=b"\x09\x00\x00\x01x\x00\x00"), "user identity type 9"),
     ],
 )
 def test_malformed_requests_are_refused_at_once_and_give_their_place_back(
@@ -341,16 +309,16 @@ def test_the_called_ae_title_is_checked(audited: Archive) -> None:
     config = _config()
     server = start_dimse(audited, config)
     try:
-        answer = _answer_to(config.port, _associate_rq(called="ANY-SCP"))
+        answer = _answer_to(config.port, associate_rq(called="ANY-SCP"))
         assert answer[0] == 0x03
         assert (answer[7], answer[8], answer[9]) == (1, 1, 7)
-        assert _answer_to(config.port, _associate_rq())[0] == 0x02  # A-ASSOCIATE-AC
+        assert _answer_to(config.port, associate_rq())[0] == 0x02  # A-ASSOCIATE-AC
     finally:
         server.shutdown()
     open_server = start_dimse(audited, _config(check_called_aet=False))
     try:
         port = open_server.server_address[1]
-        assert _answer_to(port, _associate_rq(called="ANY-SCP"))[0] == 0x02
+        assert _answer_to(port, associate_rq(called="ANY-SCP"))[0] == 0x02
     finally:
         open_server.shutdown()
 

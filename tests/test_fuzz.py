@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pynetdicom import AE, _config
 
 from pacs.part10 import read_file_meta
+from tests.support.scu import store
 from tests.support.server import Server
 
 pytestmark = pytest.mark.slow
@@ -142,7 +143,7 @@ def test_mutated_files_over_c_store(server: Server, corpus: list[Path], tmp_path
                 else:
                     body = mutate(data, start, rng)[start:]
                 path.write_bytes(data[:start] + body)
-                answer = assoc.send_c_store(path)
+                answer = store(assoc, path)
                 status = int(answer.get("Status", -1))
                 with lock:
                     statuses[status] += 1

@@ -13,29 +13,21 @@ import io
 import json
 import os
 import socket
-import struct
-import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
-import openjpeg
 import pydicom
 import pytest
-from PIL import Image
-from pydicom.encaps import encapsulate
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 
 from benchmarks.support import session_peak_rss
 from dicomweb.app import create_app
 from pacs.archive import Archive, Origin
 from pacs.audit import AuditTrail
 from pacs.index import InstanceRecord
-from pacs.part10 import FileMeta, encode_file_meta
+from scripts.hostile import MiB, deflated_bomb, image_bomb, small_image
+from scripts.hostile import part10 as hostile_part10
 from tests.support.instances import ct_instance, part10, source
 from tests.support.server import Server
 from tests.support.web import serving
@@ -180,65 +172,9 @@ def test_a_sender_gone_mid_upload_leaves_what_it_sent_stored_and_audited(
 
 # -- bombs, against a running server ------------------------------------------------------
 
-MiB = 1 << 20
-
-
-def _deflated_bomb(inflated_bytes: int) -> bytes:
-    """A small image whose deflated data set inflates to ``inflated_bytes``: a private
-    OB element of zeros (a megabyte of deflate stream per gigabyte inflated)."""
-    ds = ct_instance()
-    block = ds.private_block(0x0009, "FILMLESS BOMB", create=True)
-    block.add_new(0x01, "OB", b"")  # placeholder: the zeros are streamed below
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, False
-    write_dataset(body, ds)
-    encoded = body.getvalue()
-    marker = struct.pack("<HH2sHL", 0x0009, 0x1001, b"OB", 0, 0)
-    at = encoded.index(marker)
-    zeros = inflated_bytes - len(encoded)
-    head = encoded[:at] + struct.pack("<HH2sHL", 0x0009, 0x1001, b"OB", 0, zeros)
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    stream = deflater.compress(head)
-    chunk = bytes(MiB)
-    for _ in range(zeros // MiB):
-        stream += deflater.compress(chunk)
-    stream += deflater.compress(bytes(zeros % MiB)) + deflater.compress(encoded[at + len(marker) :])
-    stream += deflater.flush()
-    meta = FileMeta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), DeflatedExplicitVRLittleEndian)
-    return encode_file_meta(meta) + stream
-
-
-def _image_bomb(codec: str, *, header_rows: int) -> bytes:
-    """A tiny compressed frame whose codestream claims 16384 x 16384 pixels, in an
-    instance whose header says ``header_rows`` square."""
-    pixels = np.full((64, 64), 128, dtype=np.uint8)
-    if codec == "jpeg":
-        out = io.BytesIO()
-        Image.fromarray(pixels).save(out, format="JPEG")
-        frame = bytearray(out.getvalue())
-        sof = frame.index(b"\xff\xc0")
-        struct.pack_into(">HH", frame, sof + 5, 16384, 16384)
-        syntax = JPEGBaseline8Bit
-    else:
-        frame = bytearray(openjpeg.encode(pixels))  # type: ignore[attr-defined]
-        siz = frame.index(b"\xff\x51")
-        struct.pack_into(">LL", frame, siz + 6, 16384, 16384)
-        syntax = JPEG2000Lossless
-    ds = ct_instance()
-    ds.Rows = ds.Columns = header_rows
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelData = encapsulate([bytes(frame)])
-    ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = syntax
-    return part10(ds)
-
 
 def _malformed_image(**changes: object) -> bytes:
-    ds = ct_instance()
-    for keyword, value in changes.items():
-        setattr(ds, keyword, value)
-    return part10(ds)
+    return hostile_part10(small_image(**changes))
 
 
 @dataclass
@@ -291,7 +227,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 def test_a_deflate_bomb_is_refused_without_taking_memory(running: Running) -> None:
     """1 MB that inflates to 1 GiB: refused at max_instance_bytes (256 MiB here), inflated
     in pieces to disk, so the server's peak memory barely moves."""
-    bomb = _deflated_bomb(1 << 30)
+    bomb = deflated_bomb(1 << 30)
     assert len(bomb) < 2 * MiB
     before = running.peak()
     answer = running.stow(bomb)
@@ -304,7 +240,7 @@ def test_a_deflate_bomb_is_refused_without_taking_memory(running: Running) -> No
 def test_a_stored_deflated_giant_is_read_back_in_pieces(running: Running) -> None:
     """200 MiB inflated, stored (under the limit): its metadata, its image and its
     frames are read from an inflated copy on disk, never whole in memory."""
-    big = _deflated_bomb(200 * MiB)
+    big = deflated_bomb(200 * MiB)
     assert running.stow(big).status_code == 200
     before = running.peak()
     url = running.instance_url(big)
@@ -330,7 +266,7 @@ def test_an_image_bomb_is_refused_before_decoding(
 ) -> None:
     """A few KB claiming 16384 x 16384 (1.3-1.75 GB decoded): 406 with the reason, for
     the rendered image and the uncompressed frame, and the memory does not move."""
-    bomb = _image_bomb(codec, header_rows=header_rows)
+    bomb = image_bomb(codec, header_rows=header_rows)
     assert len(bomb) < 8 << 10
     assert running.stow(bomb).status_code == 200
     before = running.peak()

@@ -49,6 +49,7 @@ from pacs.part10 import FileMeta, encode_file_meta
 from pacs.store import FsBlobStore
 from tests.conftest import free_port
 from tests.support.reference import grey64
+from tests.support.scu import store
 from tests.support.web import serving
 
 pytestmark = pytest.mark.slow
@@ -122,7 +123,7 @@ def _c_store(port: int, path: Path, folder: Path) -> Outcome:
     assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
     assert assoc.is_established, path.name
     try:
-        status = assoc.send_c_store(sent)
+        status = store(assoc, sent)
     finally:
         assoc.release()
     code = int(status.Status)

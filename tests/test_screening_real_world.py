@@ -26,6 +26,7 @@ from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY
 from pacs.index import Index
 from pacs.jobs import Job, JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, fundus_op, mammography
+from tests.support.scu import store
 from tests.support.server import Server
 from tests.support.web import parts
 from tests.support.zoo import manifest_of
@@ -91,7 +92,7 @@ def _send(
     assert assoc.is_established
     try:
         for path in files:
-            status = assoc.send_c_store(path)
+            status = store(assoc, path)
             assert status.Status == 0, (path.name, status)
     finally:
         assoc.release()

@@ -45,7 +45,6 @@ import onnxruntime
 import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, select
@@ -59,6 +58,7 @@ from models.build import build_demo
 from models.runtime import reference_sample, session
 from models.store import ModelStore
 from models.zoo import TASKS
+from pacs.dimse.reactor import MendedAE
 from pacs.index import job
 from pacs.jobs import JobState
 from pacs.part10 import read_file_meta
@@ -144,7 +144,7 @@ def clone(study: list[Dataset], folder: Path, number: int) -> tuple[str, list[Pa
 
 def store(port: int, paths: list[Path]) -> float:
     """One association per study, as a modality does; the time of the last response."""
-    ae = AE(ae_title="BENCH")
+    ae = MendedAE(ae_title="BENCH")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
     contexts = set()
     for path in paths:

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from rich.console import Console
 
 from benchmarks.support import free_port, run_facts, session_memory, wait_for_port
+from pacs.dimse.reactor import MendedAE
 from scripts.synthetic_corpus import write_corpus
 
 RESULTS = Path(__file__).parent / "results"
@@ -87,7 +87,7 @@ def measure(workers: int, idle: int, work: Path, image: Path) -> Run:
             claim = socket.create_connection(("127.0.0.1", port))
             claim.sendall(struct.pack(">BBL", 0x01, 0, 512 << 20) + bytes(1 << 16))
             sockets.append(claim)
-        ae = AE(ae_title="GREEDY")
+        ae = MendedAE(ae_title="GREEDY")
         ae.add_requested_context(Verification)
         greedy = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
         raw = greedy.dul.socket.socket if greedy.dul.socket else None

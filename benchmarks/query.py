@@ -35,7 +35,6 @@ import matplotlib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.table import Table
@@ -43,6 +42,7 @@ from sqlalchemy import insert
 
 from benchmarks.ingest import FilmlessServer, OrthancServer, send
 from benchmarks.support import free_port, in_private_network, rerun_in_private_network
+from pacs.dimse.reactor import MendedAE
 from pacs.header import normalise_name
 from pacs.index import Index, instance, patient, series, study
 
@@ -198,7 +198,7 @@ def measure(
     port: int, ae_title: str, make: Callable[[], Dataset], repeats: int
 ) -> tuple[int, list[float]]:
     """pynetdicom as the SCU: one association, one warm-up query, then ``repeats`` timed."""
-    ae = AE(ae_title="BENCH")
+    ae = MendedAE(ae_title="BENCH")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
     if not assoc.is_established:

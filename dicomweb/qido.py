@@ -14,7 +14,7 @@ from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 
-from pacs.errors import InvalidQuery
+from pacs.errors import InvalidQuery, QueryTooLarge
 from pacs.query import (
     ATTRIBUTES,
     DEPTH,
@@ -185,6 +185,12 @@ def parse_search(
         defaults += DEFAULT_RETURN[Level.STUDY]
     if level == Level.IMAGE and SeriesInstanceUID is None:
         defaults += DEFAULT_RETURN[Level.SERIES]
+    # What the request names counts, before lower-level fields are dropped.
+    named = len(set(keys) | set(included))
+    if named > max_keys:
+        raise QueryTooLarge(
+            f"the query names {named} attributes; at most {max_keys} (max_query_keys)"
+        )
     wanted = _with_creators([*defaults, *keys, *included])
     returned = tuple(k for k in dict.fromkeys(wanted) if _included(level, k))
     query = Query(

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
-from pynetdicom import AE
+
+from pacs.dimse.reactor import MendedAE
 
 PREFIX = "forward:"
 _AE_ADDRESS = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
@@ -79,7 +80,7 @@ def _c_store(target: Destination, stream: BinaryIO, calling_ae: str, timeout: fl
         raise ForwardFailed(f"{target.address} cannot be reached: {exc}") from exc
     ds = pydicom.dcmread(stream)
     syntax = str(ds.file_meta.TransferSyntaxUID)
-    ae = AE(ae_title=calling_ae)
+    ae = MendedAE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(str(ds.SOPClassUID), [syntax])
     assoc = ae.associate(host, port, ae_title=found["ae"])

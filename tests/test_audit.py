@@ -11,7 +11,7 @@ from typing import Any, cast
 import httpx
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -26,6 +26,7 @@ from dicomweb.auth import ApiToken, digest
 from filmless.cli import import_one
 from pacs.archive import Archive, InstanceSource, Origin
 from pacs.audit import AuditEvent, AuditTrail
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from tests.conftest import free_port
 from tests.support.instances import ct_instance, part10
@@ -49,7 +50,7 @@ def test_dimse_store_query_retrieve_and_refusal(archive: Archive, tmp_path: Path
     server = start_dimse(archive, config)
     try:
         ds = ct_instance(patient_id="AUDIT1")
-        ae = AE(ae_title="MODALITY")
+        ae = MendedAE(ae_title="MODALITY")
         ae.add_requested_context(CTImageStorage)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = ae.associate("127.0.0.1", config.port, ae_title="FILMLESS")
@@ -64,7 +65,7 @@ def test_dimse_store_query_retrieve_and_refusal(archive: Archive, tmp_path: Path
             for s, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
         ][-1] == 0
         assoc.release()
-        stranger = AE(ae_title="STRANGER")
+        stranger = MendedAE(ae_title="STRANGER")
         stranger.add_requested_context(CTImageStorage)
         assert not stranger.associate("127.0.0.1", config.port, ae_title="FILMLESS").is_established
     finally:
@@ -145,7 +146,7 @@ def test_dimse_retrieves(archive: Archive, tmp_path: Path) -> None:
         return 0x0000
 
     try:
-        ae = AE(ae_title="READER")
+        ae = MendedAE(ae_title="READER")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         ae.add_requested_context(CTImageStorage)
         assoc = ae.associate(
@@ -211,7 +212,7 @@ def test_every_kind_of_access_names_who_and_the_real_outcome(
     config = DimseConfig(port=free_port(), move_destinations=(("GONE", "127.0.0.1", silent),))
     server = start_dimse(archive, config)
     try:
-        ae = AE(ae_title="MOVER")
+        ae = MendedAE(ae_title="MOVER")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         assoc = ae.associate("127.0.0.1", config.port, ae_title="FILMLESS")
         query = Dataset()

@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from filmless.cli import main
 from filmless.settings import load_settings
+from pacs.dimse.reactor import MendedAE
 from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx
@@ -188,7 +188,7 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
     port, http_port = free_port(), free_port()
     process = serve(port, http_port)
     try:
-        ae = AE(ae_title="MODALITY")
+        ae = MendedAE(ae_title="MODALITY")
         ae.add_requested_context(Verification)
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
         assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
@@ -229,7 +229,7 @@ def test_a_second_server_on_the_same_data_fails_at_once_and_changes_nothing(
     port, http_port = free_port(), free_port()
     first = serve(port, http_port, FILMLESS_DIMSE_WORKERS="2")
     try:
-        ae = AE(ae_title="MODALITY")
+        ae = MendedAE(ae_title="MODALITY")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
         assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
         assert assoc.is_established
@@ -265,7 +265,7 @@ def test_serve_spreads_associations_over_workers(env: Path, tmp_path: Path) -> N
     port = free_port()
     process = serve(port, free_port(), FILMLESS_DIMSE_WORKERS="2")
     try:
-        ae = AE(ae_title="MODALITY")
+        ae = MendedAE(ae_title="MODALITY")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
         first = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
         second = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
@@ -319,7 +319,7 @@ def test_serve_screens_a_stored_chest_xray(
     port, http_port = free_port(), free_port()
     process = serve(port, http_port, FILMLESS_DIMSE_WORKERS="2")
     try:
-        ae = AE(ae_title="MODALITY")
+        ae = MendedAE(ae_title="MODALITY")
         ae.add_requested_context(frontal.SOPClassUID)
         assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
         assert assoc.send_c_store(frontal).Status == 0

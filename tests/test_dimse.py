@@ -17,10 +17,10 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     MRImageStorage,
 )
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs.archive import Archive
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import STORAGE_SOP_CLASSES, DimseConfig, start_dimse
 from pacs.index import count_rows, instance
 from pacs.part10 import read_file_meta
@@ -70,7 +70,7 @@ def _nothing_left(archive: Archive) -> None:
 
 
 def test_echo(dimse_server: DimseConfig) -> None:
-    ae = AE(ae_title="MODALITY")
+    ae = MendedAE(ae_title="MODALITY")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", dimse_server.port, ae_title="FILMLESS")
     assert assoc.is_established

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-from pynetdicom import AE
 
+from pacs.dimse.reactor import MendedAE
 from pacs.index import Index
 from pacs.part10 import read_file_meta
 from pacs.store import FsBlobStore
@@ -95,7 +95,7 @@ class Sender:
         """
 
         def one() -> None:
-            ae = AE(ae_title="DURABLE")
+            ae = MendedAE(ae_title="DURABLE")
             ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
             assoc = ae.associate("127.0.0.1", self.port, ae_title="FILMLESS")
             if not assoc.is_established:

@@ -15,7 +15,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit, JPEGLosslessSV1, generate_uid
-from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
@@ -23,6 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from models.manifest import Manifest
 from models.store import ModelStore
 from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY
+from pacs.dimse.reactor import MendedAE
 from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode, fundus_op, mammography
@@ -107,7 +107,7 @@ def _wait_for_reports(url: str, wanted: dict[str, int]) -> dict[str, list[tuple[
 
 def _c_find_reports(port: int, study: str) -> set[str]:
     """SR series of the study, by C-FIND at SERIES level."""
-    ae = AE(ae_title="WORKSTATION")
+    ae = MendedAE(ae_title="WORKSTATION")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
     assert assoc.is_established

@@ -14,7 +14,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -24,6 +23,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacs.archive import Archive, Origin
 from pacs.dimse.find import answers
 from pacs.dimse.pending import find_response_command, pdus
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
 from pacs.query import Level, Model, Query, execute
@@ -82,7 +82,7 @@ def find(
     *,
     max_pdu: int = 16382,
 ) -> tuple[list[Dataset], Dataset]:
-    ae = AE(ae_title="WORKSTATION")
+    ae = MendedAE(ae_title="WORKSTATION")
     ae.maximum_pdu_size = max_pdu
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", server.config.port, ae_title="FILMLESS")
@@ -470,7 +470,7 @@ def test_findscu(server: Server, tmp_path: Path) -> None:
 
 
 def _find_negotiated(server: Server, identifier: Dataset, app_info: bytes) -> list[Dataset]:
-    ae = AE(ae_title="WORKSTATION")
+    ae = MendedAE(ae_title="WORKSTATION")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     negotiation = SOPClassExtendedNegotiation()
     negotiation.sop_class_uid = StudyRootQueryRetrieveInformationModelFind

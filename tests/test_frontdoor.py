@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-from pynetdicom import AE
 from pynetdicom.association import Association
 
 from pacs.archive import Archive
 from pacs.audit import AuditTrail
 from pacs.dimse import spool
 from pacs.dimse.frontdoor import AssociationCounts, CallingRules, Refusal, calling_ae_title
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
@@ -49,7 +49,7 @@ def audited(tmp_path: Path) -> Iterator[Archive]:
 
 
 def _associate(port: int, *, calling: str = "MODALITY", source: str = "127.0.0.1") -> Association:
-    ae = AE(ae_title=calling)
+    ae = MendedAE(ae_title=calling)
     ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
     ae.add_requested_context("1.2.840.10008.1.1")
     return ae.associate("127.0.0.1", port, ae_title="FILMLESS", bind_address=(source, 0))
@@ -347,7 +347,7 @@ def test_an_identifier_larger_than_the_limit_ends_the_association(audited: Archi
     config = _config(max_identifier_bytes=64 << 10)
     server = start_dimse(audited, config)
     try:
-        ae = AE(ae_title="FINDER")
+        ae = MendedAE(ae_title="FINDER")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")
         ae.maximum_pdu_size = 16384
         assoc = ae.associate("127.0.0.1", config.port, ae_title="FILMLESS")

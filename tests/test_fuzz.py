@@ -25,8 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, _config
+from pynetdicom import _config
 
+from pacs.dimse.reactor import MendedAE
 from pacs.part10 import read_file_meta
 from tests.support.scu import store
 from tests.support.server import Server
@@ -128,7 +129,7 @@ def test_mutated_files_over_c_store(server: Server, corpus: list[Path], tmp_path
 
     def send(worker: int, numbers: range) -> None:
         rng = random.Random(1000 + worker)
-        ae = AE(ae_title="FUZZER")
+        ae = MendedAE(ae_title="FUZZER")
         for _, _, sop_class, syntax in seeds:
             ae.add_requested_context(sop_class, syntax)
         ae.dimse_timeout = 60

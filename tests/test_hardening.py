@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from benchmarks.support import session_memory
 from filmless.wiring import configure_logging
+from pacs.dimse.reactor import MendedAE
 from tests.support.server import Server, closed_by_peer
 from tests.support.tls import Pki, make_pki
 
@@ -88,7 +88,7 @@ def _attack(server: Server, corpus: list[Path], *, single_process: bool) -> None
         claim = socket.create_connection(("127.0.0.1", server.port))
         claim.sendall(struct.pack(">BBL", 0x01, 0, 512 << 20) + bytes(1 << 16))
         claims.append(claim)
-    ae = AE(ae_title="GREEDY")
+    ae = MendedAE(ae_title="GREEDY")
     ae.add_requested_context(Verification)
     greedy = ae.associate("127.0.0.1", server.port, ae_title="FILMLESS")
     assert greedy.is_established

@@ -23,7 +23,6 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -32,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomweb.app import create_app
 from pacs.archive import Archive, Origin
 from pacs.audit import AuditTrail
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.errors import PatientConflict
 from pacs.index import Index, PatientPolicy
@@ -125,7 +125,7 @@ def find(
     identifier.QueryRetrieveLevel = level
     for keyword, value in keys.items():
         setattr(identifier, keyword, value)
-    ae = AE(ae_title="WORKSTATION")
+    ae = MendedAE(ae_title="WORKSTATION")
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", site.dimse.port, ae_title="FILMLESS")
     assert assoc.is_established

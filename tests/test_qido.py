@@ -11,10 +11,10 @@ import httpx
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from pynetdicom import AE
 
 from dicomweb.app import create_app
 from pacs.archive import Archive
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
 from tests.conftest import free_port, make_archive
@@ -164,7 +164,7 @@ def test_c_store_is_found_by_qido(web: Web) -> None:
     config = DimseConfig(port=free_port())
     server = start_dimse(web.archive, config)
     try:
-        ae = AE(ae_title="MODALITY")
+        ae = MendedAE(ae_title="MODALITY")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
         assoc = ae.associate("127.0.0.1", config.port, ae_title="FILMLESS")
         ds = ct_instance(patient_id="WEB1", patient_name="Web^Found")

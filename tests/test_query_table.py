@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from dicomweb.app import create_app
 from pacs.archive import Archive, Origin
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
 from pacs.store import FsBlobStore
@@ -101,7 +101,7 @@ def uid(stored: Stored, key: str) -> str:
 
 
 def c_find(stored: Stored, identifier: Dataset) -> list[Dataset]:
-    ae = AE(ae_title="WORKSTATION")
+    ae = MendedAE(ae_title="WORKSTATION")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", stored.dimse.port, ae_title="FILMLESS")
     assert assoc.is_established

@@ -35,13 +35,13 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut
-from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from dicomweb.app import create_app
 from filmless.cli import import_one
 from pacs.archive import Archive
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.equivalence import LOSSLESS
 from pacs.index import Index
@@ -118,7 +118,7 @@ def _c_store(port: int, path: Path, folder: Path) -> Outcome:
         return Outcome(False, -1, reason="not a data set an SCU can send")
     sent, ds = prepared
     meta = pydicom.dcmread(sent, stop_before_pixels=True).file_meta
-    ae = AE(ae_title="MODALITY")
+    ae = MendedAE(ae_title="MODALITY")
     ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
     assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
     assert assoc.is_established, path.name
@@ -275,7 +275,7 @@ class _Finder:
     def __init__(self, archive: Archive) -> None:
         self.config = DimseConfig(port=free_port())
         self.server = start_dimse(archive, self.config)
-        ae = AE(ae_title="FINDER")
+        ae = MendedAE(ae_title="FINDER")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         self.assoc = ae.associate("127.0.0.1", self.config.port, ae_title="FILMLESS")
         assert self.assoc.is_established

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
@@ -23,6 +23,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacs.archive import Archive, Origin
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import STORAGE_SOP_CLASSES, DimseConfig, start_dimse
 from pacs.index import Index, InstanceRecord
 from pacs.part10 import read_file_meta
@@ -81,7 +82,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]) -> Itera
     archive.ingest(source(implicit), Origin.IMPORT)
 
     destination = Destination(port=free_port())
-    scp = AE(ae_title="DEST")
+    scp = MendedAE(ae_title="DEST")
     for uid in STORAGE_SOP_CLASSES:
         scp.add_supported_context(
             uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, *_compressed()]
@@ -132,7 +133,7 @@ def _move(setup: Setup, identifier: Dataset, destination: str = "DEST") -> list[
 def _move_with_identifiers(
     setup: Setup, identifier: Dataset, destination: str = "DEST"
 ) -> list[tuple[Dataset, Dataset | None]]:
-    ae = AE(ae_title="WORKSTATION")
+    ae = MendedAE(ae_title="WORKSTATION")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", setup.config.port, ae_title="FILMLESS")
     assert assoc.is_established
@@ -242,7 +243,7 @@ def _get(
         received[uid] = (syntax, body)
         return 0
 
-    ae = AE(ae_title="VIEWER")
+    ae = MendedAE(ae_title="VIEWER")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     roles: list[Any] = []
     for sop_class, proposed in syntaxes.items():

@@ -18,11 +18,12 @@ import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom import StoragePresentationContexts
 from pynetdicom import _config as pynetdicom_config
 
 from inference.routing import decide
 from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY
+from pacs.dimse.reactor import MendedAE
 from pacs.index import Index
 from pacs.jobs import Job, JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, fundus_op, mammography
@@ -83,7 +84,7 @@ def _send(
         if relabel is not None:
             path.write_bytes(path.read_bytes().replace(b"ISO_IR 192", relabel.encode(), 1))
         files.append(path)
-    ae = AE(ae_title="MODALITY")
+    ae = MendedAE(ae_title="MODALITY")
     for context in StoragePresentationContexts[:120]:
         ae.add_requested_context(str(context.abstract_syntax), ["1.2.840.10008.1.2.1"])
     chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET

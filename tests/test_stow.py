@@ -12,11 +12,11 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from dicomweb.app import create_app
 from pacs.archive import Archive
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
 from tests.conftest import free_port, make_archive
@@ -171,7 +171,7 @@ def test_c_store_found_by_qido_and_stow_found_by_c_find(stow: Stow) -> None:
     config = DimseConfig(port=free_port())
     server = start_dimse(stow.archive, config)
     try:
-        ae = AE(ae_title="MODALITY")
+        ae = MendedAE(ae_title="MODALITY")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = ae.associate("127.0.0.1", config.port, ae_title="FILMLESS")

@@ -25,11 +25,11 @@ from playwright.sync_api import Browser, Locator, Page, Request, Response, sync_
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
-from pynetdicom import AE
 
 from filmless.viewer import install
 from models.build import build_demo
 from models.zoo import CHEST_XRAY
+from pacs.dimse.reactor import MendedAE
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode, fundus_op, mammography
 from tests.support.server import Server
 from tests.support.web import parts
@@ -79,7 +79,7 @@ class Site:
 
 
 def _store(port: int, datasets: list[Dataset]) -> None:
-    ae = AE(ae_title="MODALITY")
+    ae = MendedAE(ae_title="MODALITY")
     for ds in datasets:
         ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
     assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")

@@ -27,6 +27,7 @@ from pacs.dimse.frontdoor import (
     FrontDoor,
     server_tls_context,
 )
+from pacs.dimse.reactor import MendedAE
 from pacs.dimse.store import make_store_handler
 from pacs.dimse.transport import FilmlessServer, HandoffServer, handoff_server, serve_in_thread
 from pacs.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -98,7 +99,8 @@ class DimseConfig:
 
 
 def build_ae(config: DimseConfig) -> AE:
-    ae = AE(ae_title=config.ae_title)
+    # Mended: C-MOVE's associations to a destination send while their reactor runs.
+    ae = MendedAE(ae_title=config.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     # The front door enforces the association caps; pynetdicom's own count would also

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
+from pacs.dimse.reactor import MendedAE, mend
 from pacs.dimse.server import DimseConfig
 
 
@@ -21,7 +20,7 @@ def associate(
     *,
     calling: str = "MODALITY",
 ) -> Association:
-    ae = AE(ae_title=calling)
+    ae = MendedAE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, list(syntaxes))
@@ -43,7 +42,7 @@ def send_raw(
     req.AffectedSOPClassUID = SOPClassUID
     req.AffectedSOPInstanceUID = SOPInstanceUID
     req.DataSet = BytesIO(data_set)
-    reactor_paused(assoc)
+    mend(assoc)._reactor_checkpoint.clear()  # the reactor must not take the answer
     try:
         assoc.dimse.send_msg(req, context_id)
         _cx, rsp = assoc.dimse.get_msg(block=True)
@@ -58,27 +57,9 @@ def send_raw(
     return status
 
 
-def reactor_paused(assoc: Association) -> None:
-    """Hold the association's reactor until it really waits, before a DIMSE exchange.
-
-    pynetdicom's send methods pause the reactor by clearing an event and waiting for a
-    flag the reactor sets just before it looks at that event; a reactor that already
-    looked, and is then descheduled (a busy machine), wakes to take the peer's answer off
-    the queue itself ("Received unexpected C-STORE service message") while the caller
-    waits for it until the DIMSE timeout. Here the event is cleared and the reactor is
-    seen blocked on it; pynetdicom's own pause then finds it so.
-    """
-    checkpoint = assoc._reactor_checkpoint
-    checkpoint.clear()
-    waiters = checkpoint._cond._waiters  # type: ignore[attr-defined]
-    while assoc.is_established and not waiters:
-        time.sleep(0.0001)
-
-
 def store(assoc: Association, data: Dataset | Path | str) -> Dataset:
-    """``send_c_store`` without pynetdicom's pause race (see :func:`reactor_paused`)."""
-    reactor_paused(assoc)
-    return assoc.send_c_store(data)
+    """``send_c_store`` without pynetdicom's pause race (see :mod:`pacs.dimse.reactor`)."""
+    return mend(assoc).send_c_store(data)
 
 
 def context_id(assoc: Association, sop_class: str, syntax: str) -> int:

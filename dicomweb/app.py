@@ -84,7 +84,11 @@ def create_app(
 
     @app.exception_handler(PacsError)
     async def _pacs_error(_request: Request, exc: PacsError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content={"error": str(exc)})
+        # 503 is temporary (RFC 9110 15.6.4): say when to come back.
+        headers = {"Retry-After": "1"} if exc.http_status == 503 else None
+        return JSONResponse(
+            status_code=exc.http_status, content={"error": str(exc)}, headers=headers
+        )
 
     def search(
         request: Request,

@@ -280,6 +280,18 @@ def test_too_many_matches_is_refused_before_any_answer(server: Server) -> None:
     assert matches == []
 
 
+def test_too_many_return_keys_are_refused_with_the_limit(server: Server) -> None:
+    """A C-FIND naming more keys than max_query_keys costs no search: 0xA700 (PS3.4
+    C.4.1.1.4, Refused: Out of Resources) with the limit named."""
+    query = study_query()
+    for element in range(0x1000, 0x1000 + 300):  # 300 return keys, all empty
+        query.add_new(0x00180000 | element, "LO", "")
+    matches, final = find(server, query)
+    assert final.Status == QueryStatus.OUT_OF_RESOURCES
+    assert "at most 256 (max_query_keys)" in final.ErrorComment
+    assert matches == []
+
+
 class _CancellingEvent:
     """Stands in for pynetdicom's event: a C-CANCEL arrives after the first answer."""
 

@@ -13,7 +13,8 @@ import io
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from dicomweb.app import create_app
 from pacs.archive import Archive, Origin
 from pacs.audit import AuditTrail
 from pacs.index import InstanceRecord
-from scripts.hostile import MiB, deflated_bomb, image_bomb, small_image
+from scripts.hostile import MiB, associate_rq, deflated_bomb, image_bomb, small_image
 from scripts.hostile import part10 as hostile_part10
+from tests.support.dcmtk import storescu
 from tests.support.instances import ct_instance, part10, source
 from tests.support.server import Server
 from tests.support.web import serving
@@ -89,6 +91,35 @@ def test_malformed_search_parameters_are_400(served: Served, query: str, reason:
     assert reason in answer.json()["error"]
 
 
+def test_a_query_naming_too_many_attributes_is_400(served: Served) -> None:
+    """max_query_keys (256): 300 includefield attributes are refused before any search,
+    and so are study-level searches whose many series-level fields would be dropped."""
+    many = ",".join(f"0008{n:04X}" for n in range(0x0100, 0x0100 + 300))
+    answer = httpx.get(f"{served.url}/studies", params={"includefield": many})
+    assert answer.status_code == 400
+    assert "names 300 attributes; at most 256 (max_query_keys)" in answer.json()["error"]
+    lower = ",".join(f"0018{n:04X}" for n in range(0x1000, 0x1000 + 260))
+    answer = httpx.get(f"{served.url}/studies", params={"includefield": lower})
+    assert answer.status_code == 400
+    assert "(max_query_keys)" in answer.json()["error"]
+
+
+def test_an_answer_past_max_answer_bytes_is_400_and_limit_gets_it(
+    archive: Archive,
+) -> None:
+    """Answers are built one match at a time and refused once past max_answer_bytes,
+    with the way out named; fewer matches (limit) are answered."""
+    for seed in range(20):
+        archive.ingest(source(ct_instance(seed=seed)), Origin.IMPORT)
+    with serving(create_app(archive, max_answer_bytes=4000)) as url:
+        whole = httpx.get(f"{url}/studies")
+        one = httpx.get(f"{url}/studies", params={"limit": "1"})
+    assert whole.status_code == 400
+    assert "larger than 4000 bytes (max_answer_bytes)" in whole.json()["error"]
+    assert one.status_code == 200
+    assert len(one.json()) == 1
+
+
 def _stow_body(count: int) -> tuple[bytes, str]:
     boundary = "limits-boundary"
     body = b""
@@ -131,6 +162,7 @@ def test_uploads_at_a_time_are_bounded(served: Served) -> None:
             gate.set()
             done = [await task for task in holding]
             assert third is not None
+            assert third.headers.get("retry-after") == "1"
             return [third.status_code, *[r.status_code for r in done]]
 
     third, *held = asyncio.run(scenario())
@@ -171,6 +203,10 @@ def test_a_sender_gone_mid_upload_leaves_what_it_sent_stored_and_audited(
 
 
 # -- bombs, against a running server ------------------------------------------------------
+
+# Loopback addresses of hostile peers; the normal clients come from 127.0.0.1.
+SILENT = "127.0.0.2"
+ATTACKER = "127.0.0.3"
 
 
 def _malformed_image(**changes: object) -> bytes:
@@ -304,3 +340,69 @@ def test_pixel_descriptions_that_cannot_be_decoded_are_406(
         answer = httpx.get(url + path, timeout=60)
         assert answer.status_code == 406, (path, answer.text)
         assert reason in answer.json()["error"]
+
+
+def test_a_modality_and_a_viewer_are_served_while_attacked(
+    running: Running, tmp_path: Path
+) -> None:
+    """The attacks at once (deflate bombs, image bombs rendered, malformed A-ASSOCIATE-RQs,
+    64 silent connections from another address), each refused as it should be, while a
+    real storescu stores 20 images and another client's QIDO-RS searches are answered;
+    the whole server stays under 1 GiB."""
+    paths = []
+    for n in range(20):
+        path = tmp_path / f"{n:02d}.dcm"
+        path.write_bytes(hostile_part10(small_image(PatientID="MEANWHILE", InstanceNumber=n)))
+        paths.append(path)
+    picture = image_bomb("jpeg", header_rows=64)
+    assert running.stow(picture).status_code == 200
+    picture_url = running.instance_url(picture) + "/rendered"
+    bomb = deflated_bomb(1 << 30)
+
+    def deflate() -> bool:
+        (failure,) = running.stow(bomb).json()["00081198"]["Value"]
+        return bool(failure["00081197"]["Value"] == [0xA700])
+
+    def render() -> bool:
+        return httpx.get(picture_url, timeout=120).status_code == 406
+
+    def associate() -> bool:
+        address = ("127.0.0.1", running.server.port)
+        with socket.create_connection(address, 60, source_address=(ATTACKER, 0)) as sock:
+            sock.sendall(associate_rq(context_id=2))
+            return sock.recv(16)[:1] == b"\x03"  # A-ASSOCIATE-RJ
+
+    outcomes: dict[str, list[bool]] = {}
+    started = threading.Barrier(4)
+
+    def attack(name: str, one: Callable[[], bool]) -> None:
+        started.wait(60)
+        outcomes[name] = [one() for _ in range(3)]
+
+    silent = [
+        socket.create_connection(("127.0.0.1", running.server.port), source_address=(SILENT, 0))
+        for _ in range(64)
+    ]
+    threads = [
+        threading.Thread(target=attack, args=item)
+        for item in {"deflate": deflate, "render": render, "associate": associate}.items()
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        started.wait(60)
+        storescu(running.server.port, paths)
+        with httpx.Client(timeout=120) as viewer:
+            searches = [
+                viewer.get(f"{running.server.url}/instances", params={"PatientID": "MEANWHILE"})
+                for _ in range(5)
+            ]
+        for thread in threads:
+            thread.join(600)
+    finally:
+        for sock in silent:
+            sock.close()
+    assert outcomes == {name: [True] * 3 for name in ("deflate", "render", "associate")}
+    assert [answer.status_code for answer in searches] == [200] * 5
+    assert len(searches[-1].json()) == 20
+    assert running.peak() < 1 << 30

@@ -6,10 +6,12 @@ the default ports, a fresh virtual environment and several minutes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
+from filmless.settings import Settings
 from scripts.readme_check import (
     CheckFailed,
     checks_for,
@@ -97,3 +99,11 @@ def test_every_check_has_its_command_in_the_readme_and_every_placeholder_is_know
     for needle in ("storescu", "findscu", "movescu", "getscu", "-X POST", "-X DELETE"):
         (command,) = [c for c in found if needle in c.text]
         assert checks_for(command), needle
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    """The settings table is how a user learns a limit exists: none may be missing."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = "\n".join(line for line in readme.splitlines() if line.startswith("| `"))
+    documented = set(re.findall(r"`(\w+)`", rows))
+    assert set(Settings.model_fields) - documented == set()

@@ -4,8 +4,8 @@ A server (screening off, ``max_instance_bytes`` 512 MiB) on loopback first serve
 normal load alone: dcmtk ``storescu`` stores ``--instances`` small CT images over two
 associations while a QIDO-RS client and a C-FIND client ask again and again. Then the
 same load runs with every attack of ``scripts.hostile`` going on at once, each in its
-own thread, ``--rate`` attempts a second (0: as fast as it can), until the load is done
-(bounded in count and time):
+own thread, ``--rate`` attempts a second (0: as fast as it can; ``--without`` leaves
+some out, to see what each costs), until the load is done (bounded in count and time):
 
 - deflated data sets of 1 MB that inflate to 1 GiB, by STOW-RS;
 - JPEG and JPEG 2000 frames claiming 16384 x 16384, rendered again and again;
@@ -305,7 +305,7 @@ def attacks(server: Server) -> dict[str, Attack]:
 
 
 def hostile_load(
-    server: Server, paths: list[Path], tag: str, rate: float
+    server: Server, paths: list[Path], tag: str, rate: float, without: str = ""
 ) -> tuple[Load, dict[str, Counter[str]]]:
     stop = threading.Event()
     tally: dict[str, Counter[str]] = {}
@@ -329,7 +329,8 @@ def hostile_load(
                 counts[f"error {type(exc).__name__}"] += 1
             stop.wait(max(0.0, interval - (time.monotonic() - began)))
 
-    threads = [threading.Thread(target=run, args=item) for item in attacks(server).items()]
+    chosen = {k: v for k, v in attacks(server).items() if not without or without not in k}
+    threads = [threading.Thread(target=run, args=item) for item in chosen.items()]
     for thread in threads:
         thread.start()
     try:
@@ -383,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rate", type=float, default=1.0, help="attempts a second per attack, 0: flat out"
     )
+    parser.add_argument(
+        "--without", default="", help="leave out the attacks whose name contains this"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     arguments = argv if argv is not None else sys.argv[1:]
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(2)
         quiet = normal_load(server, quiet_paths, "Q")
         console.print("quiet:", quiet)
-        hostile, tally = hostile_load(server, hostile_paths, "H", args.rate)
+        hostile, tally = hostile_load(server, hostile_paths, "H", args.rate, args.without)
         console.print("under attack:", hostile)
         peak = session_peak_rss(server.process.pid) / MiB
     finally:

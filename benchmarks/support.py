@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -62,10 +63,9 @@ def run_facts(module: str, argv: list[str]) -> dict[str, object]:
     }
 
 
-def session_memory(session: int) -> tuple[int, int, int]:
-    """(processes, RSS bytes, PSS bytes) of every process in the session ``session``
-    leads: a server started in a session of its own, with its worker processes."""
-    count = rss = pss = 0
+def _session_files(session: int, name: str) -> Iterator[list[str]]:
+    """The lines of /proc/PID/``name`` of every process in the session ``session`` leads:
+    a server started in a session of its own, with its worker processes."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -73,32 +73,28 @@ def session_memory(session: int) -> tuple[int, int, int]:
             # Field 6 of /proc/PID/stat is the session id; the name field may hold spaces.
             if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) != session:
                 continue
-            rollup = (entry / "smaps_rollup").read_text().splitlines()
+            lines = (entry / name).read_text().splitlines()
         except OSError:
             continue
+        yield lines
+
+
+def _field_bytes(lines: list[str], field: str) -> int:
+    return sum(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
+
+
+def session_memory(session: int) -> tuple[int, int, int]:
+    """(processes, RSS bytes, PSS bytes) of every process in the session ``session``
+    leads."""
+    count = rss = pss = 0
+    for rollup in _session_files(session, "smaps_rollup"):
         count += 1
-        for line in rollup:
-            if line.startswith("Rss:"):
-                rss += int(line.split()[1]) * 1024
-            elif line.startswith("Pss:"):
-                pss += int(line.split()[1]) * 1024
+        rss += _field_bytes(rollup, "Rss:")
+        pss += _field_bytes(rollup, "Pss:")
     return count, rss, pss
 
 
 def session_peak_rss(session: int) -> int:
     """The sum of the peak RSS (VmHWM) of every process in the session ``session``
     leads: an upper bound of what the server and its workers ever held at once."""
-    peak = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) != session:
-                continue
-            status = (entry / "status").read_text().splitlines()
-        except OSError:
-            continue
-        for line in status:
-            if line.startswith("VmHWM:"):
-                peak += int(line.split()[1]) * 1024
-    return peak
+    return sum(_field_bytes(status, "VmHWM:") for status in _session_files(session, "status"))

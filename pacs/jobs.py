@@ -60,6 +60,16 @@ class Job:
         )
 
 
+def _still_held(claimed: Job) -> tuple[Any, ...]:
+    """The job is still this worker's, in this attempt: a lease it lost is not acted on."""
+    return (
+        job.c.id == claimed.id,
+        job.c.state == JobState.RUNNING,
+        job.c.worker == claimed.worker,
+        job.c.attempts == claimed.attempts,
+    )
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -229,12 +239,7 @@ class JobQueue:
             with self.index.writer.begin() as conn:
                 changed = conn.execute(
                     update(job)
-                    .where(
-                        job.c.id == claimed.id,
-                        job.c.state == JobState.RUNNING,
-                        job.c.worker == claimed.worker,
-                        job.c.attempts == claimed.attempts,
-                    )
+                    .where(*_still_held(claimed))
                     .values(lease_until=_now() + timedelta(seconds=lease))
                 ).rowcount
                 return bool(changed)
@@ -247,12 +252,7 @@ class JobQueue:
             with self.index.writer.begin() as conn:
                 changed = conn.execute(
                     update(job)
-                    .where(
-                        job.c.id == claimed.id,
-                        job.c.state == JobState.RUNNING,
-                        job.c.worker == claimed.worker,
-                        job.c.attempts == claimed.attempts,
-                    )
+                    .where(*_still_held(claimed))
                     .values(lease_until=None, updated_at=_now(), **values)
                 ).rowcount
                 return bool(changed)

@@ -221,6 +221,25 @@ def test_serve_process(env: Path, tmp_path: Path) -> None:
     index.dispose()
 
 
+def _second_server_fails(**settings: str) -> str:
+    """``filmless serve`` started beside a running one: it must exit 1; its message."""
+    second = subprocess.run(
+        [sys.executable, "-m", "filmless.cli", "serve"],
+        env={
+            **os.environ,
+            "FILMLESS_DIMSE_PORT": str(free_port()),
+            "FILMLESS_HTTP_PORT": str(free_port()),
+            **settings,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert second.returncode == 1, second.stderr
+    return " ".join(second.stderr.split())
+
+
 def test_a_second_server_on_the_same_data_fails_at_once_and_changes_nothing(
     env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -236,20 +255,7 @@ def test_a_second_server_on_the_same_data_fails_at_once_and_changes_nothing(
         assert assoc.send_c_store(ct_instance()).Status == 0
         assoc.release()
         stored = sorted(p for p in env.rglob("*.dcm"))
-        second = subprocess.run(
-            [sys.executable, "-m", "filmless.cli", "serve"],
-            env={
-                **os.environ,
-                "FILMLESS_DIMSE_PORT": str(free_port()),
-                "FILMLESS_HTTP_PORT": str(free_port()),
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert second.returncode == 1
-        assert "is in use by filmless pid" in " ".join(second.stderr.split())
+        assert "is in use by filmless pid" in _second_server_fails()
         assert sorted(p for p in env.rglob("*.dcm")) == stored
         assert not (env / "orphans").exists() or not any((env / "orphans").rglob("*"))
         assert main(["reindex"]) == 1  # nor may the index be rebuilt under it
@@ -356,22 +362,10 @@ def test_one_server_per_postgresql_index(
     url = postgres.fresh_database()
     first = serve(free_port(), free_port(), FILMLESS_INDEX_URL=url)
     try:
-        second = subprocess.run(
-            [sys.executable, "-m", "filmless.cli", "serve"],
-            env={
-                **os.environ,
-                "FILMLESS_DATA_DIR": str(tmp_path / "other"),
-                "FILMLESS_INDEX_URL": url,
-                "FILMLESS_DIMSE_PORT": str(free_port()),
-                "FILMLESS_HTTP_PORT": str(free_port()),
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        failure = _second_server_fails(
+            FILMLESS_DATA_DIR=str(tmp_path / "other"), FILMLESS_INDEX_URL=url
         )
-        assert second.returncode == 1
-        assert "advisory lock" in " ".join(second.stderr.split())
+        assert "advisory lock" in failure
     finally:
         first.send_signal(signal.SIGTERM)
         output, _ = first.communicate(timeout=60)

@@ -115,6 +115,18 @@ class Server:
         raise AssertionError("processes of the killed server are still running")
 
 
+def still_open(sock: socket.socket) -> bool:
+    """Not closed by the peer, now (nothing waits to be read on these sockets). A TLS
+    socket is looked at below TLS, on a duplicate of its descriptor."""
+    with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+        try:
+            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except ConnectionResetError:
+            return False
+
+
 def closed_by_peer(sock: socket.socket, within: float = 5) -> bool:
     """Closed (EOF, or a reset when our bytes were left unread) rather than still open."""
     sock.settimeout(within)

@@ -45,7 +45,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from rich.console import Console
 
-from benchmarks.support import free_port, run_facts, session_peak_rss, wait_for_port
+from benchmarks.support import (
+    free_port,
+    no_delay,
+    run_facts,
+    session_peak_rss,
+    wait_for_port,
+)
 from pacs.dimse.reactor import MendedAE
 from scripts.hostile import MiB, associate_rq, deflated_bomb, image_bomb, part10, small_image
 
@@ -135,15 +141,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
 
-def _no_delay(assoc: Any) -> None:
-    """Send each PDU at once, as dcmtk does: pynetdicom's client leaves Nagle's
-    algorithm on, so a C-FIND-RQ's data set would wait for the server's delayed ACK
-    (~40 ms) and the client, not the server, would be measured."""
-    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def normal_load(server: Server, paths: list[Path], tag: str) -> Load:
     """storescu over two associations, with QIDO-RS and C-FIND asked meanwhile."""
     halves = [paths[0::2], paths[1::2]]
@@ -162,7 +159,7 @@ def normal_load(server: Server, paths: list[Path], tag: str) -> Load:
         ae = MendedAE(ae_title="LOADFIND")
         ae.add_requested_context(FIND)
         assoc = ae.associate("127.0.0.1", server.port, ae_title="FILMLESS")
-        _no_delay(assoc)
+        no_delay(assoc)
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.PatientID = f"LOAD{tag}"

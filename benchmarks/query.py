@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from rich.table import Table
 from sqlalchemy import insert
 
 from benchmarks.ingest import FilmlessServer, OrthancServer, send
-from benchmarks.support import free_port, in_private_network, rerun_in_private_network
+from benchmarks.support import free_port, in_private_network, no_delay, rerun_in_private_network
 from pacs.dimse.reactor import MendedAE
 from pacs.header import normalise_name
 from pacs.index import Index, instance, patient, series, study
@@ -203,11 +202,7 @@ def measure(
     assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
     if not assoc.is_established:
         raise RuntimeError(f"association to {ae_title} refused")
-    # As dcmtk does by default: no Nagle delay on the requester's small PDUs.
-    assert assoc.dul.socket is not None
-    client = assoc.dul.socket.socket
-    assert client is not None
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    no_delay(assoc)
     timings, matches = [], 0
     try:
         for _ in range(repeats + 1):

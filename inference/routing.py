@@ -1,18 +1,27 @@
 """Which model applies to which instance or study, from the rules in the manifests.
 
-Pure functions over header values (what the index holds per instance), so they are
-tested without files or sockets. The first rule of a manifest (its Modality) says
-whether a model is concerned at all; the others decide whether it runs or is skipped,
-and a skip carries the reason (a lateral chest view, a FOR PROCESSING mammogram), so
-that it can be recorded instead of the instance being silently ignored.
+Pure functions over header values, so they are tested without files or sockets. The
+values come from one place for the scheduler and the worker alike, the stored header as
+DICOM JSON (:func:`stored_values`): a rule on any attribute (BodyPartExamined,
+StationName) decides the same when an instance is queued and when its study is
+screened. The first rule of a manifest (its Modality) says whether a model is concerned
+at all; the others decide whether it runs or is skipped, and a skip carries the reason
+(a lateral chest view, a FOR PROCESSING mammogram), so that it can be recorded instead
+of the instance being silently ignored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
 
 from models.manifest import Manifest
+from pacs.attributes import dataset_json, text_values, unpack
+from pacs.header import InstanceHeader
 
 Header = Mapping[str, str | None]
 
@@ -22,6 +31,36 @@ class Decision:
     model: str
     runs: bool
     reason: str = ""
+
+
+class StoredValues(Mapping[str, str | None]):
+    """Header values by DICOM keyword, read from a data set's DICOM JSON (PS3.18 F.2):
+    None when absent, several values joined by a backslash as DICOM encodes them."""
+
+    def __init__(self, attributes: Mapping[str, Any]) -> None:
+        self._attributes = attributes
+
+    def __getitem__(self, keyword: str) -> str | None:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise KeyError(keyword)
+        found = text_values(self._attributes, f"{tag:08X}")
+        if found is None:
+            raise KeyError(keyword)
+        return "\\".join(found)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for t in self._attributes if (k := keyword_for_tag(int(t, 16))))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def stored_values(header: InstanceHeader | Dataset) -> StoredValues:
+    """What routing reads: the indexed header's stored attributes, or a parsed header's."""
+    if isinstance(header, Dataset):
+        return StoredValues(dataset_json(header, None))
+    return StoredValues(unpack(header.attributes))
 
 
 # Where an attribute may also be found: the laterality of an image is ImageLaterality,

@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 
-from inference.routing import route
+from inference.routing import route, stored_values
 from models.manifest import Manifest
 from pacs.events import InstanceStored
 from pacs.jobs import JobQueue
 
 log = logging.getLogger(__name__)
-
-
-def header_values(event: InstanceStored) -> dict[str, str | None]:
-    """The indexed attributes of the stored instance, by DICOM keyword."""
-    header = event.header
-    values: dict[str, str | None] = {}
-    for part in (header.patient, header.study, header.series, header.instance):
-        for keyword, value in asdict(part).items():
-            values[keyword] = None if value is None else str(value)
-    return values
 
 
 class Scheduler:
@@ -44,7 +33,7 @@ class Scheduler:
         self.without_view_position = without_view_position
 
     def __call__(self, event: InstanceStored) -> None:
-        values = header_values(event)
+        values = stored_values(event.header)
         study = event.record.StudyInstanceUID
         sop = event.record.SOPInstanceUID
         by_name = {m.name: m for m in self.manifests()}

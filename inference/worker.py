@@ -27,7 +27,7 @@ from inference.forward import PREFIX, Destination, send
 from inference.preprocess import Unusable, preprocess
 from inference.report import Finding, UnreportableSource, derived_uid
 from inference.report_writer import EncodedReport, ReportWriter
-from inference.routing import decide, missing_views, view
+from inference.routing import decide, missing_views, stored_values, view
 from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
 from models.manifest import Manifest
 from models.store import ModelStore
@@ -257,7 +257,7 @@ class Worker:
         for record in self.archive.records(job.StudyInstanceUID):
             with self.archive.open_parsed(record) as stream:
                 images.append((record, read_image(stream)))
-        values = [(r, i, _values(i.header)) for r, i in images]
+        values = [(r, i, stored_values(i.header)) for r, i in images]
         usable = [
             (r, i, v) for r, i, v in values if (d := decide(v, manifest)) is not None and d.runs
         ]
@@ -290,18 +290,6 @@ class Worker:
 
 def _job_key(job: Job) -> str:
     return f"{job.model}/{job.StudyInstanceUID}/{job.SOPInstanceUID}"
-
-
-def _values(header: Dataset) -> dict[str, str | None]:
-    keywords = (
-        "Modality",
-        "SOPClassUID",
-        "PresentationIntentType",
-        "ViewPosition",
-        "ImageLaterality",
-        "Laterality",
-    )
-    return {k: str(header.get(k, "")) or None for k in keywords}
 
 
 def aggregate(manifest: Manifest, per_view: dict[str, list[list[np.ndarray]]]) -> list[Finding]:

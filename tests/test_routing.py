@@ -1,9 +1,17 @@
-"""Routing from manifest rules: pure, over header values as the index holds them."""
+"""Routing from manifest rules: pure, over the stored header values."""
 
 from __future__ import annotations
 
-from inference.routing import Decision, missing_views, route
+from pathlib import Path
+
+import pydicom
+
+from inference.routing import Decision, missing_views, route, stored_values
+from models.manifest import Routing
 from models.zoo import CHEST_XRAY
+from pacs.header import read_header
+from pacs.part10 import read_file_meta
+from scripts.synthetic_corpus import Patient, Rng, mammography
 from tests.support.zoo import ZOO, manifest_of
 
 CXR = {
@@ -60,3 +68,45 @@ def test_missing_mammography_views() -> None:
     assert missing_views(four[:3], manifest) == ["R-MLO"]
     unusable = [*four[:3], _mammo("R", "MLO", "FOR PROCESSING")]
     assert missing_views(unusable, manifest) == ["R-MLO"]
+
+
+def test_the_scheduler_and_the_worker_read_the_same_values(tmp_path: Path) -> None:
+    """Routing reads what was stored, whichever attribute a rule names: the indexed header's
+    DICOM JSON (the scheduler) and the parsed data set (the worker) give the same values,
+    unindexed ones included, an empty one as empty and an absent one as absent."""
+    ds = mammography(
+        Rng(5), Patient("R", "Rou^Ting", "ISO_IR 192", "19700101", "F"), 0.02, "20260101", "R1"
+    )[0]
+    ds.StationName = "MAMMO-2"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.ImageComments = ""
+    del ds.ImageLaterality
+    path = tmp_path / "view.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with path.open("rb") as stream:
+        meta = read_file_meta(stream)
+        offset = stream.tell()
+    parsed = pydicom.dcmread(path, stop_before_pixels=True)
+    for values in (stored_values(read_header(path, offset, meta)), stored_values(parsed)):
+        assert values["BodyPartExamined"] == "BREAST"
+        assert values.get("StationName") == "MAMMO-2"
+        assert values["ImageType"] == "ORIGINAL\\PRIMARY"
+        assert values["ImageComments"] == ""
+        assert values.get("ImageLaterality") is None
+        assert values.get("NotAKeyword") is None
+
+
+def test_a_rule_on_an_unindexed_attribute_routes() -> None:
+    manifest = ZOO[2].model_copy(
+        update={
+            "routing": Routing(
+                level="study",
+                match={"Modality": ["MG"], "BodyPartExamined": ["BREAST"]},
+                required_views=ZOO[2].routing.required_views,
+            )
+        }
+    )
+    (runs,) = route(_mammo("L", "CC") | {"BodyPartExamined": "BREAST"}, [manifest])
+    assert runs.runs
+    (skips,) = route(_mammo("L", "CC") | {"BodyPartExamined": "CHEST"}, [manifest])
+    assert skips.reason == "BodyPartExamined CHEST is not one of BREAST"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,30 @@ def test_mammography_exam_after_all_four_views(archive: Archive, models_dir: Pat
     assert {"malignancy L", "malignancy R", "malignancy exam", "density A"} <= identifiers
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     assert len(evidence) == 4
+    worker.close()
+
+
+def test_a_rule_on_any_stored_attribute_is_decided_alike_when_queued_and_when_run(
+    archive: Archive, models_dir: Path, tmp_path: Path
+) -> None:
+    """A mammography manifest that also asks for BodyPartExamined BREAST: the scheduler
+    queues the study and the worker then finds its four views usable (it used to re-check
+    five keywords of its own, see every view as unusable and skip the study)."""
+    models = tmp_path / "models"
+    shutil.copytree(models_dir / "mammo-efficientnet-b0", models / "mammo-efficientnet-b0")
+    manifest = models / "mammo-efficientnet-b0" / "manifest.toml"
+    text = manifest.read_text()
+    assert "[routing.match]\n" in text
+    manifest.write_text(
+        text.replace("[routing.match]\n", '[routing.match]\nBodyPartExamined = ["BREAST"]\n')
+    )
+    queue, worker = _pipeline(archive, models)
+    views = mammography(Rng(13), PATIENT, 0.02, "20260101", "E3")
+    for ds in views:
+        archive.ingest(source(ds), Origin.DIMSE)
+    _drain(worker)
+    (job,) = queue.jobs()
+    assert job.state == JobState.DONE, job.reason
     worker.close()
 
 

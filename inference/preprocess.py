@@ -25,12 +25,13 @@ from monai.transforms.intensity.array import NormalizeIntensity, ScaleIntensityR
 from monai.transforms.spatial.array import Resize
 
 from inference.area import area_resize, longest_side
-from models.manifest import Preprocessing
+from inference.quality import FIELD_THRESHOLD, field_of_view, gate
+from models.manifest import Preprocessing, Quality
 from pacs.pixels import StoredImage, decoded_frame, read_image
 from pacs.voi import grey
 
 set_track_meta(False)  # plain tensors: no metadata bookkeeping per image
-CIRCLE_THRESHOLD = 0.1  # mean of the channels in [0, 1]: brighter is inside the fundus
+CIRCLE_THRESHOLD = FIELD_THRESHOLD  # channel mean in [0, 1]: brighter is inside the fundus
 
 
 class Unusable(ValueError):
@@ -38,13 +39,29 @@ class Unusable(ValueError):
 
 
 def preprocess(
-    stream: BinaryIO, preprocessing: Preprocessing, image: StoredImage | None = None
+    stream: BinaryIO,
+    preprocessing: Preprocessing,
+    image: StoredImage | None = None,
+    quality: Quality | None = None,
 ) -> np.ndarray:
     """(channels, rows, columns) float32, as the manifest's input without the batch axis.
 
-    ``image`` is the header already read from ``stream``, when the caller has it.
+    ``image`` is the header already read from ``stream``, when the caller has it. With
+    ``quality`` the input is gated first (:mod:`inference.quality`): an image outside the
+    thresholds raises :class:`~inference.quality.NotAssessable`.
     """
     image = image or read_image(stream)
+    tensor, field = _prepared(stream, preprocessing, image, quality)
+    if quality is not None:
+        gate(tensor, preprocessing, quality, field)
+    return tensor
+
+
+def _prepared(
+    stream: BinaryIO, preprocessing: Preprocessing, image: StoredImage, quality: Quality | None
+) -> tuple[np.ndarray, float | None]:
+    """The tensor, and a colour photograph's field of view when the gate asks for it."""
+    field = None
     if not image.has_pixels:
         raise Unusable("the instance has no pixel data")
     ds = image.header
@@ -55,8 +72,10 @@ def preprocess(
             raise Unusable(f"a {photometric} image; the model takes colour photographs")
         frame = decoded_frame(stream, image, 0, rgb=True)
         top = 2 ** int(ds.get("BitsStored", 8)) - 1
+        if quality is not None and quality.min_field_of_view is not None:
+            field = field_of_view(frame, top)
         if _by_area(preprocessing, frame):
-            return _colour_by_area(frame, top, preprocessing)
+            return _colour_by_area(frame, top, preprocessing), field
         chw = _scaled(frame, top)
     else:
         if samples != 1 or photometric == "PALETTE COLOR":
@@ -71,13 +90,13 @@ def preprocess(
         flip = faces_right(chw)
         tensor = _transforms(spec, "resize")(torch.from_numpy(np.ascontiguousarray(chw)))
         tensor = torch.flip(tensor, (-1,)) if flip else tensor
-        return np.asarray(_transforms(spec, "after")(tensor), dtype=np.float32)
+        return np.asarray(_transforms(spec, "after")(tensor), dtype=np.float32), field
     if preprocessing.laterality == "left":
         chw = face_left(chw)
     if preprocessing.crop == "circle":
         chw = circle_crop(chw)
     tensor = _transforms(spec)(torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32)))
-    return np.asarray(tensor, dtype=np.float32)
+    return np.asarray(tensor, dtype=np.float32), field
 
 
 def _scaled(frame: np.ndarray, top: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.forward import PREFIX, Destination, send
 from inference.preprocess import Unusable, preprocess
+from inference.quality import NotAssessable
 from inference.report import Finding, UnreportableSource, derived_uid
 from inference.report_writer import EncodedReport, ReportWriter
 from inference.routing import decide, missing_views, stored_values, view
@@ -115,9 +116,10 @@ class Worker:
         try:
             with self._renewing(job):
                 result = self.process(job)
-        except (Unusable, UndecodablePixels) as exc:
-            # Not for this model, or pixels beyond what is decoded (max_pixels, a frame
-            # whose codestream claims more than its header): skipped before decoding.
+        except (Unusable, UndecodablePixels, NotAssessable) as exc:
+            # Not for this model, pixels beyond what is decoded (max_pixels, a frame
+            # whose codestream claims more than its header: skipped before decoding), or
+            # an image its model cannot read (the quality gate): no result, the reason.
             self.queue.skip(job, str(exc))
             log.info(
                 "%s skipped %s: %s", job.model, job.SOPInstanceUID or job.StudyInstanceUID, exc
@@ -245,7 +247,7 @@ class Worker:
         """The model input and the header, parsing the file's header once."""
         with self.archive.open_parsed(record) as stream:
             image = image or read_image(stream)
-            tensor = preprocess(stream, manifest.preprocessing, image)
+            tensor = preprocess(stream, manifest.preprocessing, image, manifest.quality)
         return tensor, image.header
 
     def _study(
@@ -268,7 +270,10 @@ class Worker:
         per_view: dict[str, list[list[np.ndarray]]] = defaultdict(list)
         sources = []
         for record, image, value in usable:
-            tensor, header = self._read(record, manifest, image)
+            try:
+                tensor, header = self._read(record, manifest, image)
+            except NotAssessable as exc:
+                raise NotAssessable(f"{view(value)} view {exc}") from exc
             per_view[view(value)].append(infer(tensor))
             sources.append(header)
         writer = self.writer(manifest)

@@ -70,6 +70,17 @@ def render_card(m: Manifest) -> str:
             f"Per breast: {a.per_breast} over its views; exam: {a.exam} over breasts; "
             f"density: {a.density} over all views.",
         ]
+    if m.quality is not None:
+        lines += ["", "## Quality gate", ""]
+        lines.append(
+            "Before the model runs, its input (intensities in [0, 1], over the field) is "
+            "measured; an image outside these limits is not assessable and gets no result:"
+        )
+        lines.append("")
+        lines += [
+            f"- {QUALITY_WORDS[name]}: {value:g}"
+            for name, value in m.quality.model_dump(exclude_none=True).items()
+        ]
     v = m.provenance
     lines += [
         "",
@@ -89,6 +100,16 @@ def render_card(m: Manifest) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+QUALITY_WORDS = {
+    "min_brightness": "mean brightness at least",
+    "max_underexposed": "fraction at black at most",
+    "max_overexposed": "fraction at white at most",
+    "min_contrast": "intensity standard deviation at least",
+    "min_sharpness": "variance of the Laplacian at least",
+    "min_field_of_view": "field of view (diameter over the shorter side) at least",
+}
 
 
 def write_card(manifest: Manifest, path: Path) -> None:

@@ -108,6 +108,7 @@ def export(
             operating_points=operating_points or task.operating_points,
             routing=task.routing,
             aggregation=task.aggregation,
+            quality=task.quality,
             provenance=Provenance(
                 source=source,
                 architecture=architecture or task.architecture,

@@ -97,6 +97,35 @@ class Preprocessing(_Strict):
     std: list[float] | None = None
 
 
+class Quality(_Strict):
+    """What an image must be for the model to read it; outside it, it is not assessable.
+
+    Measured on the model's input (intensities in [0, 1], at the input's size, over the
+    field: the fundus disc, else the whole image); each threshold is optional.
+    """
+
+    min_brightness: float | None = Field(None, ge=0, le=1, description="mean intensity")
+    max_underexposed: float | None = Field(
+        None, ge=0, le=1, description="largest fraction of the field at black"
+    )
+    max_overexposed: float | None = Field(
+        None, ge=0, le=1, description="largest fraction of the field at white"
+    )
+    min_contrast: float | None = Field(
+        None, ge=0, description="least standard deviation of intensity"
+    )
+    min_sharpness: float | None = Field(
+        None, ge=0, description="least variance of the Laplacian (4-neighbour)"
+    )
+    min_field_of_view: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="colour photographs: least diameter of the bright field over the "
+        "photograph's shorter side",
+    )
+
+
 class Routing(_Strict):
     """Which arriving instances the model is run on (all rules must hold)."""
 
@@ -157,6 +186,7 @@ class Manifest(_Strict):
     operating_points: list[OperatingPoint]
     routing: Routing
     aggregation: Aggregation | None = None
+    quality: Quality | None = Field(None, description="the gate before inference")
     provenance: Provenance
 
     @model_validator(mode="after")

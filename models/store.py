@@ -181,7 +181,8 @@ def cached_demo(store: ModelStore, task: Task) -> Manifest | None:
         existing = store.get(task.name).manifest
     except ManifestError:
         return None
-    if existing.weights.demo and existing.version == DEMO_VERSION:
+    current = existing.version == DEMO_VERSION and existing.quality == task.quality
+    if existing.weights.demo and current:
         return existing
     return None
 

@@ -13,6 +13,7 @@ from models.manifest import (
     OperatingPoint,
     OutputSpec,
     Preprocessing,
+    Quality,
     Routing,
     TensorSpec,
 )
@@ -74,6 +75,7 @@ class Task:
     routing: Routing
     operating_points: list[OperatingPoint]
     aggregation: Aggregation | None = None
+    quality: Quality | None = None
     seed: int = 0
     options: dict[str, str] = field(default_factory=dict)
 
@@ -122,6 +124,11 @@ CHEST_XRAY = Task(
     operating_points=[
         OperatingPoint(output="probabilities", label=label, threshold=0.5) for label in CXR_LABELS
     ],
+    # Conservative limits (see the quality gate's tests): a radiograph burnt out or blank
+    # over half its area, nearly flat, or blurred beyond what 224 pixels resolve.
+    quality=Quality(
+        max_underexposed=0.5, max_overexposed=0.5, min_contrast=0.02, min_sharpness=5e-6
+    ),
     seed=1,
 )
 
@@ -169,6 +176,15 @@ FUNDUS = Task(
     operating_points=[
         OperatingPoint(output="referable", label="referable DR", threshold=0.5),
     ],
+    # Ungradable photographs as screening programmes grade them: too dark, washed out,
+    # flat, blurred, or a field narrowed (small pupil, misaligned camera).
+    quality=Quality(
+        min_brightness=0.15,
+        max_overexposed=0.25,
+        min_contrast=0.02,
+        min_sharpness=3e-6,
+        min_field_of_view=0.6,
+    ),
     seed=2,
     options={"variant": "efficientnet-b0"},
 )
@@ -216,6 +232,8 @@ MAMMOGRAPHY = Task(
         OperatingPoint(output="malignancy", label="malignancy", threshold=0.5),
     ],
     aggregation=Aggregation(per_breast="mean", exam="max", density="mean"),
+    # The air around the breast is black on every mammogram: no limit on black.
+    quality=Quality(max_overexposed=0.3, min_contrast=0.03, min_sharpness=5e-6),
     seed=3,
     options={"variant": "efficientnet-b0"},
 )

@@ -24,6 +24,7 @@ def manifest_of(task: Task, *, default: bool = True) -> Manifest:
         operating_points=task.operating_points,
         routing=task.routing,
         aggregation=task.aggregation,
+        quality=task.quality,
         provenance=Provenance(
             source="test",
             architecture=task.architecture,

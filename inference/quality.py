@@ -1,0 +1,147 @@
+"""Whether an image can be read by its model at all: the quality gate before inference.
+
+A model given a photograph too dark to grade, a blurred or burnt-out radiograph, or a
+fundus camera's field of view narrowed by a small pupil still answers with numbers, and
+those numbers read as a result. Screening programmes grade such images "ungradable" and
+recall them; so does the gate: an image outside its manifest's thresholds is not
+assessable, with what was measured, and never reported as negative.
+
+Everything is measured on the model's own input (its tensor taken back to intensities
+in [0, 1], at the resolution the model sees), so a blur too fine for the model to notice
+is not held against the image, the cost is that of a small image, and every path of
+:mod:`inference.preprocess` is judged alike. The fundus field of view is the one measure
+taken on the photograph itself, since the crop to the field is part of preprocessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.manifest import Preprocessing, Quality
+
+# Intensities at or beyond these ends of [0, 1] are taken as clipped.
+BLACK, WHITE = 0.02, 0.98
+# The fundus field: pixels whose channel mean is above this, as the circle crop finds it.
+FIELD_THRESHOLD = 0.1
+_FIELD_SIDE = 512  # the field of view is found on a view of about this many pixels a side
+
+
+class NotAssessable(ValueError):
+    """An image outside its model's quality thresholds; the message says what was measured."""
+
+
+@dataclass(frozen=True)
+class Measures:
+    """What the gate measured, on the model's input unless said otherwise."""
+
+    brightness: float  # mean intensity over the field
+    underexposed: float  # fraction of the field at black
+    overexposed: float  # fraction of the field at white
+    contrast: float  # standard deviation of intensity over the field
+    sharpness: float  # variance of the 4-neighbour Laplacian over the field
+    field_of_view: float | None = None  # fundus: field diameter / shorter side of the photo
+
+
+def intensities(tensor: np.ndarray, p: Preprocessing) -> np.ndarray:
+    """The model input as (rows, columns) intensities in [0, 1]: the manifest's
+    normalisation and intensity range undone, channels averaged."""
+    chw = np.asarray(tensor, dtype=np.float64)
+    if p.mean is not None and p.std is not None:
+        chw = chw * np.asarray(p.std)[:, None, None] + np.asarray(p.mean)[:, None, None]
+    low, high = p.intensity_range
+    unit = (chw - low) / (high - low)
+    result: np.ndarray = np.clip(unit.mean(axis=0), 0.0, 1.0)
+    return result
+
+
+def field_mask(shape: tuple[int, int], p: Preprocessing) -> np.ndarray:
+    """Where the image is in the model input: for a fundus crop the disc inscribed in the
+    square (the padding and the black corners are not the eye), else everywhere."""
+    if p.crop != "circle":
+        return np.ones(shape, dtype=bool)
+    rows, columns = np.ogrid[0 : shape[0], 0 : shape[1]]
+    cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    radius = min(shape) / 2
+    inside: np.ndarray = (rows - cy) ** 2 + (columns - cx) ** 2 <= radius**2
+    return inside
+
+
+def field_of_view(frame: np.ndarray, top: int) -> float:
+    """A colour photograph's bright field: its widest extent over the shorter side of
+    the photograph (1 when the field fills the frame, as on most fundus cameras)."""
+    step = max(1, max(frame.shape[:2]) // _FIELD_SIDE)
+    view = frame[::step, ::step].astype(np.float32).mean(axis=2) / top
+    bright = view > FIELD_THRESHOLD
+    rows = np.flatnonzero(bright.any(axis=1))
+    columns = np.flatnonzero(bright.any(axis=0))
+    if rows.size == 0:
+        return 0.0
+    extent = max(rows[-1] - rows[0] + 1, columns[-1] - columns[0] + 1) * step
+    return float(min(1.0, extent / min(frame.shape[:2])))
+
+
+def measure(tensor: np.ndarray, p: Preprocessing, field: float | None = None) -> Measures:
+    image = intensities(tensor, p)
+    mask = field_mask(image.shape, p)
+    inside = image[mask]
+    laplacian = np.zeros_like(image)
+    laplacian[1:-1, 1:-1] = (
+        image[:-2, 1:-1] + image[2:, 1:-1] + image[1:-1, :-2] + image[1:-1, 2:]
+    ) - 4 * image[1:-1, 1:-1]
+    interior = np.zeros_like(mask)
+    interior[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1]
+    interior[1:-1, 1:-1] &= mask[1:-1, :-2] & mask[1:-1, 2:]
+    edges = laplacian[interior]
+    return Measures(
+        brightness=float(inside.mean()),
+        underexposed=float((inside <= BLACK).mean()),
+        overexposed=float((inside >= WHITE).mean()),
+        contrast=float(inside.std()),
+        sharpness=float(edges.var()) if edges.size else 0.0,
+        field_of_view=field,
+    )
+
+
+def shortfalls(measures: Measures, quality: Quality) -> list[str]:
+    """Each threshold the image misses, with the value measured and the limit."""
+    found = []
+    if quality.min_brightness is not None and measures.brightness < quality.min_brightness:
+        found.append(
+            f"too dark: mean brightness {measures.brightness:.3f} "
+            f"(at least {quality.min_brightness})"
+        )
+    if quality.max_underexposed is not None and measures.underexposed > quality.max_underexposed:
+        found.append(
+            f"underexposed: {measures.underexposed:.1%} of the image at black "
+            f"(at most {quality.max_underexposed:.0%})"
+        )
+    if quality.max_overexposed is not None and measures.overexposed > quality.max_overexposed:
+        found.append(
+            f"overexposed: {measures.overexposed:.1%} of the image at white "
+            f"(at most {quality.max_overexposed:.0%})"
+        )
+    if quality.min_contrast is not None and measures.contrast < quality.min_contrast:
+        found.append(
+            f"too little contrast: intensity standard deviation {measures.contrast:.3f} "
+            f"(at least {quality.min_contrast})"
+        )
+    if quality.min_sharpness is not None and measures.sharpness < quality.min_sharpness:
+        found.append(
+            f"blurred: variance of the Laplacian {measures.sharpness:.2e} "
+            f"(at least {quality.min_sharpness:.2e})"
+        )
+    field, least = measures.field_of_view, quality.min_field_of_view
+    if least is not None and field is not None and field < least:
+        found.append(
+            f"field of view too small: {field:.0%} of the photograph (at least {least:.0%})"
+        )
+    return found
+
+
+def gate(tensor: np.ndarray, p: Preprocessing, quality: Quality, field: float | None) -> None:
+    """Raise :class:`NotAssessable` naming every threshold the model input misses."""
+    missed = shortfalls(measure(tensor, p, field), quality)
+    if missed:
+        raise NotAssessable("not assessable: " + "; ".join(missed))

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from models.manifest import Preprocessing, Quality
 
@@ -28,8 +29,40 @@ FIELD_THRESHOLD = 0.1
 _FIELD_SIDE = 512  # the field of view is found on a view of about this many pixels a side
 
 
+@dataclass(frozen=True)
+class Shortfall:
+    """One limit an image misses: the measure, its value, the limit, and the words."""
+
+    measure: str  # as the report names it, e.g. "mean brightness"
+    value: float
+    limit: float
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class NotAssessable(ValueError):
-    """An image outside its model's quality thresholds; the message says what was measured."""
+    """An image outside its model's quality limits; the message says what was measured.
+
+    ``source`` (the image's header, set by whoever read it) and ``report`` (the SOP
+    Instance UID of the report that says so, once written) travel with it.
+    """
+
+    def __init__(
+        self,
+        measures: Measures,
+        shortfalls: list[Shortfall],
+        *,
+        where: str = "",
+        source: Dataset | None = None,
+    ) -> None:
+        said = "; ".join(map(str, shortfalls))
+        super().__init__(f"not assessable: {where}: {said}" if where else f"not assessable: {said}")
+        self.measures = measures
+        self.shortfalls = shortfalls
+        self.source = source
+        self.report = ""
 
 
 @dataclass(frozen=True)
@@ -42,6 +75,21 @@ class Measures:
     contrast: float  # standard deviation of intensity over the field
     sharpness: float  # variance of the 4-neighbour Laplacian over the field
     field_of_view: float | None = None  # fundus: field diameter / shorter side of the photo
+
+    def named(self) -> list[tuple[str, float]]:
+        """Each measure as the report names it, with its value."""
+        return [(NAMES[k], v) for k, v in vars(self).items() if v is not None]
+
+
+# How a report and a reason name each measure.
+NAMES = {
+    "brightness": "mean brightness",
+    "underexposed": "fraction at black",
+    "overexposed": "fraction at white",
+    "contrast": "intensity standard deviation",
+    "sharpness": "variance of the Laplacian",
+    "field_of_view": "field of view",
+}
 
 
 def intensities(tensor: np.ndarray, p: Preprocessing) -> np.ndarray:
@@ -104,44 +152,35 @@ def measure(tensor: np.ndarray, p: Preprocessing, field: float | None = None) ->
     )
 
 
-def shortfalls(measures: Measures, quality: Quality) -> list[str]:
-    """Each threshold the image misses, with the value measured and the limit."""
+def shortfalls(measures: Measures, quality: Quality) -> list[Shortfall]:
+    """Each limit the image misses, with the value measured and the limit."""
     found = []
-    if quality.min_brightness is not None and measures.brightness < quality.min_brightness:
-        found.append(
-            f"too dark: mean brightness {measures.brightness:.3f} "
-            f"(at least {quality.min_brightness})"
-        )
-    if quality.max_underexposed is not None and measures.underexposed > quality.max_underexposed:
-        found.append(
-            f"underexposed: {measures.underexposed:.1%} of the image at black "
-            f"(at most {quality.max_underexposed:.0%})"
-        )
-    if quality.max_overexposed is not None and measures.overexposed > quality.max_overexposed:
-        found.append(
-            f"overexposed: {measures.overexposed:.1%} of the image at white "
-            f"(at most {quality.max_overexposed:.0%})"
-        )
-    if quality.min_contrast is not None and measures.contrast < quality.min_contrast:
-        found.append(
-            f"too little contrast: intensity standard deviation {measures.contrast:.3f} "
-            f"(at least {quality.min_contrast})"
-        )
-    if quality.min_sharpness is not None and measures.sharpness < quality.min_sharpness:
-        found.append(
-            f"blurred: variance of the Laplacian {measures.sharpness:.2e} "
-            f"(at least {quality.min_sharpness:.2e})"
-        )
-    field, least = measures.field_of_view, quality.min_field_of_view
-    if least is not None and field is not None and field < least:
-        found.append(
-            f"field of view too small: {field:.0%} of the photograph (at least {least:.0%})"
-        )
+
+    def least(key: str, limit: float | None, words: str, shown: str) -> None:
+        value = getattr(measures, key)
+        if limit is not None and value is not None and value < limit:
+            text = f"{words}: {NAMES[key]} {value:{shown}} (at least {limit:{shown}})"
+            found.append(Shortfall(NAMES[key], value, limit, text))
+
+    def most(key: str, limit: float | None, words: str) -> None:
+        value = getattr(measures, key)
+        if limit is not None and value > limit:
+            end = NAMES[key].split()[-1]
+            text = f"{words}: {value:.1%} of the image at {end} (at most {limit:.0%})"
+            found.append(Shortfall(NAMES[key], value, limit, text))
+
+    least("brightness", quality.min_brightness, "too dark", ".3f")
+    most("underexposed", quality.max_underexposed, "underexposed")
+    most("overexposed", quality.max_overexposed, "overexposed")
+    least("contrast", quality.min_contrast, "too little contrast", ".3f")
+    least("sharpness", quality.min_sharpness, "blurred", ".2e")
+    least("field_of_view", quality.min_field_of_view, "field of view too small", ".0%")
     return found
 
 
 def gate(tensor: np.ndarray, p: Preprocessing, quality: Quality, field: float | None) -> None:
-    """Raise :class:`NotAssessable` naming every threshold the model input misses."""
-    missed = shortfalls(measure(tensor, p, field), quality)
+    """Raise :class:`NotAssessable` naming every limit the model input misses."""
+    measures = measure(tensor, p, field)
+    missed = shortfalls(measures, quality)
     if missed:
-        raise NotAssessable("not assessable: " + "; ".join(missed))
+        raise NotAssessable(measures, missed)

@@ -337,6 +337,61 @@ def summary_group(
     )
 
 
+def quality_group(
+    constant: Constant,
+    sources: Sequence[Dataset],
+    tracking_uid: str,
+    measured: Sequence[tuple[str, float]],
+    missed: Sequence[str],
+) -> Group:
+    """TID 1501 for an image the model could not read: Image Quality (DCM 111101) is
+    "Unusable - Quality renders image unusable" (DCM 111235), each measure of the gate
+    as a number, and each measure outside its limit named. No finding is reported, so
+    nothing can be read as negative."""
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            name=codes.DCM.ImageQuality, value=codes.DCM.UnusableQualityRendersImageUnusable
+        )
+    ]
+    evaluations += [
+        hd.sr.QualitativeEvaluation(name=_concept(name), value=_concept("outside its limit"))
+        for name in missed
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier="image quality"),
+        finding_type=codes.DCM.ImageQuality,
+        algorithm_id=constant.algorithm,
+        source_images=_source_images(sources),
+        measurements=[
+            hd.sr.Measurement(
+                name=_concept(name), value=float(f"{value:.6g}"), unit=codes.UCUM.NoUnits
+            )
+            for name, value in measured
+        ],
+        qualitative_evaluations=evaluations,
+    )
+
+
+def not_assessable_report(
+    manifest: Manifest,
+    sources: Sequence[Dataset],
+    measured: Sequence[tuple[str, float]],
+    missed: Sequence[str],
+    *,
+    job: str,
+    device_uid: str,
+    series_number: int = 9001,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR for a job whose image failed the quality gate: the same document as a
+    result (so a re-run with a better image replaces it), with only the quality group."""
+    sources = [report_source(s) for s in sources]
+    constant = Constant.of(manifest, device_uid)
+    group = quality_group(constant, sources, derived_uid(job, "quality"), measured, missed)
+    sr = document(constant, sources, job=job, series_number=series_number)
+    sr.ContentSequence = constant.report([group])[0].ContentSequence
+    return sr
+
+
 def document(
     constant: Constant, sources: Sequence[Dataset], *, job: str, series_number: int
 ) -> hd.sr.Comprehensive3DSR:

@@ -23,7 +23,7 @@ import numpy as np
 from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
+from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.tag import Tag
 from pydicom.valuerep import DS
 
@@ -227,3 +227,13 @@ def _equal_to(marker: Dataset) -> Callable[[Dataset], bool]:
 def _marker_call() -> hd.sr.QualitativeEvaluation:
     concept = hd.sr.CodedConcept(value="SPLICE", scheme_designator="99SPLICE", meaning="splice")
     return hd.sr.QualitativeEvaluation(name=concept, value=concept)
+
+
+def encoded(sr: Dataset) -> EncodedReport:
+    """A report that highdicom built whole (the rare kinds, such as "not assessable"),
+    encoded as the writer encodes its reports."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_dataset(fp, sr)
+    return EncodedReport(fp.getvalue(), str(sr.SOPClassUID), str(sr.SOPInstanceUID))

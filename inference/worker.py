@@ -26,8 +26,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from inference.forward import PREFIX, Destination, send
 from inference.preprocess import Unusable, preprocess
 from inference.quality import NotAssessable
-from inference.report import Finding, UnreportableSource, derived_uid
-from inference.report_writer import EncodedReport, ReportWriter
+from inference.report import Finding, UnreportableSource, derived_uid, not_assessable_report
+from inference.report_writer import EncodedReport, ReportWriter, encoded
 from inference.routing import decide, missing_views, stored_values, view
 from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
 from models.manifest import Manifest
@@ -116,10 +116,13 @@ class Worker:
         try:
             with self._renewing(job):
                 result = self.process(job)
-        except (Unusable, UndecodablePixels, NotAssessable) as exc:
-            # Not for this model, pixels beyond what is decoded (max_pixels, a frame
-            # whose codestream claims more than its header: skipped before decoding), or
-            # an image its model cannot read (the quality gate): no result, the reason.
+        except NotAssessable as exc:
+            # The quality gate: skipped with what was measured, and the report saying so.
+            self.queue.skip(job, str(exc), result=exc.report)
+            log.info("%s: %s", job.model, exc)
+        except (Unusable, UndecodablePixels) as exc:
+            # Not for this model, or pixels beyond what is decoded (max_pixels, a frame
+            # whose codestream claims more than its header): skipped before decoding.
             self.queue.skip(job, str(exc))
             log.info(
                 "%s skipped %s: %s", job.model, job.SOPInstanceUID or job.StudyInstanceUID, exc
@@ -183,18 +186,37 @@ class Worker:
         installed = self.models.get(job.model)
         manifest = installed.manifest
         runner = self.session(manifest, installed.folder)
-        if manifest.routing.level == "instance":
-            (record,) = self.archive.records(
-                job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID
+        unreadable = None
+        try:
+            if manifest.routing.level == "instance":
+                (record,) = self.archive.records(
+                    job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID
+                )
+                tensor, header = self._read(record, manifest)
+                outputs = dict(
+                    zip([o.name for o in manifest.outputs], runner.infer(tensor), strict=True)
+                )
+                report = self.writer(manifest).write([header], outputs, job=_job_key(job))
+                sources = [record.SOPInstanceUID]
+            else:
+                report, sources = self._study(job, manifest, runner.infer)
+        except NotAssessable as exc:
+            # Reported as such (no finding, nothing to read as negative), and the job
+            # keeps the reason.
+            if exc.source is None:  # raised by _read, which names its image
+                raise
+            unreadable = exc
+            report = encoded(
+                not_assessable_report(
+                    manifest,
+                    [exc.source],
+                    exc.measures.named(),
+                    [s.measure for s in exc.shortfalls],
+                    job=_job_key(job),
+                    device_uid=self.device_uid,
+                )
             )
-            tensor, header = self._read(record, manifest)
-            outputs = dict(
-                zip([o.name for o in manifest.outputs], runner.infer(tensor), strict=True)
-            )
-            report = self.writer(manifest).write([header], outputs, job=_job_key(job))
-            sources = [record.SOPInstanceUID]
-        else:
-            report, sources = self._study(job, manifest, runner.infer)
+            sources = [str(exc.source.SOPInstanceUID)]
         try:
             stored = self._store(report, sources)
         except SourceGone as exc:
@@ -204,10 +226,14 @@ class Worker:
             self.actor(job),
             Outcome.SUCCESS,
             StudyInstanceUID=job.StudyInstanceUID,
-            detail=f"report {stored} of {manifest.name} {manifest.version}",
+            detail=f"report {stored} of {manifest.name} {manifest.version}"
+            + (" (not assessable)" if unreadable else ""),
         )
         for target in self.settings.destinations:
             self.queue.enqueue(target.job_model, job.StudyInstanceUID, stored)
+        if unreadable is not None:
+            unreadable.report = stored
+            raise unreadable
         return stored
 
     def _forward(self, job: Job) -> str:
@@ -247,7 +273,11 @@ class Worker:
         """The model input and the header, parsing the file's header once."""
         with self.archive.open_parsed(record) as stream:
             image = image or read_image(stream)
-            tensor = preprocess(stream, manifest.preprocessing, image, manifest.quality)
+            try:
+                tensor = preprocess(stream, manifest.preprocessing, image, manifest.quality)
+            except NotAssessable as exc:
+                exc.source = image.header
+                raise
         return tensor, image.header
 
     def _study(
@@ -273,7 +303,10 @@ class Worker:
             try:
                 tensor, header = self._read(record, manifest, image)
             except NotAssessable as exc:
-                raise NotAssessable(f"{view(value)} view {exc}") from exc
+                where = f"the {view(value)} view"
+                raise NotAssessable(
+                    exc.measures, exc.shortfalls, where=where, source=exc.source
+                ) from exc
             per_view[view(value)].append(infer(tensor))
             sources.append(header)
         writer = self.writer(manifest)

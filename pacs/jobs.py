@@ -262,9 +262,10 @@ class JobQueue:
     def complete(self, claimed: Job, result: str) -> bool:
         return self._finish(claimed, state=JobState.DONE, result=result, reason="")
 
-    def skip(self, claimed: Job, reason: str) -> bool:
-        """The model does not apply after all (an unusable image, missing views)."""
-        return self._finish(claimed, state=JobState.SKIPPED, reason=reason)
+    def skip(self, claimed: Job, reason: str, *, result: str = "") -> bool:
+        """The model does not apply after all (an unusable image, missing views); the
+        result, if any, is the report that says why (an image not assessable)."""
+        return self._finish(claimed, state=JobState.SKIPPED, reason=reason, result=result)
 
     def fail(self, claimed: Job, reason: str, *, max_attempts: int, backoff: float = 5.0) -> bool:
         """Back to pending after a delay growing with the attempts, or failed for good."""

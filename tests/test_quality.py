@@ -8,10 +8,13 @@ through the same preprocessing as screening.
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -116,7 +119,7 @@ CASES: list[tuple[str, Task, Callable[[], Dataset], str]] = [
         "small field",
         FUNDUS,
         lambda: _small_field(_fundus()),
-        "field of view too small: 46% of the photograph (at least 60%)",
+        "field of view too small: field of view 46% (at least 60%)",
     ),
     (
         "burnt-out chest",
@@ -169,6 +172,77 @@ def test_the_field_of_view_of_a_photograph() -> None:
     assert field_of_view(np.full((100, 80, 3), 200, np.uint8), 255) == 1.0
 
 
+def _quality_group(sr: Dataset) -> Dataset:
+    """The one TID 1501 group of a not-assessable report (under Imaging Measurements)."""
+    (measurements,) = [
+        item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    (group,) = measurements.ContentSequence
+    assert isinstance(group, Dataset)
+    return group
+
+
+def _items(group: Dataset, value_type: str) -> list[Dataset]:
+    return [item for item in group.ContentSequence if item.ValueType == value_type]
+
+
+def test_the_report_of_an_image_not_assessable_says_so_in_standard_codes(tmp_path: Path) -> None:
+    """TID 1501 with Image Quality (DCM 111101) = "Unusable - Quality renders image
+    unusable" (DCM 111235), every measure as a number and the one outside its limit
+    named, and no finding at all; dciodvfy finds no error in it."""
+    dark = _with_pixels(d := _fundus(), _pixels(d) * 0.3)
+    with pytest.raises(NotAssessable) as refused:
+        _gate(dark, FUNDUS)
+    exc = refused.value
+    from inference.report import not_assessable_report  # noqa: PLC0415
+    from tests.support.zoo import manifest_of  # noqa: PLC0415
+
+    sr = not_assessable_report(
+        manifest_of(FUNDUS),
+        [dark],
+        exc.measures.named(),
+        [s.measure for s in exc.shortfalls],
+        job="quality-1",
+        device_uid="1.2.3",
+    )
+    group = _quality_group(sr)
+    codes_said = {
+        (item.ConceptNameCodeSequence[0].CodeMeaning, item.ConceptCodeSequence[0].CodeValue)
+        for item in _items(group, "CODE")
+    }
+    assert ("Image Quality", "111235") in codes_said
+    assert ("mean brightness", "OUTSIDE-ITS-LIMI") in codes_said
+    numbers = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: float(
+            item.MeasuredValueSequence[0].NumericValue
+        )
+        for item in _items(group, "NUM")
+    }
+    assert set(numbers) == {
+        "mean brightness",
+        "fraction at black",
+        "fraction at white",
+        "intensity standard deviation",
+        "variance of the Laplacian",
+        "field of view",
+    }
+    assert numbers["mean brightness"] == pytest.approx(exc.measures.brightness, rel=1e-5)
+    assert numbers["mean brightness"] < 0.15
+    called = {item.ConceptCodeSequence[0].CodeValue for item in _items(group, "CODE")}
+    assert not called & {"52101004", "2667000"}  # SCT Present, Absent: nothing called
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dicom3tools not installed")
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    result = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    errors = [
+        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
+    ]
+    assert errors == [], "\n".join(errors)
+
+
 @pytest.mark.slow
 def test_a_photograph_too_dark_to_grade_gets_no_result_but_the_reason(
     archive: Archive, demo_models: Path
@@ -197,4 +271,49 @@ def test_a_photograph_too_dark_to_grade_gets_no_result_but_the_reason(
     assert dark.state == JobState.SKIPPED
     assert dark.reason.startswith("not assessable: too dark: mean brightness 0.1")
     stored = {r.SOPInstanceUID for r in archive.index.records(right.StudyInstanceUID)}
-    assert stored == {right.SOPInstanceUID, left.SOPInstanceUID, jobs[right.SOPInstanceUID].result}
+    results = {jobs[right.SOPInstanceUID].result, dark.result}
+    assert stored == {right.SOPInstanceUID, left.SOPInstanceUID, *results}
+    (record,) = archive.index.records(right.StudyInstanceUID, SOPInstanceUID=dark.result)
+    with archive.open(record) as stream:
+        sr = pydicom.dcmread(stream)
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    referenced = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
+    }
+    assert referenced == {left.SOPInstanceUID}
+    quality = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item.ConceptCodeSequence[0].CodeMeaning
+        for item in _items(_quality_group(sr), "CODE")
+    }
+    assert quality["Image Quality"] == "Unusable - Quality renders image unusable"
+
+
+@pytest.mark.slow
+def test_a_mammogram_with_one_flat_view_is_not_assessable_naming_the_view(
+    archive: Archive, demo_models: Path
+) -> None:
+    from inference.scheduler import Scheduler  # noqa: PLC0415
+    from inference.worker import Worker  # noqa: PLC0415
+    from models.store import ModelStore  # noqa: PLC0415
+    from pacs.jobs import JobQueue  # noqa: PLC0415
+
+    store = ModelStore(demo_models)
+    queue = JobQueue(archive.index)
+    archive.events.subscribe(Scheduler(queue, store.manifests, stable_seconds=0))
+    worker = Worker(archive, queue, store, name="gate")
+    views = mammography(Rng(8), PATIENT, 0.05, "20260101", "QM")
+    flat = views[0]
+    _with_pixels(flat, _pixels(flat) * 0.02 + 1200)
+    for ds in views:
+        archive.ingest(source(ds), Origin.DIMSE)
+    while worker.run_once():
+        pass
+    worker.close()
+    (job,) = [j for j in queue.jobs() if j.model == MAMMOGRAPHY.name]
+    assert job.state == JobState.SKIPPED
+    side_view = f"{flat.ImageLaterality}-{flat.ViewPosition}"
+    assert job.reason.startswith(f"not assessable: the {side_view} view: too little contrast")
+    assert job.result

@@ -154,16 +154,23 @@ def regions(
     return found
 
 
-def summary(found: Sequence[Finding]) -> list[hd.sr.QualitativeEvaluation]:
+# The summary call of a model with a quality gate that the image passed: gradable.
+IMAGE_QUALITY = "Image Quality"
+
+
+def summary(found: Sequence[Finding], *, gated: bool = False) -> list[hd.sr.QualitativeEvaluation]:
     """The exam-level reading as SR content (see :func:`summary_calls`)."""
-    return [call(name, value) for name, value in summary_calls(found)]
+    return [call(name, value) for name, value in summary_calls(found, gated=gated)]
 
 
-def summary_calls(found: Sequence[Finding]) -> list[tuple[str, str | None]]:
-    """The exam-level reading: each positive call (label, None for "present"), and the
-    most probable category of every output whose labels are exclusive (output, label:
-    ICDR grade, breast density)."""
-    calls: list[tuple[str, str | None]] = [(f.label, None) for f in found if f.positive]
+def summary_calls(found: Sequence[Finding], *, gated: bool = False) -> list[tuple[str, str | None]]:
+    """The exam-level reading: the image quality when the model has a gate (the images
+    passed it: "Usable - Meets the quality control standard", what a fundus programme
+    calls gradable), each positive call (label, None for "present"), and the most
+    probable category of every output whose labels are exclusive (output, label: ICDR
+    grade, breast density)."""
+    calls: list[tuple[str, str | None]] = [(IMAGE_QUALITY, None)] if gated else []
+    calls += [(f.label, None) for f in found if f.positive]
     by_output: dict[str, list[Finding]] = {}
     for f in found:
         if f.threshold is None:
@@ -176,7 +183,12 @@ def summary_calls(found: Sequence[Finding]) -> list[tuple[str, str | None]]:
 
 
 def call(name: str, value: str | None) -> hd.sr.QualitativeEvaluation:
-    """One call of the summary: ``name`` is present, or its category is ``value``."""
+    """One call of the summary: ``name`` is present, or its category is ``value``; the
+    image quality in DCM codes (111101, 111237)."""
+    if name == IMAGE_QUALITY:
+        return hd.sr.QualitativeEvaluation(
+            name=codes.DCM.ImageQuality, value=codes.DCM.UsableMeetsTheQualityControlStandard
+        )
     return hd.sr.QualitativeEvaluation(
         name=_concept(name), value=codes.SCT.Present if value is None else _concept(value)
     )
@@ -215,7 +227,9 @@ def build_report(
         )
         for finding in found
     ]
-    groups.append(summary_group(constant, sources, derived_uid(job, "summary"), summary(found)))
+    gated = manifest.quality is not None
+    calls = summary(found, gated=gated)
+    groups.append(summary_group(constant, sources, derived_uid(job, "summary"), calls))
     sr = document(constant, sources, job=job, series_number=series_number)
     sr.ContentSequence = constant.report(groups)[0].ContentSequence
     return sr

@@ -107,7 +107,8 @@ class ReportWriter:
             bodies.append(assemble(group, values))
         summary_values = {**references, "tracking": derived_uid(job, "summary")}
         calls = [
-            assemble(self._call(name, value, charset), {}) for name, value in summary_calls(found)
+            assemble(self._call(name, value, charset), {})
+            for name, value in summary_calls(found, gated=manifest.quality is not None)
         ]
         summary = self._summary(classes, charset)
         bodies.append(assemble(summary, summary_values, {"evaluations": calls}))

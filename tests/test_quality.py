@@ -248,7 +248,8 @@ def test_a_photograph_too_dark_to_grade_gets_no_result_but_the_reason(
     archive: Archive, demo_models: Path
 ) -> None:
     """Through the scheduler and the worker, as ``filmless serve`` runs them: the dark eye
-    is skipped as not assessable and has no report; the good eye gets its report."""
+    is skipped as not assessable, with a report that says so and nothing else; the good
+    eye gets its result, with its image quality as gradable."""
     from inference.scheduler import Scheduler  # noqa: PLC0415
     from inference.worker import Worker  # noqa: PLC0415
     from models.store import ModelStore  # noqa: PLC0415
@@ -289,6 +290,19 @@ def test_a_photograph_too_dark_to_grade_gets_no_result_but_the_reason(
         for item in _items(_quality_group(sr), "CODE")
     }
     assert quality["Image Quality"] == "Unusable - Quality renders image unusable"
+    (graded,) = archive.index.records(
+        right.StudyInstanceUID, SOPInstanceUID=jobs[right.SOPInstanceUID].result
+    )
+    with archive.open(graded) as stream:
+        report = pydicom.dcmread(stream)
+    calls = {
+        item.ConceptNameCodeSequence[0].CodeValue: item.ConceptCodeSequence[0].CodeValue
+        for group in report.ContentSequence
+        for item in group.get("ContentSequence", [])
+        for item in item.get("ContentSequence", [])
+        if item.ValueType == "CODE"
+    }
+    assert calls["111101"] == "111237"  # the good eye: "Usable - Meets the QC standard"
 
 
 @pytest.mark.slow

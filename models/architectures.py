@@ -91,10 +91,67 @@ def demo_weights(module: nn.Module, task: Task, seed: int) -> None:
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the passes below
     module.train()
+    samples = [
+        torch.from_numpy(reference_sample(task.input, task.preprocessing, seed=seed * 10 + n))
+        for n in range(3)
+    ]
     with torch.no_grad():
-        for n in range(3):
-            noise = reference_sample(task.input, task.preprocessing, seed=seed * 10 + n)
-            module(torch.from_numpy(noise))
+        for sample in samples:
+            module(sample)
     module.eval()
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
+    _screening_head(module, task, seed, samples)
+
+
+# How far (in logits) the demo head's outputs may move from the aim over the inputs it
+# is calibrated on: enough that images differ, small enough that the calls stay those
+# aimed at below.
+_HEAD_SPREAD = 1.5
+
+
+def _shapes(sample: torch.Tensor) -> torch.Tensor:
+    """Inputs with the structure of images rather than noise: black, white, a gradient,
+    and noise beside black (an organ against air), each in the input's own range."""
+    low, high = sample.amin(), sample.amax()
+    black, white = torch.full_like(sample[:1], 0) + low, torch.full_like(sample[:1], 0) + high
+    rows = torch.linspace(0, 1, sample.shape[2], dtype=sample.dtype)[None, None, :, None]
+    gradient = low + (high - low) * rows.expand_as(sample[:1])
+    half = sample[:1].clone()
+    half[..., sample.shape[3] // 2 :] = low
+    return torch.cat([black, white, gradient, half])
+
+
+def _screening_head(
+    module: nn.Module, task: Task, seed: int, samples: list[torch.Tensor]
+) -> None:
+    """Demo outputs that read like a screening population: the classifier's bias set so
+    that, on the inputs above, most findings sit well below their operating point and a
+    seeded few above it (chest X-ray), the fundus grades fall off from "no apparent
+    retinopathy", malignancy is low and density mostly B. Seeded weights otherwise call
+    nearly every finding positive, and a viewer then draws all of them."""
+    head = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    network = module.network if isinstance(module, Screening) else module
+    with torch.no_grad():
+        head.bias.zero_()
+        inputs = [*samples, _shapes(samples[0])]
+        every = torch.cat([network(s) for s in inputs]).double()
+        logits = every.mean(dim=0)
+        spread = float((every - logits).abs().max())
+        if spread > _HEAD_SPREAD:
+            head.weight.mul_(_HEAD_SPREAD / spread)
+            logits = logits * (_HEAD_SPREAD / spread)
+        rng = torch.Generator().manual_seed(seed)
+        if task.task == "chest-xray":
+            labels = logits.shape[0]
+            target = 0.02 + 0.2 * torch.rand(labels, generator=rng, dtype=torch.float64)
+            positive = torch.randperm(labels, generator=rng)[:2]
+            target[positive] = 0.7 + 0.2 * torch.rand(2, generator=rng, dtype=torch.float64)
+            aim = torch.logit(target)
+        elif task.task == "fundus":
+            aim = torch.log(torch.tensor([0.6, 0.22, 0.1, 0.05, 0.03], dtype=torch.float64))
+        else:
+            density = torch.log(torch.tensor([0.2, 0.45, 0.25, 0.1], dtype=torch.float64))
+            malignancy = torch.logit(torch.tensor([0.08], dtype=torch.float64))
+            aim = torch.cat([malignancy, density])
+        head.bias.copy_((aim - logits).to(head.bias.dtype))

@@ -47,7 +47,7 @@ ICDR_GRADES = [
     "4 proliferative DR",
 ]
 DENSITY = ["A", "B", "C", "D"]
-DEMO_VERSION = "0.3.0-demo"
+DEMO_VERSION = "0.4.0-demo"
 
 DX_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography

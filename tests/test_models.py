@@ -85,6 +85,49 @@ def test_demo_models_are_built_exported_and_verified(models_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_demo_outputs_read_like_a_screening_population(models_dir: Path) -> None:
+    """On the demo data, most calls are negative and a few positive, so a viewer shows a
+    readable report (the weights themselves mean nothing)."""
+    import io  # noqa: PLC0415
+
+    from inference.preprocess import preprocess  # noqa: PLC0415
+    from pacs.pixels import read_image  # noqa: PLC0415
+    from scripts.synthetic_corpus import Patient, Rng, chest_dx, fundus_op, mammography  # noqa: PLC0415
+
+    patient = Patient("DW", "Demo^Weights", "ISO_IR 192", "19700101", "F")
+    makers = {"chest-xray": chest_dx, "fundus": fundus_op, "mammography": mammography}
+    store = ModelStore(models_dir)
+    for installed in store.installed():
+        manifest = installed.manifest
+        points = {(p.output, p.label): p.threshold for p in manifest.operating_points}
+        for seed, scale in ((1, 0.05), (2, 0.2)):
+            ds = makers[manifest.task](Rng(seed), patient, scale, "20260101", "DW")[0]
+            stream = io.BytesIO()
+            ds.save_as(stream, enforce_file_format=True)
+            stream.seek(0)
+            tensor = preprocess(stream, manifest.preprocessing, read_image(stream))
+            outputs = dict(
+                zip(
+                    [o.name for o in manifest.outputs],
+                    _run(installed.onnx, tensor[None]),
+                    strict=True,
+                )
+            )
+            calls = [
+                float(outputs[o.name][0][i]) >= points[(o.name, label)]
+                for o in manifest.outputs
+                for i, label in enumerate(o.labels)
+                if (o.name, label) in points
+            ]
+            if manifest.task == "chest-xray":
+                assert 1 <= sum(calls) <= 3, outputs
+            else:
+                assert not any(calls), outputs
+            if manifest.task == "fundus":
+                assert int(np.argmax(outputs["grade_probabilities"][0])) == 0
+
+
+@pytest.mark.slow
 def test_build_is_cached(models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = {p: p.stat().st_mtime_ns for p in models_dir.glob("*/model.onnx")}
     assert _cli(models_dir, "build") == 0

@@ -154,6 +154,14 @@ def regions(
     return found
 
 
+def drawn_first(found: Sequence[Finding], located: Mapping[str, Box]) -> list[Finding]:
+    """The findings in the order their groups are written: those with an image region
+    first. Viewers open a report at its first measurement: OHIF shows a black viewport
+    when that one has no region to draw, even if later ones do."""
+    boxed = [f for f in found if f.positive and f.label in located]
+    return boxed + [f for f in found if f not in boxed]
+
+
 # The summary call of a model with a quality gate that the image passed: gradable.
 IMAGE_QUALITY = "Image Quality"
 
@@ -225,7 +233,7 @@ def build_report(
             derived_uid(job, finding.output, finding.label),
             located.get(finding.label) if finding.positive else None,
         )
-        for finding in found
+        for finding in drawn_first(found, located)
     ]
     gated = manifest.quality is not None
     calls = summary(found, gated=gated)

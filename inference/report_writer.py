@@ -35,6 +35,7 @@ from inference.report import (
     call,
     derived_uid,
     document,
+    drawn_first,
     finding_group,
     findings,
     regions,
@@ -94,7 +95,7 @@ class ReportWriter:
         references = _references(sources)
         classes = tuple(str(s.SOPClassUID) for s in sources)
         bodies = []
-        for finding in found:
+        for finding in drawn_first(found, located):
             box = located.get(finding.label) if finding.positive else None
             values: dict[str, Any] = dict(references)
             values["tracking"] = derived_uid(job, finding.output, finding.label)

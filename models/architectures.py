@@ -125,9 +125,7 @@ def _shapes(sample: torch.Tensor) -> torch.Tensor:
     return torch.cat([black, white, gradient, half])
 
 
-def _screening_head(
-    module: nn.Module, task: Task, seed: int, samples: list[torch.Tensor]
-) -> None:
+def _screening_head(module: nn.Module, task: Task, seed: int, samples: list[torch.Tensor]) -> None:
     """Demo outputs that read like a screening population: the classifier's bias set so
     that, on the inputs above, most findings sit well below their operating point and a
     seeded few above it (chest X-ray), the fundus grades fall off from "no apparent

@@ -27,6 +27,7 @@ from pacs.jobs import JobState
 from pacs.pixels import read_image
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, fundus_op, mammography
 from tests.support.instances import source
+from tests.support.pipeline import drain, pipeline
 
 PATIENT = Patient("QG", "Quality^Gate", "ISO_IR 192", "19700101", "F")
 Make = Callable[[Rng, Patient, float, str, str], list[Dataset]]
@@ -250,21 +251,12 @@ def test_a_photograph_too_dark_to_grade_gets_no_result_but_the_reason(
     """Through the scheduler and the worker, as ``filmless serve`` runs them: the dark eye
     is skipped as not assessable, with a report that says so and nothing else; the good
     eye gets its result, with its image quality as gradable."""
-    from inference.scheduler import Scheduler  # noqa: PLC0415
-    from inference.worker import Worker  # noqa: PLC0415
-    from models.store import ModelStore  # noqa: PLC0415
-    from pacs.jobs import JobQueue  # noqa: PLC0415
-
-    store = ModelStore(demo_models)
-    queue = JobQueue(archive.index)
-    archive.events.subscribe(Scheduler(queue, store.manifests, stable_seconds=0))
-    worker = Worker(archive, queue, store, name="gate")
+    queue, worker = pipeline(archive, demo_models, name="gate")
     right, left = fundus_op(Rng(7), PATIENT, 0.1, "20260101", "Q")
     _with_pixels(left, _pixels(left) * 0.3)
     for ds in (right, left):
         archive.ingest(source(ds), Origin.DIMSE)
-    while worker.run_once():
-        pass
+    drain(worker)
     worker.close()
     jobs = {j.SOPInstanceUID: j for j in queue.jobs() if j.model == FUNDUS.name}
     assert jobs[right.SOPInstanceUID].state == JobState.DONE, jobs[right.SOPInstanceUID].reason
@@ -309,22 +301,13 @@ def test_a_photograph_too_dark_to_grade_gets_no_result_but_the_reason(
 def test_a_mammogram_with_one_flat_view_is_not_assessable_naming_the_view(
     archive: Archive, demo_models: Path
 ) -> None:
-    from inference.scheduler import Scheduler  # noqa: PLC0415
-    from inference.worker import Worker  # noqa: PLC0415
-    from models.store import ModelStore  # noqa: PLC0415
-    from pacs.jobs import JobQueue  # noqa: PLC0415
-
-    store = ModelStore(demo_models)
-    queue = JobQueue(archive.index)
-    archive.events.subscribe(Scheduler(queue, store.manifests, stable_seconds=0))
-    worker = Worker(archive, queue, store, name="gate")
+    queue, worker = pipeline(archive, demo_models, name="gate")
     views = mammography(Rng(8), PATIENT, 0.05, "20260101", "QM")
     flat = views[0]
     _with_pixels(flat, _pixels(flat) * 0.02 + 1200)
     for ds in views:
         archive.ingest(source(ds), Origin.DIMSE)
-    while worker.run_once():
-        pass
+    drain(worker)
     worker.close()
     (job,) = [j for j in queue.jobs() if j.model == MAMMOGRAPHY.name]
     assert job.state == JobState.SKIPPED

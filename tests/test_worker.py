@@ -24,6 +24,7 @@ from pacs.jobs import JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, mammography
 from tests.conftest import free_port, make_archive
 from tests.support.instances import source
+from tests.support.pipeline import drain, pipeline
 from tests.support.web import serving
 
 PATIENT = Patient("E2E", "End^To End", "ISO_IR 192", "19700101", "O")
@@ -34,31 +35,16 @@ def models_dir(demo_models: Path) -> Path:
     return demo_models
 
 
-def _pipeline(archive: Archive, models_dir: Path) -> tuple[JobQueue, Worker]:
-    """Scheduler on the archive's events and a worker, as ``filmless serve`` wires them."""
-    store = ModelStore(models_dir)
-    queue = JobQueue(archive.index)
-    archive.events.subscribe(
-        Scheduler(queue, lambda: [m.manifest for m in store.installed()], stable_seconds=0)
-    )
-    return queue, Worker(archive, queue, store, name="w1")
-
-
-def _drain(worker: Worker) -> None:
-    while worker.run_once():
-        pass
-
-
 @pytest.mark.slow
 def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(
     archive: Archive, models_dir: Path, tmp_path: Path
 ) -> None:
     archive.audit = AuditTrail(tmp_path / "audit.jsonl")
-    queue, worker = _pipeline(archive, models_dir)
+    queue, worker = pipeline(archive, models_dir)
     frontal, lateral = chest_dx(Rng(11), PATIENT, 0.05, "20260101", "E1")
     for ds in (frontal, lateral):
         archive.ingest(source(ds), Origin.DIMSE)
-    _drain(worker)
+    drain(worker)
     jobs = {j.SOPInstanceUID: j for j in queue.jobs()}
     done = jobs[frontal.SOPInstanceUID]
     assert done.state == JobState.DONE
@@ -77,7 +63,7 @@ def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(
     assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID
     # Asked again (same instance stored anew): one report, replaced, not a second one.
     queue.enqueue(CHEST_XRAY.name, frontal.StudyInstanceUID, frontal.SOPInstanceUID)
-    _drain(worker)
+    drain(worker)
     in_study = archive.index.records(frontal.StudyInstanceUID)
     assert len(in_study) == 3  # two images and one report
     assert queue.jobs(JobState.DONE)[0].result == done.result
@@ -99,7 +85,7 @@ def test_a_study_deleted_while_its_report_is_written_stays_deleted(
 ) -> None:
     """DELETE arrives after the model ran and before the report is stored: the report is
     dropped (the job says why), and nothing of the study comes back."""
-    queue, worker = _pipeline(archive, models_dir)
+    queue, worker = pipeline(archive, models_dir)
     frontal, _ = chest_dx(Rng(21), PATIENT, 0.05, "20260101", "DEL")
     archive.ingest(source(frontal), Origin.DIMSE)
     writer = worker.writer(
@@ -117,7 +103,7 @@ def test_a_study_deleted_while_its_report_is_written_stays_deleted(
         return report
 
     monkeypatch.setattr(writer, "write", write_then_delete)
-    _drain(worker)
+    drain(worker)
     (job,) = queue.jobs()
     assert job.state == JobState.SKIPPED
     assert "the report was dropped" in job.reason
@@ -128,16 +114,16 @@ def test_a_study_deleted_while_its_report_is_written_stays_deleted(
 
 @pytest.mark.slow
 def test_mammography_exam_after_all_four_views(archive: Archive, models_dir: Path) -> None:
-    queue, worker = _pipeline(archive, models_dir)
+    queue, worker = pipeline(archive, models_dir)
     views = mammography(Rng(12), PATIENT, 0.02, "20260101", "E2")
     archive.ingest(source(views[0]), Origin.DIMSE)
-    _drain(worker)
+    drain(worker)
     (early,) = queue.jobs()
     assert early.state == JobState.SKIPPED
     assert early.reason.startswith("views missing from the study")
     for ds in views[1:]:
         archive.ingest(source(ds), Origin.DIMSE)
-    _drain(worker)
+    drain(worker)
     (job,) = queue.jobs()
     assert job.state == JobState.DONE, job.reason
     (report,) = [
@@ -176,11 +162,11 @@ def test_a_rule_on_any_stored_attribute_is_decided_alike_when_queued_and_when_ru
     manifest.write_text(
         text.replace("[routing.match]\n", '[routing.match]\nBodyPartExamined = ["BREAST"]\n')
     )
-    queue, worker = _pipeline(archive, models)
+    queue, worker = pipeline(archive, models)
     views = mammography(Rng(13), PATIENT, 0.02, "20260101", "E3")
     for ds in views:
         archive.ingest(source(ds), Origin.DIMSE)
-    _drain(worker)
+    drain(worker)
     (job,) = queue.jobs()
     assert job.state == JobState.DONE, job.reason
     worker.close()
@@ -218,7 +204,7 @@ def test_reports_are_forwarded_by_c_store_and_stow(
             )
             frontal, _ = chest_dx(Rng(13), PATIENT, 0.05, "20260101", "E3")
             archive.ingest(source(frontal), Origin.DIMSE)
-            _drain(worker)
+            drain(worker)
             worker.close()
     finally:
         dimse.shutdown()

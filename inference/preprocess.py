@@ -25,7 +25,7 @@ from monai.transforms.intensity.array import NormalizeIntensity, ScaleIntensityR
 from monai.transforms.spatial.array import Resize
 
 from inference.area import area_resize, longest_side
-from inference.quality import FIELD_THRESHOLD, field_of_view, gate
+from inference.quality import FIELD_THRESHOLD, extent, field_of_view, gate
 from models.manifest import Preprocessing, Quality
 from pacs.pixels import StoredImage, decoded_frame, read_image
 from pacs.voi import grey
@@ -145,11 +145,10 @@ def _field_of_view(frame: np.ndarray, top: int) -> tuple[slice, slice]:
 
 
 def _bounds(bright: np.ndarray) -> tuple[slice, slice]:
-    rows = np.flatnonzero(bright.any(axis=1))
-    columns = np.flatnonzero(bright.any(axis=0))
-    if rows.size == 0 or columns.size == 0:
+    found = extent(bright)
+    if found is None:
         raise Unusable("no field of view found: the photograph is black")
-    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
+    return found
 
 
 def _pad_offsets(shape: tuple[int, ...], side: int) -> tuple[int, int]:

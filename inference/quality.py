@@ -121,13 +121,20 @@ def field_of_view(frame: np.ndarray, top: int) -> float:
     the photograph (1 when the field fills the frame, as on most fundus cameras)."""
     step = max(1, max(frame.shape[:2]) // _FIELD_SIDE)
     view = frame[::step, ::step].astype(np.float32).mean(axis=2) / top
-    bright = view > FIELD_THRESHOLD
+    found = extent(view > FIELD_THRESHOLD)
+    if found is None:
+        return 0.0
+    widest = max(s.stop - s.start for s in found) * step
+    return float(min(1.0, widest / min(frame.shape[:2])))
+
+
+def extent(bright: np.ndarray) -> tuple[slice, slice] | None:
+    """The rows and columns that hold a bright pixel; None when none does."""
     rows = np.flatnonzero(bright.any(axis=1))
     columns = np.flatnonzero(bright.any(axis=0))
-    if rows.size == 0:
-        return 0.0
-    extent = max(rows[-1] - rows[0] + 1, columns[-1] - columns[0] + 1) * step
-    return float(min(1.0, extent / min(frame.shape[:2])))
+    if rows.size == 0 or columns.size == 0:
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
 
 
 def measure(tensor: np.ndarray, p: Preprocessing, field: float | None = None) -> Measures:

@@ -3,8 +3,9 @@
 The inverse of the manifest's geometric preprocessing (crop, resize, padding) with the
 conventions of the MONAI transforms that perform it, so that a location a model gives
 (a class activation map's peak) can be drawn on the image a radiologist sees. Steps that
-depend on the pixels (a circular field-of-view crop, a laterality flip) cannot be
-undone from the header alone: there is then no location.
+depend on the pixels (a circular field-of-view crop, a laterality flip) are recorded
+when the image is preprocessed (:class:`Placement`); from the header alone they cannot
+be undone, and there is then no location.
 """
 
 from __future__ import annotations
@@ -45,38 +46,67 @@ def peak_box(activation: np.ndarray, size: tuple[int, int]) -> Box:
     return Box(row * height, column * width, (row + 1) * height, (column + 1) * width)
 
 
-def to_image(box: Box, rows: int, columns: int, p: Preprocessing) -> Box | None:
-    """``box`` in tensor pixels to image pixels; None when the mapping depends on pixels."""
-    if p.crop == "circle" or p.laterality != "none":
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's input tensor came from on the stored image: the part of it the
+    tensor shows (a crop), whether that part was padded to a square first (a fundus
+    photograph's field of view) and whether it was mirrored (a breast turned to face
+    the left edge)."""
+
+    rows: int
+    columns: int
+    top: int
+    left: int
+    height: int
+    width: int
+    square: bool = False
+    flipped: bool = False
+
+    @classmethod
+    def of_header(cls, rows: int, columns: int, p: Preprocessing) -> Placement | None:
+        """What the header alone tells; None when a step depends on the pixels."""
+        if p.crop == "circle" or p.laterality != "none":
+            return None
+        if p.crop == "center":  # CenterSpatialCrop: start = centre - size // 2
+            side = min(rows, columns)
+            return cls(rows, columns, rows // 2 - side // 2, columns // 2 - side // 2, side, side)
+        return cls(rows, columns, 0, 0, rows, columns)
+
+
+def to_image(box: Box, placement: Placement | None, p: Preprocessing) -> Box | None:
+    """``box`` in tensor pixels to image pixels; None without a placement."""
+    if placement is None:
         return None
-    top, left, height, width = 0, 0, rows, columns
-    if p.crop == "center":  # CenterSpatialCrop: start = centre - size // 2
-        side = min(rows, columns)
-        top, left, height, width = rows // 2 - side // 2, columns // 2 - side // 2, side, side
     out_r, out_c = p.size
-    if not p.keep_aspect:
-        scale_r, scale_c = height / out_r, width / out_c
-        return Box(
-            top + box.top * scale_r,
-            left + box.left * scale_c,
-            top + box.bottom * scale_r,
-            left + box.right * scale_c,
-        )
-    # Resize(size_mode="longest") then ResizeWithPadOrCrop: pad split evenly, crop centred.
-    scale = max(p.size) / max(height, width)
-    new_r, new_c = round(height * scale), round(width * scale)
-    shift_r = _shift(new_r, out_r)
-    shift_c = _shift(new_c, out_c)
-    per_r, per_c = height / new_r, width / new_c
+    if placement.flipped:
+        box = Box(box.top, out_c - box.right, box.bottom, out_c - box.left)
+    top, left, height, width = placement.top, placement.left, placement.height, placement.width
+    # The canvas that was resized: the crop, or the square it was padded to (centred,
+    # as MONAI's SpatialPad puts it).
+    canvas_r, canvas_c, pad_r, pad_c = height, width, 0, 0
+    if placement.square:
+        side = max(height, width)
+        canvas_r = canvas_c = side
+        pad_r, pad_c = (side - height) // 2, (side - width) // 2
 
     def clamp(value: float, limit: int) -> float:
         return min(max(value, 0.0), float(limit))
 
+    if not p.keep_aspect:
+        scale_r, scale_c = canvas_r / out_r, canvas_c / out_c
+        shift_r = shift_c = 0
+        per_r, per_c = scale_r, scale_c
+    else:
+        # Resize(size_mode="longest") then ResizeWithPadOrCrop: pad split evenly, crop centred.
+        scale = max(p.size) / max(canvas_r, canvas_c)
+        new_r, new_c = round(canvas_r * scale), round(canvas_c * scale)
+        shift_r, shift_c = _shift(new_r, out_r), _shift(new_c, out_c)
+        per_r, per_c = canvas_r / new_r, canvas_c / new_c
     return Box(
-        top + clamp((box.top - shift_r) * per_r, height),
-        left + clamp((box.left - shift_c) * per_c, width),
-        top + clamp((box.bottom - shift_r) * per_r, height),
-        left + clamp((box.right - shift_c) * per_c, width),
+        top + clamp((box.top - shift_r) * per_r - pad_r, height),
+        left + clamp((box.left - shift_c) * per_c - pad_c, width),
+        top + clamp((box.bottom - shift_r) * per_r - pad_r, height),
+        left + clamp((box.right - shift_c) * per_c - pad_c, width),
     )
 
 

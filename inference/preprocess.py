@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import BinaryIO, Literal, cast
 
 import numpy as np
@@ -25,6 +26,7 @@ from monai.transforms.intensity.array import NormalizeIntensity, ScaleIntensityR
 from monai.transforms.spatial.array import Resize
 
 from inference.area import area_resize, longest_side
+from inference.geometry import Placement
 from inference.quality import FIELD_THRESHOLD, extent, field_of_view, gate
 from models.manifest import Preprocessing, Quality
 from pacs.pixels import StoredImage, decoded_frame, read_image
@@ -36,6 +38,15 @@ CIRCLE_THRESHOLD = FIELD_THRESHOLD  # channel mean in [0, 1]: brighter is inside
 
 class Unusable(ValueError):
     """An instance the model cannot take; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The model input, and where it lies on the stored image (None where it cannot be
+    told, such as a laterality flip after a circular crop)."""
+
+    tensor: np.ndarray
+    placement: Placement | None
 
 
 def preprocess(
@@ -50,17 +61,28 @@ def preprocess(
     ``quality`` the input is gated first (:mod:`inference.quality`): an image outside the
     thresholds raises :class:`~inference.quality.NotAssessable`.
     """
+    return prepare(stream, preprocessing, image, quality).tensor
+
+
+def prepare(
+    stream: BinaryIO,
+    preprocessing: Preprocessing,
+    image: StoredImage | None = None,
+    quality: Quality | None = None,
+) -> Prepared:
+    """:func:`preprocess`, with the placement a report needs to draw on the image."""
     image = image or read_image(stream)
-    tensor, field = _prepared(stream, preprocessing, image, quality)
+    tensor, field, placement = _prepared(stream, preprocessing, image, quality)
     if quality is not None:
         gate(tensor, preprocessing, quality, field)
-    return tensor
+    return Prepared(tensor, placement)
 
 
 def _prepared(
     stream: BinaryIO, preprocessing: Preprocessing, image: StoredImage, quality: Quality | None
-) -> tuple[np.ndarray, float | None]:
-    """The tensor, and a colour photograph's field of view when the gate asks for it."""
+) -> tuple[np.ndarray, float | None, Placement | None]:
+    """The tensor, a colour photograph's field of view when the gate asks for it, and
+    the tensor's placement on the image."""
     field = None
     if not image.has_pixels:
         raise Unusable("the instance has no pixel data")
@@ -75,7 +97,8 @@ def _prepared(
         if quality is not None and quality.min_field_of_view is not None:
             field = field_of_view(frame, top)
         if _by_area(preprocessing, frame):
-            return _colour_by_area(frame, top, preprocessing), field
+            tensor, found = _colour_by_area(frame, top, preprocessing)
+            return tensor, field, found
         chw = _scaled(frame, top)
     else:
         if samples != 1 or photometric == "PALETTE COLOR":
@@ -84,19 +107,24 @@ def _prepared(
         if _crop_first(preprocessing):
             frame = frame[_center_square(frame.shape)]
         chw = grey(frame, ds, stretch=preprocessing.voi == "minmax")[None]
+    rows, columns = int(ds.Rows), int(ds.Columns)
     spec = preprocessing.model_dump_json()
     if preprocessing.laterality == "left" and preprocessing.crop == "none":
         # Area windows mirror each other, so the flip waits for the small image.
         flip = faces_right(chw)
-        tensor = _transforms(spec, "resize")(torch.from_numpy(np.ascontiguousarray(chw)))
-        tensor = torch.flip(tensor, (-1,)) if flip else tensor
-        return np.asarray(_transforms(spec, "after")(tensor), dtype=np.float32), field
+        small = _transforms(spec, "resize")(torch.from_numpy(np.ascontiguousarray(chw)))
+        small = torch.flip(small, (-1,)) if flip else small
+        mirrored = Placement(rows, columns, 0, 0, rows, columns, flipped=flip)
+        return np.asarray(_transforms(spec, "after")(small), dtype=np.float32), field, mirrored
+    placement = Placement.of_header(rows, columns, preprocessing)
     if preprocessing.laterality == "left":
         chw = face_left(chw)
     if preprocessing.crop == "circle":
-        chw = circle_crop(chw)
+        chw, crop = circle_crop(chw)
+        if preprocessing.laterality == "none":
+            placement = crop
     tensor = _transforms(spec)(torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32)))
-    return np.asarray(tensor, dtype=np.float32), field
+    return np.asarray(tensor, dtype=np.float32), field, placement
 
 
 def _scaled(frame: np.ndarray, top: int) -> np.ndarray:
@@ -112,21 +140,29 @@ def _by_area(p: Preprocessing, frame: np.ndarray) -> bool:
     return frame.dtype.kind == "u" and p.crop in ("none", "circle") and p.laterality == "none"
 
 
-def _colour_by_area(frame: np.ndarray, top: int, p: Preprocessing) -> np.ndarray:
+def _colour_by_area(frame: np.ndarray, top: int, p: Preprocessing) -> tuple[np.ndarray, Placement]:
     """The tensor of the float path below (scale to [0, 1], circle crop padded to a
     square, MONAI's area resize), with the crop found and the resize summed on the
     integers: the full-size frame is never converted to float."""
     canvas: tuple[int, int] = frame.shape[:2]
     offset = (0, 0)
+    placement = Placement(*canvas, 0, 0, *canvas)
     if p.crop == "circle":
         rows, columns = _field_of_view(frame, top)
+        placement = _crop_placement(frame.shape[:2], rows, columns)
         frame = frame[rows, columns]
         side = max(frame.shape[:2])
         canvas, offset = (side, side), _pad_offsets(frame.shape[:2], side)
     size = longest_side(canvas, max(p.size)) if p.keep_aspect else p.size
     chw = area_resize(frame, canvas, offset, size, top)
     tensor = _transforms(p.model_dump_json(), "after")(torch.from_numpy(chw))
-    return np.asarray(tensor, dtype=np.float32)
+    return np.asarray(tensor, dtype=np.float32), placement
+
+
+def _crop_placement(shape: tuple[int, ...], rows: slice, columns: slice) -> Placement:
+    """A field-of-view crop, padded to a square before it is resized."""
+    height, width = rows.stop - rows.start, columns.stop - columns.start
+    return Placement(shape[0], shape[1], rows.start, columns.start, height, width, square=True)
 
 
 def _field_of_view(frame: np.ndarray, top: int) -> tuple[slice, slice]:
@@ -182,9 +218,9 @@ def face_left(chw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(chw[..., ::-1]) if faces_right(chw) else chw
 
 
-def circle_crop(chw: np.ndarray) -> np.ndarray:
+def circle_crop(chw: np.ndarray) -> tuple[np.ndarray, Placement]:
     """The bounding square of a fundus photograph's circular field of view (pixels
-    whose channel mean is above :data:`CIRCLE_THRESHOLD`)."""
+    whose channel mean is above :data:`CIRCLE_THRESHOLD`), and where it lies."""
     rows, columns = _bounds(chw.mean(axis=0) > CIRCLE_THRESHOLD)
     cropped = chw[:, rows, columns]
     side = max(cropped.shape[1:])
@@ -196,7 +232,7 @@ def circle_crop(chw: np.ndarray) -> np.ndarray:
         before_rows : before_rows + cropped.shape[1],
         before_columns : before_columns + cropped.shape[2],
     ] = cropped
-    return padded
+    return padded, _crop_placement(chw.shape[1:], rows, columns)
 
 
 @functools.cache

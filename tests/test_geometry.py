@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from inference.geometry import Box, peak_box, to_image
-from inference.preprocess import _transforms
+from inference.geometry import Box, Placement, peak_box, to_image
+from inference.preprocess import _transforms, prepare
 from models.manifest import Preprocessing
 from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY
 
@@ -33,7 +37,8 @@ def test_a_bright_block_maps_back_onto_itself(
     low = preprocessing.intensity_range[0]
     hot = np.argwhere(tensor[0] > low + 0.5 * (preprocessing.intensity_range[1] - low))
     (r0, c0), (r1, c1) = hot.min(axis=0), hot.max(axis=0) + 1
-    back = to_image(Box(r0, c0, r1, c1), rows, columns, preprocessing)
+    placement = Placement.of_header(rows, columns, preprocessing)
+    back = to_image(Box(r0, c0, r1, c1), placement, preprocessing)
     assert back is not None
     # Within about one tensor pixel of the block, in image pixels.
     tolerance = max(rows, columns) / min(preprocessing.size) * 1.5 + 1
@@ -43,10 +48,66 @@ def test_a_bright_block_maps_back_onto_itself(
     assert back.right == pytest.approx(left + columns // 10, abs=tolerance)
 
 
-def test_pixel_dependent_steps_have_no_location() -> None:
+def test_pixel_dependent_steps_have_no_location_from_the_header() -> None:
     box = Box(0, 0, 10, 10)
-    assert to_image(box, 100, 100, FUNDUS.preprocessing) is None  # circular crop
-    assert to_image(box, 100, 100, MAMMOGRAPHY.preprocessing) is None  # laterality flip
+    assert Placement.of_header(100, 100, FUNDUS.preprocessing) is None  # circular crop
+    assert Placement.of_header(100, 100, MAMMOGRAPHY.preprocessing) is None  # laterality flip
+    assert to_image(box, None, CHEST_XRAY.preprocessing) is None
+
+
+def _instance(pixels: np.ndarray) -> io.BytesIO:
+    """A Part 10 stream of a grey (2-D) or colour (rows, columns, 3) image."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    colour = pixels.ndim == 3
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = "RGB" if colour else "MONOCHROME2"
+    if colour:
+        ds.PlanarConfiguration = 0
+    bits = 8 if colour else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    stream = io.BytesIO()
+    ds.save_as(stream, enforce_file_format=True)
+    stream.seek(0)
+    return stream
+
+
+def test_a_fundus_field_of_view_maps_back_onto_the_photograph() -> None:
+    """The circular crop is found in the pixels: the whole tensor is the disc's square."""
+    image = np.zeros((300, 420, 3), np.uint8)
+    yy, xx = np.mgrid[:300, :420]
+    image[(yy - 160) ** 2 + (xx - 250) ** 2 < 100**2] = (200, 90, 40)
+    prepared = prepare(_instance(image), FUNDUS.preprocessing)
+    back = to_image(Box(0, 0, 512, 512), prepared.placement, FUNDUS.preprocessing)
+    assert back is not None
+    assert (back.top, back.left, back.bottom, back.right) == pytest.approx(
+        (61, 151, 260, 350), abs=1.5
+    )
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_a_block_on_a_mirrored_breast_maps_back_onto_itself(right: bool) -> None:
+    """A breast facing right is mirrored before the model: a box the model gives is
+    mirrored back onto the side of the image it came from."""
+    image = np.zeros((800, 600), np.uint16)
+    breast = (slice(0, 800), slice(300, 600) if right else slice(0, 300))
+    image[breast] = 1000
+    block = (slice(400, 480), slice(420, 470) if right else slice(130, 180))
+    image[block] = 4000
+    prepared = prepare(_instance(image), MAMMOGRAPHY.preprocessing)
+    assert prepared.placement is not None
+    assert prepared.placement.flipped is right
+    hot = np.argwhere(prepared.tensor[0] > 0.9)
+    (r0, c0), (r1, c1) = hot.min(axis=0), hot.max(axis=0) + 1
+    back = to_image(Box(r0, c0, r1, c1), prepared.placement, MAMMOGRAPHY.preprocessing)
+    assert back is not None
+    tolerance = 800 / 1024 * 2 + 1
+    expected = (400, block[1].start, 480, block[1].stop)
+    assert (back.top, back.left, back.bottom, back.right) == pytest.approx(expected, abs=tolerance)
 
 
 def test_peak_box_and_polyline() -> None:

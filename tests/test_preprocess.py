@@ -86,7 +86,7 @@ def test_face_left_and_circle_crop_geometry() -> None:
     disc = np.zeros((3, 40, 60), np.float32)
     yy, xx = np.mgrid[:40, :60]
     disc[:, (yy - 20) ** 2 + (xx - 30) ** 2 < 15**2] = 0.8
-    cropped = circle_crop(disc)
+    cropped, _ = circle_crop(disc)
     assert cropped.shape == (3, 29, 29)
     with pytest.raises(Unusable, match="black"):
         circle_crop(np.zeros((3, 8, 8), np.float32))
@@ -113,7 +113,7 @@ def test_circle_crop_pads_as_monai_does(rows: int, columns: int) -> None:
     image[:, 2 : 2 + rows, 5 : 5 + columns] = field
     side = max(rows, columns)
     expected = SpatialPad((side, side))(torch.from_numpy(field))
-    assert np.array_equal(circle_crop(image), np.asarray(expected))
+    assert np.array_equal(circle_crop(image)[0], np.asarray(expected))
 
 
 @pytest.mark.parametrize(
@@ -185,7 +185,7 @@ def _float_path(frame: np.ndarray, spec: Preprocessing, top: int) -> np.ndarray:
     """The colour tensor made the plain way: every sample to float, crop, MONAI resize."""
     chw = np.ascontiguousarray(frame.transpose(2, 0, 1) / np.float32(top), dtype=np.float32)
     if spec.crop == "circle":
-        chw = circle_crop(chw)
+        chw, _ = circle_crop(chw)
     return np.asarray(_transforms(spec.model_dump_json())(torch.from_numpy(chw)))
 
 
@@ -234,7 +234,7 @@ def test_field_of_view_near_an_integer_cutoff_falls_back_to_floats(
     frame[10:30, 12:40] = 60
     frame[5, 45] = (51, 51, 51)  # mean exactly 0.2 in reals; float32 puts it above or not
     chw = np.ascontiguousarray(frame.transpose(2, 0, 1) / np.float32(255), dtype=np.float32)
-    expected = circle_crop(chw).shape
+    expected = circle_crop(chw)[0].shape
     rows, columns = inference.preprocess._field_of_view(frame, 255)
     side = max(rows.stop - rows.start, columns.stop - columns.start)
     assert expected == (3, side, side)

@@ -21,12 +21,14 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
 
-from inference.geometry import Box, peak_box, to_image
+from inference.geometry import Box, Placement, to_image
+from inference.readings import Reading
+from models.codes import DENSITY, NEGATIVE, RECALL, SCHEME, coded, concept
 from models.manifest import Manifest
 
-SCHEME = "99FILMLESS"  # private coding scheme for labels that have no standard code
 NOT_CLINICAL = "NOT FOR CLINICAL USE"
 Group = (
     hd.sr.MeasurementsAndQualitativeEvaluations
@@ -134,24 +136,59 @@ def findings(manifest: Manifest, outputs: Mapping[str, np.ndarray]) -> list[Find
 
 
 def regions(
-    manifest: Manifest, outputs: Mapping[str, np.ndarray], sources: Sequence[Dataset]
+    manifest: Manifest,
+    outputs: Mapping[str, np.ndarray],
+    sources: Sequence[Dataset],
+    found: Sequence[Finding],
+    placements: Sequence[Placement | None] | None = None,
 ) -> dict[str, Box]:
-    """Per label, the image region of its activation map's peak (one source image, and
-    only where the preprocessing can be inverted from the header)."""
+    """Per positive label, the image region of its activation map's peak (one source
+    image, where the preprocessing can be inverted). Each positive finding gets its own
+    cell, the most probable first, so that no two are drawn (and labelled) on top of
+    each other."""
     if len(sources) != 1:
         return {}
     image = sources[0]
-    found = {}
+    p = manifest.preprocessing
+    placement = (
+        placements[0] if placements else Placement.of_header(int(image.Rows), int(image.Columns), p)
+    )
+    positive = sorted((f for f in found if f.positive), key=lambda f: f.probability, reverse=True)
+    located: dict[str, Box] = {}
+    taken: set[tuple[int, int]] = set()
     for spec in manifest.outputs:
         if spec.kind != "map":
             continue
         maps = np.asarray(outputs[spec.name]).reshape(len(spec.labels), *spec.shape[2:])
-        for label, activation in zip(spec.labels, maps, strict=True):
-            tensor_box = peak_box(activation, manifest.preprocessing.size)
-            box = to_image(tensor_box, int(image.Rows), int(image.Columns), manifest.preprocessing)
+        by_label = dict(zip(spec.labels, maps, strict=True))
+        for finding in positive:
+            activation = by_label.get(finding.label)
+            if activation is None or finding.label in located:
+                continue
+            cell = _free_peak(activation, taken)
+            if cell is None:
+                continue
+            taken.add(cell)
+            box = to_image(_cell_box(cell, activation.shape, p.size), placement, p)
             if box is not None:
-                found[label] = box
-    return found
+                located[finding.label] = box
+    return located
+
+
+def _free_peak(activation: np.ndarray, taken: set[tuple[int, int]]) -> tuple[int, int] | None:
+    """The highest cell of a (rows, columns) map that no other finding has taken."""
+    for index in np.argsort(-activation, axis=None, kind="stable"):
+        row, column = np.unravel_index(int(index), activation.shape)
+        if (int(row), int(column)) not in taken:
+            return int(row), int(column)
+    return None
+
+
+def _cell_box(cell: tuple[int, int], cells: tuple[int, ...], size: tuple[int, int]) -> Box:
+    """A map cell in tensor pixels."""
+    height, width = size[0] / cells[0], size[1] / cells[1]
+    row, column = cell
+    return Box(row * height, column * width, (row + 1) * height, (column + 1) * width)
 
 
 def drawn_first(found: Sequence[Finding], located: Mapping[str, Box]) -> list[Finding]:
@@ -166,18 +203,24 @@ def drawn_first(found: Sequence[Finding], located: Mapping[str, Box]) -> list[Fi
 IMAGE_QUALITY = "Image Quality"
 
 
-def summary(found: Sequence[Finding], *, gated: bool = False) -> list[hd.sr.QualitativeEvaluation]:
+def summary(
+    found: Sequence[Finding], *, gated: bool = False, task: str = ""
+) -> list[hd.sr.QualitativeEvaluation]:
     """The exam-level reading as SR content (see :func:`summary_calls`)."""
-    return [call(name, value) for name, value in summary_calls(found, gated=gated)]
+    return [call(name, value) for name, value in summary_calls(found, gated=gated, task=task)]
 
 
-def summary_calls(found: Sequence[Finding], *, gated: bool = False) -> list[tuple[str, str | None]]:
+Call = tuple[str, "str | Code | None"]
+
+
+def summary_calls(found: Sequence[Finding], *, gated: bool = False, task: str = "") -> list[Call]:
     """The exam-level reading: the image quality when the model has a gate (the images
     passed it: "Usable - Meets the quality control standard", what a fundus programme
-    calls gradable), each positive call (label, None for "present"), and the most
-    probable category of every output whose labels are exclusive (output, label: ICDR
-    grade, breast density)."""
-    calls: list[tuple[str, str | None]] = [(IMAGE_QUALITY, None)] if gated else []
+    calls gradable), each positive call (label, None for "present"), the most probable
+    category of every output whose labels are exclusive (output, label: ICDR grade,
+    breast density), and the exam's call: a chest radiograph abnormal when any finding
+    is positive, a mammogram's highest assessment category."""
+    calls: list[Call] = [(IMAGE_QUALITY, None)] if gated else []
     calls += [(f.label, None) for f in found if f.positive]
     by_output: dict[str, list[Finding]] = {}
     for f in found:
@@ -186,25 +229,37 @@ def summary_calls(found: Sequence[Finding], *, gated: bool = False) -> list[tupl
     for output, members in by_output.items():
         if len(members) > 1:
             best = max(members, key=lambda f: f.probability)
-            calls.append((output, best.label))
+            calls.append(_category_call(output, best.label))
+    if task == "chest-xray":
+        calls.append(("Finding", "Abnormal" if any(f.positive for f in found) else "Normal"))
+    exam = next((f for f in found if f.label == "malignancy exam"), None)
+    if task == "mammography" and exam is not None:
+        calls.append(("Assessment Category", RECALL if exam.positive else NEGATIVE))
     return calls
 
 
-def call(name: str, value: str | None) -> hd.sr.QualitativeEvaluation:
+def _category_call(output: str, label: str) -> Call:
+    """An exclusive category by its name in reports: breast composition in SCT (CID
+    6000), the ICDR grade by name."""
+    if output == "density":
+        letter = label.removeprefix("density ")
+        return "Breast composition", DENSITY.get(letter, label)
+    if output == "grade_probabilities":
+        return "ICDR grade", label
+    return output, label
+
+
+def call(name: str, value: str | Code | None) -> hd.sr.QualitativeEvaluation:
     """One call of the summary: ``name`` is present, or its category is ``value``; the
     image quality in DCM codes (111101, 111237)."""
     if name == IMAGE_QUALITY:
         return hd.sr.QualitativeEvaluation(
             name=codes.DCM.ImageQuality, value=codes.DCM.UsableMeetsTheQualityControlStandard
         )
-    return hd.sr.QualitativeEvaluation(
-        name=_concept(name), value=codes.SCT.Present if value is None else _concept(value)
-    )
-
-
-def _concept(text: str) -> hd.sr.CodedConcept:
-    value = "".join(c if c.isalnum() else "-" for c in text.upper())[:16]
-    return hd.sr.CodedConcept(value=value, scheme_designator=SCHEME, meaning=text[:64])
+    if value is None:
+        return hd.sr.QualitativeEvaluation(name=concept(name), value=codes.SCT.Present)
+    shown = coded(value) if isinstance(value, Code) else concept(value)
+    return hd.sr.QualitativeEvaluation(name=concept(name), value=shown)
 
 
 def build_report(
@@ -215,17 +270,27 @@ def build_report(
     job: str,
     device_uid: str,
     series_number: int = 9001,
+    readings: Sequence[Reading] = (),
+    placements: Sequence[Placement | None] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one job; ``sources`` are the headers of the images it read.
 
     ``outputs`` are the model's outputs by name, or findings already derived from them
-    (an exam-level aggregation).
+    (an exam-level aggregation). ``readings`` (per eye, per breast) come first, drawn on
+    their images; ``placements`` say where the input tensor lay on each source image.
     """
     sources = [report_source(s) for s in sources]
     found = findings(manifest, outputs) if isinstance(outputs, Mapping) else list(outputs)
-    located = regions(manifest, outputs, sources) if isinstance(outputs, Mapping) else {}
+    located = (
+        regions(manifest, outputs, sources, found, placements)
+        if isinstance(outputs, Mapping)
+        else {}
+    )
     constant = Constant.of(manifest, device_uid)
     groups: list[Group] = [
+        reading_group(constant, reading, reading_uid(job, reading)) for reading in readings
+    ]
+    groups += [
         finding_group(
             constant,
             finding,
@@ -235,12 +300,16 @@ def build_report(
         )
         for finding in drawn_first(found, located)
     ]
-    gated = manifest.quality is not None
-    calls = summary(found, gated=gated)
+    calls = summary(found, gated=manifest.quality is not None, task=manifest.task)
     groups.append(summary_group(constant, sources, derived_uid(job, "summary"), calls))
     sr = document(constant, sources, job=job, series_number=series_number)
     sr.ContentSequence = constant.report(groups)[0].ContentSequence
     return sr
+
+
+def reading_uid(job: str, reading: Reading) -> str:
+    """The tracking UID of an eye's or a breast's group: the same on every run."""
+    return derived_uid(job, "reading", reading.identifier.split(":")[0])
 
 
 @dataclass(frozen=True)
@@ -274,7 +343,7 @@ class Constant:
             ),
         )
         context = hd.sr.ObservationContext(observer_device_context=observer)
-        procedure = _concept(f"{manifest.task} screening")
+        procedure = concept(f"{manifest.task} screening")
         # TID 1500 wants a group; the root's own attributes do not depend on it.
         placeholder = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("root"), identifier="-"),
@@ -320,11 +389,11 @@ def finding_group(
         "tracking_identifier": hd.sr.TrackingIdentifier(
             uid=tracking_uid, identifier=f"{finding.label}"[:64]
         ),
-        "finding_type": _concept(finding.label),
+        "finding_type": concept(finding.label),
         "algorithm_id": constant.algorithm,
         "measurements": [
             hd.sr.Measurement(
-                name=_concept(f"{finding.label} probability"),
+                name=concept(f"{finding.label} probability"),
                 value=round(finding.probability, 6),
                 unit=codes.UCUM.NoUnits,
             )
@@ -343,6 +412,40 @@ def finding_group(
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
 
 
+def reading_group(constant: Constant, reading: Reading, tracking_uid: str) -> Group:
+    """TID 1501 for one eye or one breast, TID 1410 with the outline it is drawn as:
+    the finding site (with laterality), the probabilities as numbers (what viewers
+    print beside the outline) and the calls as coded evaluations."""
+    site = hd.sr.FindingSite(
+        anatomic_location=coded(reading.site),
+        laterality=coded(reading.laterality) if reading.laterality is not None else None,
+    )
+    common: dict[str, Any] = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=reading.identifier[:64]
+        ),
+        "finding_type": concept(reading.finding),
+        "algorithm_id": constant.algorithm,
+        "finding_sites": [site],
+        "measurements": [
+            hd.sr.Measurement(name=concept(name), value=round(value, 6), unit=codes.UCUM.NoUnits)
+            for name, value in reading.measurements
+        ],
+        "qualitative_evaluations": [call(name, value) for name, value in reading.evaluations],
+    }
+    source = report_source(reading.source)
+    if reading.box is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            source_images=_source_images([source]), **common
+        )
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=reading.box.polyline(),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+
+
 def summary_group(
     constant: Constant,
     sources: Sequence[Dataset],
@@ -352,7 +455,7 @@ def summary_group(
     """The exam-level reading, after the groups of the findings."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier="exam summary"),
-        finding_type=_concept(f"{constant.manifest.task} summary"),
+        finding_type=concept(f"{constant.manifest.task} summary"),
         algorithm_id=constant.algorithm,
         source_images=_source_images(sources),
         qualitative_evaluations=list(evaluations) or None,
@@ -376,7 +479,7 @@ def quality_group(
         )
     ]
     evaluations += [
-        hd.sr.QualitativeEvaluation(name=_concept(name), value=_concept("outside its limit"))
+        hd.sr.QualitativeEvaluation(name=concept(name), value=concept("outside its limit"))
         for name in missed
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -386,7 +489,7 @@ def quality_group(
         source_images=_source_images(sources),
         measurements=[
             hd.sr.Measurement(
-                name=_concept(name), value=float(f"{value:.6g}"), unit=codes.UCUM.NoUnits
+                name=concept(name), value=float(f"{value:.6g}"), unit=codes.UCUM.NoUnits
             )
             for name, value in measured
         ],

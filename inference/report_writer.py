@@ -24,11 +24,13 @@ from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
+from pydicom.sr.coding import Code
 from pydicom.tag import Tag
 from pydicom.valuerep import DS
 
 from inference.fragments import Fragments, assemble, compile_dataset, placeholder_key
-from inference.geometry import Box
+from inference.geometry import Box, Placement
+from inference.readings import Reading
 from inference.report import (
     Constant,
     Finding,
@@ -38,6 +40,8 @@ from inference.report import (
     drawn_first,
     finding_group,
     findings,
+    reading_group,
+    reading_uid,
     regions,
     report_source,
     summary_calls,
@@ -81,11 +85,18 @@ class ReportWriter:
         outputs: Mapping[str, np.ndarray] | Sequence[Finding],
         *,
         job: str,
+        readings: Sequence[Reading] = (),
+        placements: Sequence[Placement | None] | None = None,
     ) -> EncodedReport:
+        """The report :func:`~inference.report.build_report` makes of the same arguments."""
         manifest = self.constant.manifest
         sources = [report_source(s) for s in sources]
         found = findings(manifest, outputs) if isinstance(outputs, Mapping) else list(outputs)
-        located = regions(manifest, outputs, sources) if isinstance(outputs, Mapping) else {}
+        located = (
+            regions(manifest, outputs, sources, found, placements)
+            if isinstance(outputs, Mapping)
+            else {}
+        )
         for source in sources:  # highdicom's checks of a source image, as build_report has
             hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
         shell = document(self.constant, sources, job=job, series_number=self.series_number)
@@ -94,7 +105,19 @@ class ReportWriter:
         charset = tuple(convert_encodings(shell.get("SpecificCharacterSet") or "ISO_IR 6"))
         references = _references(sources)
         classes = tuple(str(s.SOPClassUID) for s in sources)
-        bodies = []
+        # An eye's or a breast's group is one of a kind per report: encoded as it is.
+        bodies = [
+            assemble(
+                compile_dataset(
+                    reading_group(self.constant, reading, reading_uid(job, reading))[0],
+                    {},
+                    (),
+                    list(charset),
+                ),
+                {},
+            )
+            for reading in readings
+        ]
         for finding in drawn_first(found, located):
             box = located.get(finding.label) if finding.positive else None
             values: dict[str, Any] = dict(references)
@@ -109,7 +132,9 @@ class ReportWriter:
         summary_values = {**references, "tracking": derived_uid(job, "summary")}
         calls = [
             assemble(self._call(name, value, charset), {})
-            for name, value in summary_calls(found, gated=manifest.quality is not None)
+            for name, value in summary_calls(
+                found, gated=manifest.quality is not None, task=manifest.task
+            )
         ]
         summary = self._summary(classes, charset)
         bodies.append(assemble(summary, summary_values, {"evaluations": calls}))
@@ -168,7 +193,7 @@ class ReportWriter:
 
         return self._compiled(("summary", classes, charset), make)
 
-    def _call(self, name: str, value: str | None, charset: tuple[str, ...]) -> Fragments:
+    def _call(self, name: str, value: str | Code | None, charset: tuple[str, ...]) -> Fragments:
         """One call of the summary (a CODE item), the same in every report."""
 
         def make() -> Fragments:

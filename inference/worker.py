@@ -24,8 +24,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.forward import PREFIX, Destination, send
-from inference.preprocess import Unusable, preprocess
+from inference.geometry import Placement
+from inference.preprocess import Unusable, prepare
 from inference.quality import NotAssessable
+from inference.readings import View, breast_readings, fundus_reading, organ_box
 from inference.report import Finding, UnreportableSource, derived_uid, not_assessable_report
 from inference.report_writer import EncodedReport, ReportWriter, encoded
 from inference.routing import decide, missing_views, stored_values, view
@@ -192,11 +194,17 @@ class Worker:
                 (record,) = self.archive.records(
                     job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID
                 )
-                tensor, header = self._read(record, manifest)
+                tensor, header, placement = self._read(record, manifest)
                 outputs = dict(
                     zip([o.name for o in manifest.outputs], runner.infer(tensor), strict=True)
                 )
-                report = self.writer(manifest).write([header], outputs, job=_job_key(job))
+                readings = []
+                if manifest.task == "fundus":
+                    box = organ_box(tensor, placement, manifest.preprocessing)
+                    readings.append(fundus_reading(manifest, outputs, header, box))
+                report = self.writer(manifest).write(
+                    [header], outputs, job=_job_key(job), readings=readings, placements=[placement]
+                )
                 sources = [record.SOPInstanceUID]
             else:
                 report, sources = self._study(job, manifest, runner.infer)
@@ -269,16 +277,17 @@ class Worker:
 
     def _read(
         self, record: InstanceRecord, manifest: Manifest, image: StoredImage | None = None
-    ) -> tuple[np.ndarray, Dataset]:
-        """The model input and the header, parsing the file's header once."""
+    ) -> tuple[np.ndarray, Dataset, Placement | None]:
+        """The model input, the header and where the input lies on the image, parsing
+        the file's header once."""
         with self.archive.open_parsed(record) as stream:
             image = image or read_image(stream)
             try:
-                tensor = preprocess(stream, manifest.preprocessing, image, manifest.quality)
+                prepared = prepare(stream, manifest.preprocessing, image, manifest.quality)
             except NotAssessable as exc:
                 exc.source = image.header
                 raise
-        return tensor, image.header
+        return prepared.tensor, image.header, prepared.placement
 
     def _study(
         self, job: Job, manifest: Manifest, infer: Callable[[np.ndarray], list[np.ndarray]]
@@ -299,18 +308,29 @@ class Worker:
         assert manifest.aggregation is not None
         per_view: dict[str, list[list[np.ndarray]]] = defaultdict(list)
         sources = []
+        views = []
+        names = [o.name for o in manifest.outputs]
         for record, image, value in usable:
             try:
-                tensor, header = self._read(record, manifest, image)
+                tensor, header, placement = self._read(record, manifest, image)
             except NotAssessable as exc:
                 where = f"the {view(value)} view"
                 raise NotAssessable(
                     exc.measures, exc.shortfalls, where=where, source=exc.source
                 ) from exc
-            per_view[view(value)].append(infer(tensor))
+            outputs = infer(tensor)
+            per_view[view(value)].append(outputs)
             sources.append(header)
-        writer = self.writer(manifest)
-        report = writer.write(sources, aggregate(manifest, per_view), job=_job_key(job))
+            box = organ_box(tensor, placement, manifest.preprocessing)
+            views.append(View(view(value), header, dict(zip(names, outputs, strict=True)), box))
+        found = aggregate(manifest, per_view)
+        per_breast = {
+            f.label.split()[-1]: f.probability
+            for f in found
+            if f.output == "malignancy" and f.label != "malignancy exam"
+        }
+        readings = breast_readings(manifest, views, per_breast)
+        report = self.writer(manifest).write(sources, found, job=_job_key(job), readings=readings)
         return report, [r.SOPInstanceUID for r, _i, _v in usable]
 
     def _store(self, report: EncodedReport, sources: list[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from models.codes import SCHEME, card_rows
 from models.manifest import Manifest
 
 
@@ -81,6 +82,18 @@ def render_card(m: Manifest) -> str:
             f"- {QUALITY_WORDS[name]}: {value:g}"
             for name, value in m.quality.model_dump(exclude_none=True).items()
         ]
+    lines += [
+        "",
+        "## Codes in reports",
+        "",
+        "Standard codes (SNOMED CT, DICOM) where DICOM PS3.16 lists one; the others are in "
+        f"the private scheme {SCHEME}, declared in every report.",
+        "",
+        "| label or concept | code |",
+        "|---|---|",
+    ]
+    labels = [label for output in m.outputs if output.kind != "map" for label in output.labels]
+    lines += [f"| {label} | {code} |" for label, code in card_rows(m.task, labels)]
     v = m.provenance
     lines += [
         "",

@@ -152,6 +152,12 @@ def _check(
     assert set(got) == set(wanted)
     worst = max(abs(got[k] - wanted[k]) for k in wanted)
     assert worst <= TOLERANCE, (manifest.name, evidence, worst)
+    # Per eye and per breast: the same numbers, named as the viewer shows them.
+    read, due = reference.reported_readings(sr), reference.expected_readings(manifest, sources)
+    assert {side: set(v) for side, v in read.items()} == {side: set(v) for side, v in due.items()}
+    for side, numbers in due.items():
+        for name, value in numbers.items():
+            assert abs(read[side][name] - value) <= TOLERANCE, (manifest.name, side, name)
     return got
 
 

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 
 from inference.report import build_report, derived_uid, findings
+from models.codes import concept
 from pacs.archive import Archive, InstanceSource, Origin
 from pacs.index import IndexAction
 from scripts.synthetic_corpus import Patient, Rng, chest_dx
@@ -81,7 +82,8 @@ def test_report_content_and_references() -> None:
         for i in summary.ContentSequence
         if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeMeaning == "Present"
     ]
-    assert called == [f.label for f in findings(CXR, _outputs()) if f.positive]
+    positive = [f.label for f in findings(CXR, _outputs()) if f.positive]
+    assert called == [concept(label).meaning for label in positive]
     assert sr.SeriesDescription.endswith("NOT FOR CLINICAL USE")
     calls = {
         _label(group): i.ConceptCodeSequence[0].CodeMeaning
@@ -111,6 +113,13 @@ def test_positive_findings_carry_the_image_region_of_their_peak() -> None:
     drawn = [any(i.ValueType == "SCOORD" for i in g.ContentSequence) for g in groups]
     assert drawn == sorted(drawn, reverse=True)  # viewers open a report at its first group
     assert drawn[0]
+    # Labels 0 and 7 (and 1 and 8...) peak in the same cell: the more probable one is
+    # drawn there, the other in a cell of its own, so that no two overlap.
+    owners: dict[tuple[int, int], str] = {}
+    for f in sorted(by_label.values(), key=lambda f: -f.probability):
+        if f.positive:
+            owners.setdefault(PEAKS[CXR.outputs[0].labels.index(f.label)], f.label)
+    drawn_boxes = []
     for group in groups[:-1]:
         finding = by_label[_label(group)]
         regions = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
@@ -122,11 +131,20 @@ def test_positive_findings_carry_the_image_region_of_their_peak() -> None:
         assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
             source.SOPInstanceUID
         )
-        row, column = PEAKS[CXR.outputs[0].labels.index(finding.label)]
         points = np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 2)
+        assert (points[0] == points[-1]).all()  # closed
+        drawn_boxes.append(tuple(points[0]))
+        peak = PEAKS[CXR.outputs[0].labels.index(finding.label)]
+        if owners[peak] != finding.label:
+            continue
+        row, column = peak
         assert points[0] == pytest.approx([column * cell, 11 + row * cell], abs=1e-3)
         assert points[2] == pytest.approx([(column + 1) * cell, 11 + (row + 1) * cell], abs=1e-3)
-        assert (points[0] == points[-1]).all()  # closed
+    assert (
+        len(set(drawn_boxes))
+        == len(drawn_boxes)
+        == sum(bool(f.positive) for f in by_label.values())
+    )
 
 
 def test_uids_are_stable_per_job() -> None:
@@ -176,3 +194,22 @@ def test_dciodvfy_finds_no_errors(tmp_path: Path) -> None:
     output = (result.stdout + result.stderr).splitlines()
     errors = [line for line in output if line.startswith("Error")]
     assert errors == [], "\n".join(errors)
+
+
+@pytest.mark.parametrize(("probability", "code"), [(0.9, "408574004"), (0.1, "408573005")])
+def test_the_chest_exam_is_called_abnormal_when_any_finding_is_positive(
+    probability: float, code: str
+) -> None:
+    """The exam-level call in SCT (CID 3209): Imaging result abnormal or normal."""
+    outputs = _outputs()
+    outputs["probabilities"] = np.full(18, probability, np.float32)
+    sr = build_report(CXR, [_source()], outputs, job="job-exam", device_uid="1.2.3")
+    groups = [
+        i for i in _items(sr) if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"
+    ]
+    calls = {
+        i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
+        for i in groups[-1].ContentSequence
+        if i.ValueType == "CODE"
+    }
+    assert calls["121071"] == code  # DCM Finding

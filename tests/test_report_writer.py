@@ -34,6 +34,8 @@ from inference.fragments import (
     encode_value,
     placeholder_key,
 )
+from inference.geometry import Box
+from inference.readings import Reading, View, breast_readings, fundus_reading
 from inference.report import Finding, build_report
 from inference.report_writer import ReportWriter
 from models.manifest import Manifest
@@ -77,10 +79,13 @@ def _check_identical(
     sources: Sequence[Dataset],
     outputs: dict[str, np.ndarray] | list[Finding],
     job: str,
+    readings: Sequence[Reading] = (),
 ) -> bytes:
-    written = writer.write(sources, outputs, job=job)
+    written = writer.write(sources, outputs, job=job, readings=readings)
     parsed = pydicom.dcmread(io.BytesIO(written.data), force=True)
-    reference = build_report(writer.constant.manifest, sources, outputs, job=job, device_uid=DEVICE)
+    reference = build_report(
+        writer.constant.manifest, sources, outputs, job=job, device_uid=DEVICE, readings=readings
+    )
     _same_clock(reference, parsed)
     assert written.SOPInstanceUID == reference.SOPInstanceUID
     assert written.SOPClassUID == reference.SOPClassUID
@@ -144,7 +149,9 @@ def test_fundus_reports_are_identical(grades: list[float], referable: float) -> 
         "grade_probabilities": np.asarray(grades, np.float32),
         "referable": np.asarray([referable], np.float32),
     }
-    _check_identical(_writer(FUNDUS), [left], outputs, "fundus-job")
+    box = Box(3.5, 4.25, 60.0, 61.5)
+    reading = fundus_reading(_writer(FUNDUS).constant.manifest, outputs, left, box)
+    _check_identical(_writer(FUNDUS), [left], outputs, "fundus-job", [reading])
 
 
 @settings(max_examples=15, deadline=None)
@@ -161,7 +168,18 @@ def test_exam_level_mammography_reports_are_identical(values: list[float]) -> No
         Finding("density", f"density {label}", v, None)
         for label, v in zip(MAMMOGRAPHY.outputs[1].labels, values[3:], strict=True)
     ]
-    _check_identical(_writer(MAMMOGRAPHY), views, found, "mammo-job")
+    per_view = [
+        View(
+            f"{ds.ImageLaterality}-{ds.ViewPosition}",
+            ds,
+            {"malignancy": np.asarray(values[:1]), "density": np.asarray(values[3:])},
+            Box(1, 2, 30, 20) if ds.ViewPosition == "CC" else None,
+        )
+        for ds in views
+    ]
+    manifest = _writer(MAMMOGRAPHY).constant.manifest
+    readings = breast_readings(manifest, per_view, {"L": values[0], "R": values[1]})
+    _check_identical(_writer(MAMMOGRAPHY), views, found, "mammo-job", readings)
 
 
 @pytest.mark.parametrize(

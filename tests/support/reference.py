@@ -169,25 +169,95 @@ def expected(manifest: Manifest, sources: Sequence[Dataset]) -> dict[str, float]
     return found
 
 
-def reported(sr: Dataset) -> dict[str, float]:
-    """Tracking identifier -> numeric value of each measurement group of a TID 1500 SR."""
+def expected_readings(
+    manifest: Manifest, sources: Sequence[Dataset]
+) -> dict[str, dict[str, float]]:
+    """Per eye or breast ("right eye", "left breast"): its numbers, as the report's
+    reading of that side must carry them."""
+    names = [o.name for o in manifest.outputs]
+    sides = {"L": "left", "R": "right"}
+    if manifest.task == "fundus":
+        (ds,) = sources
+        grades, referable = outputs(manifest, ds)
+        best = int(np.argmax(grades))
+        label = manifest.outputs[0].labels[best]
+        return {
+            f"{sides[str(ds.ImageLaterality)]} eye": {
+                f"ICDR grade {label} probability": float(grades[best]),
+                "referable DR probability": float(referable[0]),
+            }
+        }
+    if manifest.task != "mammography":
+        return {}
+    rule = manifest.aggregation
+    assert rule is not None
+    reduce: dict[str, Callable[..., Any]] = {"max": np.max, "mean": np.mean}
+    by_side: dict[str, list[list[np.ndarray]]] = defaultdict(list)
+    for ds in sources:
+        by_side[str(ds.ImageLaterality)].append(outputs(manifest, ds))
+    labels = manifest.outputs[names.index("density")].labels
     found = {}
-    for container in sr.ContentSequence:
-        for group in container.get("ContentSequence", []):
-            items = group.get("ContentSequence", [])
-            names = [
-                str(i.TextValue)
-                for i in items
-                if i.ValueType == "TEXT"
-                and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"
-            ]
-            numbers = [
-                float(i.MeasuredValueSequence[0].NumericValue)
-                for i in items
-                if i.ValueType == "NUM"
-            ]
-            if names and numbers:
-                found[names[0]] = numbers[0]
+    for side, runs in by_side.items():
+        score = float(reduce[rule.per_breast]([r[names.index("malignancy")][0] for r in runs]))
+        density = np.mean([r[names.index("density")] for r in runs], axis=0)
+        best = int(np.argmax(density))
+        found[f"{sides[side]} breast"] = {
+            "Malignancy probability": score,
+            f"Density {labels[best]} probability": float(density[best]),
+        }
+    return found
+
+
+def reported_readings(sr: Dataset) -> dict[str, dict[str, float]]:
+    """The groups of a report that read one side (they name a finding site): the side
+    (the tracking identifier before its colon) -> each number by name."""
+    found: dict[str, dict[str, float]] = {}
+    for group in _groups(sr):
+        items = group.get("ContentSequence", [])
+        if not any(i.ConceptNameCodeSequence[0].CodeValue == FINDING_SITE for i in items):
+            continue
+        identifier = next(
+            str(i.TextValue)
+            for i in items
+            if i.ValueType == "TEXT"
+            and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"
+        )
+        found[identifier.split(":")[0]] = {
+            str(i.ConceptNameCodeSequence[0].CodeMeaning): float(
+                i.MeasuredValueSequence[0].NumericValue
+            )
+            for i in items
+            if i.ValueType == "NUM"
+        }
+    return found
+
+
+FINDING_SITE = "363698007"
+
+
+def _groups(sr: Dataset) -> list[Dataset]:
+    return [group for c in sr.ContentSequence for group in c.get("ContentSequence", [])]
+
+
+def reported(sr: Dataset) -> dict[str, float]:
+    """Tracking identifier -> numeric value of each finding's measurement group of a
+    TID 1500 SR (the groups that read a side are :func:`reported_readings`)."""
+    found = {}
+    for group in _groups(sr):
+        items = group.get("ContentSequence", [])
+        if any(i.ConceptNameCodeSequence[0].CodeValue == FINDING_SITE for i in items):
+            continue
+        names = [
+            str(i.TextValue)
+            for i in items
+            if i.ValueType == "TEXT"
+            and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"
+        ]
+        numbers = [
+            float(i.MeasuredValueSequence[0].NumericValue) for i in items if i.ValueType == "NUM"
+        ]
+        if names and numbers:
+            found[names[0]] = numbers[0]
     return found
 
 

@@ -1,0 +1,168 @@
+"""What a screening programme reads per eye and per breast, drawn on the image it is about.
+
+A fundus report gives, for the photographed eye, the ICDR grade, the referable call and
+that the photograph was gradable; a mammography report gives, per breast, the suspicion
+score, the assessment category (BI-RADS 1 negative, or 0: recall) and the density
+category, and the exam's highest category. Each :class:`Reading` becomes a TID 1410
+group whose region outlines the eye's field of view or the breast on one of its views,
+so that a viewer draws it and lists it with its tracking identifier, which says the
+result in words ("right eye: ICDR grade 0, not referable").
+
+Pure functions of the model outputs and the image headers, tested without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from inference.geometry import Box, Placement, to_image
+from inference.quality import FIELD_THRESHOLD, extent, intensities
+from models.codes import BREAST, CATEGORY_RANK, DENSITY, EYE, LATERALITY, NEGATIVE, RECALL
+from models.manifest import Manifest, Preprocessing
+
+SIDES = {"L": "left", "R": "right"}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One eye's or one breast's result, and where on which image it is drawn."""
+
+    identifier: str  # the result in words: the tracking identifier viewers list
+    finding: str
+    site: Code
+    laterality: Code | None
+    source: Dataset
+    box: Box | None
+    measurements: tuple[tuple[str, float], ...]
+    evaluations: tuple[tuple[str, Code | str], ...]
+
+
+@dataclass(frozen=True)
+class View:
+    """One image a study-level model read: its name (``L-CC``), header, outputs by name,
+    and the outline of the organ on it."""
+
+    name: str
+    header: Dataset
+    outputs: Mapping[str, np.ndarray]
+    box: Box | None
+
+
+def organ_box(tensor: np.ndarray, placement: Placement | None, p: Preprocessing) -> Box | None:
+    """The bright part of a model input (a fundus field of view, a breast against air)
+    as a box on the stored image; None when the placement is not known."""
+    bright = intensities(tensor, p) > FIELD_THRESHOLD
+    found = extent(bright)
+    if found is None:
+        return None
+    rows, columns = found
+    return to_image(Box(rows.start, columns.start, rows.stop, columns.stop), placement, p)
+
+
+def laterality(header: Dataset) -> str:
+    """ImageLaterality, else the series' Laterality (PS3.3 C.7.3.1.1.1)."""
+    value = str(header.get("ImageLaterality") or header.get("Laterality") or "").strip().upper()
+    return value if value in SIDES else ""
+
+
+def fundus_reading(
+    manifest: Manifest, outputs: Mapping[str, np.ndarray], header: Dataset, box: Box | None
+) -> Reading:
+    """The photographed eye: ICDR grade (the most probable), referable DR at the
+    operating point, and gradable (the image passed the quality gate)."""
+    grades_spec, referable_spec = manifest.outputs[0], manifest.outputs[1]
+    grades = np.asarray(outputs[grades_spec.name], dtype=np.float64).reshape(-1)
+    referable = float(np.asarray(outputs[referable_spec.name]).reshape(-1)[0])
+    label = referable_spec.labels[0]
+    threshold = next(
+        (p.threshold for p in manifest.operating_points if p.output == referable_spec.name), 0.5
+    )
+    best = int(np.argmax(grades))
+    grade = grades_spec.labels[best]
+    positive = referable >= threshold
+    side = laterality(header)
+    eye = f"{SIDES.get(side, 'unknown')} eye"
+    called = label if positive else f"not {label}"
+    evaluations: list[tuple[str, Code | str]] = [
+        ("ICDR grade", grade),
+        (label, codes.SCT.Present if positive else codes.SCT.Absent),
+    ]
+    if manifest.quality is not None:
+        evaluations.append(("Image Quality", codes.DCM.UsableMeetsTheQualityControlStandard))
+    return Reading(
+        identifier=f"{eye}: ICDR grade {grade.split()[0]}, {called}",
+        finding="Diabetic retinopathy",
+        site=EYE,
+        laterality=LATERALITY.get(side),
+        source=header,
+        box=box,
+        measurements=(
+            (f"ICDR grade {grade} probability", float(grades[best])),
+            (f"{label} probability", referable),
+        ),
+        evaluations=tuple(evaluations),
+    )
+
+
+def category(score: float, threshold: float) -> Code:
+    """The screening assessment of a suspicion score at the operating point."""
+    return RECALL if score >= threshold else NEGATIVE
+
+
+def breast_readings(
+    manifest: Manifest, views: Sequence[View], per_breast: Mapping[str, float]
+) -> list[Reading]:
+    """Per breast: its suspicion score (the manifest's aggregation over its views), the
+    category at the operating point and the density (mean over its views), drawn on its
+    CC view (else its first)."""
+    threshold = next(
+        (p.threshold for p in manifest.operating_points if p.output == "malignancy"), 0.5
+    )
+    density_spec = next(o for o in manifest.outputs if o.name == "density")
+    found = []
+    for side, score in per_breast.items():
+        own = [v for v in views if v.name.split("-")[0] == side]
+        if not own:
+            continue
+        shown = next((v for v in own if v.name.endswith("-CC")), own[0])
+        densities = np.mean(
+            [np.asarray(v.outputs["density"], dtype=np.float64).reshape(-1) for v in own], axis=0
+        )
+        best = int(np.argmax(densities))
+        density = density_spec.labels[best]
+        assessed = category(score, threshold)
+        words = "category 0, recall" if assessed is RECALL else "category 1, negative"
+        evaluations: list[tuple[str, Code | str]] = [
+            ("Assessment Category", assessed),
+            ("Breast composition", DENSITY.get(density, density)),
+        ]
+        if manifest.quality is not None:
+            evaluations.append(("Image Quality", codes.DCM.UsableMeetsTheQualityControlStandard))
+        found.append(
+            Reading(
+                identifier=f"{SIDES.get(side, side)} breast: {words}, density {density}",
+                finding="Breast assessment",
+                site=BREAST.get(side, codes.SCT.Breast),
+                laterality=None,
+                source=shown.header,
+                box=shown.box,
+                measurements=(
+                    ("Malignancy probability", score),
+                    (f"Density {density} probability", float(densities[best])),
+                ),
+                evaluations=tuple(evaluations),
+            )
+        )
+    return found
+
+
+def exam_category(per_breast: Mapping[str, float], threshold: float) -> Code:
+    """The exam's category: the highest of its breasts'."""
+    found = [category(score, threshold) for score in per_breast.values()]
+    return max(found, key=lambda c: CATEGORY_RANK[c.value], default=NEGATIVE)

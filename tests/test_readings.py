@@ -1,0 +1,236 @@
+"""Results per eye and per breast, drawn on the image they are about, in standard codes.
+
+Through the scheduler and the worker, as ``filmless serve`` screens: a fundus report
+outlines the photographed eye's field of view and says its ICDR grade, referable call and
+gradability; a mammography report outlines each breast on its CC view with its suspicion
+score, assessment category (SCT, CID 6026) and density (SCT, CID 6000), and the exam
+takes the highest category. dciodvfy finds no error in either report.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from inference.geometry import Box, Placement, to_image
+from inference.readings import View, breast_readings, exam_category
+from models.codes import DENSITY, NEGATIVE, RECALL
+from models.zoo import MAMMOGRAPHY
+from pacs.archive import Archive, Origin
+from pacs.jobs import JobState
+from scripts.synthetic_corpus import Patient, Rng, fundus_op, mammography
+from tests.support.instances import source
+from tests.support.pipeline import drain, pipeline
+from tests.support.zoo import manifest_of
+
+PATIENT = Patient("RD", "Reading^Side", "ISO_IR 192", "19700101", "F")
+LEFT, RIGHT = "7771000", "24028007"  # SCT laterality, CID 244
+EYE = "81745001"
+BREASTS = {"80248007": "L", "73056007": "R"}  # SCT left breast, right breast (CID 6022)
+
+
+def _walk(items: object) -> Iterator[Dataset]:
+    for item in items or []:  # type: ignore[attr-defined]
+        yield item
+        yield from _walk(item.get("ContentSequence"))
+
+
+def _groups(sr: Dataset) -> list[Dataset]:
+    return [
+        item
+        for item in _walk(sr.ContentSequence)
+        if item.ValueType == "CONTAINER"
+        and item.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"
+    ]
+
+
+def _text(group: Dataset, name: str) -> str:
+    return next(
+        str(i.TextValue)
+        for i in group.ContentSequence
+        if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning == name
+    )
+
+
+def _coded(group: Dataset) -> dict[str, tuple[str, str]]:
+    """Each CODE item: concept name meaning -> (code value, code meaning)."""
+    return {
+        i.ConceptNameCodeSequence[0].CodeMeaning: (
+            i.ConceptCodeSequence[0].CodeValue,
+            i.ConceptCodeSequence[0].CodeMeaning,
+        )
+        for i in group.ContentSequence
+        if i.ValueType == "CODE"
+    }
+
+
+def _site(group: Dataset) -> tuple[str, str | None]:
+    """The finding site (SCT 363698007) and its laterality modifier."""
+    site = next(
+        i
+        for i in group.ContentSequence
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "363698007"
+    )
+    modifiers = [
+        m.ConceptCodeSequence[0].CodeValue
+        for m in site.get("ContentSequence", [])
+        if m.ConceptNameCodeSequence[0].CodeValue == "272741003"  # Laterality
+    ]
+    return site.ConceptCodeSequence[0].CodeValue, modifiers[0] if modifiers else None
+
+
+def _region(group: Dataset) -> tuple[str, np.ndarray]:
+    """The referenced image and the outline's (column, row) points."""
+    (scoord,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+    image = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    return str(image), np.asarray(scoord.GraphicData, dtype=np.float64).reshape(-1, 2)
+
+
+def _report(archive: Archive, study: str, uid: str) -> Dataset:
+    (record,) = [r for r in archive.index.records(study) if r.SOPInstanceUID == uid]
+    with archive.open(record) as stream:
+        return pydicom.dcmread(stream)
+
+
+def _dciodvfy_errors(sr: Dataset, path: Path) -> list[str]:
+    sr.save_as(path, enforce_file_format=True)
+    result = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    return [
+        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
+    ]
+
+
+def _bright_bounds(ds: Dataset) -> tuple[float, float, float, float]:
+    """Top, left, bottom, right of the pixels brighter than the black surround."""
+    pixels = ds.pixel_array.astype(np.float64)
+    grey = pixels.mean(axis=-1) if pixels.ndim == 3 else pixels
+    bright = grey > 0.1 * grey.max()
+    rows, columns = np.flatnonzero(bright.any(axis=1)), np.flatnonzero(bright.any(axis=0))
+    return int(rows[0]), int(columns[0]), int(rows[-1] + 1), int(columns[-1] + 1)
+
+
+@pytest.mark.slow
+def test_each_eye_is_read_on_its_own_photograph(
+    archive: Archive, demo_models: Path, tmp_path: Path
+) -> None:
+    queue, worker = pipeline(archive, demo_models, name="eyes")
+    photographs = fundus_op(Rng(21), PATIENT, 0.1, "20260101", "F1")
+    for ds in photographs:
+        archive.ingest(source(ds), Origin.DIMSE)
+    drain(worker)
+    worker.close()
+    jobs = [j for j in queue.jobs() if j.model.startswith("fundus")]
+    assert len(jobs) == 2
+    assert all(j.state == JobState.DONE for j in jobs), jobs
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in photographs}
+    sides = set()
+    for job in jobs:
+        sr = _report(archive, job.StudyInstanceUID, job.result)
+        first = _groups(sr)[0]  # viewers open a report at its first group: the eye
+        photograph = by_uid[job.SOPInstanceUID]
+        side = str(photograph.ImageLaterality)
+        sides.add(side)
+        eye = {"L": "left", "R": "right"}[side]
+        identifier = _text(first, "Tracking Identifier")
+        assert identifier.startswith(f"{eye} eye: ICDR grade ")
+        assert _site(first) == (EYE, {"L": LEFT, "R": RIGHT}[side])
+        called = _coded(first)
+        assert called["ICDR grade"][1].startswith(identifier.split("ICDR grade ")[1][0])
+        assert called["referable DR"][1] in ("Present", "Absent")
+        assert ("not referable" in identifier) == (called["referable DR"][1] == "Absent")
+        assert called["Image Quality"][0] == "111237"  # gradable
+        image, points = _region(first)
+        assert image == job.SOPInstanceUID
+        top, left, bottom, right = _bright_bounds(photograph)
+        assert points.min(axis=0) == pytest.approx([left, top], abs=3)
+        assert points.max(axis=0) == pytest.approx([right, bottom], abs=3)
+        if shutil.which("dciodvfy"):
+            assert _dciodvfy_errors(sr, tmp_path / f"{side}.dcm") == []
+    assert sides == {"L", "R"}
+
+
+@pytest.mark.slow
+def test_each_breast_is_read_on_its_cc_view_and_the_exam_takes_the_highest_category(
+    archive: Archive, demo_models: Path, tmp_path: Path
+) -> None:
+    queue, worker = pipeline(archive, demo_models, name="breasts")
+    views = mammography(Rng(22), PATIENT, 0.05, "20260101", "M1")
+    for ds in views:
+        archive.ingest(source(ds), Origin.DIMSE)
+    drain(worker)
+    worker.close()
+    (job,) = [j for j in queue.jobs() if j.model.startswith("mammo")]
+    assert job.state == JobState.DONE, job.reason
+    sr = _report(archive, job.StudyInstanceUID, job.result)
+    groups = _groups(sr)
+    cc = {str(ds.ImageLaterality): ds for ds in views if ds.ViewPosition == "CC"}
+    categories = []
+    for group in groups[:2]:  # the breasts come first, each drawn
+        site, modifier = _site(group)
+        side = BREASTS[site]
+        assert modifier is None  # the breast's code says its side
+        identifier = _text(group, "Tracking Identifier")
+        assert identifier.startswith({"L": "left", "R": "right"}[side] + " breast: category ")
+        called = _coded(group)
+        category = called["Assessment Category"][0]
+        assert category in (NEGATIVE.value, RECALL.value)
+        categories.append(category)
+        density = identifier.rsplit("density ", 1)[1]
+        assert called["Breast composition"][0] == DENSITY[density].value
+        image, points = _region(group)
+        assert image == str(cc[side].SOPInstanceUID)
+        top, left, bottom, right = _bright_bounds(cc[side])
+        # The model reads a 1024 x 512 window of the image: the breast as it saw it.
+        rows, columns = int(cc[side].Rows), int(cc[side].Columns)
+        window = to_image(
+            Box(0, 0, *MAMMOGRAPHY.preprocessing.size),
+            Placement(rows, columns, 0, 0, rows, columns),
+            MAMMOGRAPHY.preprocessing,
+        )
+        assert window is not None
+        top, left = max(top, window.top), max(left, window.left)
+        bottom, right = min(bottom, window.bottom), min(right, window.right)
+        # Within a few pixels: the tip of the breast is a sliver that resizing dims.
+        tolerance = max(rows, columns) * 0.02 + 2
+        assert points.min(axis=0) == pytest.approx([left, top], abs=tolerance)
+        assert points.max(axis=0) == pytest.approx([right, bottom], abs=tolerance)
+    summary = _coded(groups[-1])
+    highest = RECALL.value if RECALL.value in categories else NEGATIVE.value
+    assert summary["Assessment Category"][0] == highest
+    if shutil.which("dciodvfy"):
+        assert _dciodvfy_errors(sr, tmp_path / "mammo.dcm") == []
+
+
+def test_the_exam_category_is_the_highest_of_its_breasts() -> None:
+    assert exam_category({"L": 0.1, "R": 0.2}, 0.5) is NEGATIVE
+    assert exam_category({"L": 0.1, "R": 0.7}, 0.5) is RECALL
+    assert exam_category({}, 0.5) is NEGATIVE
+
+
+def test_a_breast_density_is_the_mean_over_its_own_views() -> None:
+    """Density per breast from that breast's views only; a breast with no usable view
+    has no reading."""
+    manifest = manifest_of(MAMMOGRAPHY)
+    header = Dataset()
+    header.SOPClassUID, header.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.2", "1.2.3.4"
+    dense = {"malignancy": np.array([0.1]), "density": np.array([0.0, 0.1, 0.1, 0.8])}
+    fatty = {"malignancy": np.array([0.1]), "density": np.array([0.9, 0.1, 0.0, 0.0])}
+    views = [
+        View("L-CC", header, dense, None),
+        View("L-MLO", header, dense, None),
+        View("R-MLO", header, fatty, None),
+    ]
+    found = breast_readings(manifest, views, {"L": 0.1, "R": 0.6, "X": 0.2})
+    assert [r.identifier for r in found] == [
+        "left breast: category 1, negative, density D",
+        "right breast: category 0, recall, density A",
+    ]

@@ -3,10 +3,12 @@
 A fundus report gives, for the photographed eye, the ICDR grade, the referable call and
 that the photograph was gradable; a mammography report gives, per breast, the suspicion
 score, the assessment category (BI-RADS 1 negative, or 0: recall) and the density
-category, and the exam's highest category. Each :class:`Reading` becomes a TID 1410
-group whose region outlines the eye's field of view or the breast on one of its views,
-so that a viewer draws it and lists it with its tracking identifier, which says the
-result in words ("right eye: ICDR grade 0, not referable").
+category, then the region of each view the model calls suspicious (the peak of its class
+activation map), and the exam's highest category. Each :class:`Reading` becomes a TID
+1410 group whose region outlines the retina in the eye's field of view, the breast on
+one of its views or a suspicious region, so that a viewer draws it and lists it with its
+tracking identifier, which says the result in words ("right eye: ICDR grade 0, not
+referable DR").
 
 Pure functions of the model outputs and the image headers, tested without a model.
 """
@@ -21,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from inference.geometry import Box, Placement, to_image
+from inference.geometry import Box, Placement, peak_box, to_image
 from inference.quality import FIELD_THRESHOLD, extent, intensities
 from models.codes import BREAST, CATEGORY_RANK, DENSITY, EYE, LATERALITY, NEGATIVE, RECALL
 from models.manifest import Manifest, Preprocessing
@@ -40,7 +42,7 @@ class Reading:
     source: Dataset
     box: Box | None
     measurements: tuple[tuple[str, float], ...]
-    evaluations: tuple[tuple[str, Code | str], ...]
+    evaluations: tuple[tuple[str, Code | str | None], ...]  # None: present
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class View:
     header: Dataset
     outputs: Mapping[str, np.ndarray]
     box: Box | None
+    placement: Placement | None = None
 
 
 def organ_box(tensor: np.ndarray, placement: Placement | None, p: Preprocessing) -> Box | None:
@@ -63,6 +66,21 @@ def organ_box(tensor: np.ndarray, placement: Placement | None, p: Preprocessing)
         return None
     rows, columns = found
     return to_image(Box(rows.start, columns.start, rows.stop, columns.stop), placement, p)
+
+
+def inscribed(box: Box) -> Box:
+    """The square inscribed in the circular field of view whose bounding box is ``box``
+    (the frame may cut the circle at the top and bottom: its diameter is the wider
+    side). Drawn instead of the whole field, it leaves room beside it on the image for
+    the label a viewer writes next to it."""
+    centre_r, centre_c = (box.top + box.bottom) / 2, (box.left + box.right) / 2
+    half = max(box.bottom - box.top, box.right - box.left) / 2 / 2**0.5
+    return Box(
+        max(box.top, centre_r - half),
+        max(box.left, centre_c - half),
+        min(box.bottom, centre_r + half),
+        min(box.right, centre_c + half),
+    )
 
 
 def laterality(header: Dataset) -> str:
@@ -89,7 +107,7 @@ def fundus_reading(
     side = laterality(header)
     eye = f"{SIDES.get(side, 'unknown')} eye"
     called = label if positive else f"not {label}"
-    evaluations: list[tuple[str, Code | str]] = [
+    evaluations: list[tuple[str, Code | str | None]] = [
         ("ICDR grade", grade),
         (label, codes.SCT.Present if positive else codes.SCT.Absent),
     ]
@@ -101,9 +119,9 @@ def fundus_reading(
         site=EYE,
         laterality=LATERALITY.get(side),
         source=header,
-        box=box,
+        box=None if box is None else inscribed(box),
         measurements=(
-            (f"ICDR grade {grade} probability", float(grades[best])),
+            (f"ICDR grade {grade.split()[0]} probability", float(grades[best])),
             (f"{label} probability", referable),
         ),
         evaluations=tuple(evaluations),
@@ -138,7 +156,7 @@ def breast_readings(
         density = density_spec.labels[best]
         assessed = category(score, threshold)
         words = "category 0, recall" if assessed is RECALL else "category 1, negative"
-        evaluations: list[tuple[str, Code | str]] = [
+        evaluations: list[tuple[str, Code | str | None]] = [
             ("Assessment Category", assessed),
             ("Breast composition", DENSITY.get(density, density)),
         ]
@@ -157,6 +175,39 @@ def breast_readings(
                     (f"Density {density} probability", float(densities[best])),
                 ),
                 evaluations=tuple(evaluations),
+            )
+        )
+    return found + suspicious_regions(manifest, views, threshold)
+
+
+def suspicious_regions(
+    manifest: Manifest, views: Sequence[View], threshold: float
+) -> list[Reading]:
+    """Each view whose own score is at or above the operating point: the cell of its
+    class activation map with the most evidence, drawn on that view."""
+    spec = next((o for o in manifest.outputs if o.kind == "map"), None)
+    if spec is None:
+        return []
+    found = []
+    for view in views:
+        score = float(np.asarray(view.outputs["malignancy"]).reshape(-1)[0])
+        if score < threshold or spec.name not in view.outputs:
+            continue
+        activation = np.asarray(view.outputs[spec.name], dtype=np.float64)
+        activation = activation.reshape(activation.shape[-2:])
+        p = manifest.preprocessing
+        box = to_image(peak_box(activation, p.size), view.placement, p)
+        side, _, position = view.name.partition("-")
+        found.append(
+            Reading(
+                identifier=f"{SIDES.get(side, side)} {position}: suspicious region",
+                finding="malignancy",
+                site=BREAST.get(side, codes.SCT.Breast),
+                laterality=None,
+                source=view.header,
+                box=box,
+                measurements=(("Malignancy probability", score),),
+                evaluations=(("malignancy", None),),
             )
         )
     return found

@@ -322,7 +322,8 @@ class Worker:
             per_view[view(value)].append(outputs)
             sources.append(header)
             box = organ_box(tensor, placement, manifest.preprocessing)
-            views.append(View(view(value), header, dict(zip(names, outputs, strict=True)), box))
+            named = dict(zip(names, outputs, strict=True))
+            views.append(View(view(value), header, named, box, placement))
         found = aggregate(manifest, per_view)
         per_breast = {
             f.label.split()[-1]: f.probability

@@ -48,14 +48,21 @@ class Screening(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.task == "chest-xray":
             return self._with_activation_maps(image)
-        logits = self.network(image)
         if self.task == "fundus":
-            grades = torch.softmax(logits, dim=1)
+            grades = torch.softmax(self.network(image), dim=1)
             referable = grades[:, 2:].sum(dim=1, keepdim=True)  # ICDR grade >= 2
             return grades, referable
+        features = _efficientnet_features(self.network, image)
+        classifier = self.network.get_submodule("_fc")
+        assert isinstance(classifier, nn.Linear)
+        # Average pooling, then the classifier (dropout is the identity when exported).
+        logits = classifier(features.mean(dim=(2, 3)))
         malignancy = torch.sigmoid(logits[:, :1])
         density = torch.softmax(logits[:, 1:], dim=1)
-        return malignancy, density
+        # Where the malignancy logit's evidence lies: its classifier row at each cell.
+        maps = torch.einsum("bkhw,ck->bchw", features, classifier.weight[:1])
+        maps = maps + classifier.bias[None, :1, None, None]
+        return malignancy, density, torch.sigmoid(maps)
 
     def _with_activation_maps(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """DenseNet's logits, and the class activation maps they average (Zhou et al.
@@ -68,6 +75,17 @@ class Screening(nn.Module):
         maps = torch.einsum("bkhw,ck->bchw", features, classifier.weight)
         maps = maps + classifier.bias[None, :, None, None]
         return torch.sigmoid(logits), torch.sigmoid(maps)
+
+
+def _efficientnet_features(network: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """MONAI's EfficientNet up to its pooling: the last feature map (stride 32), the
+    steps of ``EfficientNet.forward`` before ``_avg_pooling``."""
+    x = network.get_submodule("_conv_stem")(network.get_submodule("_conv_stem_padding")(image))
+    x = network.get_submodule("_swish")(network.get_submodule("_bn0")(x))
+    x = network.get_submodule("_blocks")(x)
+    x = network.get_submodule("_conv_head")(network.get_submodule("_conv_head_padding")(x))
+    features: torch.Tensor = network.get_submodule("_swish")(network.get_submodule("_bn1")(x))
+    return features
 
 
 def demo_weights(module: nn.Module, task: Task, seed: int) -> None:

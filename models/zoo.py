@@ -47,7 +47,7 @@ ICDR_GRADES = [
     "4 proliferative DR",
 ]
 DENSITY = ["A", "B", "C", "D"]
-DEMO_VERSION = "0.4.0-demo"
+DEMO_VERSION = "0.5.0-demo"
 
 DX_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
@@ -207,6 +207,15 @@ MAMMOGRAPHY = Task(
             name="malignancy", shape=["batch", 1], labels=["malignancy"], activation="sigmoid"
         ),
         OutputSpec(name="density", shape=["batch", 4], labels=DENSITY, activation="softmax"),
+        # The malignancy logit's class activation map on the 32x16 grid of the last
+        # feature map (32 input pixels a cell): where a positive view's evidence is.
+        OutputSpec(
+            name="activation_maps",
+            shape=["batch", 1, 32, 16],
+            labels=["malignancy"],
+            activation="sigmoid",
+            kind="map",
+        ),
     ],
     preprocessing=Preprocessing(
         color="grayscale",

@@ -1,10 +1,11 @@
 """Results per eye and per breast, drawn on the image they are about, in standard codes.
 
 Through the scheduler and the worker, as ``filmless serve`` screens: a fundus report
-outlines the photographed eye's field of view and says its ICDR grade, referable call and
-gradability; a mammography report outlines each breast on its CC view with its suspicion
-score, assessment category (SCT, CID 6026) and density (SCT, CID 6000), and the exam
-takes the highest category. dciodvfy finds no error in either report.
+outlines the retina in the photographed eye's field of view and says its ICDR grade,
+referable call and gradability; a mammography report outlines each breast on its CC view
+with its suspicion score, assessment category (SCT, CID 6026) and density (SCT, CID
+6000), draws the region of each view the model calls suspicious, and the exam takes the
+highest category. dciodvfy finds no error in either report.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from inference.geometry import Box, Placement, to_image
-from inference.readings import View, breast_readings, exam_category
+from inference.readings import View, breast_readings, exam_category, suspicious_regions
 from models.codes import DENSITY, NEGATIVE, RECALL
 from models.zoo import MAMMOGRAPHY
 from pacs.archive import Archive, Origin
@@ -150,9 +151,12 @@ def test_each_eye_is_read_on_its_own_photograph(
         assert called["Image Quality"][0] == "111237"  # gradable
         image, points = _region(first)
         assert image == job.SOPInstanceUID
+        # The square inscribed in the circular field of view.
         top, left, bottom, right = _bright_bounds(photograph)
-        assert points.min(axis=0) == pytest.approx([left, top], abs=3)
-        assert points.max(axis=0) == pytest.approx([right, bottom], abs=3)
+        centre = np.array([(left + right) / 2, (top + bottom) / 2])
+        half = max(right - left, bottom - top) / 2 / np.sqrt(2)
+        assert points.min(axis=0) == pytest.approx(centre - half, abs=3)
+        assert points.max(axis=0) == pytest.approx(centre + half, abs=3)
         if shutil.which("dciodvfy"):
             assert _dciodvfy_errors(sr, tmp_path / f"{side}.dcm") == []
     assert sides == {"L", "R"}
@@ -234,3 +238,79 @@ def test_a_breast_density_is_the_mean_over_its_own_views() -> None:
         "left breast: category 1, negative, density D",
         "right breast: category 0, recall, density A",
     ]
+
+
+def test_a_suspicious_region_is_drawn_on_its_view_where_the_map_peaks() -> None:
+    """The hottest cell of a positive view's activation map, mirrored back when the view
+    was turned to face left; a view below the operating point gets no region."""
+    manifest = manifest_of(MAMMOGRAPHY)
+    header = Dataset()
+    header.SOPClassUID, header.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.2", "1.2.3.5"
+    activation = np.zeros((1, 32, 16))
+    activation[0, 10, 3] = 1.0  # rows 320-352, columns 96-128 of the 1024 x 512 input
+    hot = {
+        "malignancy": np.array([0.9]),
+        "density": np.array([0.1, 0.6, 0.2, 0.1]),
+        "activation_maps": activation,
+    }
+    cold = {**hot, "malignancy": np.array([0.2])}
+    # 2048 x 1024 images: the input is the image at half size, no padding or crop.
+    facing_left = Placement(2048, 1024, 0, 0, 2048, 1024)
+    facing_right = Placement(2048, 1024, 0, 0, 2048, 1024, flipped=True)
+    views = [
+        View("L-CC", header, hot, None, facing_left),
+        View("R-CC", header, hot, None, facing_right),
+        View("R-MLO", header, cold, None, facing_right),
+    ]
+    found = suspicious_regions(manifest, views, 0.5)
+    assert [r.identifier for r in found] == [
+        "left CC: suspicious region",
+        "right CC: suspicious region",
+    ]
+    left, right = (r.box for r in found)
+    assert left == Box(640, 192, 704, 256)
+    assert right == Box(640, 1024 - 256, 704, 1024 - 192)
+
+
+@pytest.mark.slow
+def test_every_view_above_a_low_operating_point_is_drawn_and_the_exam_is_recalled(
+    archive: Archive, demo_models: Path, tmp_path: Path
+) -> None:
+    """The demo weights score malignancy low; with the operating point at 0.01 every view
+    is positive: each gets its suspicious region on its own image, each breast category
+    0 (recall), and so does the exam."""
+    models = tmp_path / "models"
+    shutil.copytree(demo_models / "mammo-efficientnet-b0", models / "mammo-efficientnet-b0")
+    manifest = models / "mammo-efficientnet-b0" / "manifest.toml"
+    text = manifest.read_text()
+    assert "threshold = 0.5 }" in text
+    manifest.write_text(text.replace("threshold = 0.5 }", "threshold = 0.01 }"))
+    queue, worker = pipeline(archive, models, name="recall")
+    views = mammography(Rng(23), PATIENT, 0.05, "20260101", "M2")
+    for ds in views:
+        archive.ingest(source(ds), Origin.DIMSE)
+    drain(worker)
+    worker.close()
+    (job,) = queue.jobs()
+    assert job.state == JobState.DONE, job.reason
+    sr = _report(archive, job.StudyInstanceUID, job.result)
+    groups = _groups(sr)
+    regions = {
+        _text(g, "Tracking Identifier"): _region(g)
+        for g in groups
+        if _text(g, "Tracking Identifier").endswith("suspicious region")
+    }
+    by_view = {f"{ds.ImageLaterality}-{ds.ViewPosition}": ds for ds in views}
+    assert len(regions) == 4
+    for name, ds in by_view.items():
+        side, position = name.split("-")
+        image, points = regions[
+            f"{ {'L': 'left', 'R': 'right'}[side] } {position}: suspicious region"
+        ]
+        assert image == str(ds.SOPInstanceUID)
+        assert (points >= 0).all()
+        assert (points[:, 0] <= ds.Columns).all()
+        assert (points[:, 1] <= ds.Rows).all()
+    for group in groups[:2]:
+        assert _coded(group)["Assessment Category"][0] == RECALL.value
+    assert _coded(groups[-1])["Assessment Category"][0] == RECALL.value

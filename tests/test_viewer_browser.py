@@ -27,8 +27,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 
 from filmless.viewer import install
-from models.build import build_demo
-from models.zoo import CHEST_XRAY
 from pacs.dimse.reactor import MendedAE
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode, fundus_op, mammography
 from tests.support.server import Server
@@ -66,6 +64,8 @@ pytestmark = [
 CXR = Patient("VIEW1", "Chest^Viewer", "ISO_IR 192", "19600101", "F")
 J2K = Patient("VIEW2", "Jpeg2000^Viewer", "ISO_IR 192", "19610101", "M")
 RGB = Patient("VIEW3", "Colour^Viewer", "ISO_IR 192", "19620101", "F")
+EYES = Patient("VIEW4", "Fundus^Viewer", "ISO_IR 192", "19630101", "M")
+BREASTS = Patient("VIEW5", "Mammo^Viewer", "ISO_IR 192", "19640101", "F")
 
 
 @dataclass
@@ -89,36 +89,45 @@ def _store(port: int, datasets: list[Dataset]) -> None:
     assoc.release()
 
 
+# Studies whose AI report each browser test opens: task -> the study's key in Site.
+SCREENED = {"chest-xray": "cxr", "fundus": "eyes", "mammography": "breasts"}
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iterator[Site]:
     root = tmp_path_factory.mktemp("viewer")
     install(root / "viewer")
-    build_demo(root / "models", CHEST_XRAY)
     cxr, _ = chest_dx(Rng(71), CXR, 0.2, "20260501", "V1")
     j2k = encode(mammography(Rng(72), J2K, 0.1, "20260502", "V2")[0], JPEG2000Lossless)
     rgb = encode(fundus_op(Rng(73), RGB, 0.2, "20260503", "V3")[0], JPEGBaseline8Bit)
+    eyes = fundus_op(Rng(74), EYES, 0.25, "20260504", "V4")
+    breasts = mammography(Rng(75), BREASTS, 0.12, "20260505", "V5")
     server = Server(
         root / "data",
-        FILMLESS_MODELS_DIR=str(root / "models"),
+        FILMLESS_MODELS_DIR=str(demo_models),
         FILMLESS_VIEWER_DIR=str(root / "viewer"),
         FILMLESS_SCREENING="true",
+        FILMLESS_STUDY_STABLE_SECONDS="1",
     )
     server.start()
     try:
-        _store(server.port, [cxr, j2k, rgb])
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            found = httpx.get(
-                f"{server.url}/studies/{cxr.StudyInstanceUID}/series", params={"Modality": "SR"}
-            ).json()
-            if found:
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError("no AI report for the chest X-ray")
-        yield Site(server, {"cxr": cxr, "j2k": j2k, "rgb": rgb})
+        _store(server.port, [cxr, j2k, rgb, *eyes, *breasts])
+        studies = {"cxr": cxr, "j2k": j2k, "rgb": rgb, "eyes": eyes[0], "breasts": breasts[0]}
+        for key in SCREENED.values():
+            _wait_for_report(server, studies[key].StudyInstanceUID)
+        yield Site(server, studies)
     finally:
         assert server.stop() == 0, server.output.decode(errors="replace")[-3000:]
+
+
+def _wait_for_report(server: Server, study: str) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        url = f"{server.url}/studies/{study}/series"
+        if httpx.get(url, params={"Modality": "SR"}).json():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no AI report for study {study}")
 
 
 @pytest.fixture(scope="module")
@@ -208,10 +217,13 @@ def test_each_image_is_drawn(browser: Browser, site: Site, name: str) -> None:
 
 
 def _annotation_pixels(png: bytes) -> int:
-    """Pixels in the yellow OHIF draws measurements with (the images are grey)."""
+    """Pixels in the colours OHIF draws measurements with, yellow (the active one) and
+    green (the others): the images are grey or, for a fundus, orange."""
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int32)
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    return int(((red > 180) & (green > 180) & (blue < 100)).sum())
+    yellow = (red > 180) & (green > 180) & (blue < 100)
+    bright_green = (green > 180) & (red < 120) & (blue < 120)
+    return int((yellow | bright_green).sum())
 
 
 def _viewer_ready(page: Page) -> None:
@@ -219,9 +231,9 @@ def _viewer_ready(page: Page) -> None:
     _skip_tour(page)
 
 
-def _open_report(page: Page, label: Locator) -> bool:
-    """Double-clicks the AI report until its labels show."""
-    report = page.get_by_text("AI chest-xray", exact=False).first
+def _open_report(page: Page, task: str, label: Locator) -> bool:
+    """Double-clicks the task's AI report until its labels show."""
+    report = page.get_by_text(f"AI {task}", exact=False).first
     report.wait_for(timeout=60_000)
     # While the study panel still re-renders (a loaded machine), a double click can land
     # on a thumbnail that is being replaced; the viewer then ignores it. The guided tour
@@ -235,48 +247,44 @@ def _open_report(page: Page, label: Locator) -> bool:
     return False
 
 
-def test_ai_report_is_drawn_on_the_image(browser: Browser, site: Site) -> None:
-    study = site.studies["cxr"].StudyInstanceUID
+@pytest.mark.parametrize("task", list(SCREENED))
+def test_each_task_report_is_drawn_on_its_image(browser: Browser, site: Site, task: str) -> None:
+    """Opening the report draws its first group on the image: a positive chest finding
+    where its evidence is, an eye's field of view with its grade, a breast with its
+    category; the numbers are listed under their names."""
+    study = site.studies[SCREENED[task]].StudyInstanceUID
     tab = _open(browser, f"{site.root}/viewer/viewer?StudyInstanceUIDs={study}")
     page = tab.page
     _viewer_ready(page)
     before = _annotation_pixels(page.screenshot())
-    # Each positive finding is drawn where its evidence is, labelled with its probability.
-    positive = _positive_findings(site)
-    assert positive, "the demo model called nothing; nothing to draw"
-    label = page.get_by_text(f"{positive[0]} probability", exact=False).first
-    assert _open_report(page, label), "the AI report opened without its findings drawn"
+    first = _first_group_label(site, study)
+    label = page.get_by_text(first, exact=False).first
+    assert _open_report(page, task, label), f"the {task} report opened without its drawing"
     time.sleep(2)
     shot = page.screenshot()
-    _save("ai-report", shot)
+    _save(f"ai-report-{task}", shot)
     tab.close()
     assert _annotation_pixels(shot) > before + 500
     assert tab.failed == []
 
 
-def _positive_findings(site: Site) -> list[str]:
-    """Labels the stored SR calls present, read back through DICOMweb."""
-    study = site.studies["cxr"].StudyInstanceUID
+def _first_group_label(site: Site, study: str) -> str:
+    """The name of the first number of the report's first group (the one a viewer opens
+    at, which has a region), read back through DICOMweb: what the viewer labels it with."""
     base = site.server.url
-    (series,) = httpx.get(f"{base}/studies/{study}/series", params={"Modality": "SR"}).json()
-    series_uid = series["0020000E"]["Value"][0]
-    (instance,) = httpx.get(f"{base}/studies/{study}/series/{series_uid}/instances").json()
-    sop = instance["00080018"]["Value"][0]
+    reports = httpx.get(f"{base}/studies/{study}/series", params={"Modality": "SR"}).json()
+    series_uid = reports[0]["0020000E"]["Value"][0]
+    instances = httpx.get(f"{base}/studies/{study}/series/{series_uid}/instances").json()
+    sop = instances[0]["00080018"]["Value"][0]
     response = httpx.get(
         f"{base}/studies/{study}/series/{series_uid}/instances/{sop}",
         headers={"Accept": 'multipart/related; type="application/dicom"'},
     )
     ((_, body),) = parts(response)
     sr = pydicom.dcmread(io.BytesIO(body))
-    positive = []
-    for group in sr.ContentSequence[-1].ContentSequence:
-        items = group.get("ContentSequence", [])
-        if any(i.ValueType == "SCOORD" for i in items):
-            identifier = next(
-                str(i.TextValue)
-                for i in items
-                if i.ValueType == "TEXT"
-                and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"
-            )
-            positive.append(identifier)
-    return positive
+    first = sr.ContentSequence[-1].ContentSequence[0]
+    items = first.get("ContentSequence", [])
+    assert any(i.ValueType == "SCOORD" for i in items), "the first group has no region"
+    return next(
+        str(i.ConceptNameCodeSequence[0].CodeMeaning) for i in items if i.ValueType == "NUM"
+    )

@@ -183,7 +183,7 @@ def expected_readings(
         label = manifest.outputs[0].labels[best]
         return {
             f"{sides[str(ds.ImageLaterality)]} eye": {
-                f"ICDR grade {label} probability": float(grades[best]),
+                f"ICDR grade {label.split()[0]} probability": float(grades[best]),
                 "referable DR probability": float(referable[0]),
             }
         }

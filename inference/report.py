@@ -210,7 +210,7 @@ def summary(
     return [call(name, value) for name, value in summary_calls(found, gated=gated, task=task)]
 
 
-Call = tuple[str, "str | Code | None"]
+Call = tuple[str, str | Code | None]
 
 
 def summary_calls(found: Sequence[Finding], *, gated: bool = False, task: str = "") -> list[Call]:

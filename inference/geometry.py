@@ -78,8 +78,6 @@ def to_image(box: Box, placement: Placement | None, p: Preprocessing) -> Box | N
     if placement is None:
         return None
     out_r, out_c = p.size
-    if placement.flipped:
-        box = Box(box.top, out_c - box.right, box.bottom, out_c - box.left)
     top, left, height, width = placement.top, placement.left, placement.height, placement.width
     # The canvas that was resized: the crop, or the square it was padded to (centred,
     # as MONAI's SpatialPad puts it).
@@ -88,25 +86,33 @@ def to_image(box: Box, placement: Placement | None, p: Preprocessing) -> Box | N
         side = max(height, width)
         canvas_r = canvas_c = side
         pad_r, pad_c = (side - height) // 2, (side - width) // 2
+    if not p.keep_aspect:
+        new_r, new_c = out_r, out_c
+        shift_r = shift_c = 0
+    else:
+        # Resize(size_mode="longest") then ResizeWithPadOrCrop: pad split evenly, crop
+        # centred; a breast turned to face left keeps its left edge.
+        scale = max(p.size) / max(canvas_r, canvas_c)
+        new_r, new_c = round(canvas_r * scale), round(canvas_c * scale)
+        shift_r, shift_c = _shift(new_r, out_r), _shift(new_c, out_c)
+        if p.laterality == "left":
+            shift_c = 0
+    # In the resized image: before the padding or crop, and before the mirroring, which
+    # the preprocessing applies to the resized image.
+    r_top, r_bottom = box.top - shift_r, box.bottom - shift_r
+    r_left, r_right = box.left - shift_c, box.right - shift_c
+    if placement.flipped:
+        r_left, r_right = new_c - r_right, new_c - r_left
+    per_r, per_c = canvas_r / new_r, canvas_c / new_c
 
     def clamp(value: float, limit: int) -> float:
         return min(max(value, 0.0), float(limit))
 
-    if not p.keep_aspect:
-        scale_r, scale_c = canvas_r / out_r, canvas_c / out_c
-        shift_r = shift_c = 0
-        per_r, per_c = scale_r, scale_c
-    else:
-        # Resize(size_mode="longest") then ResizeWithPadOrCrop: pad split evenly, crop centred.
-        scale = max(p.size) / max(canvas_r, canvas_c)
-        new_r, new_c = round(canvas_r * scale), round(canvas_c * scale)
-        shift_r, shift_c = _shift(new_r, out_r), _shift(new_c, out_c)
-        per_r, per_c = canvas_r / new_r, canvas_c / new_c
     return Box(
-        top + clamp((box.top - shift_r) * per_r - pad_r, height),
-        left + clamp((box.left - shift_c) * per_c - pad_c, width),
-        top + clamp((box.bottom - shift_r) * per_r - pad_r, height),
-        left + clamp((box.right - shift_c) * per_c - pad_c, width),
+        top + clamp(r_top * per_r - pad_r, height),
+        left + clamp(r_left * per_c - pad_c, width),
+        top + clamp(r_bottom * per_r - pad_r, height),
+        left + clamp(r_right * per_c - pad_c, width),
     )
 
 

@@ -249,12 +249,31 @@ def _transforms(spec: str, part: Literal["all", "resize", "after"] = "all") -> C
     if part == "resize":
         return Compose(steps)
     if p.keep_aspect:
-        steps.append(ResizeWithPadOrCrop(p.size))
+        steps.append(
+            _ChestWallLeft(p.size) if p.laterality == "left" else ResizeWithPadOrCrop(p.size)
+        )
     low, high = p.intensity_range
     steps.append(ScaleIntensityRange(0.0, 1.0, low, high))
     if p.mean is not None and p.std is not None:
         steps.append(NormalizeIntensity(subtrahend=p.mean, divisor=p.std, channel_wise=True))
     return Compose(steps)
+
+
+class _ChestWallLeft:
+    """MONAI's ResizeWithPadOrCrop along rows; along columns the left edge stays (the
+    chest wall, once the breast faces left): padded or cut on the right, so that a
+    breast wider than the input loses its far side (air, the nipple's tip) rather than
+    the tissue at the chest wall, and every breast starts at the input's left edge."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def __call__(self, chw: torch.Tensor) -> torch.Tensor:
+        rows: torch.Tensor = ResizeWithPadOrCrop((self.size[0], chw.shape[2]))(chw)
+        target = self.size[1]
+        if rows.shape[2] >= target:
+            return rows[:, :, :target]
+        return torch.nn.functional.pad(rows, (0, target - rows.shape[2]))
 
 
 class _CenterSquare:

@@ -49,7 +49,11 @@ def render_card(m: Manifest) -> str:
         + (f", {p.crop} crop" if p.crop != "none" else "")
         + f", VOI by {p.voi}, scaled to [{p.intensity_range[0]:g}, {p.intensity_range[1]:g}]"
         + (", MONOCHROME1 inverted" if p.invert_monochrome1 else "")
-        + (", flipped so the breast faces left" if p.laterality == "left" else "")
+        + (
+            ", flipped so the breast faces left, the chest wall kept at the left edge"
+            if p.laterality == "left"
+            else ""
+        )
         + ".",
         "",
         "## Outputs",

@@ -90,7 +90,9 @@ class Preprocessing(_Strict):
     voi: Literal["window", "minmax"] = "window"
     invert_monochrome1: bool = True
     laterality: Literal["none", "left"] = Field(
-        "none", description="'left': flip so the breast faces the left edge"
+        "none",
+        description="'left': flip so the breast faces the left edge; with keep_aspect the "
+        "chest wall stays at the input's left edge (padded or cut on the right)",
     )
     intensity_range: tuple[float, float] = Field(description="display range is scaled to this")
     mean: list[float] | None = Field(None, description="per channel, after scaling")

@@ -116,3 +116,26 @@ def test_peak_box_and_polyline() -> None:
     box = peak_box(activation, (224, 224))
     assert (box.top, box.left, box.bottom, box.right) == (64, 160, 96, 192)
     assert box.polyline().tolist() == [[160, 64], [192, 64], [192, 96], [160, 96], [160, 64]]
+
+
+def test_a_breast_wider_than_the_input_keeps_its_chest_wall() -> None:
+    """A mammogram wider than 1:2 once resized: the columns beyond the input are cut on
+    the far side, never at the chest wall (where the breast meets the left edge once
+    turned): a block against the chest wall is in the model input and maps back."""
+    image = np.zeros((800, 700), np.uint16)
+    image[:, :560] = 1000  # the breast, against the chest wall on the left
+    image[300:360, 4:40] = 4000  # at the chest wall
+    prepared = prepare(_instance(image), MAMMOGRAPHY.preprocessing)
+    assert prepared.placement is not None
+    assert prepared.placement.flipped is False
+    hot = np.argwhere(prepared.tensor[0] > 0.9)
+    assert hot.size, "the tissue at the chest wall was cut off"
+    (r0, c0), (r1, c1) = hot.min(axis=0), hot.max(axis=0) + 1
+    back = to_image(Box(r0, c0, r1, c1), prepared.placement, MAMMOGRAPHY.preprocessing)
+    assert back is not None
+    tolerance = 800 / 1024 * 2 + 1
+    assert (back.top, back.left, back.bottom, back.right) == pytest.approx(
+        (300, 4, 360, 40), abs=tolerance
+    )
+    # The input's first column is the image's first: the chest wall.
+    assert prepared.tensor[0, 512, 0] > 0.1

@@ -193,11 +193,12 @@ def test_each_breast_is_read_on_its_cc_view_and_the_exam_takes_the_highest_categ
         image, points = _region(group)
         assert image == str(cc[side].SOPInstanceUID)
         top, left, bottom, right = _bright_bounds(cc[side])
-        # The model reads a 1024 x 512 window of the image: the breast as it saw it.
+        # The model reads a 1024 x 512 window of the image, from the chest wall (on the
+        # right of a right breast, mirrored for the model): the breast as it saw it.
         rows, columns = int(cc[side].Rows), int(cc[side].Columns)
         window = to_image(
             Box(0, 0, *MAMMOGRAPHY.preprocessing.size),
-            Placement(rows, columns, 0, 0, rows, columns),
+            Placement(rows, columns, 0, 0, rows, columns, flipped=side == "R"),
             MAMMOGRAPHY.preprocessing,
         )
         assert window is not None

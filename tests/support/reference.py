@@ -75,17 +75,20 @@ def area_resize(chw: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return out
 
 
-def pad_or_crop(chw: np.ndarray, size: Sequence[int]) -> np.ndarray:
+def pad_or_crop(chw: np.ndarray, size: Sequence[int], *, left: bool = False) -> np.ndarray:
     """Zero padding split evenly (the extra pixel after), then a centred crop whose start
-    is centre - size // 2 (MONAI's SpatialPad / CenterSpatialCrop)."""
+    is centre - size // 2 (MONAI's SpatialPad / CenterSpatialCrop). With ``left`` the
+    columns keep their left edge: padded or cut on the right."""
     for axis, target in zip((1, 2), size, strict=True):
         n = chw.shape[axis]
+        anchored = left and axis == 2
         if n < target:
             widths = [(0, 0)] * 3
-            widths[axis] = ((target - n) // 2, target - n - (target - n) // 2)
+            before = 0 if anchored else (target - n) // 2
+            widths[axis] = (before, target - n - before)
             chw = np.pad(chw, widths)
         elif n > target:
-            start = n // 2 - target // 2
+            start = 0 if anchored else n // 2 - target // 2
             chw = np.take(chw, range(start, start + target), axis=axis)
     return chw
 
@@ -113,7 +116,7 @@ def tensor64(ds: Dataset, p: Preprocessing) -> np.ndarray:
     if p.keep_aspect:
         scale = max(p.size) / max(chw.shape[1:])
         chw = area_resize(chw, [round(n * scale) for n in chw.shape[1:]])
-        chw = pad_or_crop(chw, p.size)
+        chw = pad_or_crop(chw, p.size, left=p.laterality == "left")
     else:
         chw = area_resize(chw, p.size)
     low, high = p.intensity_range

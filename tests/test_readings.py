@@ -25,7 +25,7 @@ from inference.readings import View, breast_readings, exam_category, suspicious_
 from models.codes import DENSITY, NEGATIVE, RECALL
 from models.zoo import MAMMOGRAPHY
 from pacs.archive import Archive, Origin
-from pacs.jobs import JobState
+from pacs.jobs import Job, JobState
 from scripts.synthetic_corpus import Patient, Rng, fundus_op, mammography
 from tests.support.instances import source
 from tests.support.pipeline import drain, pipeline
@@ -119,17 +119,22 @@ def _bright_bounds(ds: Dataset) -> tuple[float, float, float, float]:
     return int(rows[0]), int(columns[0]), int(rows[-1] + 1), int(columns[-1] + 1)
 
 
+def _screened(archive: Archive, models: Path, datasets: list[Dataset]) -> list[Job]:
+    """Store the images and run every job they make, as ``filmless serve`` would."""
+    queue, worker = pipeline(archive, models)
+    for ds in datasets:
+        archive.ingest(source(ds), Origin.DIMSE)
+    drain(worker)
+    worker.close()
+    return queue.jobs()
+
+
 @pytest.mark.slow
 def test_each_eye_is_read_on_its_own_photograph(
     archive: Archive, demo_models: Path, tmp_path: Path
 ) -> None:
-    queue, worker = pipeline(archive, demo_models, name="eyes")
     photographs = fundus_op(Rng(21), PATIENT, 0.1, "20260101", "F1")
-    for ds in photographs:
-        archive.ingest(source(ds), Origin.DIMSE)
-    drain(worker)
-    worker.close()
-    jobs = [j for j in queue.jobs() if j.model.startswith("fundus")]
+    jobs = [j for j in _screened(archive, demo_models, photographs) if j.model.startswith("fundus")]
     assert len(jobs) == 2
     assert all(j.state == JobState.DONE for j in jobs), jobs
     by_uid = {str(ds.SOPInstanceUID): ds for ds in photographs}
@@ -166,13 +171,8 @@ def test_each_eye_is_read_on_its_own_photograph(
 def test_each_breast_is_read_on_its_cc_view_and_the_exam_takes_the_highest_category(
     archive: Archive, demo_models: Path, tmp_path: Path
 ) -> None:
-    queue, worker = pipeline(archive, demo_models, name="breasts")
     views = mammography(Rng(22), PATIENT, 0.05, "20260101", "M1")
-    for ds in views:
-        archive.ingest(source(ds), Origin.DIMSE)
-    drain(worker)
-    worker.close()
-    (job,) = [j for j in queue.jobs() if j.model.startswith("mammo")]
+    (job,) = [j for j in _screened(archive, demo_models, views) if j.model.startswith("mammo")]
     assert job.state == JobState.DONE, job.reason
     sr = _report(archive, job.StudyInstanceUID, job.result)
     groups = _groups(sr)
@@ -286,13 +286,8 @@ def test_every_view_above_a_low_operating_point_is_drawn_and_the_exam_is_recalle
     text = manifest.read_text()
     assert "threshold = 0.5 }" in text
     manifest.write_text(text.replace("threshold = 0.5 }", "threshold = 0.01 }"))
-    queue, worker = pipeline(archive, models, name="recall")
     views = mammography(Rng(23), PATIENT, 0.05, "20260101", "M2")
-    for ds in views:
-        archive.ingest(source(ds), Origin.DIMSE)
-    drain(worker)
-    worker.close()
-    (job,) = queue.jobs()
+    (job,) = _screened(archive, models, views)
     assert job.state == JobState.DONE, job.reason
     sr = _report(archive, job.StudyInstanceUID, job.result)
     groups = _groups(sr)

@@ -98,9 +98,8 @@ def fundus_reading(
     grades = np.asarray(outputs[grades_spec.name], dtype=np.float64).reshape(-1)
     referable = float(np.asarray(outputs[referable_spec.name]).reshape(-1)[0])
     label = referable_spec.labels[0]
-    threshold = next(
-        (p.threshold for p in manifest.operating_points if p.output == referable_spec.name), 0.5
-    )
+    point = manifest.threshold(referable_spec.name)
+    threshold = 0.5 if point is None else point
     best = int(np.argmax(grades))
     grade = grades_spec.labels[best]
     positive = referable >= threshold
@@ -139,9 +138,8 @@ def breast_readings(
     """Per breast: its suspicion score (the manifest's aggregation over its views), the
     category at the operating point and the density (mean over its views), drawn on its
     CC view (else its first)."""
-    threshold = next(
-        (p.threshold for p in manifest.operating_points if p.output == "malignancy"), 0.5
-    )
+    point = manifest.threshold("malignancy")
+    threshold = 0.5 if point is None else point
     density_spec = next(o for o in manifest.outputs if o.name == "density")
     found = []
     for side, score in per_breast.items():

@@ -13,7 +13,7 @@ import io
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,7 +306,6 @@ class Worker:
         if missing:
             raise Unusable(f"views missing from the study: {', '.join(missing)}")
         assert manifest.aggregation is not None
-        per_view: dict[str, list[list[np.ndarray]]] = defaultdict(list)
         sources = []
         views = []
         names = [o.name for o in manifest.outputs]
@@ -318,18 +317,11 @@ class Worker:
                 raise NotAssessable(
                     exc.measures, exc.shortfalls, where=where, source=exc.source
                 ) from exc
-            outputs = infer(tensor)
-            per_view[view(value)].append(outputs)
             sources.append(header)
             box = organ_box(tensor, placement, manifest.preprocessing)
-            named = dict(zip(names, outputs, strict=True))
+            named = dict(zip(names, infer(tensor), strict=True))
             views.append(View(view(value), header, named, box, placement))
-        found = aggregate(manifest, per_view)
-        per_breast = {
-            f.label.split()[-1]: f.probability
-            for f in found
-            if f.output == "malignancy" and f.label != "malignancy exam"
-        }
+        found, per_breast = aggregate(manifest, views)
         readings = breast_readings(manifest, views, per_breast)
         report = self.writer(manifest).write(sources, found, job=_job_key(job), readings=readings)
         return report, [r.SOPInstanceUID for r, _i, _v in usable]
@@ -351,33 +343,29 @@ def _job_key(job: Job) -> str:
     return f"{job.model}/{job.StudyInstanceUID}/{job.SOPInstanceUID}"
 
 
-def aggregate(manifest: Manifest, per_view: dict[str, list[list[np.ndarray]]]) -> list[Finding]:
+def aggregate(manifest: Manifest, views: Sequence[View]) -> tuple[list[Finding], dict[str, float]]:
     """Mammography: malignancy per breast over its views, the exam over breasts, density
-    over every view, each reduced as the manifest's aggregation says."""
+    over every view, each reduced as the manifest's aggregation says; and the score of
+    each breast (by its laterality)."""
     assert manifest.aggregation is not None
     rule = manifest.aggregation
     reduce: dict[str, Callable[..., Any]] = {"max": np.max, "mean": np.mean}
-    names = [o.name for o in manifest.outputs]
-    malignancy, density = names.index("malignancy"), names.index("density")
     breasts: dict[str, list[float]] = defaultdict(list)
     densities = []
-    for name, runs in per_view.items():
-        for outputs in runs:
-            breasts[name.split("-")[0]].append(float(outputs[malignancy][0]))
-            densities.append(outputs[density])
+    for seen in views:
+        breasts[seen.name.split("-")[0]].append(float(seen.outputs["malignancy"][0]))
+        densities.append(seen.outputs["density"])
     per_breast = {side: float(reduce[rule.per_breast](v)) for side, v in sorted(breasts.items())}
     exam = float(reduce[rule.exam](list(per_breast.values())))
-    threshold = next(
-        (p.threshold for p in manifest.operating_points if p.output == "malignancy"), None
-    )
+    threshold = manifest.threshold("malignancy")
     found = [
         Finding("malignancy", f"malignancy {side}", v, threshold) for side, v in per_breast.items()
     ]
     found.append(Finding("malignancy", "malignancy exam", exam, threshold))
     combined = reduce[rule.density](np.stack(densities), axis=0)
-    labels = manifest.outputs[density].labels
+    labels = next(o for o in manifest.outputs if o.name == "density").labels
     found += [
         Finding("density", f"density {label}", float(p), None)
         for label, p in zip(labels, combined, strict=True)
     ]
-    return found
+    return found, per_breast

@@ -206,6 +206,10 @@ class Manifest(_Strict):
             )
         return self
 
+    def threshold(self, output: str) -> float | None:
+        """The operating point of an output (its first label's), None when it has none."""
+        return next((p.threshold for p in self.operating_points if p.output == output), None)
+
 
 def load(path: Path) -> Manifest:
     try:

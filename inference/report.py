@@ -34,6 +34,9 @@ Group = (
     hd.sr.MeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
+    value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
+)
 _ROOT = uuid.UUID("6f0b5c36-9a51-4e8a-9a8f-0b8f3c1d2e4a")
 
 
@@ -203,13 +206,6 @@ def drawn_first(found: Sequence[Finding], located: Mapping[str, Box]) -> list[Fi
 IMAGE_QUALITY = "Image Quality"
 
 
-def summary(
-    found: Sequence[Finding], *, gated: bool = False, task: str = ""
-) -> list[hd.sr.QualitativeEvaluation]:
-    """The exam-level reading as SR content (see :func:`summary_calls`)."""
-    return [call(name, value) for name, value in summary_calls(found, gated=gated, task=task)]
-
-
 Call = tuple[str, str | Code | None]
 
 
@@ -300,10 +296,19 @@ def build_report(
         )
         for finding in drawn_first(found, located)
     ]
-    calls = summary(found, gated=manifest.quality is not None, task=manifest.task)
-    groups.append(summary_group(constant, sources, derived_uid(job, "summary"), calls))
+    calls = summary_calls(found, gated=manifest.quality is not None, task=manifest.task)
+    groups.append(
+        summary_group(
+            constant,
+            sources,
+            derived_uid(job, "summary"),
+            [call(name, value) for name, value in calls],
+            identifier=summary_identifier(calls),
+            box=whole_image(sources[0]),
+        )
+    )
     sr = document(constant, sources, job=job, series_number=series_number)
-    sr.ContentSequence = constant.report(groups)[0].ContentSequence
+    sr.ContentSequence = constant.report(groups)
     return sr
 
 
@@ -360,13 +365,35 @@ class Constant:
                 root.add(element)
         return cls(manifest, algorithm, context, procedure, root)
 
-    def report(self, groups: Sequence[Group]) -> hd.sr.MeasurementReport:
-        """The TID 1500 content tree around ``groups``."""
-        return hd.sr.MeasurementReport(
-            observation_context=self.context,
-            procedure_reported=self.procedure,
-            imaging_measurements=groups,
+    def report(self, groups: Sequence[Group]) -> list[Dataset]:
+        """The root's content (TID 1500) around ``groups``: those with an image region in
+        Imaging Measurements (126010, DCM), the others in Qualitative Evaluations
+        (C0034375, UMLS).
+
+        Viewers draw the groups of Imaging Measurements, and OHIF (3.13 at least) stops
+        reading a report at the first one there that it cannot draw; what has no place on
+        an image (a negative finding, a probability without a map) is kept out of its
+        way, whole, in the other container TID 1500 has for evaluations.
+        """
+        drawn = [
+            g for g in groups if isinstance(g, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+        ]
+        listed = [g for g in groups if g not in drawn]
+        content = list(
+            hd.sr.MeasurementReport(
+                observation_context=self.context,
+                procedure_reported=self.procedure,
+                imaging_measurements=drawn,
+            )[0].ContentSequence
         )
+        if listed:
+            container = hd.sr.ContainerContentItem(
+                name=QUALITATIVE_EVALUATIONS,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            container.ContentSequence = hd.sr.ContentSequence([g[0] for g in listed])
+            content.append(container)
+        return content
 
 
 def finding_group(
@@ -451,15 +478,56 @@ def summary_group(
     sources: Sequence[Dataset],
     tracking_uid: str,
     evaluations: Sequence[hd.sr.QualitativeEvaluation],
+    *,
+    identifier: str,
+    box: Box,
 ) -> Group:
-    """The exam-level reading, after the groups of the findings."""
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier="exam summary"),
+    """The exam-level reading, after the groups of the findings: TID 1410 on the whole
+    of the first image, so that every viewer that draws a report shows it, with the
+    reading in words as its tracking identifier."""
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=box.polyline(),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(sources[0]),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier),
+        referenced_region=region,
         finding_type=concept(f"{constant.manifest.task} summary"),
         algorithm_id=constant.algorithm,
-        source_images=_source_images(sources),
         qualitative_evaluations=list(evaluations) or None,
     )
+
+
+def summary_identifier(calls: Sequence[Call]) -> str:
+    """The exam's reading in words (at most 64 characters, the tracking identifier's
+    limit): the exam call first ("Abnormal", "Negative"), then the other calls in order,
+    each a category ("ICDR grade 2") or a positive finding by name."""
+    exam, words = [], []
+    for name, value in calls:
+        if name == IMAGE_QUALITY:
+            continue
+        if value is None:
+            words.append(name)
+            continue
+        meaning = value.meaning if isinstance(value, Code) else value
+        if name in ("Finding", "Assessment Category"):
+            exam.append(meaning)
+        else:
+            words.append(f"{name} {meaning}")
+    return _at_most_64("AI exam: " + (", ".join(exam + words) or "no finding"))
+
+
+def _at_most_64(text: str) -> str:
+    """A tracking identifier (TEXT, but LO-like: 64 characters at most, PS3.16 TID
+    4108), cut with an ASCII mark that every character set has."""
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def whole_image(source: Dataset) -> Box:
+    """All of an image, edge to edge (PS3.3 C.18.6.1.2: (0, 0) is the top left corner of
+    the top left pixel)."""
+    return Box(0.0, 0.0, float(source.Rows), float(source.Columns))
 
 
 def quality_group(
@@ -469,10 +537,11 @@ def quality_group(
     measured: Sequence[tuple[str, float]],
     missed: Sequence[str],
 ) -> Group:
-    """TID 1501 for an image the model could not read: Image Quality (DCM 111101) is
-    "Unusable - Quality renders image unusable" (DCM 111235), each measure of the gate
-    as a number, and each measure outside its limit named. No finding is reported, so
-    nothing can be read as negative."""
+    """TID 1410 on the whole of an image the model could not read: Image Quality (DCM
+    111101) is "Unusable - Quality renders image unusable" (DCM 111235), each measure of
+    the gate as a number, and each measure outside its limit named, also in the tracking
+    identifier that viewers show. No finding is reported, so nothing can be read as
+    negative."""
     evaluations = [
         hd.sr.QualitativeEvaluation(
             name=codes.DCM.ImageQuality, value=codes.DCM.UnusableQualityRendersImageUnusable
@@ -482,11 +551,20 @@ def quality_group(
         hd.sr.QualitativeEvaluation(name=concept(name), value=concept("outside its limit"))
         for name in missed
     ]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier="image quality"),
+    identifier = "not assessable: " + ", ".join(missed)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=whole_image(sources[0]).polyline(),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(sources[0]),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid,
+            identifier=_at_most_64(identifier),
+        ),
+        referenced_region=region,
         finding_type=codes.DCM.ImageQuality,
         algorithm_id=constant.algorithm,
-        source_images=_source_images(sources),
         measurements=[
             hd.sr.Measurement(
                 name=concept(name), value=float(f"{value:.6g}"), unit=codes.UCUM.NoUnits
@@ -513,7 +591,7 @@ def not_assessable_report(
     constant = Constant.of(manifest, device_uid)
     group = quality_group(constant, sources, derived_uid(job, "quality"), measured, missed)
     sr = document(constant, sources, job=job, series_number=series_number)
-    sr.ContentSequence = constant.report([group])[0].ContentSequence
+    sr.ContentSequence = constant.report([group])
     return sr
 
 

@@ -26,6 +26,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.sr.coding import Code
 from pydicom.tag import Tag
+from pydicom.uid import DigitalXRayImageStorageForPresentation
 from pydicom.valuerep import DS
 
 from inference.fragments import Fragments, assemble, compile_dataset, placeholder_key
@@ -46,6 +47,8 @@ from inference.report import (
     report_source,
     summary_calls,
     summary_group,
+    summary_identifier,
+    whole_image,
 )
 from models.manifest import Manifest
 
@@ -55,6 +58,8 @@ _TRACKING = "2.25.100000000000000000000000000000000001"
 _PROBABILITY = 0.271828
 _BOX = Box(top=10.5, left=20.25, bottom=30.75, right=40.125)
 _MARKER_UID = "2.25.100000000000000000000000000000000002"
+_MARKER_UID_2 = "2.25.100000000000000000000000000000000003"
+_MARKER_TEXT = "SPLICE TRACKING IDENTIFIER"
 
 
 def _instance_uid(n: int) -> str:
@@ -106,18 +111,11 @@ class ReportWriter:
         references = _references(sources)
         classes = tuple(str(s.SOPClassUID) for s in sources)
         # An eye's or a breast's group is one of a kind per report: encoded as it is.
-        bodies = [
-            assemble(
-                compile_dataset(
-                    reading_group(self.constant, reading, reading_uid(job, reading))[0],
-                    {},
-                    (),
-                    list(charset),
-                ),
-                {},
-            )
-            for reading in readings
-        ]
+        drawn, listed = [], []
+        for reading in readings:
+            group = reading_group(self.constant, reading, reading_uid(job, reading))[0]
+            body = assemble(compile_dataset(group, {}, (), list(charset)), {})
+            (drawn if reading.box is not None else listed).append(body)
         for finding in drawn_first(found, located):
             box = located.get(finding.label) if finding.positive else None
             values: dict[str, Any] = dict(references)
@@ -128,17 +126,24 @@ class ReportWriter:
             if box is not None:
                 values["graphic"] = box.polyline().flatten().tolist()
             group = self._group(finding, classes, box is not None, charset)
-            bodies.append(assemble(group, values))
-        summary_values = {**references, "tracking": derived_uid(job, "summary")}
-        calls = [
-            assemble(self._call(name, value, charset), {})
-            for name, value in summary_calls(
-                found, gated=manifest.quality is not None, task=manifest.task
-            )
-        ]
-        summary = self._summary(classes, charset)
-        bodies.append(assemble(summary, summary_values, {"evaluations": calls}))
-        content = assemble(self._content(charset), {}, {"groups": bodies})
+            (drawn if box is not None else listed).append(assemble(group, values))
+        calls = summary_calls(found, gated=manifest.quality is not None, task=manifest.task)
+        summary_values = {
+            **references,
+            "tracking": derived_uid(job, "summary"),
+            "graphic": whole_image(sources[0]).polyline().flatten().tolist(),
+        }
+        identifier = hd.sr.TrackingIdentifier(uid=_TRACKING, identifier=summary_identifier(calls))
+        summary_spliced = {
+            "evaluations": [
+                assemble(self._call(name, value, charset), {}) for name, value in calls
+            ],
+            "identifier": [assemble(compile_dataset(identifier[0], {}, (), list(charset)), {})],
+        }
+        drawn.append(assemble(self._summary(classes, charset), summary_values, summary_spliced))
+        content = assemble(
+            self._content(charset, bool(listed)), {}, {"groups": drawn, "listed": listed}
+        )
         fp = DicomBytesIO()
         fp.is_little_endian = True
         fp.is_implicit_VR = False
@@ -182,13 +187,24 @@ class ReportWriter:
         return self._compiled(key, make)
 
     def _summary(self, classes: tuple[str, ...], charset: tuple[str, ...]) -> Fragments:
-        """The exam summary, its calls spliced in where highdicom puts them."""
+        """The exam summary on the first image, its calls and its tracking identifier
+        (the reading in words) spliced in where highdicom puts them."""
 
         def make() -> Fragments:
             marker = _marker_call()
-            group = summary_group(self.constant, _stand_in_sources(classes), _TRACKING, [marker])
-            holes = _holes(len(classes), False)
-            splices = [(_equal_to(marker[0]), "evaluations")]
+            group = summary_group(
+                self.constant,
+                _stand_in_sources(classes),
+                _TRACKING,
+                [marker],
+                identifier=_MARKER_TEXT,
+                box=_BOX,
+            )
+            holes = _holes(len(classes), True)
+            splices = [
+                (_equal_to(marker[0]), "evaluations"),
+                (lambda item: item.get("TextValue") == _MARKER_TEXT, "identifier"),
+            ]
             return compile_dataset(group[0], holes, splices, list(charset))
 
         return self._compiled(("summary", classes, charset), make)
@@ -201,19 +217,29 @@ class ReportWriter:
 
         return self._compiled(("call", name, value, charset), make)
 
-    def _content(self, charset: tuple[str, ...]) -> Fragments:
-        """The root's content: observer context, procedure, and the Imaging Measurements
-        container, into which the groups are spliced."""
+    def _content(self, charset: tuple[str, ...], listed: bool) -> Fragments:
+        """The root's content: observer context, procedure, the Imaging Measurements
+        container, into which the drawn groups are spliced, and, when some groups have
+        no region, the Qualitative Evaluations container that holds them."""
 
         def make() -> Fragments:
-            stand_in = _stand_in_sources(("1.2.3",))
-            marker = summary_group(self.constant, stand_in, _MARKER_UID, [])
-            holder = Dataset()
-            holder.ContentSequence = self.constant.report([marker])[0].ContentSequence
+            stand_in = _stand_in_sources((DigitalXRayImageStorageForPresentation,))
+            marker = summary_group(
+                self.constant, stand_in, _MARKER_UID, [], identifier="-", box=_BOX
+            )
+            groups: list[Any] = [marker]
             splices = [(_equal_to(marker[0]), "groups")]
+            if listed:
+                other = finding_group(
+                    self.constant, Finding("-", "-", 0.0, None), stand_in, _MARKER_UID_2, None
+                )
+                groups.append(other)
+                splices.append((_equal_to(other[0]), "listed"))
+            holder = Dataset()
+            holder.ContentSequence = self.constant.report(groups)
             return compile_dataset(holder, {}, splices, list(charset))
 
-        return self._compiled(("content", charset), make)
+        return self._compiled(("content", charset, listed), make)
 
 
 def _stand_in_sources(classes: Sequence[str]) -> list[Dataset]:

@@ -52,6 +52,14 @@ def _groups(sr: Dataset) -> list[Dataset]:
     ]
 
 
+def _summary(sr: Dataset) -> Dataset:
+    """The exam-level group: its tracking identifier says the reading in words."""
+    (summary,) = [
+        g for g in _groups(sr) if _text(g, "Tracking Identifier").startswith("AI exam: ")
+    ]
+    return summary
+
+
 def _text(group: Dataset, name: str) -> str:
     return next(
         str(i.TextValue)
@@ -208,9 +216,11 @@ def test_each_breast_is_read_on_its_cc_view_and_the_exam_takes_the_highest_categ
         tolerance = max(rows, columns) * 0.02 + 2
         assert points.min(axis=0) == pytest.approx([left, top], abs=tolerance)
         assert points.max(axis=0) == pytest.approx([right, bottom], abs=tolerance)
-    summary = _coded(groups[-1])
+    summary = _summary(sr)
     highest = RECALL.value if RECALL.value in categories else NEGATIVE.value
-    assert summary["Assessment Category"][0] == highest
+    assert _coded(summary)["Assessment Category"][0] == highest
+    words = {RECALL.value: RECALL.meaning, NEGATIVE.value: NEGATIVE.meaning}[highest]
+    assert _text(summary, "Tracking Identifier").startswith(f"AI exam: {words}")
     if shutil.which("dciodvfy"):
         assert _dciodvfy_errors(sr, tmp_path / "mammo.dcm") == []
 
@@ -309,4 +319,4 @@ def test_every_view_above_a_low_operating_point_is_drawn_and_the_exam_is_recalle
         assert (points[:, 1] <= ds.Rows).all()
     for group in groups[:2]:
         assert _coded(group)["Assessment Category"][0] == RECALL.value
-    assert _coded(groups[-1])["Assessment Category"][0] == RECALL.value
+    assert _coded(_summary(sr))["Assessment Category"][0] == RECALL.value

@@ -66,6 +66,15 @@ def _label(group: Dataset) -> str:
     )
 
 
+def _groups(sr: Dataset) -> tuple[list[Dataset], Dataset]:
+    """The finding groups, in the order written, and the exam summary."""
+    groups = [
+        i for i in _items(sr) if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"
+    ]
+    (summary,) = [g for g in groups if _label(g).startswith("AI exam")]
+    return [g for g in groups if g is not summary], summary
+
+
 def test_report_content_and_references() -> None:
     source = _source()
     sr = build_report(CXR, [source], _outputs(), job="job-1", device_uid=derived_uid("dev"))
@@ -74,9 +83,8 @@ def test_report_content_and_references() -> None:
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
     assert sr.PatientID == source.PatientID
     items = _items(sr)
-    groups = [i for i in items if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"]
-    assert len(groups) == 19  # a group per finding and the exam summary
-    summary = groups[-1]
+    groups, summary = _groups(sr)
+    assert len(groups) == 18  # a group per finding, and the exam summary
     called = [
         i.ConceptNameCodeSequence[0].CodeMeaning
         for i in summary.ContentSequence
@@ -87,13 +95,13 @@ def test_report_content_and_references() -> None:
     assert sr.SeriesDescription.endswith("NOT FOR CLINICAL USE")
     calls = {
         _label(group): i.ConceptCodeSequence[0].CodeMeaning
-        for group in groups[:-1]
+        for group in groups
         for i in group.ContentSequence
         if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeMeaning in ("Present", "Absent")
     }
     expected = {f.label: "Present" if f.positive else "Absent" for f in findings(CXR, _outputs())}
     assert calls == expected
-    numbers = dict(zip([_label(g) for g in groups[:-1]], _numbers(sr), strict=True))
+    numbers = {_label(g): n for g in groups for n in _numbers(g)}
     probabilities = dict(zip(CXR.outputs[0].labels, _outputs()["probabilities"], strict=True))
     assert numbers == pytest.approx(probabilities, abs=1e-5)
     texts = [str(i.get("TextValue", "")) for i in items]
@@ -106,8 +114,7 @@ def test_report_content_and_references() -> None:
 def test_positive_findings_carry_the_image_region_of_their_peak() -> None:
     source = _source()  # 125 x 102: centre crop to rows 11..113, scaled by 102/224
     sr = build_report(CXR, [source], _outputs(), job="job-4", device_uid="1.2.3")
-    items = _items(sr)
-    groups = [i for i in items if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"]
+    groups, _ = _groups(sr)
     cell = 32 * 102 / 224
     by_label = {f.label: f for f in findings(CXR, _outputs())}
     drawn = [any(i.ValueType == "SCOORD" for i in g.ContentSequence) for g in groups]
@@ -120,7 +127,7 @@ def test_positive_findings_carry_the_image_region_of_their_peak() -> None:
         if f.positive:
             owners.setdefault(PEAKS[CXR.outputs[0].labels.index(f.label)], f.label)
     drawn_boxes = []
-    for group in groups[:-1]:
+    for group in groups:
         finding = by_label[_label(group)]
         regions = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
         if not finding.positive:
@@ -204,12 +211,53 @@ def test_the_chest_exam_is_called_abnormal_when_any_finding_is_positive(
     outputs = _outputs()
     outputs["probabilities"] = np.full(18, probability, np.float32)
     sr = build_report(CXR, [_source()], outputs, job="job-exam", device_uid="1.2.3")
-    groups = [
-        i for i in _items(sr) if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"
-    ]
+    _, summary = _groups(sr)
     calls = {
         i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
-        for i in groups[-1].ContentSequence
+        for i in summary.ContentSequence
         if i.ValueType == "CODE"
     }
     assert calls["121071"] == code  # DCM Finding
+
+
+def test_imaging_measurements_hold_only_what_a_viewer_can_draw() -> None:
+    """TID 1500: groups with an image region (TID 1410) in Imaging Measurements (126010,
+    DCM), the findings without one whole in Qualitative Evaluations (C0034375, UMLS).
+    A viewer that draws every group of Imaging Measurements (OHIF 3.13 stops at the first
+    it cannot) finds nothing it cannot draw; the exam summary is drawn on the whole image,
+    its reading in words as its tracking identifier."""
+    source = _source()
+    sr = build_report(CXR, [source], _outputs(), job="job-tid", device_uid="1.2.3")
+    containers = {
+        i.ConceptNameCodeSequence[0].CodeValue: i
+        for i in sr.ContentSequence
+        if i.ValueType == "CONTAINER"
+    }
+    assert set(containers) == {"126010", "C0034375"}
+    drawn = containers["126010"].ContentSequence
+    listed = containers["C0034375"].ContentSequence
+    assert all(any(i.ValueType == "SCOORD" for i in g.ContentSequence) for g in drawn)
+    assert not any(i.ValueType == "SCOORD" for g in listed for i in g.ContentSequence)
+    positive = {f.label for f in findings(CXR, _outputs()) if f.positive}
+    assert {_label(g) for g in drawn[:-1]} == positive
+    assert {_label(g) for g in listed} == set(CXR.outputs[0].labels) - positive
+    summary = drawn[-1]
+    assert _label(summary).startswith("AI exam: ")
+    assert len(_label(summary)) <= 64
+    (region,) = [i for i in summary.ContentSequence if i.ValueType == "SCOORD"]
+    points = np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 2)
+    assert points.min(axis=0).tolist() == [0, 0]
+    assert points.max(axis=0).tolist() == [source.Columns, source.Rows]
+
+
+@pytest.mark.parametrize(
+    ("probability", "words"),
+    [(0.1, "AI exam: Normal"), (0.99, "AI exam: Abnormal, Atelectasis, Consolidation, ")],
+)
+def test_the_summary_says_the_exam_reading_in_words(probability: float, words: str) -> None:
+    outputs = _outputs()
+    outputs["probabilities"] = np.full(18, probability, np.float32)
+    sr = build_report(CXR, [_source()], outputs, job="job-words", device_uid="1.2.3")
+    _, summary = _groups(sr)
+    assert _label(summary).startswith(words)
+    assert len(_label(summary)) <= 64

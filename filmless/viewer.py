@@ -181,8 +181,9 @@ window.config = {
   customizationService: [
     {
       // OHIF reads the first coordinate of every SR measurement it tries to draw;
-      // findings without an image region have none. They are left out of the drawing
-      // (and stay in the report) instead of stopping the viewer.
+      // groups without an image region in Imaging Measurements (reports of other
+      // systems, and earlier filmless reports) have none. They are left out of the
+      // drawing (and stay in the report) instead of stopping the viewer.
       onBeforeSRAddMeasurement: {
         $set: ({ measurement }) =>
           measurement.coords && measurement.coords.length

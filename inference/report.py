@@ -391,7 +391,9 @@ class Constant:
                 name=QUALITATIVE_EVALUATIONS,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
-            container.ContentSequence = hd.sr.ContentSequence([g[0] for g in listed])
+            container.ContentSequence = hd.sr.ContentSequence(
+                [item for group in listed for item in group]
+            )
             content.append(container)
         return content
 

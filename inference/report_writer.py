@@ -111,10 +111,11 @@ class ReportWriter:
         references = _references(sources)
         classes = tuple(str(s.SOPClassUID) for s in sources)
         # An eye's or a breast's group is one of a kind per report: encoded as it is.
-        drawn, listed = [], []
+        drawn: list[bytes] = []
+        listed: list[bytes] = []
         for reading in readings:
-            group = reading_group(self.constant, reading, reading_uid(job, reading))[0]
-            body = assemble(compile_dataset(group, {}, (), list(charset)), {})
+            tree = reading_group(self.constant, reading, reading_uid(job, reading))[0]
+            body = assemble(compile_dataset(tree, {}, (), list(charset)), {})
             (drawn if reading.box is not None else listed).append(body)
         for finding in drawn_first(found, located):
             box = located.get(finding.label) if finding.positive else None

@@ -54,9 +54,7 @@ def _groups(sr: Dataset) -> list[Dataset]:
 
 def _summary(sr: Dataset) -> Dataset:
     """The exam-level group: its tracking identifier says the reading in words."""
-    (summary,) = [
-        g for g in _groups(sr) if _text(g, "Tracking Identifier").startswith("AI exam: ")
-    ]
+    (summary,) = [g for g in _groups(sr) if _text(g, "Tracking Identifier").startswith("AI exam: ")]
     return summary
 
 

@@ -375,10 +375,11 @@ class Constant:
         an image (a negative finding, a probability without a map) is kept out of its
         way, whole, in the other container TID 1500 has for evaluations.
         """
-        drawn = [
-            g for g in groups if isinstance(g, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
-        ]
-        listed = [g for g in groups if g not in drawn]
+        drawn: list[Group] = []
+        listed: list[Group] = []
+        for group in groups:  # by kind: comparing groups would compare whole trees
+            planar = isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+            (drawn if planar else listed).append(group)
         content = list(
             hd.sr.MeasurementReport(
                 observation_context=self.context,

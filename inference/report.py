@@ -268,12 +268,14 @@ def build_report(
     series_number: int = 9001,
     readings: Sequence[Reading] = (),
     placements: Sequence[Placement | None] | None = None,
+    evidence: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one job; ``sources`` are the headers of the images it read.
 
     ``outputs`` are the model's outputs by name, or findings already derived from them
     (an exam-level aggregation). ``readings`` (per eye, per breast) come first, drawn on
-    their images; ``placements`` say where the input tensor lay on each source image.
+    their images; ``placements`` say where the input tensor lay on each source image;
+    ``evidence`` are other objects the job made (its heatmaps), which the report lists.
     """
     sources = [report_source(s) for s in sources]
     found = findings(manifest, outputs) if isinstance(outputs, Mapping) else list(outputs)
@@ -307,7 +309,7 @@ def build_report(
             box=whole_image(sources[0]),
         )
     )
-    sr = document(constant, sources, job=job, series_number=series_number)
+    sr = document(constant, sources, job=job, series_number=series_number, evidence=evidence)
     sr.ContentSequence = constant.report(groups)
     return sr
 
@@ -599,10 +601,19 @@ def not_assessable_report(
 
 
 def document(
-    constant: Constant, sources: Sequence[Dataset], *, job: str, series_number: int
+    constant: Constant,
+    sources: Sequence[Dataset],
+    *,
+    job: str,
+    series_number: int,
+    evidence: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR document around an empty content tree: patient, study, series, evidence,
     flags and the root container's attributes; the caller gives it its content.
+
+    The evidence (Current Requested Procedure Evidence, PS3.3 C.17.2.3) is the images
+    read and the other objects the job made from them, such as its Parametric Maps,
+    which is how a reader of the report finds them.
 
     highdicom's document constructor deep-copies and re-parses the whole content tree it
     is given, which for 19 groups costs several times the inference itself, so it is given
@@ -613,7 +624,7 @@ def document(
     root.ContentSequence = []
     first = sources[0]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(sources),
+        evidence=[*sources, *evidence],
         content=root,
         specific_character_set=_character_set(first),
         series_instance_uid=derived_uid(first.StudyInstanceUID, manifest.name, "series"),

@@ -92,6 +92,7 @@ class ReportWriter:
         job: str,
         readings: Sequence[Reading] = (),
         placements: Sequence[Placement | None] | None = None,
+        evidence: Sequence[Dataset] = (),
     ) -> EncodedReport:
         """The report :func:`~inference.report.build_report` makes of the same arguments."""
         manifest = self.constant.manifest
@@ -104,7 +105,9 @@ class ReportWriter:
         )
         for source in sources:  # highdicom's checks of a source image, as build_report has
             hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
-        shell = document(self.constant, sources, job=job, series_number=self.series_number)
+        shell = document(
+            self.constant, sources, job=job, series_number=self.series_number, evidence=evidence
+        )
         del shell.ContentSequence
         # Text in the content (labels, names) is encoded as the document declares.
         charset = tuple(convert_encodings(shell.get("SpecificCharacterSet") or "ISO_IR 6"))

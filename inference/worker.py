@@ -25,10 +25,17 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.forward import PREFIX, Destination, send
 from inference.geometry import Placement
+from inference.heatmap import heatmaps, map_uids, parametric_map
 from inference.preprocess import Unusable, prepare
 from inference.quality import NotAssessable
 from inference.readings import View, breast_readings, fundus_reading, organ_box
-from inference.report import Finding, UnreportableSource, derived_uid, not_assessable_report
+from inference.report import (
+    Finding,
+    UnreportableSource,
+    derived_uid,
+    findings,
+    not_assessable_report,
+)
 from inference.report_writer import EncodedReport, ReportWriter, encoded
 from inference.routing import decide, missing_views, stored_values, view
 from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
@@ -189,6 +196,7 @@ class Worker:
         manifest = installed.manifest
         runner = self.session(manifest, installed.folder)
         unreadable = None
+        maps: list[EncodedReport] = []
         try:
             if manifest.routing.level == "instance":
                 (record,) = self.archive.records(
@@ -202,8 +210,27 @@ class Worker:
                 if manifest.task == "fundus":
                     box = organ_box(tensor, placement, manifest.preprocessing)
                     readings.append(fundus_reading(manifest, outputs, header, box))
+                made = [
+                    parametric_map(
+                        manifest,
+                        header,
+                        heatmap,
+                        job=_job_key(job),
+                        instance_number=number,
+                        device_uid=self.device_uid,
+                    )
+                    for number, heatmap in enumerate(
+                        heatmaps(manifest, outputs, findings(manifest, outputs), placement), 1
+                    )
+                ]
+                maps = [encoded(pm) for pm in made]
                 report = self.writer(manifest).write(
-                    [header], outputs, job=_job_key(job), readings=readings, placements=[placement]
+                    [header],
+                    outputs,
+                    job=_job_key(job),
+                    readings=readings,
+                    placements=[placement],
+                    evidence=made,
                 )
                 sources = [record.SOPInstanceUID]
             else:
@@ -226,15 +253,24 @@ class Worker:
             )
             sources = [str(exc.source.SOPInstanceUID)]
         try:
+            # The maps first: a stored report never lists what is not in the archive.
+            for pm in maps:
+                self._store(pm, sources)
             stored = self._store(report, sources)
         except SourceGone as exc:
             raise Unusable(f"the report was dropped: {exc}") from exc
+        if manifest.parametric_maps and manifest.routing.level == "instance":
+            # Maps of an earlier run of this job for findings that are no longer among
+            # those mapped.
+            kept = {m.SOPInstanceUID for m in maps}
+            self.archive.delete_all(u for u in map_uids(manifest, _job_key(job)) if u not in kept)
         self.archive.audit.record(
             AuditEvent.STORE,
             self.actor(job),
             Outcome.SUCCESS,
             StudyInstanceUID=job.StudyInstanceUID,
             detail=f"report {stored} of {manifest.name} {manifest.version}"
+            + (f" with {len(maps)} parametric maps" if maps else "")
             + (" (not assessable)" if unreadable else ""),
         )
         for target in self.settings.destinations:

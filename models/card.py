@@ -86,6 +86,16 @@ def render_card(m: Manifest) -> str:
             f"- {QUALITY_WORDS[name]}: {value:g}"
             for name, value in m.quality.model_dump(exclude_none=True).items()
         ]
+    if m.parametric_maps:
+        lines += [
+            "",
+            "## Heatmaps",
+            "",
+            f"The class activation maps of the {m.parametric_maps} most probable positive "
+            "findings are stored as DICOM Parametric Maps in their own series beside the "
+            "report, which lists them as evidence: on the source image's pixels, each map "
+            "scaled from its lowest cell (0) to its highest (1), and 0 below 0.5.",
+        ]
     lines += [
         "",
         "## Codes in reports",

@@ -109,6 +109,7 @@ def export(
             routing=task.routing,
             aggregation=task.aggregation,
             quality=task.quality,
+            parametric_maps=task.parametric_maps,
             provenance=Provenance(
                 source=source,
                 architecture=architecture or task.architecture,

@@ -189,6 +189,13 @@ class Manifest(_Strict):
     routing: Routing
     aggregation: Aggregation | None = None
     quality: Quality | None = Field(None, description="the gate before inference")
+    parametric_maps: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="how many positive findings (the most probable first) get their class "
+        "activation map stored as a DICOM Parametric Map beside the report; 0 for none",
+    )
     provenance: Provenance
 
     @model_validator(mode="after")
@@ -200,6 +207,8 @@ class Manifest(_Strict):
             output = names.get(point.output)
             if output is None or point.label not in output.labels:
                 raise ValueError(f"operating point for unknown {point.output}/{point.label}")
+        if self.parametric_maps and not any(o.kind == "map" for o in self.outputs):
+            raise ValueError("parametric maps need an output of kind 'map'")
         if self.variant == "int8" and self.default:
             raise ValueError(
                 "an int8 variant is never the default: its accuracy must be re-checked"

@@ -181,7 +181,11 @@ def cached_demo(store: ModelStore, task: Task) -> Manifest | None:
         existing = store.get(task.name).manifest
     except ManifestError:
         return None
-    current = existing.version == DEMO_VERSION and existing.quality == task.quality
+    current = (
+        existing.version == DEMO_VERSION
+        and existing.quality == task.quality
+        and existing.parametric_maps == task.parametric_maps
+    )
     if existing.weights.demo and current:
         return existing
     return None

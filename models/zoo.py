@@ -76,6 +76,7 @@ class Task:
     operating_points: list[OperatingPoint]
     aggregation: Aggregation | None = None
     quality: Quality | None = None
+    parametric_maps: int = 0
     seed: int = 0
     options: dict[str, str] = field(default_factory=dict)
 
@@ -129,6 +130,8 @@ CHEST_XRAY = Task(
     quality=Quality(
         max_underexposed=0.5, max_overexposed=0.5, min_contrast=0.02, min_sharpness=5e-6
     ),
+    # The three most probable positive findings get a heatmap a viewer overlays.
+    parametric_maps=3,
     seed=1,
 )
 

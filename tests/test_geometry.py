@@ -10,7 +10,7 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from inference.geometry import Box, Placement, peak_box, to_image
+from inference.geometry import Box, Placement, on_image, peak_box, to_image
 from inference.preprocess import _transforms, prepare
 from models.manifest import Preprocessing
 from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY
@@ -46,6 +46,43 @@ def test_a_bright_block_maps_back_onto_itself(
     assert back.left == pytest.approx(left, abs=tolerance)
     assert back.bottom == pytest.approx(top + rows // 10, abs=tolerance)
     assert back.right == pytest.approx(left + columns // 10, abs=tolerance)
+
+
+@pytest.mark.parametrize(
+    ("preprocessing", "rows", "columns"),
+    [
+        (CHEST_XRAY.preprocessing, 500, 410),
+        (CHEST_XRAY.preprocessing, 300, 640),
+        (KEEP_ASPECT, 830, 640),
+        (KEEP_ASPECT, 400, 100),
+    ],
+)
+def test_a_map_of_the_tensor_lies_back_on_the_image_where_its_pixels_came_from(
+    preprocessing: Preprocessing, rows: int, columns: int
+) -> None:
+    """The tensor of a bright block, taken as a map of itself (one cell a tensor pixel),
+    resampled onto the image: bright where the block is, dark elsewhere, and nothing
+    where the tensor shows no part of the image."""
+    image = np.zeros((1, rows, columns), np.float32)
+    top, left = rows // 2 + rows // 8, columns // 2 - columns // 10
+    image[:, top : top + rows // 10, left : left + columns // 10] = 1.0
+    tensor = np.asarray(_transforms(preprocessing.model_dump_json())(torch.from_numpy(image)))
+    low, high = preprocessing.intensity_range
+    activation = (tensor[0] - low) / (high - low)
+    placement = Placement.of_header(rows, columns, preprocessing)
+    assert placement is not None
+    values = on_image(activation, placement, preprocessing)
+    assert values.shape == (rows, columns)
+    hot = np.argwhere(values > 0.5)
+    (r0, c0), (r1, c1) = hot.min(axis=0), hot.max(axis=0) + 1
+    tolerance = max(rows, columns) / min(preprocessing.size) * 1.5 + 1
+    assert (r0, c0) == pytest.approx((top, left), abs=tolerance)
+    assert (r1, c1) == pytest.approx((top + rows // 10, left + columns // 10), abs=tolerance)
+    # Outside the part of the image the tensor shows, nothing.
+    shown = np.zeros((rows, columns), bool)
+    p = placement
+    shown[p.top : p.top + p.height, p.left : p.left + p.width] = True
+    assert not values[~shown].any()
 
 
 def test_pixel_dependent_steps_have_no_location_from_the_header() -> None:
@@ -87,6 +124,12 @@ def test_a_fundus_field_of_view_maps_back_onto_the_photograph() -> None:
     assert (back.top, back.left, back.bottom, back.right) == pytest.approx(
         (61, 151, 260, 350), abs=1.5
     )
+    # A map of the whole tensor covers the disc's square on the photograph, and only it.
+    assert prepared.placement is not None
+    values = on_image(np.ones((8, 8)), prepared.placement, FUNDUS.preprocessing)
+    hot = np.argwhere(values > 0.5)
+    (r0, c0), (r1, c1) = hot.min(axis=0), hot.max(axis=0) + 1
+    assert (r0, c0, r1, c1) == pytest.approx((61, 151, 260, 350), abs=1.5)
 
 
 @pytest.mark.parametrize("right", [False, True])
@@ -108,6 +151,11 @@ def test_a_block_on_a_mirrored_breast_maps_back_onto_itself(right: bool) -> None
     tolerance = 800 / 1024 * 2 + 1
     expected = (400, block[1].start, 480, block[1].stop)
     assert (back.top, back.left, back.bottom, back.right) == pytest.approx(expected, abs=tolerance)
+    # The tensor as a map of itself lies back on the same side, mirrored back.
+    values = on_image(prepared.tensor[0] > 0.9, prepared.placement, MAMMOGRAPHY.preprocessing)
+    hot = np.argwhere(values > 0.5)
+    (r0, c0), (r1, c1) = hot.min(axis=0), hot.max(axis=0) + 1
+    assert (r0, c0, r1, c1) == pytest.approx(expected, abs=tolerance)
 
 
 def test_peak_box_and_polyline() -> None:

@@ -34,11 +34,13 @@ from inference.fragments import (
     encode_value,
     placeholder_key,
 )
-from inference.geometry import Box
+from inference.geometry import Box, Placement
+from inference.heatmap import heatmaps, parametric_map
 from inference.readings import Reading, View, breast_readings, fundus_reading
-from inference.report import Finding, build_report
+from inference.report import Finding, build_report, findings
 from inference.report_writer import ReportWriter
 from models.manifest import Manifest
+from models.zoo import CHEST_XRAY as CXR_TASK
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, fundus_op, mammography
 from tests.support.zoo import ZOO
 
@@ -79,12 +81,20 @@ def _check_identical(
     sources: Sequence[Dataset],
     outputs: dict[str, np.ndarray] | list[Finding],
     job: str,
+    *,
     readings: Sequence[Reading] = (),
+    evidence: Sequence[Dataset] = (),
 ) -> bytes:
-    written = writer.write(sources, outputs, job=job, readings=readings)
+    written = writer.write(sources, outputs, job=job, readings=readings, evidence=evidence)
     parsed = pydicom.dcmread(io.BytesIO(written.data), force=True)
     reference = build_report(
-        writer.constant.manifest, sources, outputs, job=job, device_uid=DEVICE, readings=readings
+        writer.constant.manifest,
+        sources,
+        outputs,
+        job=job,
+        device_uid=DEVICE,
+        readings=readings,
+        evidence=evidence,
     )
     _same_clock(reference, parsed)
     assert written.SOPInstanceUID == reference.SOPInstanceUID
@@ -130,6 +140,41 @@ def test_chest_xray_reports_are_identical(
     _check_identical(writer, [_chest(sop_class)], _cxr_outputs(probabilities, peaks), "cxr-job")
 
 
+def test_a_report_lists_its_heatmaps_as_evidence(tmp_path: Path) -> None:
+    """The Parametric Maps of a job are in the report's Current Requested Procedure
+    Evidence (PS3.3 C.17.2.3), in their own series; written and built alike, and
+    dciodvfy finds no error."""
+    source = _chest()
+    outputs = _cxr_outputs(np.linspace(0, 1, 18).tolist(), list(range(18)))
+    manifest = _writer(CXR).constant.manifest
+    rows, columns = int(source.Rows), int(source.Columns)
+    placement = Placement.of_header(rows, columns, CXR.preprocessing)
+    made = [
+        parametric_map(manifest, source, h, job="maps", instance_number=n, device_uid=DEVICE)
+        for n, h in enumerate(
+            heatmaps(manifest, outputs, findings(manifest, outputs), placement), 1
+        )
+    ]
+    assert len(made) == CXR_TASK.parametric_maps
+    data = _check_identical(_writer(CXR), [source], outputs, "maps", evidence=made)
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    series = {
+        s.SeriesInstanceUID: {i.ReferencedSOPInstanceUID for i in s.ReferencedSOPSequence}
+        for s in ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    }
+    assert series[source.SeriesInstanceUID] == {source.SOPInstanceUID}
+    assert series[made[0].SeriesInstanceUID] == {pm.SOPInstanceUID for pm in made}
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    result = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+    assert errors == [], "\n".join(errors)
+
+
 def test_no_finding_and_every_finding() -> None:
     """No call in the summary (highdicom leaves the calls out) and all eighteen."""
     writer = _writer(CXR)
@@ -151,7 +196,7 @@ def test_fundus_reports_are_identical(grades: list[float], referable: float) -> 
     }
     box = Box(3.5, 4.25, 60.0, 61.5)
     reading = fundus_reading(_writer(FUNDUS).constant.manifest, outputs, left, box)
-    _check_identical(_writer(FUNDUS), [left], outputs, "fundus-job", [reading])
+    _check_identical(_writer(FUNDUS), [left], outputs, "fundus-job", readings=[reading])
 
 
 @settings(max_examples=15, deadline=None)
@@ -179,7 +224,7 @@ def test_exam_level_mammography_reports_are_identical(values: list[float]) -> No
     ]
     manifest = _writer(MAMMOGRAPHY).constant.manifest
     readings = breast_readings(manifest, per_view, {"L": values[0], "R": values[1]})
-    _check_identical(_writer(MAMMOGRAPHY), views, found, "mammo-job", readings)
+    _check_identical(_writer(MAMMOGRAPHY), views, found, "mammo-job", readings=readings)
 
 
 @pytest.mark.parametrize(

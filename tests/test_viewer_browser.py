@@ -388,3 +388,53 @@ def test_a_stock_viewer_of_another_origin_reads_the_chest_report_at_every_load(
         tab.close()
         assert tab.errors == [], f"load {load}"
         assert opened, f"load {load}: the report was not read"
+
+
+def _overlay_pixels(png: bytes) -> int:
+    """Strongly coloured pixels inside a viewport (not its coloured frame): the colour
+    map of a parametric map over a grey image."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int32)
+    rows, columns = rgb.shape[:2]
+    inner = rgb[rows // 10 : rows - rows // 10, columns // 10 : columns - columns // 10]
+    return int((inner.max(axis=-1) - inner.min(axis=-1) > 60).sum())
+
+
+@pytest.mark.parametrize("viewer", ["bundled", "stock"])
+def test_the_heatmap_of_a_chest_finding_is_overlaid_on_the_radiograph(
+    browser: Browser, site: Site, stock_viewer: str, viewer: str
+) -> None:
+    """The Parametric Map of the most probable positive finding (PS3.3 A.75), in its own
+    series, is a display set of its own (OHIF's ``cornerstone-dicom-pmap``); opened, it
+    is drawn in colour over the radiograph it was computed on, in the bundled viewer and
+    in a stock OHIF of another origin."""
+    study = site.studies["cxr"].StudyInstanceUID
+    maps = httpx.get(
+        f"{site.server.url}/studies/{study}/instances",
+        params={"SOPClassUID": "1.2.840.10008.5.1.4.1.1.30"},
+    ).json()
+    assert maps, "the chest report has no heatmap"
+    root = f"{site.root}/viewer" if viewer == "bundled" else stock_viewer
+    tab = _open(browser, f"{root}/viewer?StudyInstanceUIDs={study}")
+    page = tab.page
+    _viewer_ready(page)
+    canvas = page.locator("canvas.cornerstone-canvas").first
+    before = _overlay_pixels(canvas.screenshot())
+    thumbnail = page.get_by_text("PMAP", exact=True).first
+    thumbnail.wait_for(timeout=60_000)
+    coloured = 0
+    for _ in range(2):  # a double click on a thumbnail still being replaced is lost
+        _skip_tour(page, timeout=1_000)
+        thumbnail.dblclick()
+        deadline = time.monotonic() + 30
+        while coloured < 2_000 and time.monotonic() < deadline:
+            time.sleep(1)
+            coloured = _overlay_pixels(page.locator("canvas.cornerstone-canvas").first.screenshot())
+        if coloured >= 2_000:
+            break
+    shot = page.screenshot()
+    _save(f"ai-heatmap-chest-xray-{viewer}", shot)
+    tab.close()
+    assert before < 100, "the radiograph alone is grey"
+    assert coloured >= 2_000, f"no colour overlay ({coloured} coloured pixels)"
+    assert tab.errors == []
+    assert tab.failed == []

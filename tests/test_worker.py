@@ -9,7 +9,10 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import ParametricMapStorage as ParametricMap
 
+import inference.heatmap as heatmap_module
+import inference.worker as worker_module
 from dicomweb.app import create_app
 from inference.forward import destination
 from inference.scheduler import Scheduler
@@ -59,14 +62,25 @@ def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(
         sr = pydicom.dcmread(stream)
     assert sr.Modality == "SR"
     assert sr.StudyInstanceUID == frontal.StudyInstanceUID
-    referenced = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-    assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID
-    # Asked again (same instance stored anew): one report, replaced, not a second one.
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert evidence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID
+    # The heatmaps of the most probable positive findings, in their own series, each
+    # listed in the report's evidence (PS3.3 C.17.2.3).
+    maps = _maps(archive, frontal.StudyInstanceUID)
+    assert 1 <= len(maps) <= CHEST_XRAY.parametric_maps
+    assert len({r.SeriesInstanceUID for r in maps}) == 1
+    listed = {i.ReferencedSOPInstanceUID for s in evidence for i in s.ReferencedSOPSequence}
+    assert {r.SOPInstanceUID for r in maps} <= listed
+    # Asked again (same instance stored anew): one report, replaced, not a second one,
+    # and the same maps.
     queue.enqueue(CHEST_XRAY.name, frontal.StudyInstanceUID, frontal.SOPInstanceUID)
     drain(worker)
     in_study = archive.index.records(frontal.StudyInstanceUID)
-    assert len(in_study) == 3  # two images and one report
+    assert len(in_study) == 3 + len(maps)  # two images, one report and its maps
     assert queue.jobs(JobState.DONE)[0].result == done.result
+    assert [r.SOPInstanceUID for r in _maps(archive, frontal.StudyInstanceUID)] == [
+        r.SOPInstanceUID for r in maps
+    ]
     # Each report stored is audited, naming the screening that wrote it (PS3.15 A.5).
     audited = [
         json.loads(line)
@@ -76,6 +90,34 @@ def test_chest_xray_gets_an_sr_and_a_rerun_replaces_it(
     assert len(audited) == 2
     assert audited[0]["ParticipantObject"]["StudyInstanceUID"] == frontal.StudyInstanceUID
     assert done.result in audited[0]["Detail"]
+    worker.close()
+
+
+def _maps(archive: Archive, StudyInstanceUID: str) -> list[Any]:
+    return sorted(
+        (r for r in archive.index.records(StudyInstanceUID) if r.SOPClassUID == ParametricMap),
+        key=lambda r: r.SOPInstanceUID,
+    )
+
+
+@pytest.mark.slow
+def test_a_rerun_with_fewer_positive_findings_drops_the_maps_it_no_longer_makes(
+    archive: Archive, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue, worker = pipeline(archive, models_dir)
+    frontal, _ = chest_dx(Rng(12), PATIENT, 0.05, "20260101", "E2")
+    archive.ingest(source(frontal), Origin.DIMSE)
+    drain(worker)
+    before = _maps(archive, frontal.StudyInstanceUID)
+    assert len(before) >= 2
+    # The same job again, now with one positive finding mapped.
+    made = heatmap_module.heatmaps
+    monkeypatch.setattr(worker_module, "heatmaps", lambda *a: made(*a)[:1])
+    queue.enqueue(CHEST_XRAY.name, frontal.StudyInstanceUID, frontal.SOPInstanceUID)
+    drain(worker)
+    after = _maps(archive, frontal.StudyInstanceUID)
+    assert len(after) == 1
+    assert after[0].SOPInstanceUID in {r.SOPInstanceUID for r in before}
     worker.close()
 
 

@@ -25,6 +25,7 @@ def manifest_of(task: Task, *, default: bool = True) -> Manifest:
         routing=task.routing,
         aggregation=task.aggregation,
         quality=task.quality,
+        parametric_maps=task.parametric_maps,
         provenance=Provenance(
             source="test",
             architecture=task.architecture,

@@ -419,8 +419,8 @@ def markdown(latencies: list[Latency], throughputs: list[Throughput], meta: dict
         "",
         "From the first C-STORE to the last SR: receiving the images (over loopback, from "
         "a pynetdicom SCU in the benchmark's own process) shares the cores with screening "
-        f"them; mammography includes the last study's {meta['stable_seconds']} s stability "
-        "wait.",
+        "them; fundus and mammography (exams) include the last study's "
+        f"{meta['stable_seconds']} s stability wait.",
         "",
         "## Pipeline against bare ONNX Runtime",
         "",

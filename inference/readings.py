@@ -1,14 +1,14 @@
 """What a screening programme reads per eye and per breast, drawn on the image it is about.
 
-A fundus report gives, for the photographed eye, the ICDR grade, the referable call and
-that the photograph was gradable; a mammography report gives, per breast, the suspicion
-score, the assessment category (BI-RADS 1 negative, or 0: recall) and the density
-category, then the region of each view the model calls suspicious (the peak of its class
-activation map), and the exam's highest category. Each :class:`Reading` becomes a TID
-1410 group whose region outlines the retina in the eye's field of view, the breast on
-one of its views or a suspicious region, so that a viewer draws it and lists it with its
-tracking identifier, which says the result in words ("right eye: ICDR grade 0, not
-referable DR").
+A fundus report gives, for each eye, the ICDR grade, the referable call and that the
+photograph was gradable (the exam: :mod:`inference.eyes`); a mammography report gives,
+per breast, the suspicion score, the assessment category (BI-RADS 1 negative, or 0:
+recall) and the density category, then the region of each view the model calls
+suspicious (the peak of its class activation map), and the exam's highest category.
+Each :class:`Reading` becomes a TID 1410 group whose region outlines the retina in the
+eye's field of view, the breast on one of its views or a suspicious region, so that a
+viewer draws it and lists it with its tracking identifier, which says the result in
+words ("right eye: ICDR grade 0, not referable DR").
 
 Pure functions of the model outputs and the image headers, tested without a model.
 """

@@ -209,14 +209,23 @@ IMAGE_QUALITY = "Image Quality"
 Call = tuple[str, str | Code | None]
 
 
-def summary_calls(found: Sequence[Finding], *, gated: bool = False, task: str = "") -> list[Call]:
+def summary_calls(
+    found: Sequence[Finding],
+    *,
+    gated: bool = False,
+    task: str = "",
+    ungradable: Sequence[str] = (),
+) -> list[Call]:
     """The exam-level reading: the image quality when the model has a gate (the images
     passed it: "Usable - Meets the quality control standard", what a fundus programme
-    calls gradable), each positive call (label, None for "present"), the most probable
-    category of every output whose labels are exclusive (output, label: ICDR grade,
-    breast density), and the exam's call: a chest radiograph abnormal when any finding
-    is positive, a mammogram's highest assessment category."""
-    calls: list[Call] = [(IMAGE_QUALITY, None)] if gated else []
+    calls gradable; "Unusable" when an eye is ``ungradable``), each positive call
+    (label, None for "present"), the most probable category of every output whose
+    labels are exclusive (output, label: ICDR grade, breast density), and the exam's
+    call: a chest radiograph abnormal when any finding is positive, a mammogram's
+    highest assessment category, a fundus exam referable when either eye is, else
+    ungradable when an eye is, else not referable."""
+    quality = codes.DCM.UnusableQualityRendersImageUnusable if ungradable else None
+    calls: list[Call] = [(IMAGE_QUALITY, quality)] if gated else []
     calls += [(f.label, None) for f in found if f.positive]
     by_output: dict[str, list[Finding]] = {}
     for f in found:
@@ -231,6 +240,14 @@ def summary_calls(found: Sequence[Finding], *, gated: bool = False, task: str = 
     exam = next((f for f in found if f.label == "malignancy exam"), None)
     if task == "mammography" and exam is not None:
         calls.append(("Assessment Category", RECALL if exam.positive else NEGATIVE))
+    if task == "fundus":
+        if any(f.positive for f in found):
+            outcome = "Referable"
+        elif ungradable:
+            outcome = f"Ungradable {' and '.join(ungradable)}"
+        else:
+            outcome = "Not referable"
+        calls.append(("Finding", outcome))
     return calls
 
 
@@ -247,11 +264,11 @@ def _category_call(output: str, label: str) -> Call:
 
 def call(name: str, value: str | Code | None) -> hd.sr.QualitativeEvaluation:
     """One call of the summary: ``name`` is present, or its category is ``value``; the
-    image quality in DCM codes (111101, 111237)."""
+    image quality in DCM codes (111101; 111237 usable unless ``value`` says otherwise)."""
     if name == IMAGE_QUALITY:
-        return hd.sr.QualitativeEvaluation(
-            name=codes.DCM.ImageQuality, value=codes.DCM.UsableMeetsTheQualityControlStandard
-        )
+        usable = codes.DCM.UsableMeetsTheQualityControlStandard
+        quality = value if isinstance(value, Code) else usable
+        return hd.sr.QualitativeEvaluation(name=codes.DCM.ImageQuality, value=quality)
     if value is None:
         return hd.sr.QualitativeEvaluation(name=concept(name), value=codes.SCT.Present)
     shown = coded(value) if isinstance(value, Code) else concept(value)
@@ -269,13 +286,15 @@ def build_report(
     readings: Sequence[Reading] = (),
     placements: Sequence[Placement | None] | None = None,
     evidence: Sequence[Dataset] = (),
+    ungradable: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one job; ``sources`` are the headers of the images it read.
 
     ``outputs`` are the model's outputs by name, or findings already derived from them
     (an exam-level aggregation). ``readings`` (per eye, per breast) come first, drawn on
     their images; ``placements`` say where the input tensor lay on each source image;
-    ``evidence`` are other objects the job made (its heatmaps), which the report lists.
+    ``evidence`` are other objects the job made (its heatmaps), which the report lists;
+    ``ungradable`` names the eyes of a fundus exam that could not be graded.
     """
     sources = [report_source(s) for s in sources]
     found = findings(manifest, outputs) if isinstance(outputs, Mapping) else list(outputs)
@@ -298,7 +317,9 @@ def build_report(
         )
         for finding in drawn_first(found, located)
     ]
-    calls = summary_calls(found, gated=manifest.quality is not None, task=manifest.task)
+    calls = summary_calls(
+        found, gated=manifest.quality is not None, task=manifest.task, ungradable=ungradable
+    )
     groups.append(
         summary_group(
             constant,

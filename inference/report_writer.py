@@ -93,6 +93,7 @@ class ReportWriter:
         readings: Sequence[Reading] = (),
         placements: Sequence[Placement | None] | None = None,
         evidence: Sequence[Dataset] = (),
+        ungradable: Sequence[str] = (),
     ) -> EncodedReport:
         """The report :func:`~inference.report.build_report` makes of the same arguments."""
         manifest = self.constant.manifest
@@ -131,7 +132,9 @@ class ReportWriter:
                 values["graphic"] = box.polyline().flatten().tolist()
             group = self._group(finding, classes, box is not None, charset)
             (drawn if box is not None else listed).append(assemble(group, values))
-        calls = summary_calls(found, gated=manifest.quality is not None, task=manifest.task)
+        calls = summary_calls(
+            found, gated=manifest.quality is not None, task=manifest.task, ungradable=ungradable
+        )
         summary_values = {
             **references,
             "tracking": derived_uid(job, "summary"),

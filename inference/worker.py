@@ -23,12 +23,20 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from inference.eyes import Ungradable, exam
 from inference.forward import PREFIX, Destination, send
 from inference.geometry import Placement
 from inference.heatmap import heatmaps, map_uids, parametric_map
 from inference.preprocess import Unusable, prepare
 from inference.quality import NotAssessable
-from inference.readings import View, breast_readings, fundus_reading, organ_box
+from inference.readings import (
+    SIDES,
+    View,
+    breast_readings,
+    fundus_reading,
+    laterality,
+    organ_box,
+)
 from inference.report import (
     Finding,
     UnreportableSource,
@@ -124,7 +132,7 @@ class Worker:
             return False
         try:
             with self._renewing(job):
-                result = self.process(job)
+                result, note = self.process(job)
         except NotAssessable as exc:
             # The quality gate: skipped with what was measured, and the report saying so.
             self.queue.skip(job, str(exc), result=exc.report)
@@ -149,7 +157,7 @@ class Worker:
                 job, f"{type(exc).__name__}: {exc}", max_attempts=self.settings.max_attempts
             )
         else:
-            if not self.queue.complete(job, result):
+            if not self.queue.complete(job, result, note=note):
                 log.warning("job %d lost its lease; its report stays the latest run's", job.id)
         return True
 
@@ -188,14 +196,16 @@ class Worker:
                 self._wake.wait(idle)
                 self._wake.clear()
 
-    def process(self, job: Job) -> str:
-        """Run the job; the result is the SOP Instance UID of the report (or the one sent)."""
+    def process(self, job: Job) -> tuple[str, str]:
+        """Run the job: the SOP Instance UID of the report (or the one sent), and what
+        the job's record should say besides (an exam's ungradable eye)."""
         if job.model.startswith(PREFIX):
-            return self._forward(job)
+            return self._forward(job), ""
         installed = self.models.get(job.model)
         manifest = installed.manifest
         runner = self.session(manifest, installed.folder)
         unreadable = None
+        note = ""
         maps: list[EncodedReport] = []
         try:
             if manifest.routing.level == "instance":
@@ -234,7 +244,7 @@ class Worker:
                 )
                 sources = [record.SOPInstanceUID]
             else:
-                report, sources = self._study(job, manifest, runner.infer)
+                report, sources, note = self._study(job, manifest, runner.infer)
         except NotAssessable as exc:
             # Reported as such (no finding, nothing to read as negative), and the job
             # keeps the reason.
@@ -278,7 +288,7 @@ class Worker:
         if unreadable is not None:
             unreadable.report = stored
             raise unreadable
-        return stored
+        return stored, note
 
     def _forward(self, job: Job) -> str:
         name = job.model.removeprefix(PREFIX)
@@ -327,9 +337,9 @@ class Worker:
 
     def _study(
         self, job: Job, manifest: Manifest, infer: Callable[[np.ndarray], list[np.ndarray]]
-    ) -> tuple[EncodedReport, list[str]]:
+    ) -> tuple[EncodedReport, list[str], str]:
         """Every usable view, then the manifest's aggregation per breast and per exam;
-        the report and the SOP Instance UIDs of the views it was made from."""
+        the report, the SOP Instance UIDs of the views it was made from, and a note."""
         images: list[tuple[InstanceRecord, StoredImage]] = []
         for record in self.archive.records(job.StudyInstanceUID):
             with self.archive.open_parsed(record) as stream:
@@ -341,6 +351,8 @@ class Worker:
         missing = missing_views([v for _, _, v in usable], manifest)
         if missing:
             raise Unusable(f"views missing from the study: {', '.join(missing)}")
+        if manifest.task == "fundus":
+            return self._eyes(job, manifest, infer, [(r, i) for r, i, _ in usable])
         assert manifest.aggregation is not None
         sources = []
         views = []
@@ -360,7 +372,57 @@ class Worker:
         found, per_breast = aggregate(manifest, views)
         readings = breast_readings(manifest, views, per_breast)
         report = self.writer(manifest).write(sources, found, job=_job_key(job), readings=readings)
-        return report, [r.SOPInstanceUID for r, _i, _v in usable]
+        return report, [r.SOPInstanceUID for r, _i, _v in usable], ""
+
+    def _eyes(
+        self,
+        job: Job,
+        manifest: Manifest,
+        infer: Callable[[np.ndarray], list[np.ndarray]],
+        usable: list[tuple[InstanceRecord, StoredImage]],
+    ) -> tuple[EncodedReport, list[str], str]:
+        """A fundus exam: every photograph through the quality gate and the model, then
+        each eye and the exam (:mod:`inference.eyes`). An ungradable photograph is part
+        of the report, and the note says what it measured; only when none can be graded
+        is the exam not assessable."""
+        names = [o.name for o in manifest.outputs]
+        views: list[View] = []
+        unreadable: list[NotAssessable] = []
+        for record, image in usable:
+            try:
+                tensor, header, placement = self._read(record, manifest, image)
+            except NotAssessable as exc:
+                unreadable.append(exc)
+                continue
+            box = organ_box(tensor, placement, manifest.preprocessing)
+            named = dict(zip(names, infer(tensor), strict=True))
+            views.append(View(laterality(header), header, named, box, placement))
+        if not views:
+            raise unreadable[0]
+        failed = [
+            Ungradable(
+                exc.source,
+                tuple(exc.measures.named()),
+                tuple(s.measure for s in exc.shortfalls),
+            )
+            for exc in unreadable
+            if exc.source is not None
+        ]
+        result = exam(manifest, views, failed)
+        sources = [v.header for v in views] + [u.header for u in failed]
+        report = self.writer(manifest).write(
+            sources,
+            result.found,
+            job=_job_key(job),
+            readings=result.readings,
+            ungradable=result.ungradable,
+        )
+        note = "; ".join(
+            f"{SIDES.get(laterality(exc.source), 'unknown')} eye {exc}"
+            for exc in unreadable
+            if exc.source is not None
+        )
+        return report, [r.SOPInstanceUID for r, _ in usable], note
 
     def _store(self, report: EncodedReport, sources: list[str]) -> str:
         source = InstanceSource.from_data_set(

@@ -66,6 +66,15 @@ def render_card(m: Manifest) -> str:
     lines += ["", "## Operating points", "", "| output | label | threshold |", "|---|---|---:|"]
     for point in m.operating_points:
         lines.append(f"| {point.output} | {point.label} | {point.threshold:.3f} |")
+    if m.task == "fundus" and m.routing.level == "study":
+        lines += [
+            "",
+            "## Exam-level aggregation",
+            "",
+            "Each eye: its gradable photograph with the highest referable probability; an "
+            "eye with none is ungradable. The exam: referable if either eye is, else "
+            "ungradable if an eye is, else not referable.",
+        ]
     if m.aggregation is not None:
         a = m.aggregation
         lines += [

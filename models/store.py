@@ -185,6 +185,7 @@ def cached_demo(store: ModelStore, task: Task) -> Manifest | None:
         existing.version == DEMO_VERSION
         and existing.quality == task.quality
         and existing.parametric_maps == task.parametric_maps
+        and existing.routing == task.routing
     )
     if existing.weights.demo and current:
         return existing

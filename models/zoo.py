@@ -166,8 +166,10 @@ FUNDUS = Task(
         mean=[0.485, 0.456, 0.406],
         std=[0.229, 0.224, 0.225],
     ),
+    # An exam: each eye, and the patient referable if either eye is, once the study's
+    # photographs have all arrived.
     routing=Routing(
-        level="instance",
+        level="study",
         match={
             "Modality": ["OP", "XC"],
             "SOPClassUID": FUNDUS_CLASSES,

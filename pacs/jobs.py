@@ -259,8 +259,10 @@ class JobQueue:
         except SQLAlchemyError as exc:
             raise IndexFailure(f"cannot record the job's outcome: {exc}") from exc
 
-    def complete(self, claimed: Job, result: str) -> bool:
-        return self._finish(claimed, state=JobState.DONE, result=result, reason="")
+    def complete(self, claimed: Job, result: str, *, note: str = "") -> bool:
+        """Done; ``note`` is kept as the job's reason (a part of the work that could not
+        be done, such as an ungradable eye of an exam that was read)."""
+        return self._finish(claimed, state=JobState.DONE, result=result, reason=note)
 
     def skip(self, claimed: Job, reason: str, *, result: str = "") -> bool:
         """The model does not apply after all (an unusable image, missing views); the

@@ -136,21 +136,21 @@ def _screened(archive: Archive, models: Path, datasets: list[Dataset]) -> list[J
 
 
 @pytest.mark.slow
-def test_each_eye_is_read_on_its_own_photograph(
+def test_each_eye_is_read_on_its_own_photograph_and_the_exam_on_both(
     archive: Archive, demo_models: Path, tmp_path: Path
 ) -> None:
+    """One report per exam: each eye drawn on its photograph with its grade, referable
+    call and gradability, then the exam, referable when either eye is."""
     photographs = fundus_op(Rng(21), PATIENT, 0.1, "20260101", "F1")
     jobs = [j for j in _screened(archive, demo_models, photographs) if j.model.startswith("fundus")]
-    assert len(jobs) == 2
-    assert all(j.state == JobState.DONE for j in jobs), jobs
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in photographs}
-    sides = set()
-    for job in jobs:
-        sr = _report(archive, job.StudyInstanceUID, job.result)
-        first = _groups(sr)[0]  # viewers open a report at its first group: the eye
-        photograph = by_uid[job.SOPInstanceUID]
-        side = str(photograph.ImageLaterality)
-        sides.add(side)
+    (job,) = jobs
+    assert job.state == JobState.DONE, job.reason
+    sr = _report(archive, job.StudyInstanceUID, job.result)
+    by_side = {str(ds.ImageLaterality): ds for ds in photographs}
+    eyes = _groups(sr)[:2]  # viewers open a report at its first group: an eye
+    calls = []
+    for first, side in zip(eyes, ("R", "L"), strict=True):
+        photograph = by_side[side]
         eye = {"L": "left", "R": "right"}[side]
         identifier = _text(first, "Tracking Identifier")
         assert identifier.startswith(f"{eye} eye: ICDR grade ")
@@ -159,18 +159,53 @@ def test_each_eye_is_read_on_its_own_photograph(
         assert called["ICDR grade"][1].startswith(identifier.split("ICDR grade ")[1][0])
         assert called["referable DR"][1] in ("Present", "Absent")
         assert ("not referable" in identifier) == (called["referable DR"][1] == "Absent")
+        calls.append(called["referable DR"][1])
         assert called["Image Quality"][0] == "111237"  # gradable
         image, points = _region(first)
-        assert image == job.SOPInstanceUID
+        assert image == str(photograph.SOPInstanceUID)
         # The square inscribed in the circular field of view.
         top, left, bottom, right = _bright_bounds(photograph)
         centre = np.array([(left + right) / 2, (top + bottom) / 2])
         half = max(right - left, bottom - top) / 2 / np.sqrt(2)
         assert points.min(axis=0) == pytest.approx(centre - half, abs=3)
         assert points.max(axis=0) == pytest.approx(centre + half, abs=3)
-        if shutil.which("dciodvfy"):
-            assert _dciodvfy_errors(sr, tmp_path / f"{side}.dcm") == []
-    assert sides == {"L", "R"}
+    summary = _text(_summary(sr), "Tracking Identifier")
+    expected = "Referable" if "Present" in calls else "Not referable"
+    assert summary.startswith(f"AI exam: {expected}")
+    if shutil.which("dciodvfy"):
+        assert _dciodvfy_errors(sr, tmp_path / "exam.dcm") == []
+
+
+@pytest.mark.slow
+def test_an_ungradable_eye_is_said_and_never_read_as_not_referable(
+    archive: Archive, demo_models: Path, tmp_path: Path
+) -> None:
+    """The left photograph too dark to grade: the right eye is read, the left is
+    "ungradable" with the measures on its photograph (DCM 111235), and the exam is not
+    "not referable" (PS3.16 CID 7031 image quality)."""
+    right, left = fundus_op(Rng(23), PATIENT, 0.1, "20260101", "F2")
+    pixels = left.pixel_array.astype(np.float64) * 0.2
+    left.PixelData = pixels.astype(np.uint8).tobytes()
+    (job,) = [
+        j for j in _screened(archive, demo_models, [right, left]) if j.model.startswith("fundus")
+    ]
+    assert job.state == JobState.DONE, job.reason
+    sr = _report(archive, job.StudyInstanceUID, job.result)
+    seen, unseen = _groups(sr)[:2]
+    assert _text(seen, "Tracking Identifier").startswith("right eye: ICDR grade ")
+    identifier = _text(unseen, "Tracking Identifier")
+    assert identifier.startswith("left eye: ungradable: mean brightness")
+    assert _coded(unseen)["Image Quality"][0] == "111235"
+    assert "referable DR" not in _coded(unseen)
+    image, _ = _region(unseen)
+    assert image == str(left.SOPInstanceUID)
+    summary = _summary(sr)
+    words = _text(summary, "Tracking Identifier")
+    referable = _coded(seen)["referable DR"][1] == "Present"
+    assert words.startswith("AI exam: Referable" if referable else "AI exam: Ungradable left eye")
+    assert _coded(summary)["Image Quality"][0] == "111235"
+    if shutil.which("dciodvfy"):
+        assert _dciodvfy_errors(sr, tmp_path / "ungradable.dcm") == []
 
 
 @pytest.mark.slow

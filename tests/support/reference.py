@@ -153,6 +153,11 @@ def expected(manifest: Manifest, sources: Sequence[Dataset]) -> dict[str, float]
             if spec.kind == "scores"
             for label, value in zip(spec.labels, values, strict=True)
         }
+    if manifest.task == "fundus":
+        # The exam: referable if either eye is, each eye its photograph with the most
+        # evidence; so the most referable photograph.
+        label = manifest.outputs[1].labels[0]
+        return {label: max(float(outputs(manifest, ds)[1][0]) for ds in sources)}
     rule = manifest.aggregation
     assert rule is not None
     reduce: dict[str, Callable[..., Any]] = {"max": np.max, "mean": np.mean}
@@ -180,16 +185,19 @@ def expected_readings(
     names = [o.name for o in manifest.outputs]
     sides = {"L": "left", "R": "right"}
     if manifest.task == "fundus":
-        (ds,) = sources
-        grades, referable = outputs(manifest, ds)
-        best = int(np.argmax(grades))
-        label = manifest.outputs[0].labels[best]
-        return {
-            f"{sides[str(ds.ImageLaterality)]} eye": {
+        eyes: dict[str, list[list[np.ndarray]]] = defaultdict(list)
+        for ds in sources:
+            eyes[str(ds.ImageLaterality)].append(outputs(manifest, ds))
+        read = {}
+        for side, runs in eyes.items():
+            grades, referable = max(runs, key=lambda r: float(r[1][0]))
+            best = int(np.argmax(grades))
+            label = manifest.outputs[0].labels[best]
+            read[f"{sides[side]} eye"] = {
                 f"ICDR grade {label.split()[0]} probability": float(grades[best]),
                 "referable DR probability": float(referable[0]),
             }
-        }
+        return read
     if manifest.task != "mammography":
         return {}
     rule = manifest.aggregation

@@ -50,7 +50,8 @@ def heatmaps(
     placement: Placement | None,
 ) -> list[Heatmap]:
     """The maps of the manifest's ``parametric_maps`` most probable positive findings
-    that have one; none when the input's place on the image is not known."""
+    whose map has a place that stands out (a flat map shows nothing); none when the
+    input's place on the image is not known."""
     if not manifest.parametric_maps or placement is None:
         return []
     spec = next((o for o in manifest.outputs if o.kind == "map"), None)
@@ -59,7 +60,7 @@ def heatmaps(
     maps = np.asarray(outputs[spec.name]).reshape(len(spec.labels), *spec.shape[2:])
     by_label = dict(zip(spec.labels, maps, strict=True))
     positive = sorted(
-        (f for f in found if f.positive and f.label in by_label),
+        (f for f in found if f.positive and f.label in by_label and np.ptp(by_label[f.label]) > 0),
         key=lambda f: f.probability,
         reverse=True,
     )
@@ -71,10 +72,8 @@ def shown(activation: np.ndarray, placement: Placement, manifest: Manifest) -> n
     """A finding's map on the image as the fraction of the way from its lowest to its
     highest cell, and 0 below half of that: what a reader needs is where the evidence
     is, and a map whose every pixel is coloured (a class activation map is rarely near
-    its floor anywhere) hides the image."""
+    its floor anywhere) hides the image. The map must not be flat."""
     low, high = float(np.min(activation)), float(np.max(activation))
-    if high <= low:
-        return np.zeros((placement.rows, placement.columns), np.float32)
     scaled = (np.asarray(activation, dtype=np.float64) - low) / (high - low)
     values = on_image(scaled, placement, manifest.preprocessing)
     values[values < SHOWN_FROM] = 0.0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from pacs.archive import Archive, Origin
 from pacs.jobs import JobState
 from pacs.pixels import read_image
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, fundus_op, mammography
+from tests.support import dciodvfy
 from tests.support.instances import source
 from tests.support.pipeline import drain, pipeline
 
@@ -233,14 +233,7 @@ def test_the_report_of_an_image_not_assessable_says_so_in_standard_codes(tmp_pat
     assert not called & {"52101004", "2667000"}  # SCT Present, Absent: nothing called
     if shutil.which("dciodvfy") is None:
         pytest.skip("dicom3tools not installed")
-    path = tmp_path / "sr.dcm"
-    sr.save_as(path, enforce_file_format=True)
-    result = subprocess.run(
-        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    errors = [
-        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
-    ]
+    errors = dciodvfy.errors(sr, tmp_path / "sr.dcm")
     assert errors == [], "\n".join(errors)
 
 

@@ -11,7 +11,6 @@ highest category. dciodvfy finds no error in either report.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from models.zoo import MAMMOGRAPHY
 from pacs.archive import Archive, Origin
 from pacs.jobs import Job, JobState
 from scripts.synthetic_corpus import Patient, Rng, fundus_op, mammography
+from tests.support import dciodvfy
 from tests.support.instances import source
 from tests.support.pipeline import drain, pipeline
 from tests.support.zoo import manifest_of
@@ -106,16 +106,6 @@ def _report(archive: Archive, study: str, uid: str) -> Dataset:
         return pydicom.dcmread(stream)
 
 
-def _dciodvfy_errors(sr: Dataset, path: Path) -> list[str]:
-    sr.save_as(path, enforce_file_format=True)
-    result = subprocess.run(
-        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    return [
-        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
-    ]
-
-
 def _bright_bounds(ds: Dataset) -> tuple[float, float, float, float]:
     """Top, left, bottom, right of the pixels brighter than the black surround."""
     pixels = ds.pixel_array.astype(np.float64)
@@ -173,7 +163,7 @@ def test_each_eye_is_read_on_its_own_photograph_and_the_exam_on_both(
     expected = "Referable" if "Present" in calls else "Not referable"
     assert summary.startswith(f"AI exam: {expected}")
     if shutil.which("dciodvfy"):
-        assert _dciodvfy_errors(sr, tmp_path / "exam.dcm") == []
+        assert dciodvfy.errors(sr, tmp_path / "exam.dcm") == []
 
 
 @pytest.mark.slow
@@ -205,7 +195,7 @@ def test_an_ungradable_eye_is_said_and_never_read_as_not_referable(
     assert words.startswith("AI exam: Referable" if referable else "AI exam: Ungradable left eye")
     assert _coded(summary)["Image Quality"][0] == "111235"
     if shutil.which("dciodvfy"):
-        assert _dciodvfy_errors(sr, tmp_path / "ungradable.dcm") == []
+        assert dciodvfy.errors(sr, tmp_path / "ungradable.dcm") == []
 
 
 @pytest.mark.slow
@@ -255,7 +245,7 @@ def test_each_breast_is_read_on_its_cc_view_and_the_exam_takes_the_highest_categ
     words = {RECALL.value: RECALL.meaning, NEGATIVE.value: NEGATIVE.meaning}[highest]
     assert _text(summary, "Tracking Identifier").startswith(f"AI exam: {words}")
     if shutil.which("dciodvfy"):
-        assert _dciodvfy_errors(sr, tmp_path / "mammo.dcm") == []
+        assert dciodvfy.errors(sr, tmp_path / "mammo.dcm") == []
 
 
 def test_the_exam_category_is_the_highest_of_its_breasts() -> None:

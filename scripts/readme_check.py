@@ -364,10 +364,12 @@ class Context:
 
 
 def _non_report_instances() -> int:
+    """Instances not made by screening: neither its reports (SR) nor its heatmaps (the
+    series "AI heatmaps ...")."""
     return sum(
         int(value(s, "00201209") or 0)
         for s in qido("/series?limit=100000")
-        if value(s, "00080060") != "SR"
+        if value(s, "00080060") != "SR" and not str(value(s, "0008103E") or "").startswith("AI ")
     )
 
 
@@ -434,12 +436,25 @@ def _after_storescp(_ctx: Context, _result: Result) -> None:
         time.sleep(0.5)
 
 
-def _retrieved_into(folder: str) -> Callable[[Context, Result], None]:
-    def check(ctx: Context, _result: Result) -> None:
-        expected = _study_instances(_resolve(ctx, "study"))
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+
+
+def _retrieved_into(folder: str, *, unproposed: tuple[str, ...] = ()) -> Callable[..., None]:
+    """Every instance of the study in ``folder``, but those of the SOP Classes the SCU
+    does not propose (a C-GET can only send what the SCU accepts, PS3.4 C.4.3), which
+    its final status must then count as failed (Warning B000)."""
+
+    def check(ctx: Context, result: Result) -> None:
+        study = _resolve(ctx, "study")
+        left_out = sum(
+            len(qido(f"/studies/{study}/instances?SOPClassUID={uid}")) for uid in unproposed
+        )
+        expected = _study_instances(study) - left_out
         got = _files(ctx.root / folder)
         if got != expected:
-            raise CheckFailed(f"{got} files in {folder}/, the study has {expected} instances")
+            raise CheckFailed(f"{got} files in {folder}/, {expected} expected of the study")
+        if left_out and "SubOperationsCompleteOneOrMoreFailures" not in result.output:
+            raise CheckFailed(f"{left_out} instances not sent, and no warning said so")
 
     return check
 
@@ -515,7 +530,8 @@ CHECKS = (
     Check(r"^\.venv/bin/filmless import demo-data", _after_import),
     Check(r"^storescp ", _after_storescp),
     Check(r"^movescu ", _retrieved_into("moved")),
-    Check(r"^getscu ", _retrieved_into("got")),
+    # dcmtk's getscu proposes its own list of storage SOP Classes, without Parametric Map.
+    Check(r"^getscu ", _retrieved_into("got", unproposed=(PARAMETRIC_MAP,))),
     Check(r"PatientName=M\*", _after_name_query),
     Check(r"/studies/<study>/instances\"$", _after_instances),
     Check(r"/metadata\"$", _after_metadata),

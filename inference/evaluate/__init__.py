@@ -1,0 +1,1 @@
+"""Evaluation of screening models on labelled data, for researchers."""

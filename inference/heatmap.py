@@ -86,6 +86,11 @@ def map_uid(job: str, label: str) -> str:
     return derived_uid(job, "parametric map", label)
 
 
+def series_uid(StudyInstanceUID: str, manifest: Manifest) -> str:
+    """The series of a model's maps in a study: one per study and model, as its reports."""
+    return derived_uid(StudyInstanceUID, manifest.name, "maps")
+
+
 def map_uids(manifest: Manifest, job: str) -> list[str]:
     """Every map UID a job of this model can have: those not made by a run are stale."""
     spec = next((o for o in manifest.outputs if o.kind == "map"), None)
@@ -120,7 +125,7 @@ def parametric_map(
         pm = hd.pm.ParametricMap(
             [header],
             heatmap.values,
-            series_instance_uid=derived_uid(str(header.StudyInstanceUID), manifest.name, "maps"),
+            series_instance_uid=series_uid(str(header.StudyInstanceUID), manifest),
             series_number=SERIES_NUMBER,
             sop_instance_uid=map_uid(job, label),
             instance_number=instance_number,

@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from inference.eyes import Ungradable, exam
 from inference.forward import PREFIX, Destination, send
 from inference.geometry import Placement
-from inference.heatmap import heatmaps, map_uids, parametric_map
+from inference.heatmap import heatmaps, map_uids, parametric_map, series_uid
 from inference.preprocess import Unusable, prepare
 from inference.quality import NotAssessable
 from inference.readings import (
@@ -272,8 +272,16 @@ class Worker:
         if manifest.parametric_maps and manifest.routing.level == "instance":
             # Maps of an earlier run of this job for findings that are no longer among
             # those mapped.
-            kept = {m.SOPInstanceUID for m in maps}
-            self.archive.delete_all(u for u in map_uids(manifest, _job_key(job)) if u not in kept)
+            # Read first: most jobs have none, and a delete takes the index's write lock.
+            possible = set(map_uids(manifest, _job_key(job))) - {m.SOPInstanceUID for m in maps}
+            series = series_uid(job.StudyInstanceUID, manifest)
+            stale = [
+                r.SOPInstanceUID
+                for r in self.archive.index.records(job.StudyInstanceUID, series)
+                if r.SOPInstanceUID in possible
+            ]
+            if stale:
+                self.archive.delete_all(stale)
         self.archive.audit.record(
             AuditEvent.STORE,
             self.actor(job),

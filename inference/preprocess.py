@@ -24,6 +24,7 @@ from monai.transforms.compose import Compose
 from monai.transforms.croppad.array import CenterSpatialCrop, ResizeWithPadOrCrop, SpatialPad
 from monai.transforms.intensity.array import NormalizeIntensity, ScaleIntensityRange
 from monai.transforms.spatial.array import Resize
+from pydicom.dataset import Dataset
 
 from inference.area import area_resize, longest_side
 from inference.geometry import Placement
@@ -72,18 +73,12 @@ def prepare(
 ) -> Prepared:
     """:func:`preprocess`, with the placement a report needs to draw on the image."""
     image = image or read_image(stream)
-    tensor, field, placement = _prepared(stream, preprocessing, image, quality)
-    if quality is not None:
-        gate(tensor, preprocessing, quality, field)
-    return Prepared(tensor, placement)
+    return prepare_frame(decode(stream, preprocessing, image), image.header, preprocessing, quality)
 
 
-def _prepared(
-    stream: BinaryIO, preprocessing: Preprocessing, image: StoredImage, quality: Quality | None
-) -> tuple[np.ndarray, float | None, Placement | None]:
-    """The tensor, a colour photograph's field of view when the gate asks for it, and
-    the tensor's placement on the image."""
-    field = None
+def decode(stream: BinaryIO, preprocessing: Preprocessing, image: StoredImage) -> np.ndarray:
+    """The first frame as the model's colour kind needs it: (rows, columns) stored
+    values, or (rows, columns, 3) RGB; :class:`Unusable` for the other kind."""
     if not image.has_pixels:
         raise Unusable("the instance has no pixel data")
     ds = image.header
@@ -92,7 +87,30 @@ def _prepared(
     if preprocessing.color == "rgb":
         if samples != 3:
             raise Unusable(f"a {photometric} image; the model takes colour photographs")
-        frame = decoded_frame(stream, image, 0, rgb=True)
+        return decoded_frame(stream, image, 0, rgb=True)
+    if samples != 1 or photometric == "PALETTE COLOR":
+        raise Unusable(f"a {photometric} image; the model takes grayscale")
+    return decoded_frame(stream, image, 0, rgb=False)
+
+
+def prepare_frame(
+    frame: np.ndarray, ds: Dataset, preprocessing: Preprocessing, quality: Quality | None = None
+) -> Prepared:
+    """A decoded frame (:func:`decode`, or a picture's pixels with a header that
+    describes them) to the model input, gated when ``quality`` is given."""
+    tensor, field, placement = _prepared(frame, ds, preprocessing, quality)
+    if quality is not None:
+        gate(tensor, preprocessing, quality, field)
+    return Prepared(tensor, placement)
+
+
+def _prepared(
+    frame: np.ndarray, ds: Dataset, preprocessing: Preprocessing, quality: Quality | None
+) -> tuple[np.ndarray, float | None, Placement | None]:
+    """The tensor, a colour photograph's field of view when the gate asks for it, and
+    the tensor's placement on the image."""
+    field = None
+    if preprocessing.color == "rgb":
         top = 2 ** int(ds.get("BitsStored", 8)) - 1
         if quality is not None and quality.min_field_of_view is not None:
             field = field_of_view(frame, top)
@@ -101,9 +119,6 @@ def _prepared(
             return tensor, field, found
         chw = _scaled(frame, top)
     else:
-        if samples != 1 or photometric == "PALETTE COLOR":
-            raise Unusable(f"a {photometric} image; the model takes grayscale")
-        frame = decoded_frame(stream, image, 0, rgb=False)
         if _crop_first(preprocessing):
             frame = frame[_center_square(frame.shape)]
         chw = grey(frame, ds, stretch=preprocessing.voi == "minmax")[None]

@@ -59,10 +59,10 @@ def exam(manifest: Manifest, views: Sequence[View], unreadable: Sequence[Ungrada
     readings: list[Reading] = []
     scores: list[float] = []
     ungradable: list[str] = []
+    chosen = worst_per_eye(manifest, views)
     for side in ("R", "L"):
-        own = [v for v in views if v.name == side]
-        if own:
-            worst = max(own, key=lambda v: referable(manifest, v))
+        worst = chosen.get(side)
+        if worst is not None:
             readings.append(fundus_reading(manifest, worst.outputs, worst.header, worst.box))
             scores.append(referable(manifest, worst))
             continue
@@ -74,6 +74,17 @@ def exam(manifest: Manifest, views: Sequence[View], unreadable: Sequence[Ungrada
     if scores:
         found.append(Finding(spec.name, spec.labels[0], max(scores), threshold))
     return Exam(readings, found, ungradable)
+
+
+def worst_per_eye(manifest: Manifest, views: Sequence[View]) -> dict[str, View]:
+    """Per eye (``R``, ``L``), its gradable photograph with the most evidence of
+    referable disease: the one that stands for the eye."""
+    chosen: dict[str, View] = {}
+    for side in ("R", "L"):
+        own = [v for v in views if v.name == side]
+        if own:
+            chosen[side] = max(own, key=lambda v: referable(manifest, v))
+    return chosen
 
 
 def ungradable_reading(photo: Ungradable) -> Reading:

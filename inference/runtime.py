@@ -39,6 +39,17 @@ def choose_providers(preferred: Sequence[str], available: Sequence[str]) -> list
     return [*chosen, CPU]
 
 
+def open_session(path: Path, providers: Sequence[str], threads: int) -> ort.InferenceSession:
+    """A session as screening runs it (all graph optimisations, ``threads`` per pass,
+    0: ONNX Runtime's default), on the first of ``providers`` this machine has."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    wanted = choose_providers(providers, ort.get_available_providers())
+    return ort.InferenceSession(str(path), options, providers=wanted)
+
+
 @dataclass
 class _Request:
     tensor: np.ndarray
@@ -63,11 +74,7 @@ class BatchingSession:
         on_cpu = wanted[0] == CPU
         runs = runs or (cores() if on_cpu else 1)
         threads = threads or (max(1, cores() // runs) if on_cpu else 0)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=wanted)
+        self.session = open_session(path, wanted, threads)
         self.providers = list(self.session.get_providers())
         log.info(
             "%s runs on %s, %d pass(es) at a time, %s thread(s) each",

@@ -12,17 +12,16 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from inference.aggregation import aggregate
 from inference.eyes import Ungradable, exam
 from inference.forward import PREFIX, Destination, send
 from inference.geometry import Placement
@@ -38,7 +37,6 @@ from inference.readings import (
     organ_box,
 )
 from inference.report import (
-    Finding,
     UnreportableSource,
     derived_uid,
     findings,
@@ -447,31 +445,3 @@ class Worker:
 
 def _job_key(job: Job) -> str:
     return f"{job.model}/{job.StudyInstanceUID}/{job.SOPInstanceUID}"
-
-
-def aggregate(manifest: Manifest, views: Sequence[View]) -> tuple[list[Finding], dict[str, float]]:
-    """Mammography: malignancy per breast over its views, the exam over breasts, density
-    over every view, each reduced as the manifest's aggregation says; and the score of
-    each breast (by its laterality)."""
-    assert manifest.aggregation is not None
-    rule = manifest.aggregation
-    reduce: dict[str, Callable[..., Any]] = {"max": np.max, "mean": np.mean}
-    breasts: dict[str, list[float]] = defaultdict(list)
-    densities = []
-    for seen in views:
-        breasts[seen.name.split("-")[0]].append(float(seen.outputs["malignancy"][0]))
-        densities.append(seen.outputs["density"])
-    per_breast = {side: float(reduce[rule.per_breast](v)) for side, v in sorted(breasts.items())}
-    exam = float(reduce[rule.exam](list(per_breast.values())))
-    threshold = manifest.threshold("malignancy")
-    found = [
-        Finding("malignancy", f"malignancy {side}", v, threshold) for side, v in per_breast.items()
-    ]
-    found.append(Finding("malignancy", "malignancy exam", exam, threshold))
-    combined = reduce[rule.density](np.stack(densities), axis=0)
-    labels = next(o for o in manifest.outputs if o.name == "density").labels
-    found += [
-        Finding("density", f"density {label}", float(p), None)
-        for label, p in zip(labels, combined, strict=True)
-    ]
-    return found, per_breast

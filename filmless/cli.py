@@ -1,4 +1,4 @@
-"""The ``filmless`` command: serve, config show, import, models, jobs."""
+"""The ``filmless`` command: serve, config show, import, models, evaluate, jobs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dicomweb.auth import SCOPES, new_token
-from filmless import models_cli
+from filmless import evaluate_cli, models_cli
 from filmless.app import serve
 from filmless.settings import Settings, load_settings, to_toml
 from filmless.viewer import HOW_TO, OHIF_VERSION, ViewerError, install, installed
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import", help="store DICOM files and folders in the archive")
     imp.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     models_cli.add_parser(commands)
+    evaluate_cli.add_parser(commands)
     viewer = commands.add_parser("viewer", help="the OHIF web viewer served at /viewer/")
     viewer_commands = viewer.add_subparsers(dest="viewer_command", required=True)
     install = viewer_commands.add_parser("install", help=f"fetch OHIF {OHIF_VERSION} with npm")
@@ -116,6 +117,8 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
         return import_paths(settings, args.paths, console)
     if args.command == "models":
         return models_cli.run(args, settings, console)
+    if args.command == "evaluate":
+        return evaluate_cli.run(args, settings, console)
     if args.command == "jobs":
         return jobs_command(settings, args, console)
     if args.command == "verify":

@@ -20,6 +20,7 @@ from pathlib import Path
 KEYS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID", "path")
 _PRESENT = {"1", "1.0", "true", "yes", "present"}
 _ABSENT = {"0", "0.0", "false", "no", "absent"}
+_SIDE_COLUMNS = ("laterality", "imagelaterality", "side", "eye", "breast")
 
 
 class LabelsError(ValueError):
@@ -51,22 +52,31 @@ class Matching:
     absent_labels: list[str] = field(default_factory=list)  # model labels with no column
 
 
-def read(path: Path, model_labels: Sequence[str]) -> Labels:
+def read(
+    path: Path, model_labels: Sequence[str], *, key: str | None = None, sided: bool = False
+) -> Labels:
     """Read a labels file; columns named as a model label (case and spaces aside) are
-    labels, the key column is the first of :data:`KEYS` present, the rest subgroups."""
+    labels, the key column is ``key`` or else the first of :data:`KEYS` present, the
+    rest subgroups. ``sided`` (eyes, breasts): a Laterality column (R or L) is part of
+    the key, which becomes ``<key>/<R|L>``."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as stream:
             rows = list(csv.DictReader(stream))
             header = list(rows[0].keys()) if rows else _header(path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise LabelsError(f"{path}: {exc}") from exc
-    key = next((k for k in KEYS if k in header), None)
+    if key is not None and key not in header:
+        raise LabelsError(f"{path}: no column {key!r}")
+    key = key or next((k for k in KEYS if k in header), None)
     if key is None:
         raise LabelsError(f"{path}: no key column; one of {', '.join(KEYS)} is needed")
+    side = next((c for c in header if _folded(c) in _SIDE_COLUMNS), None) if sided else None
+    if sided and side is None:
+        raise LabelsError(f"{path}: eyes and breasts are labelled with a Laterality column (R, L)")
     wanted = {_folded(n): n for n in model_labels}
     names = tuple(wanted[_folded(c)] for c in header if _folded(c) in wanted)
     columns = {wanted[_folded(c)]: c for c in header if _folded(c) in wanted}
-    subgroups = tuple(c for c in header if c != key and _folded(c) not in wanted)
+    subgroups = tuple(c for c in header if c not in (key, side) and _folded(c) not in wanted)
     values: dict[str, dict[str, int | None]] = {}
     groups: dict[str, dict[str, str]] = {}
     repeated = []
@@ -74,6 +84,8 @@ def read(path: Path, model_labels: Sequence[str]) -> Labels:
         unit = (row.get(key) or "").strip()
         if not unit:
             raise LabelsError(f"{path}:{line}: no {key}")
+        if side is not None:
+            unit = f"{unit}/{_side(row.get(side), path, line)}"
         if unit in values:
             repeated.append(unit)
             continue
@@ -87,6 +99,15 @@ def read(path: Path, model_labels: Sequence[str]) -> Labels:
         and all(not g[c] or g[c].casefold() in calls for g in groups.values())
     )
     return Labels(key, names, subgroups, values, groups, tuple(repeated), label_like)
+
+
+def _side(text: str | None, path: Path, line: int) -> str:
+    folded = (text or "").strip().casefold()
+    if folded in ("r", "right"):
+        return "R"
+    if folded in ("l", "left"):
+        return "L"
+    raise LabelsError(f"{path}:{line}: Laterality is {text!r}; R or L expected")
 
 
 def _header(path: Path) -> list[str]:

@@ -346,3 +346,37 @@ def calibration(
         error += count / s.size * abs(mean - observed.value)
         found.append(Bin(float(edges[b]), float(edges[b + 1]), count, mean, observed))
     return error, found
+
+
+def roc_band(
+    scores: Sequence[float] | Array,
+    labels: Sequence[int] | Array,
+    clusters: Sequence[str] | Array,
+    grid: Array,
+    *,
+    resamples: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[Array, Array]:
+    """Pointwise percentile band of the true-positive rate at the false-positive rates
+    of ``grid``, from resampling clusters (patients) as :func:`bootstrap_auroc` does."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    _split(s, y)
+    keys, index = np.unique(np.asarray(clusters), return_inverse=True)
+    members = [np.flatnonzero(index == k) for k in range(keys.size)]
+    rng = np.random.default_rng(seed)
+    curves: list[Array] = []
+    attempts = 0
+    while len(curves) < resamples and attempts < 20 * resamples:
+        attempts += 1
+        drawn = np.concatenate([members[k] for k in rng.integers(0, keys.size, keys.size)])
+        if y[drawn].min() == y[drawn].max():
+            continue
+        fpr, tpr, _ = roc_curve(s[drawn], y[drawn])
+        curves.append(np.interp(grid, fpr, tpr))
+    if not curves:
+        raise NotEstimable("too few clusters of each class to resample")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(np.vstack(curves), [tail, 100 - tail], axis=0)
+    return low, high

@@ -76,7 +76,33 @@ def evaluate(request: Request, progress: Progress) -> Result:
     if request.derive and request.validation is None:
         raise EvaluationError("--derive needs --validation: a labels file of other images")
     if request.derive:
-        points.check_rule(request.derive)
+        try:
+            points.check_rule(request.derive)
+        except points.PointsError as exc:
+            raise EvaluationError(str(exc)) from exc
+    for model in request.models:
+        try:
+            units.check_unit(model.manifest, request.unit)
+        except units.UnitError as exc:
+            raise EvaluationError(str(exc)) from exc
+    elsewhere = [read_predictions(path, request.key) for path in request.predictions]
+    every_label = list(
+        dict.fromkeys(
+            [label for m in request.models for label in units.label_names(m.manifest)]
+            + [label for s in elsewhere for label in s.labels]
+        )
+    )
+    sided = request.unit in ("eye", "breast")
+    # The reference standard is read first: a bad file fails before any model runs.
+    try:
+        truth_file = labels.read(request.labels, every_label, key=request.key, sided=sided)
+        check = (
+            labels.read(request.validation, every_label, key=truth_file.key, sided=sided)
+            if request.validation
+            else None
+        )
+    except labels.LabelsError as exc:
+        raise EvaluationError(str(exc)) from exc
     items, skipped = _items(request)
     scorers: list[Scorer] = []
     excluded: dict[str, list[units.Excluded]] = {}
@@ -87,22 +113,10 @@ def evaluate(request: Request, progress: Progress) -> Result:
         scorers.append(scorer)
         excluded[scorer.name] = lost
         throughput[scorer.name] = spent
-    for path in request.predictions:
-        scorers.append(read_predictions(path, request.key))
+    scorers += elsewhere
     names = [s.name for s in scorers]
     if len(set(names)) != len(names):
         raise EvaluationError(f"two scorers share a name: {names}")
-    every_label = list(dict.fromkeys(label for s in scorers for label in s.labels))
-    sided = request.unit in ("eye", "breast")
-    try:
-        truth_file = labels.read(request.labels, every_label, key=request.key, sided=sided)
-        check = (
-            labels.read(request.validation, every_label, key=truth_file.key, sided=sided)
-            if request.validation
-            else None
-        )
-    except labels.LabelsError as exc:
-        raise EvaluationError(str(exc)) from exc
     keys = _label_keys(scorers, truth_file.key, sided)
     all_units = list(dict.fromkeys(k for s in scorers for k in (u.key for u in s.units)))
     label_of = [keys[k] for k in all_units if k in keys]

@@ -101,6 +101,13 @@ def scores(manifest: Manifest, outputs: Mapping[str, Sequence[float]]) -> dict[s
     return found
 
 
+def check_unit(manifest: Manifest, kind: UnitKind) -> None:
+    if kind == "eye" and manifest.task != "fundus":
+        raise UnitError(f"the eye is a unit of fundus models only, not of {manifest.name}")
+    if kind == "breast" and manifest.task != "mammography":
+        raise UnitError(f"the breast is a unit of mammography models only, not of {manifest.name}")
+
+
 def build(
     manifest: Manifest,
     predictions: Sequence[Prediction],
@@ -108,10 +115,7 @@ def build(
     in_archive: Sequence[bool],
 ) -> Units:
     """The units of ``kind`` from one prediction per image (in the images' order)."""
-    if kind == "eye" and manifest.task != "fundus":
-        raise UnitError("the eye is a unit of fundus models only")
-    if kind == "breast" and manifest.task != "mammography":
-        raise UnitError("the breast is a unit of mammography models only")
+    check_unit(manifest, kind)
     excluded = [
         Excluded(_image_key(p), p.reason) for p in predictions if p.outputs is None and p.reason
     ]

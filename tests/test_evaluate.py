@@ -13,13 +13,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from distributed import LocalCluster
+from PIL import Image
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 from filmless.cli import main
@@ -121,8 +124,8 @@ def test_a_dicom_folder_is_scored_as_the_planted_truth_says(
     with (out / "predictions.csv").open() as stream:
         rows = {r["unit"]: r for r in csv.DictReader(stream)}
     for c in cases:
-        assert float(rows[c.sop]["score Bright"]) == pytest.approx(c.score, abs=1e-5)
-        assert rows[c.sop]["truth Bright"] == str(c.bright)
+        assert float(rows[c.path]["score Bright"]) == pytest.approx(c.score, abs=1e-5)
+        assert rows[c.path]["truth Bright"] == str(c.bright)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["models"][0]["weights_sha256"] == planted.sha256(setup.model / "model.onnx")
     assert manifest["labels"]["sha256"] == planted.sha256(setup.labels)
@@ -418,3 +421,58 @@ def test_requests_that_cannot_be_run_exit_2_with_the_reason(
         == 2
     )
     assert "fundus" in _said(capsys)
+
+
+def test_files_from_other_sources_are_scored_or_listed_with_their_reason(
+    env: Path, tmp_path: Path
+) -> None:
+    """pydicom's bundled files (many vendors, syntaxes and malformations), pictures of
+    every depth, a broken one and a text file: each is scored or listed, nothing is
+    dropped, nothing stops the run."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(Path(pydicom.__file__).parent / "data" / "test_files", folder / "pydicom")
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(
+        folder / "wide.png"
+    )
+    Image.fromarray(np.tile(np.array([10, 200, 30], np.uint8), (16, 16, 1))).save(
+        folder / "colour.png"
+    )
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(folder / "grey-as-rgb.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (folder / "notes.txt").write_text("not an image")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,Bright\nwide.png,1\ngrey-as-rgb.jpg,0\n")
+    model = planted.model(tmp_path / "model", any_image=True)
+    out = tmp_path / "run"
+    assert (
+        _evaluate(
+            "--model",
+            model,
+            "--folder",
+            folder,
+            "--labels",
+            labels,
+            "--key",
+            "path",
+            "--out",
+            out,
+            "--cache",
+            tmp_path / "c.sqlite",
+        )
+        == 0
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    with (out / "predictions.csv").open() as stream:
+        scored = {r["unit"] for r in csv.DictReader(stream)}
+    excluded = {e["unit"]: e["reason"] for e in manifest["excluded"]["planted"]}
+    skipped = {s["path"]: s["reason"] for s in manifest["skipped_files"]}
+    assert "notes.txt" in skipped
+    assert {"wide.png", "grey-as-rgb.jpg"} <= scored
+    assert "colour picture" in excluded["colour.png"]
+    assert "broken.png" in excluded
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert manifest["images"]["count"] + len(skipped) == len(files)
+    assert len(scored) + len(excluded) == manifest["images"]["count"]
+    assert sum(1 for u in scored if u.startswith("pydicom/")) > 10
+    found = _bright(_metrics(out))
+    assert (found["n"], found["positives"]) == (2, 1)

@@ -46,8 +46,9 @@ class Series:
     scores: np.ndarray
     truths: np.ndarray
     clusters: np.ndarray
-    keys: list[str]
+    keys: list[str]  # the units'
     units: list[Unit]
+    label_keys: list[str] = field(default_factory=list)  # their keys in the labels file
 
 
 @dataclass
@@ -78,6 +79,7 @@ def series(scorer: Scorer, label: str, truth: Truth, keys: Mapping[str, str]) ->
         np.array([u.patient for u in chosen]),
         [u.key for u in chosen],
         chosen,
+        [keys[u.key] for u in chosen],
     )
 
 
@@ -170,6 +172,7 @@ def subgroup_metrics(
                 s.clusters[inside],
                 [k for k, keep in zip(s.keys, inside, strict=True) if keep],
                 [u for u, keep in zip(s.units, inside, strict=True) if keep],
+                [k for k, keep in zip(s.label_keys, inside, strict=True) if keep],
             )
             positives = int(part.truths.sum())
             negatives = int(part.truths.size) - positives
@@ -193,11 +196,16 @@ def _delong_only(s: Series) -> dict[str, float]:
 def compare(
     first: Series, second: Series, first_point: Point | None, second_point: Point | None
 ) -> dict[str, Any]:
-    """Two scorers on the units both scored with a known label."""
-    common = sorted(set(first.keys) & set(second.keys))
-    a = dict(zip(first.keys, first.scores, strict=True))
-    b = dict(zip(second.keys, second.scores, strict=True))
-    truth = dict(zip(first.keys, first.truths, strict=True))
+    """Two scorers on the units both scored with a known label: paired by their key in
+    the labels file (a model's images and a file of scores made elsewhere), or by the
+    unit when labels name several units (two models on the same images)."""
+    by_labels = all(len(set(s.label_keys)) == len(s.label_keys) for s in (first, second))
+    first_keys = first.label_keys if by_labels else first.keys
+    second_keys = second.label_keys if by_labels else second.keys
+    common = sorted(set(first_keys) & set(second_keys))
+    a = dict(zip(first_keys, first.scores, strict=True))
+    b = dict(zip(second_keys, second.scores, strict=True))
+    truth = dict(zip(first_keys, first.truths, strict=True))
     x = np.array([a[k] for k in common])
     y = np.array([b[k] for k in common])
     t = np.array([truth[k] for k in common])

@@ -182,8 +182,10 @@ def load(item: Item, manifest: Manifest, max_pixels: int = pixels.LIMITS.max_pix
     except NotAssessable as exc:
         measures = {name: float(value) for name, value in exc.measures.named()}
         return Loaded(None, str(exc), attributes, not_assessable=True, measures=measures)
-    except (Unusable, PacsError, OSError, ValueError) as exc:
-        return Loaded(None, f"{type(exc).__name__}: {exc}", attributes)
+    except Unusable as exc:
+        return Loaded(None, str(exc), attributes)
+    except Exception as exc:  # one unreadable file (any malformation) is listed, not fatal
+        return Loaded(None, f"unreadable: {type(exc).__name__}: {exc}", attributes)
     done = time.perf_counter()
     return Loaded(prepared.tensor, "", attributes, decoded - started, done - decoded)
 

@@ -14,6 +14,7 @@ install or operate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import multiprocessing
 import time
@@ -193,7 +194,12 @@ class Runner:
         throughput.preprocess_seconds = sum(p.preprocess_seconds for p in fresh)
         throughput.infer_seconds = sum(p.infer_seconds for p in fresh)
         throughput.provider = self._provider()
-        return [have[d] for d in known], throughput
+        # One prediction per distinct file; each item keeps its own path (a copy of a
+        # file, or a file renamed since it was cached, is the same image elsewhere).
+        return [
+            dataclasses.replace(have[d], attributes=have[d].attributes | {"path": i.path})
+            for i, d in zip(items, known, strict=True)
+        ], throughput
 
     def _provider(self) -> str:
         return str(

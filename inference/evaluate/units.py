@@ -117,7 +117,9 @@ def build(
     """The units of ``kind`` from one prediction per image (in the images' order)."""
     check_unit(manifest, kind)
     excluded = [
-        Excluded(_image_key(p), p.reason) for p in predictions if p.outputs is None and p.reason
+        Excluded(_image_key(p, archived), p.reason)
+        for p, archived in zip(predictions, in_archive, strict=True)
+        if p.outputs is None and p.reason
     ]
     if kind == "image":
         images = [
@@ -131,7 +133,8 @@ def build(
         study = p.attributes.get("StudyInstanceUID")
         if study is None:
             if p.outputs is not None:
-                excluded.append(Excluded(_image_key(p), f"no StudyInstanceUID: not in a {kind}"))
+                reason = f"no StudyInstanceUID: not in a {kind}"
+                excluded.append(Excluded(_image_key(p, archived), reason))
             continue
         studies[study].append((p, archived))
     units: list[Unit] = []
@@ -146,15 +149,19 @@ def build(
     return Units(units, excluded)
 
 
-def _image_key(p: Prediction) -> str:
-    return p.attributes.get("SOPInstanceUID") or p.attributes["path"]
+def _image_key(p: Prediction, archived: bool) -> str:
+    """An archived image by its SOP Instance UID (unique there); a file by its path: a
+    folder may hold one instance twice (in two transfer syntaxes, say), each counted."""
+    if archived and "SOPInstanceUID" in p.attributes:
+        return p.attributes["SOPInstanceUID"]
+    return p.attributes["path"]
 
 
 def _image_unit(manifest: Manifest, p: Prediction, archived: bool) -> Unit:
     assert p.outputs is not None
     a = p.attributes
     keys = {k: a[k] for k in _KEYS if k in a}
-    key = _image_key(p)
+    key = _image_key(p, archived)
     return Unit(
         key,
         keys,
@@ -201,7 +208,7 @@ def _study_units(
             first.get("PatientID") or study,
             values,
             _groups([p.attributes for p in chosen]),
-            [_image_key(p) for p in chosen],
+            [_image_key(p, archived) for p in chosen],
             study=study,
             side=side,
             in_archive=archived,

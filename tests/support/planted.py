@@ -42,8 +42,11 @@ LABELS = ["Bright", "Dark"]
 DIGITAL_XRAY = UID("1.2.840.10008.5.1.4.1.1.1.1")
 
 
-def model(folder: Path, *, name: str = "planted", gain: float = GAIN) -> Path:
-    """An ONNX model and its manifest: scores sigmoid(+-gain * (mean - 0.5))."""
+def model(
+    folder: Path, *, name: str = "planted", gain: float = GAIN, any_image: bool = False
+) -> Path:
+    """An ONNX model and its manifest: scores sigmoid(+-gain * (mean - 0.5)); for DX
+    images, or with ``any_image`` for every grayscale image (no routing rule)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])
     out = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])
@@ -84,7 +87,7 @@ def model(folder: Path, *, name: str = "planted", gain: float = GAIN) -> Path:
             color="grayscale", size=(SIZE, SIZE), keep_aspect=False, intensity_range=(0.0, 1.0)
         ),
         operating_points=[OperatingPoint(output="probabilities", label="Bright", threshold=0.5)],
-        routing=Routing(level="instance", match={"Modality": ["DX"]}),
+        routing=Routing(level="instance", match={} if any_image else {"Modality": ["DX"]}),
         provenance=Provenance(
             source="test",
             architecture="mean",

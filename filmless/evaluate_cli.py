@@ -177,8 +177,8 @@ def _summary(
         spent = throughput.get(model["name"])
         if spent is not None:
             console.print(
-                f"{model['name']}: {spent.images} images run at "
-                f"{spent.images_per_second:.1f}/s, {spent.cached} from the cache"
+                f"{model['name']}: {spent.images} images read, {spent.inferred} run through "
+                f"the model at {spent.images_per_second:.1f}/s; {spent.cached} from the cache"
             )
     console.print(f"{n} files written to {out}; open {out / 'report.html'}")
 

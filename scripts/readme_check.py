@@ -517,6 +517,41 @@ def _after_report_query(_ctx: Context, result: Result) -> None:
         raise CheckFailed("no SR series in the chest X-ray study")
 
 
+def _labelled(name: str, least: int) -> Callable[[Context, Result], None]:
+    def check(ctx: Context, _result: Result) -> None:
+        rows = (ctx.root / name).read_text().splitlines()[1:]
+        if len(rows) < least:
+            raise CheckFailed(f"{name} labels {len(rows)} radiographs, expected {least} or more")
+
+    return check
+
+
+def _evaluated(folder: str, source: str, least: int) -> Callable[[Context, Result], None]:
+    """The run folder holds what the README says, for the chest model, with at least
+    ``least`` labelled radiographs scored."""
+
+    def check(ctx: Context, _result: Result) -> None:
+        run = ctx.root / "runs" / folder
+        for name in ("metrics.json", "predictions.csv", "manifest.json", "report.html"):
+            if not (run / name).is_file():
+                raise CheckFailed(f"runs/{folder}/{name} was not written")
+        metrics = json.loads((run / "metrics.json").read_text())
+        (model,) = metrics["models"]
+        effusion = model["labels"].get("Effusion", {})
+        if metrics["schema"] != "filmless.evaluate/1" or model["name"] != "cxr-densenet121":
+            raise CheckFailed(f"runs/{folder}/metrics.json: {metrics['schema']}, {model['name']}")
+        if effusion.get("n", 0) < least:
+            raise CheckFailed(f"runs/{folder}: {effusion.get('n')} units scored for Effusion")
+        manifest = json.loads((run / "manifest.json").read_text())
+        if source not in manifest["input"]:
+            raise CheckFailed(f"runs/{folder}/manifest.json: input {manifest['input']}")
+        ctx.facts[f"evaluate {folder}"] = (
+            f"{effusion['n']} units, AUROC {effusion.get('auroc', {}).get('value', 'n/a')}"
+        )
+
+    return check
+
+
 @dataclass(frozen=True)
 class Check:
     pattern: str
@@ -541,6 +576,10 @@ CHECKS = (
     Check(r"-X DELETE .*<ct-study>", _after_delete),
     Check(r"jobs list --state failed$", _after_failed_jobs),
     Check(r"series\?Modality=SR\"$", _after_report_query),
+    Check(r"demo_labels eval-data labels\.csv", _labelled("labels.csv", 36)),
+    Check(r"evaluate .*--folder eval-data .*--out runs/first$", _evaluated("first", "folder", 30)),
+    Check(r"demo_labels demo-data demo-labels\.csv$", _labelled("demo-labels.csv", 1)),
+    Check(r"evaluate .*--archive .*--out runs/archive$", _evaluated("archive", "archive_query", 1)),
 )
 
 

@@ -57,10 +57,12 @@ class ModelRef:
 
 @dataclass
 class Throughput:
-    """What a run took: images run (not from the cache), wall seconds, and the
-    seconds spent in each stage summed over images."""
+    """What a run took: images read (not from the cache), those of them the model ran
+    on (the others were not for it, or not assessable), wall seconds, and the seconds
+    spent in each stage summed over images."""
 
     images: int = 0
+    inferred: int = 0
     cached: int = 0
     seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -73,7 +75,8 @@ class Throughput:
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        """Images run through the model per second of the whole run."""
+        return self.inferred / self.seconds if self.seconds > 0 else 0.0
 
 
 @functools.cache
@@ -190,6 +193,7 @@ class Runner:
         for found in fresh:
             have[found.digest] = found
         throughput.images = len(fresh)
+        throughput.inferred = sum(1 for p in fresh if p.outputs is not None)
         throughput.decode_seconds = sum(p.decode_seconds for p in fresh)
         throughput.preprocess_seconds = sum(p.preprocess_seconds for p in fresh)
         throughput.infer_seconds = sum(p.infer_seconds for p in fresh)

@@ -182,12 +182,14 @@ def _manifest(
 
 
 def _throughput(t: Any) -> dict[str, Any]:
-    ran = max(t.images, 1)
+    ran = max(t.inferred, 1)
     return {
-        "images_run": t.images,
+        "images_read": t.images,
+        "images_run": t.inferred,
         "images_from_cache": t.cached,
         "seconds": round(t.seconds, 3),
         "images_per_second": round(t.images_per_second, 2),
+        # Per image run through the model; decoding includes the headers of the others.
         "per_image_ms": {
             "decode": round(1000 * t.decode_seconds / ran, 2),
             "preprocess": round(1000 * t.preprocess_seconds / ran, 2),
@@ -366,6 +368,7 @@ def _markdown(result: Result, request: Request, plots: Sequence[str]) -> str:
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     lines += _failures(result, request)
+    lines += _speed(result)
     lines += _checklist(result, request, plots)
     return "\n".join(lines) + "\n"
 
@@ -535,6 +538,21 @@ def _link(unit: Unit, request: Request) -> str:
     return f"`{unit.key}`"
 
 
+def _speed(result: Result) -> list[str]:
+    lines = ["## Throughput", ""]
+    for name, t in result.throughput.items():
+        shown = _throughput(t)
+        ms = shown["per_image_ms"]
+        lines.append(
+            f"- {name}: {t.images} images read and {t.inferred} run through the model in "
+            f"{t.seconds:.1f} s ({shown['images_per_second']} images/s, {t.where}, "
+            f"{t.workers} workers, {t.provider}); per image run: decoding {ms['decode']} ms, "
+            f"preprocessing {ms['preprocess']} ms, inference {ms['inference']} ms; "
+            f"{t.cached} from the prediction cache"
+        )
+    return [*lines, ""]
+
+
 def _checklist(result: Result, request: Request, plots: Sequence[str]) -> list[str]:
     """The items of CLAIM (2024), STARD-AI and TRIPOD+AI this run fills, and where."""
     models = result.metrics["models"]
@@ -596,7 +614,9 @@ def _html(markdown: str) -> str:
             body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
         elif line.startswith("!["):
             source = line[line.index("(") + 1 : line.rindex(")")]
-            body.append(f'<p><img src="{html.escape(source)}" alt="{html.escape(source)}"></p>')
+            body.append(
+                f'<img class="plot" src="{html.escape(source)}" alt="{html.escape(source)}">'
+            )
         elif line.startswith("- "):
             if not listing:
                 body.append("<ul>")
@@ -611,6 +631,7 @@ def _html(markdown: str) -> str:
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
+        "img.plot{max-width:49%;vertical-align:top}"
     )
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Evaluation report</title>"

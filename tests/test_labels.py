@@ -74,3 +74,36 @@ def test_an_unreadable_file_is_a_labels_error(tmp_path: Path) -> None:
         read(path, MODEL)
     with pytest.raises(LabelsError):
         read(tmp_path / "absent.csv", MODEL)
+
+
+def test_eyes_and_breasts_are_keyed_by_the_study_and_their_side(tmp_path: Path) -> None:
+    path = _csv(
+        tmp_path,
+        "StudyInstanceUID,Laterality,referable DR\n1.2.3,R,1\n1.2.3,left,0\n1.2.4,L,\n",
+    )
+    labels = read(path, ["referable DR"], sided=True)
+    assert labels.values == {
+        "1.2.3/R": {"referable DR": 1},
+        "1.2.3/L": {"referable DR": 0},
+        "1.2.4/L": {"referable DR": None},
+    }
+    assert labels.subgroups == ()
+    with pytest.raises(LabelsError, match="Laterality column"):
+        read(
+            _csv(tmp_path, "StudyInstanceUID,referable DR\n1.2.3,1\n"), ["referable DR"], sided=True
+        )
+    with pytest.raises(LabelsError, match=r"labels.csv:2: Laterality is 'both'"):
+        read(
+            _csv(tmp_path, "StudyInstanceUID,Laterality,referable DR\n1.2.3,both,1\n"),
+            ["referable DR"],
+            sided=True,
+        )
+
+
+def test_a_key_column_can_be_chosen(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "path,PatientID,Effusion\na.png,P1,1\nb.png,P1,0\n")
+    labels = read(path, MODEL, key="path")
+    assert (labels.key, labels.subgroups) == ("path", ("PatientID",))
+    assert set(labels.values) == {"a.png", "b.png"}
+    with pytest.raises(LabelsError, match="no column 'SeriesInstanceUID'"):
+        read(path, MODEL, key="SeriesInstanceUID")

@@ -201,3 +201,19 @@ def test_what_cannot_be_estimated_says_so() -> None:
         m.auroc([0.1, 0.2], [0, 2])
     with pytest.raises(m.NotEstimable):
         m.wilson(0, 0)
+
+
+def test_sensitivity_at_a_specificity_is_the_best_threshold_that_keeps_it() -> None:
+    """AIROGS's definition: the highest sensitivity among thresholds with specificity at
+    least the target. Ten negatives: 95% allows no false positive, 90% allows one."""
+    negatives = [0.05 * n for n in range(10)]  # 0.0 .. 0.45
+    positives = [0.42, 0.5, 0.6, 0.7]
+    scores = negatives + positives
+    labels = [0] * 10 + [1] * 4
+    assert m.sensitivity_at_specificity(scores, labels, 1.0) == pytest.approx(0.75)
+    assert m.sensitivity_at_specificity(scores, labels, 0.95) == pytest.approx(0.75)
+    assert m.sensitivity_at_specificity(scores, labels, 0.9) == pytest.approx(1.0)
+    fpr, tpr, _ = sk.roc_curve(labels, scores, drop_intermediate=False)
+    for target in (0.8, 0.9, 0.95):
+        wanted = tpr[1 - fpr >= target - 1e-12].max()
+        assert m.sensitivity_at_specificity(scores, labels, target) == pytest.approx(wanted)

@@ -1,11 +1,13 @@
 """The metrics of an evaluation, as the versioned ``metrics.json`` holds them.
 
 Per model and label: counts and prevalence; AUROC with DeLong's and a patient-clustered
-bootstrap interval; AUPRC; partial AUC at 90-100% specificity; sensitivity, specificity,
-PPV and NPV at each operating point with Wilson intervals; Brier score and calibration;
-the same per subgroup with its n and a flag when it is too small to say much. For two
-scorers of the same units: the paired DeLong test and McNemar's test at their operating
-points. Pure: the same inputs and seed give the same dictionary, value for value.
+bootstrap interval; AUPRC; partial AUC at 90-100% specificity and the sensitivity at 90%
+and 95% specificity (the best threshold keeping it, as AIROGS scores referable glaucoma);
+sensitivity, specificity, PPV and NPV at each operating point with Wilson intervals;
+Brier score and calibration; the same per subgroup with its n and a flag when it is too
+small to say much. For two scorers of the same units: the paired DeLong test and
+McNemar's test at their operating points. Pure: the same inputs and seed give the same
+dictionary, value for value.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from inference.evaluate.units import Unit
 SCHEMA = "filmless.evaluate/1"
 SMALL = 10  # a subgroup with fewer positives or negatives than this is flagged
 MAX_FPR = 0.1  # partial AUC: specificity from 90%
+SPECIFICITIES = (0.9, 0.95)  # the best sensitivity that keeps these (AIROGS: 0.95)
 PLACES = 6  # decimals kept in metrics.json
 
 
@@ -101,6 +104,12 @@ def label_metrics(
             "max_fpr": MAX_FPR,
             "value": m.partial_auroc(s.scores, s.truths, MAX_FPR),
             "standardised": m.partial_auroc(s.scores, s.truths, MAX_FPR, standardised=True),
+        }
+    )
+    found["sensitivity_at_specificity"] = _try(
+        lambda: {
+            str(level): m.sensitivity_at_specificity(s.scores, s.truths, level)
+            for level in SPECIFICITIES
         }
     )
     found["operating_points"] = [_at(s, p) for p in points]

@@ -380,3 +380,12 @@ def roc_band(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(np.vstack(curves), [tail, 100 - tail], axis=0)
     return low, high
+
+
+def sensitivity_at_specificity(
+    scores: Sequence[float] | Array, labels: Sequence[int] | Array, specificity: float
+) -> float:
+    """The highest sensitivity of a threshold whose specificity is at least
+    ``specificity``: AIROGS's "sensitivity at 95% specificity" (no interpolation)."""
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return float(tpr[1 - fpr >= specificity - 1e-12].max())

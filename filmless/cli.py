@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -24,6 +25,10 @@ from filmless.app import serve
 from filmless.settings import Settings, load_settings, to_toml
 from filmless.viewer import HOW_TO, OHIF_VERSION, ViewerError, install, installed
 from filmless.wiring import build_archive, configure_logging
+from inference.backfill import backfill
+from inference.backfill import count as backfill_count
+from models.manifest import ManifestError
+from models.store import ModelStore
 from pacs.archive import Archive, Origin
 from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.errors import ArchiveInUse, IndexFailure, PacsError
@@ -78,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--state", choices=[s.value for s in JobState])
     retry = jobs_commands.add_parser("retry", help="run failed jobs again")
     retry.add_argument("ids", nargs="*", type=int, help="default: every failed job")
+    backfill = jobs_commands.add_parser(
+        "backfill", help="run a model over the studies already stored (the jobs they lack)"
+    )
+    backfill.add_argument("--model", required=True, help="an installed model's name")
+    backfill.add_argument(
+        "--since", type=_date, help="only instances received on or after YYYY-MM-DD (UTC)"
+    )
     return parser
 
 
@@ -216,6 +228,8 @@ def jobs_command(settings: Settings, args: argparse.Namespace, console: Console)
             count = queue.retry(args.ids)
             console.print(f"{count} job(s) queued again")
             return 0
+        if args.jobs_command == "backfill":
+            return backfill_command(settings, archive, queue, args, console)
         state = JobState(args.state) if args.state else None
         table = Table(title="jobs")
         for column in ("id", "model", "study / instance", "state", "attempts", "reason"):
@@ -227,6 +241,48 @@ def jobs_command(settings: Settings, args: argparse.Namespace, console: Console)
         return 0
     finally:
         archive.index.dispose()
+
+
+def _date(text: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from exc
+
+
+def backfill_command(
+    settings: Settings,
+    archive: Archive,
+    queue: JobQueue,
+    args: argparse.Namespace,
+    console: Console,
+) -> int:
+    """Exit 1 for a model that is not installed; a running server picks the jobs up."""
+    try:
+        manifest = ModelStore(settings.models_dir).get(args.model).manifest
+    except ManifestError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        return 1
+    total = backfill_count(archive.index, args.since)
+    columns = (TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("backfill", total=total)
+        done = backfill(
+            archive.index,
+            queue,
+            manifest,
+            since=args.since,
+            without_view_position=settings.screen_without_view_position,
+            advance=lambda: progress.advance(task),
+        )
+    table = Table(title=f"backfill of {manifest.name}")
+    for column in ("instances", "jobs queued", "skipped (reason kept)", "had a job", "not for it"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        *map(str, (done.instances, done.queued, done.skipped, done.existing, done.not_concerned))
+    )
+    console.print(table)
+    return 0
 
 
 def _files(paths: Sequence[Path]) -> Iterator[Path]:

@@ -100,6 +100,48 @@ class JobQueue:
             model, StudyInstanceUID, SOPInstanceUID, state=JobState.SKIPPED, reason=reason, delay=0
         )
 
+    def add_missing(
+        self,
+        model: str,
+        StudyInstanceUID: str,
+        SOPInstanceUID: str = "",
+        *,
+        reason: str = "",
+    ) -> bool:
+        """A job for a target that has none (pending, or skipped with ``reason``); a
+        target that already has one, in any state, is left as it is. True when added:
+        asked twice, by one process or two, a target gets one job."""
+        target = and_(
+            job.c.model == model,
+            job.c.StudyInstanceUID == StudyInstanceUID,
+            job.c.SOPInstanceUID == SOPInstanceUID,
+        )
+        now = _now()
+        try:
+            with self.index.writer.begin() as conn:
+                if conn.execute(select(job.c.id).where(target)).first() is not None:
+                    return False
+                conn.execute(
+                    job.insert().values(
+                        model=model,
+                        StudyInstanceUID=StudyInstanceUID,
+                        SOPInstanceUID=SOPInstanceUID,
+                        state=JobState.SKIPPED if reason else JobState.PENDING,
+                        attempts=0,
+                        not_before=now,
+                        lease_until=None,
+                        worker="",
+                        reason=reason,
+                        result="",
+                        updated_at=now,
+                    )
+                )
+                return True
+        except IntegrityError:
+            return False  # another process added it between the look and the insert
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"cannot queue the job: {exc}") from exc
+
     def _put(
         self,
         model: str,

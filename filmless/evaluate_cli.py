@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -29,11 +29,15 @@ from rich.table import Table
 
 from filmless.settings import Settings
 from filmless.wiring import build_archive
-from inference.evaluate.run import EvaluationError, Request, evaluate
-from inference.evaluate.runner import ModelRef, Throughput
-from inference.evaluate.units import UNITS
 from models.manifest import MANIFEST, ManifestError, load
 from models.store import ModelStore
+
+if TYPE_CHECKING:
+    from inference.evaluate.runner import ModelRef, Throughput
+
+# inference.evaluate.units.UNITS; spelled out so that the command line (and every
+# `filmless serve`) does not import the evaluation, and with it torch, to parse it.
+UNITS = ("image", "study", "eye", "breast")
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,6 +82,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _model(name: str, store: ModelStore) -> ModelRef:
+    from inference.evaluate.runner import ModelRef  # noqa: PLC0415 (torch, only here)
+
     folder = Path(name)
     if (folder / MANIFEST).is_file():
         return ModelRef(str(folder.resolve()), load(folder / MANIFEST))
@@ -86,6 +92,9 @@ def _model(name: str, store: ModelStore) -> ModelRef:
 
 
 def run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    # Imported here: the evaluation needs torch (MONAI's transforms), serving never does.
+    from inference.evaluate.run import EvaluationError, Request, evaluate  # noqa: PLC0415
+
     store = ModelStore(settings.models_dir)
     try:
         models = [_model(name, store) for name in args.model]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from filmless import evaluate_cli
 from inference.evaluate import points, units
 from inference.evaluate.cache import Prediction
 from models.zoo import CHEST_XRAY, DENSITY, FUNDUS, MAMMOGRAPHY, MG_FOR_PRESENTATION
@@ -140,3 +141,8 @@ def test_operating_points_are_derived_by_each_rule() -> None:
     assert "both positive and negative" in problems["x"]
     with pytest.raises(points.PointsError):
         points.check_rule("accuracy>=0.9")
+
+
+def test_the_command_line_offers_every_unit() -> None:
+    """The CLI spells the units out (so that parsing it imports no torch)."""
+    assert evaluate_cli.UNITS == units.UNITS

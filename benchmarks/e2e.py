@@ -7,7 +7,9 @@ measures, from a modality's side over loopback:
   answer that lists its SR, idle (one study at a time) and at steady arrival rates;
 - sustained: studies sent back to back per modality (chest X-ray, fundus pairs,
   four-view mammograms), from the first C-STORE to the last SR, in studies per minute;
-  receiving the images shares the cores with screening them;
+  receiving the images shares the cores with screening them. Fundus pairs are measured
+  twice: screened for diabetic retinopathy and glaucoma (two reports a study, one
+  decode a photograph), and for DR alone;
 - pipeline: the same studies archived first with screening paused (jobs queued), then
   screened by a server started on that archive: images per second over the middle 80%
   of the jobs (read, decode, preprocess, infer, write and store the report, record the
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,6 +73,7 @@ import matplotlib.pyplot as plt
 RESULTS = Path(__file__).parent / "results"
 console = Console(stderr=True)
 POLL_SECONDS = 0.01
+STUDIES = ("chest-xray", "fundus", "mammography")  # kinds of study sent (fundus: DR and glaucoma)
 
 
 @dataclass
@@ -340,45 +344,61 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Latency], list[Throu
             f"latency {rate_per_s or 'idle'}: p50 {result.p50_s:.3f} s, p95 {result.p95_s:.3f} s"
         )
     throughputs = []
+    # Fundus studies are screened for diabetic retinopathy and glaucoma: measured with
+    # both models and with DR alone (every model but glaucoma), to see what the second
+    # model costs.
+    dr_alone = work / "models-dr-alone"
+    for task in TASKS.values():
+        if task.task != "glaucoma":
+            shutil.copytree(models_dir / task.name, dr_alone / task.name)
+    runs = []
     for name, count in args.studies.items():
+        runs.append((name, name, count, models_dir))
+        if name == "fundus":
+            runs[-1] = (name, "fundus+glaucoma", count, models_dir)
+            runs.append((name, "fundus", count, dr_alone))
+    for name, label, count, models in runs:
         task = TASKS[name]
-        folder = work / f"throughput-{name}"
+        folder = work / f"throughput-{label}"
         folder.mkdir()
         sent = [clone(studies[name], folder, n) for n in range(count)]
-        per_study = 1 if task.routing.level == "study" else len(studies[name])
-        server, port = FilmlessServer(models_dir=str(models_dir), **settings), free_port()
-        with server.running(work / f"data-{name}", port):
+        # Reports per study: one per image (chest), else one per model of the exam.
+        models_of_exam = 2 if label == "fundus+glaucoma" else 1
+        per_study = models_of_exam if task.routing.level == "study" else len(studies[name])
+        server, port = FilmlessServer(models_dir=str(models), **settings), free_port()
+        with server.running(work / f"data-{label}", port):
             base = f"http://127.0.0.1:{server.http_port}/dicom-web"
             warm = clone(studies[name], folder, 99999)
             store(port, warm[1])
             with httpx.Client() as client:
                 while reports(client, base) < per_study:
                     time.sleep(0.05)
-            with console.status(f"throughput {name}: {count} studies"):
+            with console.status(f"throughput {label}: {count} studies"):
                 seconds, sending = measure_throughput(port, base, sent, per_study * (count + 1))
-        with console.status(f"pipeline {name}: a backlog of {count} studies"):
+        with console.status(f"pipeline {label}: a backlog of {count} studies"):
             done, backlog_s = measure_backlog(
-                models_dir, settings, work / f"backlog-{name}", sent, per_study * count
+                models, settings, work / f"backlog-{label}", sent, per_study * count
             )
+        # Images read per job: a study's photographs, once per model of the exam.
         images_per_job = len(studies[name]) if task.routing.level == "study" else 1
         with console.status(f"bare engines {name}"):
             bare = bare_engines(models_dir, name, args.seconds)
         images = count * len(studies[name])
         measured = Throughput(
-            name,
-            task.name,
+            label,
+            task.name if label != "fundus+glaucoma" else f"{task.name} + {TASKS['glaucoma'].name}",
             count,
             images,
             seconds,
             sending,
             60 * count / seconds,
             images / seconds,
-            done * images_per_job / backlog_s,
+            done * images_per_job / backlog_s / models_of_exam,
             **bare,  # type: ignore[arg-type]
         )
         throughputs.append(measured)
         console.print(
-            f"{name}: sustained {measured.studies_per_min:.1f} studies/min; pipeline "
+            f"{label}: sustained {measured.studies_per_min:.1f} studies/min; pipeline "
             f"{measured.pipeline_images_per_s:.2f} img/s = {100 * measured.of_bare_ort:.0f}% "
             f"of bare ORT ({measured.ort_best:.2f}), {100 * measured.of_parallel_ort:.0f}% of "
             f"parallel passes ({measured.ort_parallel:.2f})"
@@ -478,8 +498,8 @@ def _studies(values: list[str]) -> dict[str, int]:
     out = {}
     for value in values:
         name, _, count = value.partition("=")
-        if name not in TASKS or not count.isdigit():
-            raise argparse.ArgumentTypeError(f"{value!r}: expected TASK=COUNT, TASK in {TASKS}")
+        if name not in STUDIES or not count.isdigit():
+            raise argparse.ArgumentTypeError(f"{value!r}: expected KIND=COUNT, KIND in {STUDIES}")
         out[name] = int(count)
     return out
 

@@ -1,4 +1,5 @@
-"""A fundus exam read as screening programmes read it: each eye, then the patient.
+"""A fundus exam read as screening programmes read it: each eye, then the patient; for
+diabetic retinopathy and for glaucoma alike.
 
 An exam has one or more photographs of each eye. Each eye's result is that of its
 gradable photograph with the most evidence of referable disease (a second photograph of
@@ -20,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from inference.geometry import Box
-from inference.readings import SIDES, Reading, View, fundus_reading, inscribed, laterality
+from inference.readings import SIDES, Reading, View, eye_reading, inscribed, laterality
 from inference.report import Finding
 from models.codes import EYE, LATERALITY
 from models.manifest import Manifest
@@ -63,12 +64,12 @@ def exam(manifest: Manifest, views: Sequence[View], unreadable: Sequence[Ungrada
     for side in ("R", "L"):
         worst = chosen.get(side)
         if worst is not None:
-            readings.append(fundus_reading(manifest, worst.outputs, worst.header, worst.box))
+            readings.append(eye_reading(manifest, worst.outputs, worst.header, worst.box))
             scores.append(referable(manifest, worst))
             continue
         failed = [u for u in unreadable if laterality(u.header) == side]
         if failed:
-            readings.append(ungradable_reading(failed[0]))
+            readings.append(ungradable_reading(failed[0], FINDINGS[manifest.task]))
             ungradable.append(f"{SIDES[side]} eye")
     found = []
     if scores:
@@ -87,7 +88,10 @@ def worst_per_eye(manifest: Manifest, views: Sequence[View]) -> dict[str, View]:
     return chosen
 
 
-def ungradable_reading(photo: Ungradable) -> Reading:
+FINDINGS = {"fundus": "Diabetic retinopathy", "glaucoma": "Glaucoma"}
+
+
+def ungradable_reading(photo: Ungradable, finding: str = FINDINGS["fundus"]) -> Reading:
     """An eye whose photograph failed the quality gate: drawn on that photograph, with
     the measures and "Unusable - Quality renders image unusable" (DCM 111235), and no
     grade or call that could be read as negative."""
@@ -95,7 +99,7 @@ def ungradable_reading(photo: Ungradable) -> Reading:
     rows, columns = int(photo.header.Rows), int(photo.header.Columns)
     return Reading(
         identifier=f"{SIDES.get(side, 'unknown')} eye: ungradable: {', '.join(photo.missed)}",
-        finding="Diabetic retinopathy",
+        finding=finding,
         site=EYE,
         laterality=LATERALITY.get(side),
         source=photo.header,

@@ -1,7 +1,9 @@
 """What a screening programme reads per eye and per breast, drawn on the image it is about.
 
 A fundus report gives, for each eye, the ICDR grade, the referable call and that the
-photograph was gradable (the exam: :mod:`inference.eyes`); a mammography report gives,
+photograph was gradable (the exam: :mod:`inference.eyes`), or for glaucoma the
+referable call, its probability and the vertical cup-to-disc ratio, drawn on the optic
+disc; a mammography report gives,
 per breast, the suspicion score, the assessment category (BI-RADS 1 negative, or 0:
 recall) and the density category, then the region of each view the model calls
 suspicious (the peak of its class activation map), and the exam's highest category.
@@ -25,7 +27,16 @@ from pydicom.sr.coding import Code
 
 from inference.geometry import Box, Placement, peak_box, to_image
 from inference.quality import FIELD_THRESHOLD, extent, intensities
-from models.codes import BREAST, CATEGORY_RANK, DENSITY, EYE, LATERALITY, NEGATIVE, RECALL
+from models.codes import (
+    BREAST,
+    CATEGORY_RANK,
+    DENSITY,
+    EYE,
+    LATERALITY,
+    NEGATIVE,
+    OPTIC_DISC,
+    RECALL,
+)
 from models.manifest import Manifest, Preprocessing
 
 SIDES = {"L": "left", "R": "right"}
@@ -125,6 +136,48 @@ def fundus_reading(
         ),
         evaluations=tuple(evaluations),
     )
+
+
+def glaucoma_reading(
+    manifest: Manifest, outputs: Mapping[str, np.ndarray], header: Dataset, box: Box | None
+) -> Reading:
+    """The photographed eye: referable glaucoma at the operating point with its
+    probability, the vertical cup-to-disc ratio, and gradable (the quality gate of the
+    fundus photographs); drawn on the optic disc (:mod:`inference.disc`)."""
+    ratio_spec, referable_spec = manifest.outputs[0], manifest.outputs[1]
+    ratio = float(np.asarray(outputs[ratio_spec.name]).reshape(-1)[0])
+    referable = float(np.asarray(outputs[referable_spec.name]).reshape(-1)[0])
+    label = referable_spec.labels[0]
+    point = manifest.threshold(referable_spec.name)
+    threshold = 0.5 if point is None else point
+    positive = referable >= threshold
+    side = laterality(header)
+    eye = f"{SIDES.get(side, 'unknown')} eye"
+    called = label if positive else f"not {label}"
+    evaluations: list[tuple[str, Code | str | None]] = [
+        (label, codes.SCT.Present if positive else codes.SCT.Absent),
+    ]
+    if manifest.quality is not None:
+        evaluations.append(("Image Quality", codes.DCM.UsableMeetsTheQualityControlStandard))
+    return Reading(
+        identifier=f"{eye}: {called}, vertical CDR {ratio:.2f}",
+        finding="Glaucoma",
+        site=OPTIC_DISC,
+        laterality=LATERALITY.get(side),
+        source=header,
+        box=box,
+        measurements=((f"{label} probability", referable), (ratio_spec.labels[0], ratio)),
+        evaluations=tuple(evaluations),
+    )
+
+
+def eye_reading(
+    manifest: Manifest, outputs: Mapping[str, np.ndarray], header: Dataset, box: Box | None
+) -> Reading:
+    """An eye's reading by the model's task: diabetic retinopathy or glaucoma."""
+    if manifest.task == "glaucoma":
+        return glaucoma_reading(manifest, outputs, header, box)
+    return fundus_reading(manifest, outputs, header, box)
 
 
 def category(score: float, threshold: float) -> Code:

@@ -222,8 +222,8 @@ def summary_calls(
     (label, None for "present"), the most probable category of every output whose
     labels are exclusive (output, label: ICDR grade, breast density), and the exam's
     call: a chest radiograph abnormal when any finding is positive, a mammogram's
-    highest assessment category, a fundus exam referable when either eye is, else
-    ungradable when an eye is, else not referable."""
+    highest assessment category, a fundus exam (diabetic retinopathy or glaucoma)
+    referable when either eye is, else ungradable when an eye is, else not referable."""
     quality = codes.DCM.UnusableQualityRendersImageUnusable if ungradable else None
     calls: list[Call] = [(IMAGE_QUALITY, quality)] if gated else []
     calls += [(f.label, None) for f in found if f.positive]
@@ -240,7 +240,7 @@ def summary_calls(
     exam = next((f for f in found if f.label == "malignancy exam"), None)
     if task == "mammography" and exam is not None:
         calls.append(("Assessment Category", RECALL if exam.positive else NEGATIVE))
-    if task == "fundus":
+    if task in ("fundus", "glaucoma"):
         if any(f.positive for f in found):
             outcome = "Referable"
         elif ungradable:

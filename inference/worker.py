@@ -22,10 +22,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.aggregation import aggregate
+from inference.disc import optic_disc
 from inference.eyes import Ungradable, exam
 from inference.forward import PREFIX, Destination, send
 from inference.geometry import Placement
 from inference.heatmap import heatmaps, map_uids, parametric_map, series_uid
+from inference.inputs import Input, SharedInputs
 from inference.preprocess import Unusable, prepare
 from inference.quality import NotAssessable
 from inference.readings import (
@@ -47,6 +49,7 @@ from inference.routing import decide, missing_views, stored_values, view
 from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
 from models.manifest import Manifest
 from models.store import ModelStore
+from models.zoo import EYE_TASKS
 from pacs.archive import Archive, InstanceSource, Origin
 from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.errors import NotFound, PacsError, SourceGone, UndecodablePixels
@@ -88,6 +91,7 @@ class Worker:
         self.device_uid = derived_uid("filmless device", name)
         self._sessions: dict[str, BatchingSession] = {}
         self._writers: dict[str, ReportWriter] = {}
+        self.inputs = SharedInputs()
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
@@ -331,15 +335,28 @@ class Worker:
         self, record: InstanceRecord, manifest: Manifest, image: StoredImage | None = None
     ) -> tuple[np.ndarray, Dataset, Placement | None]:
         """The model input, the header and where the input lies on the image, parsing
-        the file's header once."""
-        with self.archive.open_parsed(record) as stream:
-            image = image or read_image(stream)
-            try:
-                prepared = prepare(stream, manifest.preprocessing, image, manifest.quality)
-            except NotAssessable as exc:
-                exc.source = image.header
-                raise
-        return prepared.tensor, image.header, prepared.placement
+        the file's header once; prepared once for every model that reads the image the
+        same way (:mod:`inference.inputs`)."""
+        p, q = manifest.preprocessing, manifest.quality
+        key = (
+            record.SOPInstanceUID,
+            record.sha256,
+            p.model_dump_json(),
+            "" if q is None else q.model_dump_json(),
+        )
+
+        def made() -> Input:
+            with self.archive.open_parsed(record) as stream:
+                read = image or read_image(stream)
+                try:
+                    prepared = prepare(stream, p, read, q)
+                except NotAssessable as exc:
+                    exc.source = read.header
+                    raise
+            return Input(prepared.tensor, read.header, prepared.placement)
+
+        found = self.inputs.get(key, made)
+        return found.tensor, found.header, found.placement
 
     def _study(
         self, job: Job, manifest: Manifest, infer: Callable[[np.ndarray], list[np.ndarray]]
@@ -357,7 +374,7 @@ class Worker:
         missing = missing_views([v for _, _, v in usable], manifest)
         if missing:
             raise Unusable(f"views missing from the study: {', '.join(missing)}")
-        if manifest.task == "fundus":
+        if manifest.task in EYE_TASKS:
             return self._eyes(job, manifest, infer, [(r, i) for r, i, _ in usable])
         assert manifest.aggregation is not None
         sources = []
@@ -400,7 +417,9 @@ class Worker:
             except NotAssessable as exc:
                 unreadable.append(exc)
                 continue
-            box = organ_box(tensor, placement, manifest.preprocessing)
+            # A glaucoma reading is drawn on the optic disc, a DR reading on the retina.
+            where = optic_disc if manifest.task == "glaucoma" else organ_box
+            box = where(tensor, placement, manifest.preprocessing)
             named = dict(zip(names, infer(tensor), strict=True))
             views.append(View(laterality(header), header, named, box, placement))
         if not views:

@@ -30,6 +30,8 @@ def backbone(task: Task, variant: str | None = None) -> nn.Module:
     channels = 3 if task.preprocessing.color == "rgb" else 1
     if task.task == "fundus":
         classes = len(task.outputs[0].labels)
+    elif task.task == "glaucoma":
+        classes = 2  # the cup-to-disc ratio's logit and referable glaucoma's
     else:
         classes = 1 + len(task.outputs[1].labels)  # malignancy logit + density logits
     return EfficientNetBN(
@@ -52,6 +54,9 @@ class Screening(nn.Module):
             grades = torch.softmax(self.network(image), dim=1)
             referable = grades[:, 2:].sum(dim=1, keepdim=True)  # ICDR grade >= 2
             return grades, referable
+        if self.task == "glaucoma":
+            logits = self.network(image)
+            return torch.sigmoid(logits[:, :1]), torch.sigmoid(logits[:, 1:2])
         features = _efficientnet_features(self.network, image)
         classifier = self.network.get_submodule("_fc")
         assert isinstance(classifier, nn.Linear)
@@ -147,7 +152,8 @@ def _screening_head(module: nn.Module, task: Task, seed: int, samples: list[torc
     """Demo outputs that read like a screening population: the classifier's bias set so
     that, on the inputs above, most findings sit well below their operating point and a
     seeded few above it (chest X-ray), the fundus grades fall off from "no apparent
-    retinopathy", malignancy is low and density mostly B. Seeded weights otherwise call
+    retinopathy", the cup-to-disc ratio is that of a healthy disc and referable glaucoma
+    rare, malignancy is low and density mostly B. Seeded weights otherwise call
     nearly every finding positive, and a viewer then draws all of them."""
     head = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
     network = module.network if isinstance(module, Screening) else module
@@ -168,6 +174,9 @@ def _screening_head(module: nn.Module, task: Task, seed: int, samples: list[torc
             aim = torch.logit(target)
         elif task.task == "fundus":
             aim = torch.log(torch.tensor([0.6, 0.22, 0.1, 0.05, 0.03], dtype=torch.float64))
+        elif task.task == "glaucoma":
+            # A cup-to-disc ratio of about 0.35 (a healthy disc), referable glaucoma rare.
+            aim = torch.logit(torch.tensor([0.35, 0.08], dtype=torch.float64))
         else:
             density = torch.log(torch.tensor([0.2, 0.45, 0.25, 0.1], dtype=torch.float64))
             malignancy = torch.logit(torch.tensor([0.08], dtype=torch.float64))

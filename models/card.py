@@ -66,7 +66,7 @@ def render_card(m: Manifest) -> str:
     lines += ["", "## Operating points", "", "| output | label | threshold |", "|---|---|---:|"]
     for point in m.operating_points:
         lines.append(f"| {point.output} | {point.label} | {point.threshold:.3f} |")
-    if m.task == "fundus" and m.routing.level == "study":
+    if m.task in ("fundus", "glaucoma") and m.routing.level == "study":
         lines += [
             "",
             "## Exam-level aggregation",

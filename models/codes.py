@@ -56,6 +56,7 @@ _NAMED: dict[str, Code] = {
 LATERALITY = {"L": codes.SCT.Left, "R": codes.SCT.Right}
 BREAST = {"L": codes.SCT.LeftBreast, "R": codes.SCT.RightBreast}
 EYE = codes.SCT.Eye
+OPTIC_DISC = codes.SCT.OpticDiscStructure
 
 
 def concept(text: str) -> hd.sr.CodedConcept:
@@ -84,6 +85,11 @@ def card_rows(task: str, labels: list[str]) -> list[tuple[str, str]]:
         "chest-xray": [("exam abnormal", _NAMED["Abnormal"]), ("exam normal", _NAMED["Normal"])],
         "fundus": [
             ("eye (finding site)", EYE),
+            ("left eye (laterality)", LATERALITY["L"]),
+            ("right eye (laterality)", LATERALITY["R"]),
+        ],
+        "glaucoma": [
+            ("optic disc (finding site)", OPTIC_DISC),
             ("left eye (laterality)", LATERALITY["L"]),
             ("right eye (laterality)", LATERALITY["R"]),
         ],

@@ -175,7 +175,7 @@ class Provenance(_Strict):
 class Manifest(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")
     version: str
-    task: Literal["chest-xray", "fundus", "mammography"]
+    task: Literal["chest-xray", "fundus", "glaucoma", "mammography"]
     variant: Literal["fp32", "fp16", "int8"] = "fp32"
     default: bool = Field(True, description="the variant serving uses for this task")
     description: str

@@ -1,4 +1,4 @@
-"""The three screening tasks: what each model takes, gives and applies to.
+"""The screening tasks: what each model takes, gives and applies to.
 
 Plain data, no torch: the manifest of every model of a task (built, imported or added)
 starts from these definitions.
@@ -194,6 +194,49 @@ FUNDUS = Task(
     options={"variant": "efficientnet-b0"},
 )
 
+GLAUCOMA = Task(
+    task="glaucoma",
+    name="glaucoma-efficientnet-b0",
+    architecture="monai EfficientNetBN('efficientnet-b0', in_channels=3, num_classes=2)",
+    description=(
+        "Glaucoma: referable glaucoma probability and vertical cup-to-disc ratio per eye "
+        "(the AIROGS task)."
+    ),
+    intended_use=(
+        "Screening aid for glaucoma on colour fundus photographs (the same photographs as "
+        "diabetic retinopathy screening), one eye per image, referring eyes whose optic "
+        "disc suggests glaucoma to an ophthalmologist. Not a diagnosis of glaucoma."
+    ),
+    input=FUNDUS.input,
+    outputs=[
+        # A ratio in [0, 1], not a probability: the sigmoid bounds it.
+        OutputSpec(
+            name="vertical_cdr",
+            shape=["batch", 1],
+            labels=["vertical cup-to-disc ratio"],
+            activation="sigmoid",
+        ),
+        OutputSpec(
+            name="referable",
+            shape=["batch", 1],
+            labels=["referable glaucoma"],
+            activation="sigmoid",
+        ),
+    ],
+    # The DR model's: the photograph is decoded and preprocessed once for both. The
+    # circular crop keeps the whole field of view, and so the optic disc.
+    preprocessing=FUNDUS.preprocessing,
+    routing=FUNDUS.routing,
+    # High specificity, as glaucoma screening needs (AIROGS judges sensitivity at 95%
+    # specificity): a low prevalence makes every false positive a costly referral.
+    operating_points=[
+        OperatingPoint(output="referable", label="referable glaucoma", threshold=0.75),
+    ],
+    quality=FUNDUS.quality,
+    seed=4,
+    options={"variant": "efficientnet-b0"},
+)
+
 MAMMOGRAPHY = Task(
     task="mammography",
     name="mammo-efficientnet-b0",
@@ -252,4 +295,6 @@ MAMMOGRAPHY = Task(
     options={"variant": "efficientnet-b0"},
 )
 
-TASKS: dict[str, Task] = {t.task: t for t in (CHEST_XRAY, FUNDUS, MAMMOGRAPHY)}
+TASKS: dict[str, Task] = {t.task: t for t in (CHEST_XRAY, FUNDUS, GLAUCOMA, MAMMOGRAPHY)}
+# Tasks read per eye on fundus photographs: an exam of each eye, then the patient.
+EYE_TASKS = ("fundus", "glaucoma")

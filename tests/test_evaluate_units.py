@@ -16,7 +16,7 @@ import pytest
 from filmless import evaluate_cli
 from inference.evaluate import points, units
 from inference.evaluate.cache import Prediction
-from models.zoo import CHEST_XRAY, DENSITY, FUNDUS, MAMMOGRAPHY, MG_FOR_PRESENTATION
+from models.zoo import CHEST_XRAY, DENSITY, FUNDUS, GLAUCOMA, MAMMOGRAPHY, MG_FOR_PRESENTATION
 from tests.support.zoo import manifest_of
 
 MAMMO = manifest_of(MAMMOGRAPHY)
@@ -146,3 +146,19 @@ def test_operating_points_are_derived_by_each_rule() -> None:
 def test_the_command_line_offers_every_unit() -> None:
     """The CLI spells the units out (so that parsing it imports no torch)."""
     assert evaluate_cli.UNITS == units.UNITS
+
+
+def test_glaucoma_is_scored_per_eye_as_retinopathy_is() -> None:
+    """The same exam logic (AIROGS scores each eye's referable-glaucoma probability)."""
+    glaucoma = manifest_of(GLAUCOMA)
+
+    def disc(sop: str, side: str, referable: float, ratio: float) -> Prediction:
+        outputs = {"vertical_cdr": [ratio], "referable": [referable]}
+        return _p(sop, "9.2", outputs, ImageLaterality=side, Modality="OP")
+
+    photos = [disc("a", "R", 0.1, 0.3), disc("b", "R", 0.8, 0.7), disc("c", "L", 0.2, 0.4)]
+    eyes = units.build(glaucoma, photos, "eye", [False] * 3).units
+    assert units.label_names(glaucoma) == ["vertical cup-to-disc ratio", "referable glaucoma"]
+    assert [e.images for e in eyes] == [["b"], ["c"]]
+    assert [e.scores["referable glaucoma"] for e in eyes] == pytest.approx([0.8, 0.2])
+    assert eyes[0].scores["vertical cup-to-disc ratio"] == pytest.approx(0.7)

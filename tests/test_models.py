@@ -95,7 +95,12 @@ def test_demo_outputs_read_like_a_screening_population(models_dir: Path) -> None
     from scripts.synthetic_corpus import Patient, Rng, chest_dx, fundus_op, mammography  # noqa: PLC0415
 
     patient = Patient("DW", "Demo^Weights", "ISO_IR 192", "19700101", "F")
-    makers = {"chest-xray": chest_dx, "fundus": fundus_op, "mammography": mammography}
+    makers = {
+        "chest-xray": chest_dx,
+        "fundus": fundus_op,
+        "glaucoma": fundus_op,  # the same photographs
+        "mammography": mammography,
+    }
     store = ModelStore(models_dir)
     for installed in store.installed():
         manifest = installed.manifest
@@ -125,6 +130,8 @@ def test_demo_outputs_read_like_a_screening_population(models_dir: Path) -> None
                 assert not any(calls), outputs
             if manifest.task == "fundus":
                 assert int(np.argmax(outputs["grade_probabilities"][0])) == 0
+            if manifest.task == "glaucoma":  # the ratio of a healthy disc
+                assert 0.2 < float(outputs["vertical_cdr"][0][0]) < 0.5
 
 
 @pytest.mark.slow
@@ -186,6 +193,27 @@ def test_own_architecture_checkpoint_import(tmp_path: Path) -> None:
         expected = source(torch.from_numpy(batch))
     got = _run(model.onnx, batch)
     for ours, theirs in zip(got, expected, strict=True):  # probabilities and maps
+        assert np.abs(ours - theirs.numpy()).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_a_glaucoma_checkpoint_is_imported(tmp_path: Path) -> None:
+    """The glaucoma task takes an external state dict like the others: the network's
+    two logits (cup-to-disc ratio, referable glaucoma), squashed in the graph."""
+    task = TASKS["glaucoma"]
+    source = Screening(task, backbone(task))
+    demo_weights(source, task, seed=12)
+    torch.save(source.network.state_dict(), tmp_path / "glaucoma.pt")
+    args = ["--task", "glaucoma", "--name", "glaucoma-own", "--version", "1.0"]
+    assert _cli(tmp_path / "models", "import", str(tmp_path / "glaucoma.pt"), *args) == 0
+    model = ModelStore(tmp_path / "models").get("glaucoma-own")
+    assert [o.name for o in model.manifest.outputs] == ["vertical_cdr", "referable"]
+    assert model.manifest.routing == TASKS["fundus"].routing  # the same photographs
+    assert model.manifest.preprocessing == TASKS["fundus"].preprocessing  # read once
+    batch = np.random.default_rng(3).standard_normal((2, 3, 512, 512)).astype(np.float32)
+    with torch.inference_mode():
+        expected = source(torch.from_numpy(batch))
+    for ours, theirs in zip(_run(model.onnx, batch), expected, strict=True):
         assert np.abs(ours - theirs.numpy()).max() < 1e-4
 
 

@@ -27,6 +27,7 @@ from inference.readings import View
 from inference.report import Finding
 from inference.routing import missing_views, view
 from models.manifest import Manifest
+from models.zoo import EYE_TASKS
 
 UnitKind = Literal["image", "study", "eye", "breast"]
 UNITS: tuple[UnitKind, ...] = ("image", "study", "eye", "breast")
@@ -102,7 +103,7 @@ def scores(manifest: Manifest, outputs: Mapping[str, Sequence[float]]) -> dict[s
 
 
 def check_unit(manifest: Manifest, kind: UnitKind) -> None:
-    if kind == "eye" and manifest.task != "fundus":
+    if kind == "eye" and manifest.task not in EYE_TASKS:
         raise UnitError(f"the eye is a unit of fundus models only, not of {manifest.name}")
     if kind == "breast" and manifest.task != "mammography":
         raise UnitError(f"the breast is a unit of mammography models only, not of {manifest.name}")
@@ -236,7 +237,7 @@ def _study_units(
                 chosen = [p for p in predictions if _side(p.attributes) == side]
                 units.append(unit(f"{study}/{side}", side, chosen, _exam_scores(manifest, found)))
         return units, []
-    if manifest.task == "fundus":
+    if manifest.task in EYE_TASKS:
         views = [_view(manifest, p, _side(p.attributes)) for p in predictions]
         chosen_views = worst_per_eye(manifest, views)
         by_view = {id(v): p for v, p in zip(views, predictions, strict=True)}

@@ -153,7 +153,7 @@ def expected(manifest: Manifest, sources: Sequence[Dataset]) -> dict[str, float]
             if spec.kind == "scores"
             for label, value in zip(spec.labels, values, strict=True)
         }
-    if manifest.task == "fundus":
+    if manifest.task in ("fundus", "glaucoma"):
         # The exam: referable if either eye is, each eye its photograph with the most
         # evidence; so the most referable photograph.
         label = manifest.outputs[1].labels[0]
@@ -184,17 +184,23 @@ def expected_readings(
     reading of that side must carry them."""
     names = [o.name for o in manifest.outputs]
     sides = {"L": "left", "R": "right"}
-    if manifest.task == "fundus":
+    if manifest.task in ("fundus", "glaucoma"):
         eyes: dict[str, list[list[np.ndarray]]] = defaultdict(list)
         for ds in sources:
             eyes[str(ds.ImageLaterality)].append(outputs(manifest, ds))
         read = {}
         for side, runs in eyes.items():
-            grades, referable = max(runs, key=lambda r: float(r[1][0]))
-            best = int(np.argmax(grades))
+            first, referable = max(runs, key=lambda r: float(r[1][0]))
+            if manifest.task == "glaucoma":
+                read[f"{sides[side]} eye"] = {
+                    "referable glaucoma probability": float(referable[0]),
+                    "vertical cup-to-disc ratio": float(first[0]),
+                }
+                continue
+            best = int(np.argmax(first))
             label = manifest.outputs[0].labels[best]
             read[f"{sides[side]} eye"] = {
-                f"ICDR grade {label.split()[0]} probability": float(grades[best]),
+                f"ICDR grade {label.split()[0]} probability": float(first[best]),
                 "referable DR probability": float(referable[0]),
             }
         return read

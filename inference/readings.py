@@ -100,41 +100,62 @@ def laterality(header: Dataset) -> str:
     return value if value in SIDES else ""
 
 
+@dataclass(frozen=True)
+class _Referral:
+    """An eye's referable call at the model's operating point (its second output)."""
+
+    eye: str  # "right eye"
+    side: str
+    label: str
+    probability: float
+    positive: bool
+
+    @property
+    def words(self) -> str:
+        return self.label if self.positive else f"not {self.label}"
+
+    def evaluations(self, manifest: Manifest) -> list[tuple[str, Code | str | None]]:
+        """The call, and that the photograph was gradable when the model has a gate."""
+        found: list[tuple[str, Code | str | None]] = [
+            (self.label, codes.SCT.Present if self.positive else codes.SCT.Absent)
+        ]
+        if manifest.quality is not None:
+            found.append(("Image Quality", codes.DCM.UsableMeetsTheQualityControlStandard))
+        return found
+
+
+def _referral(manifest: Manifest, outputs: Mapping[str, np.ndarray], header: Dataset) -> _Referral:
+    spec = manifest.outputs[1]
+    probability = float(np.asarray(outputs[spec.name]).reshape(-1)[0])
+    point = manifest.threshold(spec.name)
+    threshold = 0.5 if point is None else point
+    side = laterality(header)
+    eye = f"{SIDES.get(side, 'unknown')} eye"
+    return _Referral(eye, side, spec.labels[0], probability, probability >= threshold)
+
+
 def fundus_reading(
     manifest: Manifest, outputs: Mapping[str, np.ndarray], header: Dataset, box: Box | None
 ) -> Reading:
     """The photographed eye: ICDR grade (the most probable), referable DR at the
     operating point, and gradable (the image passed the quality gate)."""
-    grades_spec, referable_spec = manifest.outputs[0], manifest.outputs[1]
+    grades_spec = manifest.outputs[0]
     grades = np.asarray(outputs[grades_spec.name], dtype=np.float64).reshape(-1)
-    referable = float(np.asarray(outputs[referable_spec.name]).reshape(-1)[0])
-    label = referable_spec.labels[0]
-    point = manifest.threshold(referable_spec.name)
-    threshold = 0.5 if point is None else point
     best = int(np.argmax(grades))
     grade = grades_spec.labels[best]
-    positive = referable >= threshold
-    side = laterality(header)
-    eye = f"{SIDES.get(side, 'unknown')} eye"
-    called = label if positive else f"not {label}"
-    evaluations: list[tuple[str, Code | str | None]] = [
-        ("ICDR grade", grade),
-        (label, codes.SCT.Present if positive else codes.SCT.Absent),
-    ]
-    if manifest.quality is not None:
-        evaluations.append(("Image Quality", codes.DCM.UsableMeetsTheQualityControlStandard))
+    call = _referral(manifest, outputs, header)
     return Reading(
-        identifier=f"{eye}: ICDR grade {grade.split()[0]}, {called}",
+        identifier=f"{call.eye}: ICDR grade {grade.split()[0]}, {call.words}",
         finding="Diabetic retinopathy",
         site=EYE,
-        laterality=LATERALITY.get(side),
+        laterality=LATERALITY.get(call.side),
         source=header,
         box=None if box is None else inscribed(box),
         measurements=(
             (f"ICDR grade {grade.split()[0]} probability", float(grades[best])),
-            (f"{label} probability", referable),
+            (f"{call.label} probability", call.probability),
         ),
-        evaluations=tuple(evaluations),
+        evaluations=(("ICDR grade", grade), *call.evaluations(manifest)),
     )
 
 
@@ -144,30 +165,21 @@ def glaucoma_reading(
     """The photographed eye: referable glaucoma at the operating point with its
     probability, the vertical cup-to-disc ratio, and gradable (the quality gate of the
     fundus photographs); drawn on the optic disc (:mod:`inference.disc`)."""
-    ratio_spec, referable_spec = manifest.outputs[0], manifest.outputs[1]
+    ratio_spec = manifest.outputs[0]
     ratio = float(np.asarray(outputs[ratio_spec.name]).reshape(-1)[0])
-    referable = float(np.asarray(outputs[referable_spec.name]).reshape(-1)[0])
-    label = referable_spec.labels[0]
-    point = manifest.threshold(referable_spec.name)
-    threshold = 0.5 if point is None else point
-    positive = referable >= threshold
-    side = laterality(header)
-    eye = f"{SIDES.get(side, 'unknown')} eye"
-    called = label if positive else f"not {label}"
-    evaluations: list[tuple[str, Code | str | None]] = [
-        (label, codes.SCT.Present if positive else codes.SCT.Absent),
-    ]
-    if manifest.quality is not None:
-        evaluations.append(("Image Quality", codes.DCM.UsableMeetsTheQualityControlStandard))
+    call = _referral(manifest, outputs, header)
     return Reading(
-        identifier=f"{eye}: {called}, vertical CDR {ratio:.2f}",
+        identifier=f"{call.eye}: {call.words}, vertical CDR {ratio:.2f}",
         finding="Glaucoma",
         site=OPTIC_DISC,
-        laterality=LATERALITY.get(side),
+        laterality=LATERALITY.get(call.side),
         source=header,
         box=box,
-        measurements=((f"{label} probability", referable), (ratio_spec.labels[0], ratio)),
-        evaluations=tuple(evaluations),
+        measurements=(
+            (f"{call.label} probability", call.probability),
+            (ratio_spec.labels[0], ratio),
+        ),
+        evaluations=tuple(call.evaluations(manifest)),
     )
 
 

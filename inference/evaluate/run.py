@@ -103,6 +103,13 @@ def evaluate(request: Request, progress: Progress) -> Result:
         )
     except labels.LabelsError as exc:
         raise EvaluationError(str(exc)) from exc
+    validation_keys = set(check.values) if check else set()
+    both = validation_keys & set(truth_file.values)
+    if both:
+        raise EvaluationError(
+            f"{len(both)} units are in both the labels and the validation file, e.g. "
+            f"{sorted(both)[0]}: operating points are never tuned on the test set"
+        )
     items, skipped = _items(request)
     scorers: list[Scorer] = []
     excluded: dict[str, list[units.Excluded]] = {}
@@ -120,17 +127,14 @@ def evaluate(request: Request, progress: Progress) -> Result:
     keys = _label_keys(scorers, truth_file.key, sided)
     all_units = list(dict.fromkeys(k for s in scorers for k in (u.key for u in s.units)))
     label_of = [keys[k] for k in all_units if k in keys]
-    validation_keys = set(check.values) if check else set()
-    both = validation_keys & set(truth_file.values)
-    if both:
-        raise EvaluationError(
-            f"{len(both)} units are in both the labels and the validation file, e.g. "
-            f"{sorted(both)[0]}: operating points are never tuned on the test set"
-        )
     test_labels = [k for k in label_of if k not in validation_keys]
     matching = labels.match(truth_file, test_labels, every_label)
     test = {u for u in all_units if u in keys and keys[u] in truth_file.values}
     validation = {u for u in all_units if u in keys and keys[u] in validation_keys}
+    # Images of a folder carry no PatientID: the labels files' column stands for it.
+    for given in (truth_file, check):
+        if given is not None:
+            _patients_from_labels(scorers, given, keys)
     _patients_apart(scorers, test, validation)
     truth = Truth(
         dict(truth_file.values),
@@ -142,8 +146,6 @@ def evaluate(request: Request, progress: Progress) -> Result:
         truth.values.update(check.values)
     for scorer in scorers:
         scorer.points = _points(request, scorer, truth, keys, validation)
-    # Images of a folder carry no PatientID: the labels file's column stands for it.
-    _patients_from_labels(scorers, truth_file, keys)
     metrics = _metrics(
         request,
         scorers,

@@ -11,20 +11,26 @@ reading is drawn on the optic disc.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import JPEGBaseline8Bit
 
 from models.build import build_demo
 from models.store import ModelStore
 from models.zoo import FUNDUS, GLAUCOMA
 from pacs.archive import Archive, Origin
-from scripts.synthetic_corpus import Patient, Rng, fundus_op
+from scripts.synthetic_corpus import Patient, Rng, encode, fundus_op
 from tests.support import dciodvfy, reference
+from tests.support.dcmtk import storescu
 from tests.support.instances import part10, source
 from tests.support.pipeline import drain, pipeline
+from tests.support.server import Server
+from tests.support.web import parts
 
 pytestmark = pytest.mark.slow
 PATIENT = Patient("GLAUC", "Glaucoma^Screen", "ISO_IR 192", "19560101", "F")
@@ -115,3 +121,63 @@ def test_both_eye_models_read_each_photograph_once_and_report_apart(
     assert set(after) == set(reports)
     assert after[FUNDUS.name][1] == before
     assert after[GLAUCOMA.name][0] == reports[GLAUCOMA.name][0]
+
+
+@pytest.mark.dcmtk
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed")
+@pytest.mark.timeout(900)
+def test_a_fundus_pair_sent_to_the_running_server_gets_both_reports(
+    eye_models: Path, tmp_path: Path
+) -> None:
+    """storescu in, two reports out (QIDO-RS, WADO-RS), each equal to its model's torch
+    reference; one of the photographs JPEG baseline in YBR, as cameras send them."""
+    photos = fundus_op(Rng(33), PATIENT, 0.12, "20260302", "GL2")
+    photos[1] = encode(photos[1], JPEGBaseline8Bit)
+    folder = tmp_path / "send"
+    folder.mkdir()
+    paths = []
+    for ds in photos:
+        paths.append(folder / f"{ds.SOPInstanceUID}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    server = Server(
+        tmp_path / "data",
+        FILMLESS_MODELS_DIR=str(eye_models),
+        FILMLESS_STUDY_STABLE_SECONDS="2",
+    )
+    server.start()
+    try:
+        storescu(server.port, paths)
+        study = str(photos[0].StudyInstanceUID)
+        deadline = time.monotonic() + 300
+        while len(found := _listed(server.url, study)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(found) == 2
+        sent = [pydicom.dcmread(p) for p in paths]  # what pydicom decodes is the reference
+        manifests = {m.manifest.name: m.manifest for m in ModelStore(eye_models).installed()}
+        models = set()
+        for series, instance in found:
+            response = httpx.get(
+                f"{server.url}/studies/{study}/series/{series}/instances/{instance}",
+                headers={"Accept": 'multipart/related; type="application/dicom"'},
+            )
+            assert response.status_code == 200
+            ((_, body),) = parts(response)
+            sr = reference.read(body)
+            manifest = manifests[str(sr.SeriesDescription).split()[2]]
+            models.add(manifest.name)
+            got, wanted = reference.reported(sr), reference.expected(manifest, sent)
+            assert set(got) == set(wanted)
+            assert max(abs(got[k] - wanted[k]) for k in wanted) <= TOLERANCE
+        assert models == {FUNDUS.name, GLAUCOMA.name}
+    finally:
+        assert server.stop() == 0
+
+
+def _listed(url: str, study: str) -> list[tuple[str, str]]:
+    """(series, instance) of every SR in the study, by QIDO-RS."""
+    found = []
+    for series in httpx.get(f"{url}/studies/{study}/series", params={"Modality": "SR"}).json():
+        uid = series["0020000E"]["Value"][0]
+        listed = httpx.get(f"{url}/studies/{study}/series/{uid}/instances").json()
+        found += [(uid, i["00080018"]["Value"][0]) for i in listed]
+    return found

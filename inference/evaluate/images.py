@@ -136,12 +136,15 @@ def from_archive(archive: Archive, query: str, *, max_keys: int = 64) -> list[It
             rows = list(execute(conn, search.query))
     except PacsError as exc:
         raise InputError(f"query {query!r}: {exc}") from exc
-    items = []
+    wanted: dict[str, set[str]] = {}
     for row in rows:
-        study, sop = str(row["StudyInstanceUID"]), str(row["SOPInstanceUID"])
-        for record in archive.index.records(study, SOPInstanceUID=sop):
-            file = archive.store.path(record.path)
-            items.append(Item(str(file), record.path, "dicom", record.sha256, in_archive=True))
+        wanted.setdefault(str(row["StudyInstanceUID"]), set()).add(str(row["SOPInstanceUID"]))
+    items = []
+    for study, sops in wanted.items():  # one index read a study, not one an instance
+        for record in archive.index.records(study):
+            if record.SOPInstanceUID in sops:
+                file = archive.store.path(record.path)
+                items.append(Item(str(file), record.path, "dicom", record.sha256, in_archive=True))
     items.sort(key=lambda i: i.path)
     return items
 

@@ -15,7 +15,7 @@ Pure functions of scores (higher: more likely positive) and 0/1 labels; no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -150,23 +150,31 @@ def bootstrap_auroc(
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels)
     area = auroc(s, y)
-    keys, index = np.unique(np.asarray(clusters), return_inverse=True)
-    members = [np.flatnonzero(index == k) for k in range(keys.size)]
-    rng = np.random.default_rng(seed)
-    found: list[float] = []
-    attempts = 0
-    while len(found) < resamples:
-        attempts += 1
-        if attempts > 20 * resamples:
-            raise NotEstimable("too few clusters of each class to resample")
-        drawn = np.concatenate([members[k] for k in rng.integers(0, keys.size, keys.size)])
-        labels_drawn = y[drawn]
-        if labels_drawn.min() == labels_drawn.max():
-            continue
-        found.append(auroc(s[drawn], labels_drawn))
+    found = [auroc(s[drawn], y[drawn]) for drawn in _resampled(y, clusters, resamples, seed)]
+    if len(found) < resamples:
+        raise NotEstimable("too few clusters of each class to resample")
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(found, [tail, 100 - tail])
     return Interval(area, float(low), float(high))
+
+
+def _resampled(
+    labels: Array, clusters: Sequence[str] | Array, resamples: int, seed: int
+) -> Iterator[Array]:
+    """Case indices of up to ``resamples`` draws of clusters with replacement, each
+    drawn cluster bringing all its cases; draws without both classes are drawn again,
+    up to 20 attempts per resample."""
+    keys, index = np.unique(np.asarray(clusters), return_inverse=True)
+    members = [np.flatnonzero(index == k) for k in range(keys.size)]
+    rng = np.random.default_rng(seed)
+    given = attempts = 0
+    while given < resamples and attempts < 20 * resamples:
+        attempts += 1
+        drawn = np.concatenate([members[k] for k in rng.integers(0, keys.size, keys.size)])
+        if labels[drawn].min() == labels[drawn].max():
+            continue
+        given += 1
+        yield drawn
 
 
 def roc_curve(
@@ -363,16 +371,8 @@ def roc_band(
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels)
     _split(s, y)
-    keys, index = np.unique(np.asarray(clusters), return_inverse=True)
-    members = [np.flatnonzero(index == k) for k in range(keys.size)]
-    rng = np.random.default_rng(seed)
     curves: list[Array] = []
-    attempts = 0
-    while len(curves) < resamples and attempts < 20 * resamples:
-        attempts += 1
-        drawn = np.concatenate([members[k] for k in rng.integers(0, keys.size, keys.size)])
-        if y[drawn].min() == y[drawn].max():
-            continue
+    for drawn in _resampled(y, clusters, resamples, seed):
         fpr, tpr, _ = roc_curve(s[drawn], y[drawn])
         curves.append(np.interp(grid, fpr, tpr))
     if not curves:

@@ -13,7 +13,14 @@ from typing import Any
 from inference.evaluate import analysis, labels, points, units
 from inference.evaluate.analysis import SCHEMA, Scorer, Truth
 from inference.evaluate.cache import PredictionCache
-from inference.evaluate.images import InputError, Item, Skipped, from_archive, from_folder
+from inference.evaluate.images import (
+    InputError,
+    Item,
+    Skipped,
+    digest,
+    from_archive,
+    from_folder,
+)
 from inference.evaluate.runner import ModelRef, Runner, Throughput
 from inference.evaluate.units import HEADER_SUBGROUPS, Unit, UnitKind
 from pacs.archive import Archive
@@ -429,7 +436,7 @@ def _reasons(excluded: Sequence[units.Excluded]) -> dict[str, int]:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest(str(path))
 
 
 def images_digest(digests: Sequence[str]) -> str:

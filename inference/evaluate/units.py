@@ -222,7 +222,7 @@ def _study_units(
         if unassessable:
             # Screening reports such an exam as not assessable: no score to count.
             return [], [f"not assessable: {unassessable[0].reason}"]
-        views = [_view(manifest, p, view(p.attributes)) for p in predictions]
+        views = [_view(p, view(p.attributes)) for p in predictions]
         missing = missing_views([p.attributes for p in predictions], manifest)
         if missing:
             return [], [f"views missing from the study: {', '.join(missing)}"]
@@ -238,7 +238,7 @@ def _study_units(
                 units.append(unit(f"{study}/{side}", side, chosen, _exam_scores(manifest, found)))
         return units, []
     if manifest.task in EYE_TASKS:
-        views = [_view(manifest, p, _side(p.attributes)) for p in predictions]
+        views = [_view(p, _side(p.attributes)) for p in predictions]
         chosen_views = worst_per_eye(manifest, views)
         by_view = {id(v): p for v, p in zip(views, predictions, strict=True)}
         eyes = {side: by_view[id(v)] for side, v in chosen_views.items()}
@@ -258,7 +258,7 @@ def _study_units(
     return [unit(study, "", predictions, values)], []
 
 
-def _view(manifest: Manifest, p: Prediction, name: str) -> View:
+def _view(p: Prediction, name: str) -> View:
     outputs = {o: np.asarray(v, np.float32) for o, v in (p.outputs or {}).items()}
     return View(name, Dataset(), outputs, None)
 

@@ -9,7 +9,6 @@ where it ran, how fast, and with which software is ``manifest.json``'s.
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import json
 import platform
@@ -30,6 +29,7 @@ import onnxruntime as ort
 import filmless
 from inference.evaluate import analysis
 from inference.evaluate import metrics as m
+from inference.evaluate.images import digest
 from inference.evaluate.run import Request, Result, images_digest
 from inference.evaluate.units import HEADER_SUBGROUPS, Unit
 
@@ -159,10 +159,12 @@ def _manifest(
             else {"predictions": [str(p) for p in request.predictions]}
         ),
         "models": models,
-        "predictions_files": [{"path": str(p), "sha256": _sha(p)} for p in request.predictions],
+        "predictions_files": [
+            {"path": str(p), "sha256": digest(str(p))} for p in request.predictions
+        ],
         "labels": {"path": str(request.labels), "sha256": result.labels_sha256},
         "validation": (
-            {"path": str(request.validation), "sha256": _sha(request.validation)}
+            {"path": str(request.validation), "sha256": digest(str(request.validation))}
             if request.validation
             else None
         ),
@@ -198,10 +200,6 @@ def _throughput(t: Any) -> dict[str, Any]:
         "where": t.where,
         "workers": t.workers,
     }
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _plotted(result: Result) -> list[tuple[str, str, analysis.Series]]:

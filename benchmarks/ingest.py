@@ -9,12 +9,22 @@ Orthanc 1.10 cannot bind its DICOM port to loopback, so when it takes part the w
 benchmark runs in a private network namespace (``unshare --net``, loopback only): both
 servers and all senders see the same network and nothing listens outside.
 
-    python -m benchmarks.ingest --small 400 --large 40 --concurrency 4 --repeats 3
+Both servers run at their fastest safe configuration, printed with the results. Nagle's
+algorithm is off everywhere: filmless sets TCP_NODELAY on its sockets, and every dcmtk
+program (Orthanc's DICOM layer and the storescu senders) takes it from the
+``TCP_NODELAY=1`` environment variable, without which each small DIMSE exchange waits
+for a delayed ACK. Orthanc fsyncs each file it stores (``SyncStorageArea``); its SQLite
+index runs in WAL mode with ``synchronous=NORMAL``, so an index commit is not fsynced
+(the last commits can be lost on power loss, not on a crash of the process), where
+filmless fsyncs every commit (``synchronous=FULL``) before it answers Success.
+
+    python -m benchmarks.ingest --small 400 --large 40 --concurrency 4 1 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -31,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -55,6 +66,8 @@ import matplotlib.pyplot as plt
 
 RESULTS = Path(__file__).parent / "results"
 console = Console(stderr=True)
+# dcmtk's switch for TCP_NODELAY, for Orthanc and for every dcmtk sender.
+DCMTK_ENV = {"TCP_NODELAY": "1"}
 
 
 @dataclass
@@ -69,6 +82,7 @@ class Workload:
 class Run:
     server: str
     workload: str
+    concurrency: int
     repeat: int
     instances: int
     seconds: float
@@ -83,6 +97,7 @@ class Run:
 class Summary:
     server: str
     workload: str
+    concurrency: int
     instances: int
     megabytes: float
     instances_per_s: dict[str, float] = field(default_factory=dict)
@@ -148,6 +163,10 @@ class Server:
     name: str
     ae_title: str
 
+    def configuration(self) -> dict[str, object]:
+        """What the run's figures depend on, printed with them."""
+        raise NotImplementedError
+
     @contextmanager
     def running(self, folder: Path, port: int) -> Iterator[None]:
         raise NotImplementedError
@@ -166,6 +185,15 @@ class FilmlessServer(Server):
         self.settings = settings
         self.http_port = 0
         self.pid = 0
+
+    def configuration(self) -> dict[str, object]:
+        return {
+            "index": "SQLite, WAL, synchronous=FULL (every commit fsynced)",
+            "storage": "each file fsynced, renamed, its folder fsynced",
+            "TCP_NODELAY": "set on every socket",
+            "DIMSE processes": self.settings.get("dimse_workers", "one per core"),
+            **{f"FILMLESS_{k.upper()}": v for k, v in self.settings.items()},
+        }
 
     @contextmanager
     def running(self, folder: Path, port: int) -> Iterator[None]:
@@ -210,6 +238,19 @@ class OrthancServer(Server):
         self.plugins = plugins or []
         self.http_port = 0
 
+    def configuration(self) -> dict[str, object]:
+        version = subprocess.run(
+            [self.binary, "--version"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()
+        return {
+            "version": version[0] if version else "",
+            "index": "SQLite, WAL, synchronous=NORMAL (commits not fsynced)",
+            "storage": "SyncStorageArea=true (each file fsynced), StorageCompression=false",
+            "TCP_NODELAY": DCMTK_ENV["TCP_NODELAY"],
+            "DicomThreadsCount": 4,
+            "plugins": ", ".join(Path(p).name for p in self.plugins) or "none",
+        }
+
     @contextmanager
     def running(self, folder: Path, port: int) -> Iterator[None]:
         self.http_port = free_port()
@@ -234,7 +275,10 @@ class OrthancServer(Server):
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config))
         process = subprocess.Popen(
-            [self.binary, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [self.binary, str(path)],
+            env={**os.environ, **DCMTK_ENV},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_for_port(port)
@@ -258,6 +302,7 @@ def send(files: list[Path], port: int, ae_title: str, concurrency: int) -> float
         subprocess.Popen(
             ["storescu", "-aec", ae_title, "-aet", "BENCH", "127.0.0.1", str(port)]
             + [str(p) for p in chunk],
+            env={**os.environ, **DCMTK_ENV},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -285,14 +330,15 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def summarise(runs: list[Run], workloads: dict[str, Workload]) -> list[Summary]:
     out = []
-    for key in sorted({(r.server, r.workload) for r in runs}):
-        group = [r for r in runs if (r.server, r.workload) == key]
+    for key in sorted({(r.server, r.workload, r.concurrency) for r in runs}):
+        group = [r for r in runs if (r.server, r.workload, r.concurrency) == key]
         workload = workloads[key[1]]
         megabytes = workload.total_bytes / 1e6
         out.append(
             Summary(
                 server=key[0],
                 workload=key[1],
+                concurrency=key[2],
                 instances=len(workload.files),
                 megabytes=megabytes,
                 instances_per_s=_stats([r.instances_per_s for r in group]),
@@ -302,33 +348,41 @@ def summarise(runs: list[Run], workloads: dict[str, Workload]) -> list[Summary]:
     return out
 
 
-def markdown(summaries: list[Summary], disk_rate: float, meta: dict[str, object]) -> str:
+def markdown(summaries: list[Summary], disk_rate: float, meta: dict[str, Any]) -> str:
     lines = [
         "# Ingest benchmark",
         "",
         f"`{meta['command']}` on {meta['machine']}, {meta['date']}.",
         f"Disk sequential write (fsync): **{disk_rate:.0f} MB/s**.",
         "",
-        "| server | workload | instances | MB | inst/s min | inst/s median | inst/s max "
-        "| MB/s median | % of disk |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | workload | associations | instances | MB | inst/s min | inst/s median "
+        "| inst/s max | MB/s median | % of disk |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         ips, mbs = s.instances_per_s, s.megabytes_per_s
         lines.append(
-            f"| {s.server} | {s.workload} | {s.instances} | {s.megabytes:.0f} "
+            f"| {s.server} | {s.workload} | {s.concurrency} | {s.instances} | {s.megabytes:.0f} "
             f"| {ips['min']:.1f} | {ips['median']:.1f} | {ips['max']:.1f} "
             f"| {mbs['median']:.1f} | {100 * mbs['median'] / disk_rate:.0f}% |"
         )
-    by_key = {(s.server, s.workload): s for s in summaries}
+    by_key = {(s.server, s.workload, s.concurrency): s for s in summaries}
     ratios = []
-    for workload in ("small", "large"):
-        ours, theirs = by_key.get(("filmless", workload)), by_key.get(("orthanc", workload))
+    for workload, concurrency in sorted({(s.workload, s.concurrency) for s in summaries}):
+        ours = by_key.get(("filmless", workload, concurrency))
+        theirs = by_key.get(("orthanc", workload, concurrency))
         if ours and theirs:
             ratio = ours.instances_per_s["median"] / theirs.instances_per_s["median"]
-            ratios.append(f"- {workload}: filmless / Orthanc = **{ratio:.2f}x** (median inst/s)")
+            ratios.append(
+                f"- {workload}, {concurrency} association(s): filmless / Orthanc = "
+                f"**{ratio:.2f}x** (median inst/s)"
+            )
     if ratios:
         lines += ["", *ratios]
+    lines += ["", "Configurations:", ""]
+    for server, configuration in meta["servers"].items():
+        described = "; ".join(f"{k}: {v}" for k, v in configuration.items() if v != "")
+        lines.append(f"- {server}: {described}")
     return "\n".join(lines) + "\n"
 
 
@@ -336,13 +390,14 @@ def plot(summaries: list[Summary], disk_rate: float, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, workload, unit in ((axes[0], "small", "inst/s"), (axes[1], "large", "MB/s")):
         chosen = [s for s in summaries if s.workload == workload]
+        labels = [f"{s.server}\n{s.concurrency} assoc." for s in chosen]
         values = [s.instances_per_s if unit == "inst/s" else s.megabytes_per_s for s in chosen]
         medians = [v["median"] for v in values]
         errors = [
             [v["median"] - v["min"] for v in values],
             [v["max"] - v["median"] for v in values],
         ]
-        axis.bar([s.server for s in chosen], medians, yerr=errors, capsize=6, color="#4a7bb7")
+        axis.bar(labels, medians, yerr=errors, capsize=6, color="#4a7bb7")
         if unit == "MB/s":
             axis.axhline(disk_rate, color="#c0392b", linestyle="--", label="disk write rate")
             axis.axhline(0.8 * disk_rate, color="#e67e22", linestyle=":", label="80% of disk")
@@ -356,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--small", type=int, default=400, help="small instances per run")
     parser.add_argument("--large", type=int, default=40, help="large instances per run")
-    parser.add_argument("--concurrency", type=int, default=4, help="parallel associations")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[4, 1], help="parallel associations"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--orthanc", choices=["auto", "no"], default="auto")
     parser.add_argument("--work-dir", type=Path, help="where data is written (default: temp)")
@@ -388,44 +445,44 @@ def main(argv: list[str] | None = None) -> int:
         with console.status("measuring the disk"):
             disk_rate = disk_write_rate(work)
         runs: list[Run] = []
-        total = len(workloads) * args.repeats * len(servers)
+        total = len(workloads) * len(args.concurrency) * args.repeats * len(servers)
         with Progress(console=console) as progress:
             task = progress.add_task("runs", total=total)
-            for workload in workloads.values():
-                for repeat in range(args.repeats):
-                    for server in servers:
-                        folder = work / f"{server.name}-{workload.name}-{repeat}"
-                        port = free_port()
-                        with server.running(folder, port):
-                            seconds = send(workload.files, port, server.ae_title, args.concurrency)
-                            stored = server.count(folder)
-                        runs.append(
-                            Run(
-                                server.name,
-                                workload.name,
-                                repeat,
-                                len(workload.files),
-                                seconds,
-                                stored,
-                            )
-                        )
-                        if stored != len(workload.files):
-                            raise RuntimeError(
-                                f"{server.name} stored {stored} of {len(workload.files)}"
-                            )
-                        shutil.rmtree(folder)
-                        progress.advance(task)
+            for workload, concurrency, repeat, server in itertools.product(
+                workloads.values(), args.concurrency, range(args.repeats), servers
+            ):
+                folder = work / f"{server.name}-{workload.name}-{concurrency}-{repeat}"
+                port = free_port()
+                with server.running(folder, port):
+                    seconds = send(workload.files, port, server.ae_title, concurrency)
+                    stored = server.count(folder)
+                runs.append(
+                    Run(
+                        server.name,
+                        workload.name,
+                        concurrency,
+                        repeat,
+                        len(workload.files),
+                        seconds,
+                        stored,
+                    )
+                )
+                if stored != len(workload.files):
+                    raise RuntimeError(f"{server.name} stored {stored} of {len(workload.files)}")
+                shutil.rmtree(folder)
+                progress.advance(task)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     summaries = summarise(runs, workloads)
-    meta: dict[str, object] = {
+    meta: dict[str, Any] = {
         "command": "python -m benchmarks.ingest " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.python_version()})",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "concurrency": args.concurrency,
         "repeats": args.repeats,
         "workloads": {w.name: w.description for w in workloads.values()},
+        "servers": {server.name: server.configuration() for server in servers},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -439,12 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "ingest.md").write_text(report)
     plot(summaries, disk_rate, args.out / "ingest.png")
     table = Table(title="ingest")
-    for column in ("server", "workload", "inst/s median", "MB/s median"):
+    for column in ("server", "workload", "associations", "inst/s median", "MB/s median"):
         table.add_column(column)
     for s in summaries:
         table.add_row(
             s.server,
             s.workload,
+            str(s.concurrency),
             f"{s.instances_per_s['median']:.1f}",
             f"{s.megabytes_per_s['median']:.1f}",
         )

@@ -5,11 +5,15 @@ instances, names and dates spread out) straight through SQL, at each size asked 
 ``filmless serve`` (one DIMSE worker) answers over loopback. Each query runs once to warm
 up and then R times on one association, with two SCUs: dcmtk's findscu (C, timed from its
 own log) and pynetdicom (timed in Python, so its own per-response cost is part of the
-figure). We report p50/p95/max in milliseconds. With Orthanc installed and
-``--orthanc N``, the same queries run against an Orthanc holding N small instances
-sent by storescu (loading 100k instances into Orthanc over DIMSE takes too long here).
+figure). We report p50/p95/max in milliseconds.
 
-    python -m benchmarks.query --sizes 10000 100000 --repeats 200
+With Orthanc installed and ``--orthanc``, the same queries run against an Orthanc
+holding the same instances at every size (the same patients, names, dates and UIDs,
+sent by four storescu processes), so that each query matches the same studies in
+both; the table says where the counts differ. Orthanc runs as in
+:mod:`benchmarks.ingest` (``TCP_NODELAY=1``, its configuration printed with the results).
+
+    python -m benchmarks.query --sizes 3000 100000 --repeats 200 --orthanc
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from benchmarks.ingest import FilmlessServer, OrthancServer, send
 from benchmarks.support import free_port, in_private_network, no_delay, rerun_in_private_network
 from pacs.dimse.reactor import MendedAE
 from pacs.header import normalise_name
-from pacs.index import Index, instance, patient, series, study
+from pacs.index import Index, instance, patient, patient_key, series, study
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -85,23 +89,30 @@ def fill_index(index: Index, instances: int, seed: int = 0) -> None:
     patients = max(1, studies // 3)
     start = datetime(2023, 1, 1)
     now = datetime.now(UTC)
+    people = [
+        {
+            "PatientID": f"PID{p:07d}",
+            "IssuerOfPatientID": "",
+            "PatientName": (name := f"{FAMILY[p % 10]}{p // 10}^{GIVEN[(p * 7) % 10]}"),
+            "PatientNameSearch": normalise_name(name),
+            "PatientBirthDate": "19700101",
+            "PatientSex": "FMO"[p % 3],
+        }
+        for p in range(patients)
+    ]
     with index.writer.begin() as conn:
         conn.execute(
             insert(patient),
             [
                 {
                     "id": p + 1,
-                    "PatientID": f"PID{p:07d}",
-                    "IssuerOfPatientID": "",
-                    "PatientName": (name := f"{FAMILY[p % 10]}{p // 10}^{GIVEN[(p * 7) % 10]}"),
-                    "PatientNameSearch": normalise_name(name),
-                    "PatientBirthDate": "19700101",
-                    "PatientSex": "FMO"[p % 3],
-                    "NumberOfPatientRelatedStudies": 0,
-                    "NumberOfPatientRelatedSeries": 0,
-                    "NumberOfPatientRelatedInstances": 0,
+                    "PatientKey": patient_key(person["PatientID"], "", ""),
+                    **person,
+                    "NumberOfPatientRelatedStudies": studies // patients,
+                    "NumberOfPatientRelatedSeries": 2 * studies // patients,
+                    "NumberOfPatientRelatedInstances": INSTANCES_PER_STUDY * studies // patients,
                 }
-                for p in range(patients)
+                for p, person in enumerate(people)
             ],
         )
         study_rows, series_rows, instance_rows = [], [], []
@@ -112,6 +123,7 @@ def fill_index(index: Index, instances: int, seed: int = 0) -> None:
                 {
                     "id": s + 1,
                     "patient_id": s % patients + 1,
+                    **people[s % patients],
                     "StudyInstanceUID": f"2.25.{s + 1}",
                     "StudyDate": day.strftime("%Y%m%d"),
                     "StudyTime": f"{8 + s % 10:02d}0000",
@@ -182,8 +194,10 @@ def queries() -> dict[str, Callable[[], Dataset]]:
         return ds
 
     def by_wildcard_name() -> Dataset:
+        # Patient 24 is Kowalski2, present at every size: matches Kowalski2 and, as the
+        # index grows, Kowalski20..29.
         ds = base()
-        ds.PatientName = "Kowalski12*"
+        ds.PatientName = "Kowalski2*"
         return ds
 
     return {
@@ -303,7 +317,7 @@ def _summary(server: str, size: int, name: str, matches: int, timings: list[floa
     )
 
 
-def run_filmless(work: Path, size: int, repeats: int) -> list[Latency]:
+def run_filmless(server: FilmlessServer, work: Path, size: int, repeats: int) -> list[Latency]:
     folder = work / f"filmless-{size}"
     folder.mkdir()
     index = Index(f"sqlite:///{folder / 'index.sqlite'}")
@@ -313,7 +327,6 @@ def run_filmless(work: Path, size: int, repeats: int) -> list[Latency]:
     index.dispose()
     # The server runs as deployed, in a process of its own: an SCU in the same process
     # would share its interpreter lock and inflate every figure.
-    server = FilmlessServer(dimse_workers="1", max_find_matches="100000")
     port = free_port()
     with server.running(folder, port):
         return run_queries("filmless", server.ae_title, port, size=size, repeats=repeats, work=work)
@@ -368,8 +381,7 @@ def _orthanc_corpus(folder: Path, count: int) -> list[Path]:
     return files
 
 
-def run_orthanc(binary: str, work: Path, size: int, repeats: int) -> list[Latency]:
-    orthanc = OrthancServer(binary)
+def run_orthanc(orthanc: OrthancServer, work: Path, size: int, repeats: int) -> list[Latency]:
     folder = work / f"orthanc-{size}"
     files = _orthanc_corpus(work / f"orthanc-in-{size}", size)
     port = free_port()
@@ -377,6 +389,14 @@ def run_orthanc(binary: str, work: Path, size: int, repeats: int) -> list[Latenc
         with console.status(f"loading {len(files)} instances into Orthanc"):
             send(files, port, orthanc.ae_title, 4)
         return run_queries("orthanc", orthanc.ae_title, port, size=size, repeats=repeats, work=work)
+
+
+def differing_matches(results: list[Latency]) -> list[str]:
+    """Queries whose match counts differ between servers at one size."""
+    found: dict[tuple[int, str], set[int]] = {}
+    for r in results:
+        found.setdefault((r.size, r.query), set()).add(r.matches)
+    return [f"{query} at {size}" for (size, query), counts in found.items() if len(counts) > 1]
 
 
 def markdown(results: list[Latency], meta: dict[str, Any]) -> str:
@@ -394,6 +414,19 @@ def markdown(results: list[Latency], meta: dict[str, Any]) -> str:
             f"| {r.server} | {r.size} | {r.query} | {r.matches} "
             f"| {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.max_ms:.1f} |"
         )
+    differing = differing_matches(results)
+    lines += [
+        "",
+        "Match counts differ between servers: " + ", ".join(differing)
+        if differing
+        else "Every query matched the same number of studies on every server.",
+        "",
+        "Configurations:",
+        "",
+    ]
+    for server, configuration in meta["servers"].items():
+        described = "; ".join(f"{k}: {v}" for k, v in configuration.items() if v != "")
+        lines.append(f"- {server}: {described}")
     return "\n".join(lines) + "\n"
 
 
@@ -414,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--orthanc", type=int, default=0, help="instances to load into Orthanc")
+    parser.add_argument(
+        "--orthanc", action="store_true", help="also Orthanc, holding the same instances"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -428,14 +463,16 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="filmless-query-"))
     results: list[Latency] = []
+    filmless = FilmlessServer(dimse_workers="1", max_find_matches="100000")
+    orthanc = OrthancServer(orthanc_binary) if orthanc_binary else None
     try:
         for size in args.sizes:
-            results += run_filmless(work, size, args.repeats)
-        if orthanc_binary:
-            try:
-                results += run_orthanc(orthanc_binary, work, args.orthanc, args.repeats)
-            except (RuntimeError, subprocess.SubprocessError) as exc:
-                console.print(f"[red]Orthanc run failed:[/red] {exc}")
+            results += run_filmless(filmless, work, size, args.repeats)
+            if orthanc is not None:
+                try:
+                    results += run_orthanc(orthanc, work, size, args.repeats)
+                except (RuntimeError, subprocess.SubprocessError) as exc:
+                    console.print(f"[red]Orthanc run failed:[/red] {exc}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta: dict[str, Any] = {
@@ -443,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.python_version()})",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "repeats": args.repeats,
+        "servers": {
+            server.name: server.configuration()
+            for server in (filmless, orthanc)
+            if server is not None
+        },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "query.json").write_text(

@@ -59,6 +59,9 @@ from pacs.pixels import StoredImage, read_image
 
 log = logging.getLogger(__name__)
 
+# How long an idle thread that is not the one looking rests before it looks itself.
+_RESTING_S = 1.0
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -94,6 +97,7 @@ class Worker:
         self.inputs = SharedInputs()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._looking = threading.Lock()
 
     def session(self, manifest: Manifest, folder: Path) -> BatchingSession:
         """One shared session per model (and weights file), created on first use."""
@@ -132,6 +136,7 @@ class Worker:
         )
         if job is None:
             return False
+        self._wake.set()
         try:
             with self._renewing(job):
                 result, note = self.process(job)
@@ -191,12 +196,22 @@ class Worker:
         self._wake.set()
 
     def run(self, stop: threading.Event, idle: float = 0.1) -> None:
-        """Jobs until ``stop``; when there is none, wait to be woken or ``idle`` seconds
-        (jobs queued by other processes are found by looking again)."""
+        """Jobs until ``stop``. When there is none, a thread waits to be woken; one of the
+        idle threads at a time also looks again every ``idle`` seconds, for jobs queued
+        by other processes (the DIMSE workers), so that N idle threads do not each query
+        the index ten times a second beside the archive's writers. A thread that finds a
+        job wakes the others: more may be due."""
         while not stop.is_set():
-            if not self.run_once():
-                self._wake.wait(idle)
-                self._wake.clear()
+            if self.run_once():
+                continue
+            if self._looking.acquire(blocking=False):
+                try:
+                    self._wake.wait(idle)
+                finally:
+                    self._looking.release()
+            else:
+                self._wake.wait(_RESTING_S)
+            self._wake.clear()
 
     def process(self, job: Job) -> tuple[str, str]:
         """Run the job: the SOP Instance UID of the report (or the one sent), and what

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, literal, or_, select, update
+from sqlalchemy import Connection, and_, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from pacs.errors import IndexFailure
@@ -210,24 +210,27 @@ class JobQueue:
         found with ``max_attempts`` used up that way is failed, not run once more.
         """
         now = _now()
+        expired = and_(job.c.state == JobState.RUNNING, job.c.lease_until < now)
+        abandoned = None
         if max_attempts is not None:
-            self._fail_abandoned(max_attempts, now)
-        due = or_(
-            and_(job.c.state == JobState.PENDING, job.c.not_before <= now),
-            and_(job.c.state == JobState.RUNNING, job.c.lease_until < now),
-        )
-        statement = select(job.c.id).where(due).order_by(job.c.id).limit(1)
+            abandoned = and_(expired, job.c.attempts >= max_attempts)
+            expired = and_(expired, job.c.attempts < max_attempts)
+        due = or_(and_(job.c.state == JobState.PENDING, job.c.not_before <= now), expired)
         if models:
-            statement = statement.where(job.c.model.in_(list(models)))
-        # Idle workers look often: a read finds that nothing is due without taking the
-        # database's write lock away from the archive.
+            due = and_(due, job.c.model.in_(list(models)))
+        statement = select(job.c.id).where(due).order_by(job.c.id).limit(1)
+        # Idle workers look often: one read finds that nothing is due (and nothing is to be
+        # failed) without taking the database's write lock away from the archive.
+        look = due if abandoned is None else or_(due, abandoned)
         with self.index.reading() as conn:
-            if conn.execute(statement).first() is None:
+            if conn.execute(select(job.c.id).where(look).limit(1)).first() is None:
                 return None
         if not self.index.is_sqlite:
             statement = statement.with_for_update(skip_locked=True)
         try:
             with self.index.writer.begin() as conn:
+                if abandoned is not None:
+                    _fail_abandoned(conn, abandoned, max_attempts or 0, now)
                 found = conn.execute(statement).scalar_one_or_none()
                 if found is None:
                     return None
@@ -246,34 +249,6 @@ class JobQueue:
                 return Job.from_row(row)
         except SQLAlchemyError as exc:
             raise IndexFailure(f"cannot claim a job: {exc}") from exc
-
-    def _fail_abandoned(self, max_attempts: int, now: datetime) -> None:
-        """Jobs whose lease ran out after their last allowed attempt: failed, with why."""
-        abandoned = and_(
-            job.c.state == JobState.RUNNING,
-            job.c.lease_until < now,
-            job.c.attempts >= max_attempts,
-        )
-        with self.index.reading() as conn:
-            if conn.execute(select(job.c.id).where(abandoned).limit(1)).first() is None:
-                return
-        try:
-            with self.index.writer.begin() as conn:
-                conn.execute(
-                    update(job)
-                    .where(abandoned)
-                    .values(
-                        state=JobState.FAILED,
-                        lease_until=None,
-                        updated_at=now,
-                        reason=literal(
-                            "the worker running it stopped (crash or kill) in each of its "
-                            f"{max_attempts} attempts"
-                        ),
-                    )
-                )
-        except SQLAlchemyError as exc:
-            raise IndexFailure(f"cannot fail abandoned jobs: {exc}") from exc
 
     def renew(self, claimed: Job, lease: float) -> bool:
         """Extend the lease of a job still being worked on; False if it was lost."""
@@ -360,3 +335,20 @@ class JobQueue:
                     )
                 ).rowcount
             )
+
+
+def _fail_abandoned(conn: Connection, abandoned: Any, max_attempts: int, now: datetime) -> None:
+    """Jobs whose lease ran out after their last allowed attempt: failed, with why."""
+    conn.execute(
+        update(job)
+        .where(abandoned)
+        .values(
+            state=JobState.FAILED,
+            lease_until=None,
+            updated_at=now,
+            reason=literal(
+                "the worker running it stopped (crash or kill) in each of its "
+                f"{max_attempts} attempts"
+            ),
+        )
+    )

@@ -1,7 +1,9 @@
 """The blob store: durable writes of whole DICOM files under a folder the archive owns.
 
 A write is: temporary file in ``staging/``, fsync, atomic rename into place, fsync of
-the directory (and of every directory created on the way). Paths are built only from
+the directory (and of every directory created on the way). The staging file's fsync
+runs on a thread of its own while the archive reads the header and looks up the index;
+the rename waits for it. Paths are built only from
 validated UIDs and a content hash, so nothing a peer sends can name a path outside the
 data folder, and a replaced instance gets a new file instead of being rewritten in place.
 """
@@ -15,6 +17,7 @@ import io
 import os
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,15 +27,29 @@ from pacs.uids import require_uid
 
 _CHUNK = 1 << 20
 _PARALLEL_HASH_MIN = 1 << 20
+# fsync releases the GIL and waits on the disk; a few at a time let concurrent
+# associations' writes reach the disk together.
+_syncing = ThreadPoolExecutor(max_workers=16, thread_name_prefix="staging-fsync")
 
 
 @dataclass(frozen=True, slots=True)
 class StagedBlob:
-    """Bytes written and fsynced under ``staging/`` but not yet visible in the store."""
+    """Bytes written under ``staging/``, not yet visible in the store; durable once
+    :meth:`durable` returns (the store's commit calls it before the rename)."""
 
     path: Path
     size: int
     sha256: str
+    syncing: Future[None] | None = None
+
+    def durable(self) -> None:
+        """Wait for the staging file's fsync; StorageFailure if it failed."""
+        if self.syncing is None:
+            return
+        try:
+            self.syncing.result()
+        except OSError as exc:
+            raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
 
 
 class FsBlobStore:
@@ -46,7 +63,8 @@ class FsBlobStore:
             _ensure_dir(folder)
 
     def stage(self, head: bytes, body: BinaryIO) -> StagedBlob:
-        """Write ``head`` then the rest of ``body`` to a new staging file, durably.
+        """Write ``head`` then the rest of ``body`` to a new staging file; it is durable
+        when :meth:`commit` has renamed it (which waits for its fsync).
 
         An in-memory body (what DIMSE hands over) is written without copying and hashed
         on a second thread meanwhile: both release the GIL, so a large instance costs
@@ -92,6 +110,11 @@ class FsBlobStore:
         """Move a staged blob to its place and make the new directory entry durable."""
         target = self.path(relative)
         try:
+            staged.durable()
+        except StorageFailure:
+            _unlink_quietly(staged.path)
+            raise
+        try:
             _ensure_dir(target.parent)
             os.replace(staged.path, target)
             _fsync_dir(target.parent)
@@ -101,6 +124,8 @@ class FsBlobStore:
         return target
 
     def discard(self, staged: StagedBlob) -> None:
+        with contextlib.suppress(StorageFailure):
+            staged.durable()
         _unlink_quietly(staged.path)
 
     def path(self, relative: str) -> Path:
@@ -142,6 +167,7 @@ class StagingWriter:
         self.path = path
         self.digest = hashlib.sha256()
         self.size = 0
+        self._syncing: Future[None] | None = None
         try:
             self.out: BinaryIO = open(path, "xb")  # noqa: SIM115 (closed by finish/discard)
         except OSError as exc:
@@ -167,19 +193,33 @@ class StagingWriter:
         self.size += len(data)
 
     def finish(self) -> StagedBlob:
+        """All bytes handed to the file system; their fsync started on a thread of its own."""
         try:
             self.out.flush()
-            os.fsync(self.out.fileno())
-            self.out.close()
         except OSError as exc:
             self.discard()
             raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
-        return StagedBlob(path=self.path, size=self.size, sha256=self.digest.hexdigest())
+        syncing = self._syncing = _syncing.submit(_sync_and_close, self.out)
+        return StagedBlob(
+            path=self.path, size=self.size, sha256=self.digest.hexdigest(), syncing=syncing
+        )
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self.out.close()
+        if self._syncing is not None:
+            # Finished: the fsync thread owns the file and closes it.
+            with contextlib.suppress(OSError):
+                self._syncing.result()
+        else:
+            with contextlib.suppress(OSError):
+                self.out.close()
         _unlink_quietly(self.path)
+
+
+def _sync_and_close(out: BinaryIO) -> None:
+    try:
+        os.fsync(out.fileno())
+    finally:
+        out.close()
 
 
 def _ensure_dir(folder: Path) -> None:

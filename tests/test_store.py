@@ -59,6 +59,9 @@ def test_disk_full_is_a_storage_failure_and_leaves_nothing(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("pacs.store.os.fsync", no_space)
+    # The staging file's fsync runs beside the caller; the commit waits for it and fails.
+    staged = store.stage(b"head", io.BytesIO(b"body"))
     with pytest.raises(StorageFailure, match="no space left"):
-        store.stage(b"head", io.BytesIO(b"body"))
+        store.commit(staged, "aa/bb/1.2.3/1.2.3.4/1.2.3.4.5.0123456789abcdef.dcm")
     assert list(store.staging.iterdir()) == []
+    assert list(store.objects.rglob("*.dcm")) == []

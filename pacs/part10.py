@@ -13,11 +13,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import BinaryIO
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
 
 from pacs.errors import InvalidInstance
 from pacs.structure import LONG_LENGTH_VRS
@@ -40,19 +36,40 @@ class FileMeta:
 
 
 def encode_file_meta(meta: FileMeta) -> bytes:
-    """Preamble, prefix and group 0002 exactly as the archive writes them."""
-    fm = FileMetaDataset()
-    fm.FileMetaInformationVersion = b"\x00\x01"
-    fm.MediaStorageSOPClassUID = UID(meta.MediaStorageSOPClassUID)
-    fm.MediaStorageSOPInstanceUID = UID(meta.MediaStorageSOPInstanceUID)
-    fm.TransferSyntaxUID = UID(meta.TransferSyntaxUID)
-    fm.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    fm.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    write_file_meta_info(buffer, fm, enforce_standard=True)
-    return PREAMBLE + PREFIX + buffer.getvalue()
+    """Preamble, prefix and group 0002 exactly as the archive writes them.
+
+    Packed by hand (explicit VR little endian, tag order, UIDs padded with NUL and text
+    with a space to even length, PS3.10 7.1): it is written for every instance received,
+    and is byte for byte what pydicom's ``write_file_meta_info`` makes of the same
+    group (a test holds the two together).
+    """
+    body = b"".join(
+        (
+            _META_VERSION,
+            _short(0x0002, b"UI", _even(meta.MediaStorageSOPClassUID, b"\0")),
+            _short(0x0003, b"UI", _even(meta.MediaStorageSOPInstanceUID, b"\0")),
+            _short(0x0010, b"UI", _even(meta.TransferSyntaxUID, b"\0")),
+            _IMPLEMENTATION,
+        )
+    )
+    length = b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<L", len(body))
+    return PREAMBLE + PREFIX + length + body
+
+
+def _even(text: str, pad: bytes) -> bytes:
+    value = text.encode("ascii")
+    return value + pad if len(value) % 2 else value
+
+
+def _short(element: int, vr: bytes, value: bytes) -> bytes:
+    """An element of group 0002 with a 2-byte length."""
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
+_META_VERSION = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
+_IMPLEMENTATION = _short(0x0012, b"UI", _even(IMPLEMENTATION_CLASS_UID, b"\0")) + _short(
+    0x0013, b"SH", _even(IMPLEMENTATION_VERSION_NAME, b" ")
+)
 
 
 def read_file_meta(stream: BinaryIO, *, lenient: bool = False) -> FileMeta:

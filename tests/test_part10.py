@@ -6,11 +6,20 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pacs.errors import InvalidInstance
-from pacs.part10 import PREAMBLE, FileMeta, encode_file_meta, read_file_meta
+from pacs.part10 import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    PREAMBLE,
+    FileMeta,
+    encode_file_meta,
+    read_file_meta,
+)
 from pacs.structure import MAX_SEQUENCE_DEPTH, check_structure
 from tests.support.instances import ct_instance, part10
 
@@ -122,3 +131,30 @@ def test_structure_reads_undefined_length_un_as_implicit(tmp_path: Path) -> None
     path = tmp_path / "un.dcm"
     path.write_bytes(head + un)
     check_structure(path, len(head), explicit=True, little=True)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        FileMeta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),  # even
+        FileMeta("1.2.840.10008.5.1.4.1.1.7", "1.2.3.45", "1.2.840.10008.1.2"),  # odd
+        FileMeta("1.2.840.10008.5.1.4.1.1.1.2", "2.25." + "9" * 59, "1.2.840.10008.1.2.4.90"),
+    ],
+)
+def test_meta_group_is_what_pydicom_writes(meta: FileMeta) -> None:
+    """The hand-packed group 0002 equals pydicom's encoding of the same elements
+    (PS3.10 7.1: explicit VR little endian, even lengths, UIDs padded with NUL)."""
+    fm = FileMetaDataset()
+    fm.FileMetaInformationVersion = b"\x00\x01"
+    fm.MediaStorageSOPClassUID = UID(meta.MediaStorageSOPClassUID)
+    fm.MediaStorageSOPInstanceUID = UID(meta.MediaStorageSOPInstanceUID)
+    fm.TransferSyntaxUID = UID(meta.TransferSyntaxUID)
+    fm.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    fm.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_file_meta_info(buffer, fm, enforce_standard=True)
+    encoded = encode_file_meta(meta)
+    assert encoded == b"\0" * 128 + b"DICM" + buffer.getvalue()
+    assert read_file_meta(io.BytesIO(encoded)) == meta

@@ -36,6 +36,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -497,12 +498,41 @@ def record_query() -> Any:
     )
 
 
-def _find_instance(conn: Connection, SOPInstanceUID: str) -> InstanceRecord | None:
-    row = (
-        conn.execute(record_query().where(instance.c.SOPInstanceUID == SOPInstanceUID))
-        .mappings()
-        .first()
+# The statements of every store are built once: SQLAlchemy then only binds values and
+# finds the compiled form by the statement's memoised cache key.
+_INSTANCE_BY_UID = record_query().where(instance.c.SOPInstanceUID == bindparam("b_sop"))
+_SERIES_BY_UID = select(series.c.id, series.c.study_id).where(
+    series.c.SeriesInstanceUID == bindparam("b_series")
+)
+_INSERT_INSTANCE = instance.insert().returning(instance.c.id)
+_COUNT_SERIES = (
+    update(series)
+    .where(series.c.id == bindparam("b_id"))
+    .values(NumberOfSeriesRelatedInstances=series.c.NumberOfSeriesRelatedInstances + 1)
+)
+_COUNT_STUDY = (
+    update(study)
+    .where(study.c.id == bindparam("b_id"))
+    .values(
+        NumberOfStudyRelatedInstances=study.c.NumberOfStudyRelatedInstances + 1,
+        NumberOfStudyRelatedSeries=study.c.NumberOfStudyRelatedSeries + bindparam("b_series"),
+        updated_at=bindparam("b_now"),
     )
+)
+_COUNT_PATIENT = (
+    update(patient)
+    .where(patient.c.id == bindparam("b_id"))
+    .values(
+        NumberOfPatientRelatedInstances=patient.c.NumberOfPatientRelatedInstances + 1,
+        NumberOfPatientRelatedSeries=patient.c.NumberOfPatientRelatedSeries + bindparam("b_series"),
+        NumberOfPatientRelatedStudies=patient.c.NumberOfPatientRelatedStudies
+        + bindparam("b_study"),
+    )
+)
+
+
+def _find_instance(conn: Connection, SOPInstanceUID: str) -> InstanceRecord | None:
+    row = conn.execute(_INSTANCE_BY_UID, {"b_sop": SOPInstanceUID}).mappings().first()
     return None if row is None else InstanceRecord(**row)
 
 
@@ -594,21 +624,14 @@ def _add(
         conn.execute(update(patient).where(patient.c.id == owner).values(**changes))
         patient_changed = True
 
-    series_row = conn.execute(
-        select(series.c.id, series.c.study_id).where(
-            series.c.SeriesInstanceUID == header.series.SeriesInstanceUID
-        )
-    ).first()
+    series_key = {"b_series": header.series.SeriesInstanceUID}
+    series_row = conn.execute(_SERIES_BY_UID, series_key).first()
     new_series = False
     if series_row is None:
         series_values = asdict(header.series)
         series_values["study_id"] = study_id
         new_series = _insert_ignore(conn, series, series_values) is not None
-        series_row = conn.execute(
-            select(series.c.id, series.c.study_id).where(
-                series.c.SeriesInstanceUID == header.series.SeriesInstanceUID
-            )
-        ).one()
+        series_row = conn.execute(_SERIES_BY_UID, series_key).one()
     series_id, series_study = series_row
     if series_study != study_id:
         raise SeriesConflict(
@@ -619,32 +642,11 @@ def _add(
     instance_values.update(
         asdict(blob), series_id=series_id, received_at=now, attributes=header.attributes
     )
-    instance_id = conn.execute(
-        instance.insert().values(**instance_values).returning(instance.c.id)
-    ).scalar_one()
-
+    instance_id = conn.execute(_INSERT_INSTANCE, instance_values).scalar_one()
+    conn.execute(_COUNT_SERIES, {"b_id": series_id})
+    conn.execute(_COUNT_STUDY, {"b_id": study_id, "b_series": int(new_series), "b_now": now})
     conn.execute(
-        update(series)
-        .where(series.c.id == series_id)
-        .values(NumberOfSeriesRelatedInstances=series.c.NumberOfSeriesRelatedInstances + 1)
-    )
-    conn.execute(
-        update(study)
-        .where(study.c.id == study_id)
-        .values(
-            NumberOfStudyRelatedInstances=study.c.NumberOfStudyRelatedInstances + 1,
-            NumberOfStudyRelatedSeries=study.c.NumberOfStudyRelatedSeries + int(new_series),
-            updated_at=now,
-        )
-    )
-    conn.execute(
-        update(patient)
-        .where(patient.c.id == owner)
-        .values(
-            NumberOfPatientRelatedInstances=patient.c.NumberOfPatientRelatedInstances + 1,
-            NumberOfPatientRelatedSeries=patient.c.NumberOfPatientRelatedSeries + int(new_series),
-            NumberOfPatientRelatedStudies=patient.c.NumberOfPatientRelatedStudies + int(new_study),
-        )
+        _COUNT_PATIENT, {"b_id": owner, "b_series": int(new_series), "b_study": int(new_study)}
     )
     if new_series:
         _refresh_modalities(conn, study_id)
@@ -674,22 +676,21 @@ _PATIENT_COLUMNS = (
 )
 
 
-def _study_for_update(conn: Connection, StudyInstanceUID: str) -> Mapping[str, Any] | None:
-    row = (
-        conn.execute(
-            select(
-                study.c.id,
-                study.c.patient_id,
-                study.c.NumberOfStudyRelatedSeries,
-                study.c.NumberOfStudyRelatedInstances,
-                *(study.c[name] for name in _PATIENT_COLUMNS),
-            )
-            .where(study.c.StudyInstanceUID == StudyInstanceUID)
-            .with_for_update()
-        )
-        .mappings()
-        .first()
+_STUDY_FOR_UPDATE = (
+    select(
+        study.c.id,
+        study.c.patient_id,
+        study.c.NumberOfStudyRelatedSeries,
+        study.c.NumberOfStudyRelatedInstances,
+        *(study.c[name] for name in _PATIENT_COLUMNS),
     )
+    .where(study.c.StudyInstanceUID == bindparam("b_study"))
+    .with_for_update()
+)
+
+
+def _study_for_update(conn: Connection, StudyInstanceUID: str) -> Mapping[str, Any] | None:
+    row = conn.execute(_STUDY_FOR_UPDATE, {"b_study": StudyInstanceUID}).mappings().first()
     return None if row is None else dict(row)
 
 

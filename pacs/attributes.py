@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -34,21 +35,37 @@ _STRINGS = frozenset(
     {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 )
 
+# Values read straight from the bytes when an element is still raw: VRs whose text is
+# ASCII by definition (PS3.5 6.2, not affected by the Specific Character Set) and binary
+# numbers. Every other VR goes through pydicom. Both give the same JSON (a test holds
+# them together over pydicom's test files); this one skips building DataElements.
+_ASCII_VRS = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})
+_NUMBER_FORMATS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
+
 BulkPath = tuple[int, ...]
 BulkURI = Callable[[BulkPath], str]
 
 
-def dataset_json(ds: Dataset, uri: BulkURI | None, path: BulkPath = ()) -> dict[str, Any]:
+def dataset_json(
+    ds: Dataset, uri: BulkURI | None, path: BulkPath = (), *, raw: bool = True
+) -> dict[str, Any]:
     """Every element of ``ds`` except group lengths (PS3.18 F.2: "shall not be included").
 
     ``uri`` names where a large binary value can be fetched (WADO-RS bulk data); without
     one, such values are left out (they are never matched or returned by a query).
+    ``raw``: read the simple VRs of unconverted elements from their bytes.
     """
     out: dict[str, Any] = {}
     for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset yields elements)
         if tag.element == 0 or (tag == PIXEL_DATA and not path):
             continue  # the image's own Pixel Data is described by WADO-RS apart
         key = f"{tag:08X}"
+        if raw:
+            stored = ds.get_item(tag)
+            fast = _raw_json(stored) if isinstance(stored, RawDataElement) else None
+            if fast is not None:
+                out[key] = fast
+                continue
         try:
             element = ds[tag]
         except Exception as exc:  # a raw element pydicom cannot convert at all
@@ -79,6 +96,35 @@ def element_json(
     except Exception:
         converted = _as_sent(element)
     return _nulls_for_empty_values(converted)
+
+
+def _raw_json(element: RawDataElement) -> dict[str, Any] | None:
+    """An explicit-VR little-endian element of a simple VR as JSON; None for pydicom."""
+    vr = element.VR
+    value = element.value
+    if (
+        vr is None
+        or element.is_implicit_VR
+        or not element.is_little_endian
+        or (value is None and element.length)
+    ):
+        return None
+    if not value:
+        return {"vr": vr} if vr in _ASCII_VRS or vr in _NUMBER_FORMATS else None
+    if vr in _ASCII_VRS:
+        # As pydicom's multi_string: trailing padding off, then split on backslashes.
+        items = value.decode("latin-1").rstrip(" \x00").split("\\")
+        if len(items) == 1:
+            return {"vr": vr, "Value": items} if items[0] else {"vr": vr}
+        return {"vr": vr, "Value": [item or None for item in items]}
+    code = _NUMBER_FORMATS.get(vr)
+    if code is None:
+        return None
+    size = struct.calcsize("<" + code)
+    if len(value) % size:
+        return None  # pydicom refuses it; its handling applies
+    numbers = list(struct.unpack(f"<{len(value) // size}{code}", value))
+    return {"vr": vr, "Value": numbers}
 
 
 def _as_sent(element: DataElement) -> dict[str, Any]:

@@ -37,6 +37,9 @@ class PausingCheckpoint(threading.Event):
         assoc = self.association
         if threading.current_thread() is assoc:
             return
+        wake = getattr(assoc, "_wake", None)
+        if wake is not None:
+            wake.set()  # a reactor waiting for messages comes round to the checkpoint now
         waiters = self._cond._waiters  # type: ignore[attr-defined]
         while not waiters and assoc.is_alive() and not assoc._kill and not self.is_set():
             time.sleep(_POLL_S)

@@ -27,6 +27,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from pacs.dimse import spool
 from pacs.dimse.frontdoor import Dropped, FrontDoor, Refusal
 from pacs.dimse.reactor import mend
+from pacs.dimse.wakeful import wakeful
 from pacs.store import FsBlobStore
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ class FilmlessRequestHandler(RequestHandler):
         assoc.start()
 
     def _create_association(self) -> Association:
-        assoc = mend(super()._create_association())
+        assoc = wakeful(mend(super()._create_association()))
         sock = assoc.dul.socket
         assert isinstance(sock, AssociationSocket)
         # Same object, same state (it already announced the connection to the DUL);

@@ -9,6 +9,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from pynetdicom import _config as pynetdicom_config
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -62,6 +63,12 @@ def configure_logging(*, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Whatever its logger's level, pynetdicom decodes and pretty-prints every request
+    # identifier, and its standard handlers format every PDU and DIMSE message: only
+    # when they would be shown.
+    pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = verbose
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = verbose
     # highdicom logs every module it copies into a report at INFO: lines per report.
     logging.getLogger("highdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
 

@@ -280,6 +280,33 @@ def test_too_many_matches_is_refused_before_any_answer(server: Server) -> None:
     assert matches == []
 
 
+@pytest.mark.parametrize("spare", [-1, 0])
+def test_the_limit_holds_past_the_matches_read_before_answering(
+    server: Server, monkeypatch: pytest.MonkeyPatch, spare: int
+) -> None:
+    """With more matches than are read ahead, the server counts them before the first
+    answer: one over max_find_matches is refused with none sent (PS3.4 C.4.1.1.4,
+    0xA700), exactly max_find_matches are all answered."""
+    monkeypatch.setattr("pacs.dimse.find._PEEK", 2)
+    studies = len(server.stored.studies) + 1  # and the Japanese study
+    limit = studies + spare
+    limited = Server(
+        DimseConfig(port=free_port(), max_find_matches=limit), server.stored, server.archive
+    )
+    running = start_dimse(server.archive, limited.config)
+    try:
+        matches, final = find(limited, study_query())
+    finally:
+        running.shutdown()
+    if spare < 0:
+        assert final.Status == QueryStatus.OUT_OF_RESOURCES
+        assert f"more than {limit} matches" in final.ErrorComment
+        assert matches == []
+    else:
+        assert final.Status == QueryStatus.SUCCESS
+        assert len(matches) == studies
+
+
 def test_too_many_return_keys_are_refused_with_the_limit(server: Server) -> None:
     """A C-FIND naming more keys than max_query_keys costs no search: 0xA700 (PS3.4
     C.4.1.1.4, Refused: Out of Resources) with the limit named."""

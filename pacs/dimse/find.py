@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from itertools import chain, islice
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -58,6 +59,8 @@ MODELS: Mapping[str, Model] = {
 _FUZZY_BYTE = 2  # PS3.4 C.5.1.1: byte 3 of the C-FIND extended negotiation
 _COMBINED_DATETIME_BYTE = 1
 _TIMEZONE_BYTE = 3
+# Matches read before the first is sent; a query with fewer is never counted apart.
+_PEEK = 256
 
 Response = tuple[int | Dataset, Dataset | None]
 # A match is already encoded (bytes) where the fast path could, a Dataset otherwise.
@@ -297,16 +300,22 @@ def answers(
             max_keys=max_keys,
         )
         with archive.index.reading() as conn:
-            if count(conn, query, at_most=max_matches + 1) > max_matches:
+            # Rows are fetched as they are sent (a server-side cursor where the database
+            # has one), never all at once. The first few are read before anything is
+            # sent: most queries end there, and need no count of their matches to know
+            # that they stay under max_matches.
+            rows = execute(conn, query)
+            first = list(islice(rows, min(_PEEK, max_matches + 1)))
+            if len(first) > max_matches or (
+                len(first) == _PEEK and count(conn, query, at_most=max_matches + 1) > max_matches
+            ):
                 comment = f"more than {max_matches} matches: refine the query"
                 yield failure(QueryStatus.OUT_OF_RESOURCES, comment), None
                 return
             fast = MatchEncoder(
                 identifier, query.level, retrieve_ae, str(event.context.transfer_syntax)
             )
-            # Rows are fetched as they are sent (a server-side cursor where the database
-            # has one), never all at once.
-            for match in execute(conn, query):
+            for match in chain(first, rows):
                 if event.is_cancelled:
                     yield QueryStatus.CANCEL, None
                     return

@@ -3,9 +3,9 @@
 A write is: temporary file in ``staging/``, fsync, atomic rename into place, fsync of
 the directory (and of every directory created on the way). The staging file's fsync
 runs on a thread of its own while the archive reads the header and looks up the index;
-the rename waits for it. Paths are built only from
-validated UIDs and a content hash, so nothing a peer sends can name a path outside the
-data folder, and a replaced instance gets a new file instead of being rewritten in place.
+the rename waits for it. Paths are built only from validated UIDs and a content hash,
+so nothing a peer sends can name a path outside the data folder, and a replaced
+instance gets a new file instead of being rewritten in place.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from pacs.encoding import NATIVE_LITTLE_ENDIAN
 from pacs.errors import NotAcceptable
 
 DICOM = "application/dicom"
@@ -40,7 +41,6 @@ PIXEL_MEDIA_TYPES: Mapping[str, str] = {
     "1.2.840.10008.1.2.4.203": "image/jphc",
     "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 ANY_SYNTAX = "*"
 
 
@@ -123,7 +123,7 @@ class InstanceChoice:
         for syntax in self.syntaxes:
             if syntax in (ANY_SYNTAX, stored):
                 found.append(UID(stored))
-            elif syntax in UNCOMPRESSED:
+            elif syntax in NATIVE_LITTLE_ENDIAN:
                 found.append(UID(syntax))
         return list(dict.fromkeys(found))
 

@@ -20,6 +20,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from dicomweb import media
 from dicomweb.rendered import RenderParams, Viewport, render
 from pacs.archive import Archive
+from pacs.encoding import NATIVE_LITTLE_ENDIAN
 from pacs.errors import MalformedRequest, NoSuchFrame, NotAcceptable
 from pacs.index import InstanceRecord
 from pacs.pixels import read_image, transcode
@@ -152,7 +153,7 @@ def _instance(archive: Archive, record: InstanceRecord, syntax: str | None) -> R
     wanted = syntax or ExplicitVRLittleEndian
     if wanted in ("*", record.TransferSyntaxUID):
         return StreamingResponse(_chunks(archive, record), media_type=media.DICOM)
-    if UID(wanted) not in media.UNCOMPRESSED:
+    if UID(wanted) not in NATIVE_LITTLE_ENDIAN:
         raise NotAcceptable(
             f"instance {record.SOPInstanceUID} is stored as {record.TransferSyntaxUID}; it "
             f"cannot be produced as {wanted} (ask for Explicit VR Little Endian or *)"

@@ -25,6 +25,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from pacs.encoding import NUMBER_FORMATS
+
 log = logging.getLogger(__name__)
 
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
@@ -40,7 +42,6 @@ _STRINGS = frozenset(
 # numbers. Every other VR goes through pydicom. Both give the same JSON (a test holds
 # them together over pydicom's test files); this one skips building DataElements.
 _ASCII_VRS = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})
-_NUMBER_FORMATS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
 
 BulkPath = tuple[int, ...]
 BulkURI = Callable[[BulkPath], str]
@@ -110,20 +111,20 @@ def _raw_json(element: RawDataElement) -> dict[str, Any] | None:
     ):
         return None
     if not value:
-        return {"vr": vr} if vr in _ASCII_VRS or vr in _NUMBER_FORMATS else None
+        return {"vr": vr} if vr in _ASCII_VRS or vr in NUMBER_FORMATS else None
     if vr in _ASCII_VRS:
         # As pydicom's multi_string: trailing padding off, then split on backslashes.
         items = value.decode("latin-1").rstrip(" \x00").split("\\")
         if len(items) == 1:
             return {"vr": vr, "Value": items} if items[0] else {"vr": vr}
         return {"vr": vr, "Value": [item or None for item in items]}
-    code = _NUMBER_FORMATS.get(vr)
+    code = NUMBER_FORMATS.get(vr)
     if code is None:
         return None
-    size = struct.calcsize("<" + code)
+    size = struct.calcsize(code)
     if len(value) % size:
         return None  # pydicom refuses it; its handling applies
-    numbers = list(struct.unpack(f"<{len(value) // size}{code}", value))
+    numbers = list(struct.unpack(f"<{len(value) // size}{code[1:]}", value))
     return {"vr": vr, "Value": numbers}
 
 

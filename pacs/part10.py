@@ -15,8 +15,8 @@ from typing import BinaryIO
 
 from pydicom.filereader import read_dataset
 
+from pacs.encoding import LONG_LENGTH_VR_CODES
 from pacs.errors import InvalidInstance
-from pacs.structure import LONG_LENGTH_VRS
 from pacs.uids import require_uid
 
 PREAMBLE = b"\x00" * 128
@@ -100,7 +100,7 @@ def read_file_meta(stream: BinaryIO, *, lenient: bool = False) -> FileMeta:
             stream.seek(start)
             break
         vr = tag_vr[4:6]
-        if vr in LONG_LENGTH_VRS:
+        if vr in LONG_LENGTH_VR_CODES:
             rest = stream.read(6)
             if len(rest) < 6:
                 raise InvalidInstance("File Meta Information is truncated")

@@ -22,20 +22,18 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEGLSLossless,
     JPEGLSNearLossless,
 )
 
 from pacs.codestream import dimensions
+from pacs.encoding import NATIVE_LITTLE_ENDIAN
 from pacs.errors import NoSuchFrame, UndecodablePixels
 
 PIXEL_DATA = 0x7FE00010
 # CharLS (pyjpegls) decodes JPEG-LS about five times faster than libjpeg (pylibjpeg),
 # which pydicom would otherwise try first.
 _PREFERRED_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -288,7 +286,7 @@ def _plain_grey(image: StoredImage) -> bool:
     of projection radiography, read in one go instead of through pydicom's decoder."""
     ds = image.header
     return (
-        image.transfer_syntax in UNCOMPRESSED
+        image.transfer_syntax in NATIVE_LITTLE_ENDIAN
         and not image.encapsulated
         and int(ds.get("SamplesPerPixel", 1)) == 1
         and ds.get("BitsAllocated") in (8, 16)
@@ -334,7 +332,7 @@ def native_frame(stream: BinaryIO, image: StoredImage, index: int) -> bytes:
     retrieved instances agree.
     """
     syntax = image.transfer_syntax
-    if syntax in UNCOMPRESSED or syntax == DeflatedExplicitVRLittleEndian:
+    if syntax in NATIVE_LITTLE_ENDIAN or syntax == DeflatedExplicitVRLittleEndian:
         return stored_frame(stream, image, index)
     photometric = str(image.header.get("PhotometricInterpretation", "")).strip()
     return _decoded_native(stream, image, index, rgb=photometric.startswith("YBR"))
@@ -360,7 +358,7 @@ def transcode(stream: BinaryIO, syntax: UID) -> bytes:
     The SOP Instance UID is kept: a viewer asking for uncompressed pixels wants the same
     instance, not a derived one.
     """
-    if syntax not in UNCOMPRESSED:
+    if syntax not in NATIVE_LITTLE_ENDIAN:
         raise UndecodablePixels(f"cannot encode {syntax} here")
     stream.seek(0)
     ds = pydicom.dcmread(stream)

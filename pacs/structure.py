@@ -12,28 +12,13 @@ import mmap
 import struct
 from pathlib import Path
 
+from pacs.encoding import LONG_LENGTH_VR_CODES
 from pacs.errors import InvalidInstance
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _ITEM_DELIMITATION = (0xFFFE, 0xE00D)
 _SEQUENCE_DELIMITATION = (0xFFFE, 0xE0DD)
-# Explicit VR elements of these VRs have a 4-byte length after 2 reserved bytes (PS3.5 7.1.2).
-LONG_LENGTH_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
 MAX_SEQUENCE_DEPTH = 32
 
 
@@ -61,7 +46,7 @@ class _Walker:
             vr = b""
             if explicit:
                 vr = bytes(self.buf[pos + 4 : pos + 6])
-                if vr in LONG_LENGTH_VRS:
+                if vr in LONG_LENGTH_VR_CODES:
                     if pos + 12 > limit:
                         raise InvalidInstance(f"data set is truncated at byte {pos}")
                     (length,) = struct.unpack_from(self.order + "L", self.buf, pos + 8)

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from pacs.encoding import LONG_LENGTH_VRS, NUMBER_FORMATS
 from pacs.query import ATTRIBUTES, Level
 
 # Set by the responder whatever the request asked for them (PS3.4 C.4.1.1.3.2).
@@ -31,11 +32,7 @@ _TEXT_VRS = frozenset(
 )
 # The text VRs that Specific Character Set applies to (PS3.5 6.1.2.3).
 _CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
-_BINARY = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<i"}
-# Explicit VR elements with a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset(
-    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-)
+_BINARY = {vr: NUMBER_FORMATS[vr] for vr in ("US", "UL", "SS", "SL")}  # integers
 
 
 def _encodes(value: str, encoding: str) -> bool:
@@ -148,6 +145,6 @@ class MatchEncoder:
         group, number = tag >> 16, tag & 0xFFFF
         if not self._explicit:
             return struct.pack("<HHI", group, number, len(raw)) + raw
-        if vr in _LONG_VRS:
+        if vr in LONG_LENGTH_VRS:
             return struct.pack("<HH2sHI", group, number, vr.encode(), 0, len(raw)) + raw
         return struct.pack("<HH2sH", group, number, vr.encode(), len(raw)) + raw

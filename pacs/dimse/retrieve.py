@@ -37,6 +37,7 @@ from pacs.audit import AuditEvent, Outcome
 from pacs.dimse.associations import actor
 from pacs.dimse.find import query_from_identifier
 from pacs.dimse.responses import status_dataset as failure
+from pacs.encoding import NATIVE_LITTLE_ENDIAN
 from pacs.errors import InvalidQuery, PacsError
 from pacs.index import InstanceRecord
 from pacs.query import Model, compile_retrieve
@@ -52,7 +53,6 @@ GET_MODELS: Mapping[str, Model] = {
     PatientRootQueryRetrieveInformationModelGet: Model.PATIENT_ROOT,
     StudyRootQueryRetrieveInformationModelGet: Model.STUDY_ROOT,
 }
-_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 _MAX_CONTEXTS = 128
 
 
@@ -81,7 +81,7 @@ def _contexts(records: list[InstanceRecord]) -> list[PresentationContext]:
         pairs[(record.SOPClassUID, record.TransferSyntaxUID)] = None
         classes[record.SOPClassUID] = None
     contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
-    contexts += [build_context(sop_class, list(_UNCOMPRESSED)) for sop_class in classes]
+    contexts += [build_context(sop_class, list(NATIVE_LITTLE_ENDIAN)) for sop_class in classes]
     return contexts[:_MAX_CONTEXTS]
 
 
@@ -161,8 +161,8 @@ def make_move_handler(
         # even for a refusal: propose what every Storage SCP accepts in that case.
         contexts = _contexts(records) or [
             build_context(Verification),
-            build_context(CTImageStorage, _UNCOMPRESSED),
-            build_context(SecondaryCaptureImageStorage, _UNCOMPRESSED),
+            build_context(CTImageStorage, list(NATIVE_LITTLE_ENDIAN)),
+            build_context(SecondaryCaptureImageStorage, list(NATIVE_LITTLE_ENDIAN)),
         ]
         finished = False
         try:

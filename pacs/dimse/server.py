@@ -30,6 +30,7 @@ from pacs.dimse.frontdoor import (
 from pacs.dimse.reactor import MendedAE
 from pacs.dimse.store import make_store_handler
 from pacs.dimse.transport import FilmlessServer, HandoffServer, handoff_server, serve_in_thread
+from pacs.encoding import UNCOMPRESSED
 from pacs.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,6 @@ LOSSLESS_COMPRESSED: tuple[str, ...] = (
     "1.2.840.10008.1.2.4.57",  # JPEG Lossless
     "1.2.840.10008.1.2.5",  # RLE Lossless
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-)
-UNCOMPRESSED: tuple[str, ...] = (
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
 )
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     *LOSSLESS_COMPRESSED,

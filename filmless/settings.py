@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -23,9 +23,7 @@ from sqlalchemy.engine import make_url
 
 from dicomweb.auth import parse_tokens
 from inference.forward import destination
-
-DuplicatePolicy = Literal["reject", "overwrite"]
-PatientPolicy = Literal["reject", "update"]
+from pacs.index import DuplicatePolicy, PatientPolicy
 
 
 class Settings(BaseSettings):

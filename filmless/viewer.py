@@ -20,6 +20,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from models.store import install_folder
+
 OHIF_PACKAGE = "@ohif/app"
 OHIF_VERSION = "3.13.2"
 OHIF_INTEGRITY = (
@@ -63,10 +65,7 @@ def install(folder: Path, *, npm: str | None = None, timeout: float = 900) -> Pa
         patch(staging)
         (staging / "app-config.js").write_text(app_config())
         (staging / _MARKER).write_text(_STAMP + "\n")
-        old = work / "old"
-        if folder.exists():
-            folder.rename(old)
-        staging.rename(folder)
+        install_folder(staging, folder)
     return folder
 
 

@@ -34,6 +34,7 @@ from models.manifest import (
     sha256_file,
 )
 from models.runtime import parity, reference_sample, session
+from models.store import install_folder
 from models.zoo import Task
 
 OPSET = 18
@@ -123,10 +124,7 @@ def export(
         )
         dump(manifest, work / MANIFEST)
         write_card(manifest, work / "card.md")
-        target = models_dir / name
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
+        install_folder(work, models_dir / name)
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)

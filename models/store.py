@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,13 +165,30 @@ class ModelStore:
                 **{s.name: v[:1] for s, v in zip(manifest.outputs, outputs, strict=True)},
             )
             write_card(manifest, work / "card.md")
-            target = self.root / manifest.name
-            if target.exists():
-                shutil.rmtree(target)
-            work.rename(target)
+            install_folder(work, self.root / manifest.name)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return self.get(manifest.name)
+
+
+def install_folder(work: Path, target: Path) -> None:
+    """Put a folder written aside in the place of ``target``.
+
+    The old folder is renamed aside first, the new one renamed in, and only then is the
+    old one removed: a failure on the way leaves the old folder where it was, and a
+    reader finds either one whole, never a half-deleted mix. Folders whose name starts
+    with a dot are not read as installed.
+    """
+    old = target.with_name(f".{target.name}-replaced-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        target.rename(old)
+    try:
+        work.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def cached_demo(store: ModelStore, task: Task) -> Manifest | None:

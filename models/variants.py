@@ -28,7 +28,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from models.card import write_card
 from models.manifest import MANIFEST, REFERENCE, Manifest, ManifestError, dump, sha256_file
 from models.runtime import differences, session
-from models.store import Installed, ModelStore
+from models.store import Installed, ModelStore, install_folder
 
 FP16_LIMIT = 1e-2
 MAP_SLACK = 5  # activation maps may differ this many times the probabilities' limit
@@ -95,10 +95,7 @@ def _install(
                 f"the {variant} variant differs from {base.manifest.name} by {difference:.2e} "
                 f"on the reference sample (limit {max_difference:g})"
             )
-        target = store.root / name
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
+        install_folder(work, store.root / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return store.get(name)

@@ -38,10 +38,11 @@ from benchmarks.support import run_facts
 from inference.evaluate.cache import PredictionCache
 from inference.evaluate.images import Item, from_folder, load
 from inference.evaluate.runner import ModelRef, Runner, _worker_setup
-from inference.runtime import cores, open_session
+from inference.runtime import cores
 from models.build import build_demo
 from models.manifest import MANIFEST
 from models.manifest import load as load_manifest
+from models.runtime import session as open_session
 from models.zoo import CHEST_XRAY
 from pacs import pixels
 from scripts.synthetic_corpus import Rng, _patient, chest_dx
@@ -76,7 +77,7 @@ def decode_rate(items: list[Item], model: ModelRef, workers: int) -> tuple[float
 
 def inference_rate(model: ModelRef, tensors: list[Any], batch: int) -> float:
     """Images/s of bare ONNX Runtime on inputs already in memory (after one warm-up)."""
-    session = open_session(model.onnx, model.providers, 0)
+    session = open_session(model.onnx, providers=model.providers)
     name = session.get_inputs()[0].name
     session.run(None, {name: np.stack(tensors[:batch])})
     began = time.perf_counter()

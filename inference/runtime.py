@@ -27,27 +27,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from models.runtime import CPU, DEFAULT_PROVIDERS, choose_providers, session
+
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU)
-
-
-def choose_providers(preferred: Sequence[str], available: Sequence[str]) -> list[str]:
-    """The preferred providers this machine has, in order, ending with the CPU."""
-    chosen = [p for p in preferred if p in available and p != CPU]
-    return [*chosen, CPU]
-
-
-def open_session(path: Path, providers: Sequence[str], threads: int) -> ort.InferenceSession:
-    """A session as screening runs it (all graph optimisations, ``threads`` per pass,
-    0: ONNX Runtime's default), on the first of ``providers`` this machine has."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    wanted = choose_providers(providers, ort.get_available_providers())
-    return ort.InferenceSession(str(path), options, providers=wanted)
+__all__ = ["CPU", "DEFAULT_PROVIDERS", "BatchingSession", "choose_providers", "cores"]
 
 
 @dataclass
@@ -74,7 +58,7 @@ class BatchingSession:
         on_cpu = wanted[0] == CPU
         runs = runs or (cores() if on_cpu else 1)
         threads = threads or (max(1, cores() // runs) if on_cpu else 0)
-        self.session = open_session(path, wanted, threads)
+        self.session = session(path, threads=threads, providers=wanted)
         self.providers = list(self.session.get_providers())
         log.info(
             "%s runs on %s, %d pass(es) at a time, %s thread(s) each",

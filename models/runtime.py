@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions as the zoo uses them: every graph optimisation on, CPU unless told.
+"""The one ONNX Runtime session builder: export, verification, evaluation and screening
+all run a model with the same options, so that what is verified is what is served.
 
 Kept free of torch so that ``models verify`` and serving can use it on a machine
 without it.
@@ -14,17 +15,29 @@ import onnxruntime as ort
 
 from models.manifest import Preprocessing, TensorSpec
 
+CPU = "CPUExecutionProvider"
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU)
+
+
+def choose_providers(preferred: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The preferred providers this machine has, in order, ending with the CPU."""
+    chosen = [p for p in preferred if p in available and p != CPU]
+    return [*chosen, CPU]
+
 
 def session(
-    path: Path, *, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)
+    path: Path, *, threads: int = 0, providers: Sequence[str] = (CPU,)
 ) -> ort.InferenceSession:
-    """``threads`` 0 lets ONNX Runtime use every core."""
+    """Every graph optimisation, ``threads`` per pass (0: ONNX Runtime's default, every
+    core), on the first of ``providers`` this machine has (the CPU last). The graph
+    runs sequentially, so there is no inter-op pool to size."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=list(providers))
+    wanted = choose_providers(providers, ort.get_available_providers())
+    return ort.InferenceSession(str(path), options, providers=wanted)
 
 
 def reference_sample(

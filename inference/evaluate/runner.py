@@ -31,8 +31,9 @@ from distributed import Client, as_completed
 
 from inference.evaluate.cache import Prediction, PredictionCache
 from inference.evaluate.images import Item, Loaded, digest, load
-from inference.runtime import DEFAULT_PROVIDERS, cores, open_session
+from inference.runtime import DEFAULT_PROVIDERS, cores
 from models.manifest import Manifest
+from models.runtime import session
 from pacs import pixels
 
 CHUNK = 64  # images per cluster task, and per cache commit
@@ -82,7 +83,7 @@ class Throughput:
 @functools.cache
 def _session(onnx: str, providers: tuple[str, ...], threads: int) -> ort.InferenceSession:
     """One session per model in a process (a cluster worker keeps it between tasks)."""
-    return open_session(Path(onnx), providers, threads)
+    return session(Path(onnx), threads=threads, providers=providers)
 
 
 def infer(

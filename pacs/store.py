@@ -124,8 +124,8 @@ class FsBlobStore:
         return target
 
     def discard(self, staged: StagedBlob) -> None:
-        with contextlib.suppress(StorageFailure):
-            staged.durable()
+        """Unlinked at once: a duplicate does not wait for an fsync it will not keep (the
+        fsync thread still owns the open file and closes it)."""
         _unlink_quietly(staged.path)
 
     def path(self, relative: str) -> Path:
@@ -205,11 +205,7 @@ class StagingWriter:
         )
 
     def discard(self) -> None:
-        if self._syncing is not None:
-            # Finished: the fsync thread owns the file and closes it.
-            with contextlib.suppress(OSError):
-                self._syncing.result()
-        else:
+        if self._syncing is None:  # once finished, the fsync thread owns and closes the file
             with contextlib.suppress(OSError):
                 self.out.close()
         _unlink_quietly(self.path)

@@ -345,9 +345,12 @@ def test_cancel_stops_the_answers(server: Server) -> None:
     statuses = []
     responses = answers(
         server.archive,
-        event,  # type: ignore[arg-type]
         event.identifier,
         Model.STUDY_ROOT,
+        sop_class=str(event.request.AffectedSOPClassUID),
+        extended=b"",
+        transfer_syntax=str(event.context.transfer_syntax),
+        cancelled=lambda: event.is_cancelled,
         max_matches=1000,
         retrieve_ae="FILMLESS",
     )

@@ -17,6 +17,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     Verification,
 )
 
@@ -61,10 +62,12 @@ def test_the_queues_and_thread_target_the_wakeful_reactors_replace() -> None:
 def test_served_associations_wake_on_events(archive: Archive, dimse_server: DimseConfig) -> None:
     """The association the server accepted runs the wakeful reactors, and requests sent
     back to back on it, C-ECHOs interleaved with C-FINDs, are all answered: no wake-up
-    is lost between the DUL thread and the association thread."""
+    is lost between the DUL thread and the association thread. (A retrieve context in
+    the proposal makes it pynetdicom's: see pacs.dimse.direct.)"""
     ae = AE(ae_title="CONTRACT")
     ae.add_requested_context(Verification)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     assoc = ae.associate("127.0.0.1", dimse_server.port, ae_title=dimse_server.ae_title)
     assert assoc.is_established
     try:

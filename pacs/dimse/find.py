@@ -10,7 +10,9 @@ QueryRetrieveLevel, SpecificCharacterSet and RetrieveAETitle, sent by
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import closing
+from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any
 
@@ -24,7 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacs.archive import Archive
-from pacs.audit import AuditEvent, Outcome
+from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.dimse.associations import actor
 from pacs.dimse.match_encoding import (
     CONTROL_KEYS,
@@ -208,86 +210,121 @@ def _as_vr(value: Any, vr: str) -> Any:
     return text.split("\\") if "\\" in text else text
 
 
-def make_find_handler(
-    archive: Archive,
-    *,
-    max_matches: int,
-    retrieve_ae_title: str,
-    case_insensitive_names: bool = True,
-    max_keys: int = MAX_QUERY_KEYS,
-) -> Callable[[evt.Event], Iterator[Response]]:
-    def handle_find(event: evt.Event) -> Iterator[Response]:
-        model = MODELS.get(str(event.request.AffectedSOPClassUID))
+@dataclass(frozen=True, slots=True)
+class FindService:
+    """C-FIND as this archive answers it, whichever code carries the messages."""
+
+    archive: Archive
+    max_matches: int
+    retrieve_ae_title: str
+    case_insensitive_names: bool = True
+    max_keys: int = MAX_QUERY_KEYS
+
+    def responses(
+        self,
+        who: Actor,
+        *,
+        sop_class: str,
+        extended: bytes,
+        transfer_syntax: str,
+        identifier: Callable[[], Dataset],
+        cancelled: Callable[[], bool],
+    ) -> Generator[Answer, None, None]:
+        """Pending responses (with their match), then a final one unless the final is a
+        plain Success; audited once the request is answered.
+
+        ``identifier`` decodes the request's identifier (it raises what pydicom raises);
+        ``extended`` is the SOP Class Extended Negotiation the requestor sent for
+        ``sop_class`` (PS3.4 C.5.1.1)."""
+        model = MODELS.get(sop_class)
         if model is None:
             yield failure(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "unknown model"), None
             return
         try:
-            identifier = event.identifier
-        except Exception as exc:  # pynetdicom raises what pydicom raises
+            decoded = identifier()
+        except Exception as exc:  # whatever pydicom raises
             yield failure(QueryStatus.UNABLE_TO_PROCESS, f"identifier unreadable: {exc}"), None
             return
         final: int = QueryStatus.SUCCESS
-        # Matches go out through our own sender; pynetdicom sends only the last response.
-        pending = PendingResponses(
-            event.assoc,
-            event.context,
-            int(event.request.MessageID or 0),
-            str(event.request.AffectedSOPClassUID),
-        )
         try:
             for status, answer in answers(
-                archive,
-                event,
-                identifier,
+                self.archive,
+                decoded,
                 model,
-                max_matches=max_matches,
-                retrieve_ae=retrieve_ae_title,
-                case_insensitive_names=case_insensitive_names,
-                max_keys=max_keys,
+                sop_class=sop_class,
+                extended=extended,
+                transfer_syntax=transfer_syntax,
+                cancelled=cancelled,
+                max_matches=self.max_matches,
+                retrieve_ae=self.retrieve_ae_title,
+                case_insensitive_names=self.case_insensitive_names,
+                max_keys=self.max_keys,
             ):
                 final = int(getattr(status, "Status", status))
-                if final == QueryStatus.PENDING and answer is not None:
+                yield status, answer
+        finally:
+            ok = final in (0x0000, 0xFE00, 0xFF00, 0xFF01)
+            self.archive.audit.record(
+                AuditEvent.QUERY,
+                who,
+                Outcome.SUCCESS if ok else Outcome.MINOR_FAILURE,
+                StudyInstanceUID=str(decoded.get("StudyInstanceUID", "") or ""),
+                detail=f"C-FIND {decoded.get('QueryRetrieveLevel', '')}"
+                + ("" if ok else f" 0x{final:04X}"),
+            )
+
+
+def make_find_handler(service: FindService) -> Callable[[evt.Event], Iterator[Response]]:
+    def handle_find(event: evt.Event) -> Iterator[Response]:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        negotiated = {str(k): v for k, v in event.assoc.requestor.sop_class_extended.items()}
+        responses = service.responses(
+            actor(event),
+            sop_class=sop_class,
+            extended=negotiated.get(sop_class, b""),
+            transfer_syntax=str(event.context.transfer_syntax),
+            identifier=lambda: event.identifier,
+            cancelled=lambda: bool(event.is_cancelled),
+        )
+        # Matches go out through our own sender; pynetdicom sends only the last response.
+        pending = PendingResponses(
+            event.assoc, event.context, int(event.request.MessageID or 0), sop_class
+        )
+        with closing(responses):
+            for status, answer in responses:
+                code = int(getattr(status, "Status", status))
+                if code == QueryStatus.PENDING and answer is not None:
                     try:
                         if not pending.send(answer):
                             return  # the peer aborted or released: nobody to answer
                     except Exception as exc:
                         log.exception("a C-FIND response could not be sent")
-                        final = QueryStatus.UNABLE_TO_PROCESS
-                        yield failure(final, f"response not sent: {exc}"), None
+                        comment = f"response not sent: {exc}"
+                        yield failure(QueryStatus.UNABLE_TO_PROCESS, comment), None
                         return
                     continue
                 assert not isinstance(answer, bytes)
                 yield status, answer
-        finally:
-            ok = final in (0x0000, 0xFE00, 0xFF00, 0xFF01)
-            archive.audit.record(
-                AuditEvent.QUERY,
-                actor(event),
-                Outcome.SUCCESS if ok else Outcome.MINOR_FAILURE,
-                StudyInstanceUID=str(identifier.get("StudyInstanceUID", "") or ""),
-                detail=f"C-FIND {identifier.get('QueryRetrieveLevel', '')}"
-                + ("" if ok else f" 0x{final:04X}"),
-            )
 
     return handle_find
 
 
 def answers(
     archive: Archive,
-    event: evt.Event,
     identifier: Dataset,
     model: Model,
     *,
+    sop_class: str,
+    extended: bytes,
+    transfer_syntax: str,
+    cancelled: Callable[[], bool],
     max_matches: int,
     retrieve_ae: str,
     case_insensitive_names: bool = True,
     max_keys: int = MAX_QUERY_KEYS,
 ) -> Iterator[Answer]:
     """The responses to one request, matches as pending ones, checking C-CANCEL before
-    each; the final Success is left to pynetdicom."""
-    sop_class = str(event.request.AffectedSOPClassUID)
-    negotiated = {str(k): v for k, v in event.assoc.requestor.sop_class_extended.items()}
-    extended = negotiated.get(sop_class, b"")
+    each; a final Success is left to the caller."""
     try:
         query = query_from_identifier(
             identifier,
@@ -312,11 +349,9 @@ def answers(
                 comment = f"more than {max_matches} matches: refine the query"
                 yield failure(QueryStatus.OUT_OF_RESOURCES, comment), None
                 return
-            fast = MatchEncoder(
-                identifier, query.level, retrieve_ae, str(event.context.transfer_syntax)
-            )
+            fast = MatchEncoder(identifier, query.level, retrieve_ae, transfer_syntax)
             for match in chain(first, rows):
-                if event.is_cancelled:
+                if cancelled():
                     yield QueryStatus.CANCEL, None
                     return
                 encoded = fast.encode(match)

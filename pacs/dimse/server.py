@@ -20,6 +20,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[
 from pacs.archive import Archive
 from pacs.audit import Actor, AuditEvent, AuditTrail, Outcome
 from pacs.dimse import associations, bounds, find, retrieve, spool
+from pacs.dimse.direct import DirectServices
 from pacs.dimse.echo import handle_echo
 from pacs.dimse.frontdoor import (
     AssociationCounts,
@@ -32,8 +33,6 @@ from pacs.dimse.store import make_store_handler
 from pacs.dimse.transport import FilmlessServer, HandoffServer, handoff_server, serve_in_thread
 from pacs.encoding import UNCOMPRESSED
 from pacs.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-
-log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +91,9 @@ class DimseConfig:
     case_insensitive_names: bool = True
     # AE title -> (host, port) for C-MOVE
     move_destinations: tuple[tuple[str, str, int], ...] = ()
+    # Storage, C-FIND and echo associations without pynetdicom's threads
+    # (pacs.dimse.direct); off, every association is pynetdicom's.
+    direct_associations: bool = True
 
 
 def build_ae(config: DimseConfig) -> AE:
@@ -116,6 +118,34 @@ def build_ae(config: DimseConfig) -> AE:
     return ae
 
 
+def find_service(archive: Archive, config: DimseConfig) -> find.FindService:
+    return find.FindService(
+        archive,
+        max_matches=config.max_find_matches,
+        retrieve_ae_title=config.ae_title,
+        case_insensitive_names=config.case_insensitive_names,
+        max_keys=config.max_query_keys,
+    )
+
+
+def direct_services(ae: AE, archive: Archive, config: DimseConfig) -> DirectServices | None:
+    """Storage, C-FIND and echo associations served without pynetdicom's threads."""
+    if not config.direct_associations:
+        return None
+    return DirectServices(
+        archive,
+        find_service(archive, config),
+        ae_title=config.ae_title,
+        supported=ae.supported_contexts,
+        maximum_pdu=config.max_pdu,
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+        allowed_calling_aets=config.allowed_calling_aets,
+        network_timeout=config.network_timeout,
+        max_identifier_bytes=config.max_identifier_bytes,
+    )
+
+
 def service_handlers(archive: Archive, config: DimseConfig) -> list[Any]:
     return [
         *associations.handlers(archive.audit),
@@ -123,13 +153,7 @@ def service_handlers(archive: Archive, config: DimseConfig) -> list[Any]:
         (evt.EVT_C_STORE, make_store_handler(archive)),
         (
             evt.EVT_C_FIND,
-            find.make_find_handler(
-                archive,
-                max_matches=config.max_find_matches,
-                retrieve_ae_title=config.ae_title,
-                case_insensitive_names=config.case_insensitive_names,
-                max_keys=config.max_query_keys,
-            ),
+            find.make_find_handler(find_service(archive, config)),
         ),
         (evt.EVT_SOP_EXTENDED, find.accept_extended_negotiation),
         (
@@ -181,9 +205,14 @@ def start_dimse(archive: Archive, config: DimseConfig) -> FilmlessServer:
     door = front_door(config, archive.audit)
     spool.install(archive.max_instance_bytes)
     bounds.install(config.max_identifier_bytes)
-    server = serve_in_thread(ae, (config.bind_address, config.port), handlers, door)
-    server.spool_store = archive.store
-    return server
+    return serve_in_thread(
+        ae,
+        (config.bind_address, config.port),
+        handlers,
+        door,
+        spool_store=archive.store,
+        direct=direct_services(ae, archive, config),
+    )
 
 
 def start_handoff(
@@ -192,10 +221,11 @@ def start_handoff(
     """A server for connections accepted elsewhere (see :class:`HandoffServer`)."""
     spool.install(archive.max_instance_bytes)
     bounds.install(config.max_identifier_bytes)
-    server = handoff_server(
-        build_ae(config),
+    ae = build_ae(config)
+    return handoff_server(
+        ae,
         service_handlers(archive, config),
         front_door(config, archive.audit, counts),
+        spool_store=archive.store,
+        direct=direct_services(ae, archive, config),
     )
-    server.spool_store = archive.store
-    return server

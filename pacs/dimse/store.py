@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import BinaryIO, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from pacs.archive import Archive, InstanceSource, Origin, StoreOutcome
-from pacs.audit import AuditEvent, Outcome
+from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.dimse import spool
 from pacs.dimse.associations import actor
 from pacs.dimse.responses import status_dataset
@@ -30,53 +30,75 @@ log = logging.getLogger(__name__)
 def make_store_handler(archive: Archive) -> Callable[[evt.Event], Dataset]:
     def handle_store(event: evt.Event) -> Dataset:
         request = cast(C_STORE, event.request)
-        context = event.context
-        calling = event.assoc.requestor.ae_title
-        sop_instance = str(request.AffectedSOPInstanceUID or "")
-        try:
-            announced = str(request.AffectedSOPClassUID or "")
-            if announced != context.abstract_syntax:
-                raise SOPClassMismatch(
-                    f"SOP Class {announced} sent on a context for {context.abstract_syntax}"
-                )
-            received, data_set = spool.received_data_set(request)
-            data_set.seek(0)
-            source = InstanceSource.from_data_set(
-                data_set,
-                TransferSyntaxUID=str(context.transfer_syntax),
-                SOPClassUID=announced,
-                SOPInstanceUID=sop_instance,
-            )
-            outcome = _ingest(archive, source, received, calling)
-        except PacsError as exc:
-            log.warning(
-                "C-STORE %s from %s refused (0x%04X): %s",
-                sop_instance[:64],
-                calling,
-                exc.dimse_status,
-                exc,
-            )
-            archive.audit.record(
-                AuditEvent.STORE, actor(event), Outcome.MINOR_FAILURE, detail=str(exc)
-            )
-            return status_dataset(exc.dimse_status, str(exc))
-        except Exception:
-            log.exception("C-STORE %s from %s failed", sop_instance[:64], calling)
-            archive.audit.record(
-                AuditEvent.STORE, actor(event), Outcome.SERIOUS_FAILURE, detail="internal error"
-            )
-            return status_dataset(StoreStatus.PROCESSING_FAILURE, "internal error, see log")
-        log.debug("C-STORE %s from %s: %s", sop_instance, calling, outcome.action)
-        archive.audit.record(
-            AuditEvent.STORE,
+        received, data_set = spool.received_data_set(request)
+        return store_response(
+            archive,
             actor(event),
-            Outcome.SUCCESS,
-            StudyInstanceUID=outcome.record.StudyInstanceUID,
-            detail=sop_instance,
+            abstract_syntax=str(event.context.abstract_syntax),
+            transfer_syntax=str(event.context.transfer_syntax),
+            announced_class=str(request.AffectedSOPClassUID or ""),
+            sop_instance=str(request.AffectedSOPInstanceUID or ""),
+            received=received,
+            data_set=data_set,
         )
-        return status_dataset(StoreStatus.SUCCESS)
 
     return handle_store
+
+
+def store_response(
+    archive: Archive,
+    who: Actor,
+    *,
+    abstract_syntax: str,
+    transfer_syntax: str,
+    announced_class: str,
+    sop_instance: str,
+    received: spool.Spool | None,
+    data_set: BinaryIO,
+) -> Dataset:
+    """Ingest one received data set; the status of the C-STORE response, audited.
+
+    Shared by pynetdicom's associations and our own (:mod:`pacs.dimse.direct`), so
+    both answer every request alike."""
+    calling = who.user
+    try:
+        if announced_class != abstract_syntax:
+            raise SOPClassMismatch(
+                f"SOP Class {announced_class} sent on a context for {abstract_syntax}"
+            )
+        data_set.seek(0)
+        source = InstanceSource.from_data_set(
+            data_set,
+            TransferSyntaxUID=transfer_syntax,
+            SOPClassUID=announced_class,
+            SOPInstanceUID=sop_instance,
+        )
+        outcome = _ingest(archive, source, received, calling)
+    except PacsError as exc:
+        log.warning(
+            "C-STORE %s from %s refused (0x%04X): %s",
+            sop_instance[:64],
+            calling,
+            exc.dimse_status,
+            exc,
+        )
+        archive.audit.record(AuditEvent.STORE, who, Outcome.MINOR_FAILURE, detail=str(exc))
+        return status_dataset(exc.dimse_status, str(exc))
+    except Exception:
+        log.exception("C-STORE %s from %s failed", sop_instance[:64], calling)
+        archive.audit.record(
+            AuditEvent.STORE, who, Outcome.SERIOUS_FAILURE, detail="internal error"
+        )
+        return status_dataset(StoreStatus.PROCESSING_FAILURE, "internal error, see log")
+    log.debug("C-STORE %s from %s: %s", sop_instance, calling, outcome.action)
+    archive.audit.record(
+        AuditEvent.STORE,
+        who,
+        Outcome.SUCCESS,
+        StudyInstanceUID=outcome.record.StudyInstanceUID,
+        detail=sop_instance,
+    )
+    return status_dataset(StoreStatus.SUCCESS)
 
 
 def _ingest(

@@ -25,6 +25,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pacs.dimse import spool
+from pacs.dimse.direct import DirectServices
 from pacs.dimse.frontdoor import Dropped, FrontDoor, Refusal
 from pacs.dimse.reactor import mend
 from pacs.dimse.wakeful import wakeful
@@ -117,6 +118,20 @@ class FilmlessRequestHandler(RequestHandler):
             log.info("connection from %s closed before association: %s", host, exc)
             self.server.connection_ended()
             return
+        direct = self.server.direct
+        store = self.server.spool_store
+        negotiated = None if direct is None or store is None else direct.negotiate(request)
+        if negotiated is not None:
+            assert direct is not None
+            assert store is not None
+            with contextlib.suppress(OSError):
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                direct.serve(self.request, (host, int(self.client_address[1])), negotiated, store)
+            finally:
+                door.leave(host)
+                self.server.connection_ended()
+            return
         try:
             assoc = self._create_association()
         except BaseException:
@@ -166,6 +181,8 @@ class FilmlessServer(ThreadedAssociationServer):
     """pynetdicom's threaded server behind a :class:`FrontDoor`."""
 
     front_door: FrontDoor  # set by serve_in_thread / handoff_server before any connection
+    # Storage and query associations served without pynetdicom (pacs.dimse.direct).
+    direct: DirectServices | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = FilmlessRequestHandler
@@ -174,13 +191,32 @@ class FilmlessServer(ThreadedAssociationServer):
         # Where large C-STORE data sets are written as they arrive (see pacs.dimse.spool).
         self.spool_store: FsBlobStore | None = None
 
+    @property
+    def active_associations(self) -> list[Any]:
+        """pynetdicom's associations and ours: each has ``is_established``."""
+        direct = [] if self.direct is None else self.direct.live()
+        return [*super().active_associations, *direct]
+
+    def server_close(self) -> None:
+        """As pynetdicom's AE aborts its associations when it shuts down, so are ours,
+        before the server waits for their threads."""
+        if self.direct is not None:
+            self.direct.abort_all()
+        super().server_close()
+
     def connection_ended(self) -> None:
         if self.on_connection_end is not None:
             self.on_connection_end()
 
 
 def serve_in_thread(
-    ae: AE, address: tuple[str, int], evt_handlers: list[Any], front_door: FrontDoor
+    ae: AE,
+    address: tuple[str, int],
+    evt_handlers: list[Any],
+    front_door: FrontDoor,
+    *,
+    spool_store: FsBlobStore | None = None,
+    direct: DirectServices | None = None,
 ) -> FilmlessServer:
     """Bind now (errors surface to the caller), then accept in a daemon thread."""
     server = ae.make_server(
@@ -191,6 +227,8 @@ def serve_in_thread(
     )
     assert isinstance(server, FilmlessServer)
     server.front_door = front_door
+    server.spool_store = spool_store
+    server.direct = direct
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(
         target=server.serve_forever, name=f"DimseAcceptor@{stamp}", daemon=True
@@ -237,7 +275,14 @@ class HandoffServer(FilmlessServer):
         self.server_close()
 
 
-def handoff_server(ae: AE, evt_handlers: list[Any], front_door: FrontDoor) -> HandoffServer:
+def handoff_server(
+    ae: AE,
+    evt_handlers: list[Any],
+    front_door: FrontDoor,
+    *,
+    spool_store: FsBlobStore | None = None,
+    direct: DirectServices | None = None,
+) -> HandoffServer:
     server = ae.make_server(
         ("127.0.0.1", 0),
         evt_handlers=evt_handlers,
@@ -246,5 +291,7 @@ def handoff_server(ae: AE, evt_handlers: list[Any], front_door: FrontDoor) -> Ha
     )
     assert isinstance(server, HandoffServer)
     server.front_door = front_door
+    server.spool_store = spool_store
+    server.direct = direct
     ae._servers.append(server)
     return server

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 import zlib
 from collections.abc import Callable, Mapping
@@ -38,32 +39,50 @@ _STRINGS = frozenset(
 )
 
 # Values read straight from the bytes when an element is still raw: VRs whose text is
-# ASCII by definition (PS3.5 6.2, not affected by the Specific Character Set) and binary
-# numbers. Every other VR goes through pydicom. Both give the same JSON (a test holds
-# them together over pydicom's test files); this one skips building DataElements.
+# ASCII by definition (PS3.5 6.2, not affected by the Specific Character Set), binary
+# numbers, decimal and integer strings in their plain forms, and text when the data
+# set's character set is one Python decodes alone (the default repertoire, Latin-1,
+# UTF-8; never ISO 2022 code extensions). Everything else goes through pydicom. Both
+# give the same JSON (a test holds them together over pydicom's test files); this one
+# skips building DataElements.
 _ASCII_VRS = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})
+_MULTI_TEXT_VRS = frozenset({"LO", "SH", "UC"})
+_SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?\d+")
+_SPECIFIC_CHARACTER_SET = 0x00080005
 
 BulkPath = tuple[int, ...]
 BulkURI = Callable[[BulkPath], str]
 
 
 def dataset_json(
-    ds: Dataset, uri: BulkURI | None, path: BulkPath = (), *, raw: bool = True
+    ds: Dataset,
+    uri: BulkURI | None,
+    path: BulkPath = (),
+    *,
+    raw: bool = True,
+    codec: str | None = "latin-1",
 ) -> dict[str, Any]:
     """Every element of ``ds`` except group lengths (PS3.18 F.2: "shall not be included").
 
     ``uri`` names where a large binary value can be fetched (WADO-RS bulk data); without
     one, such values are left out (they are never matched or returned by a query).
-    ``raw``: read the simple VRs of unconverted elements from their bytes.
+    ``raw``: read the simple VRs of unconverted elements from their bytes. ``codec``:
+    how the text of the enclosing data set is decoded, which an item inherits unless it
+    names its own character set (None: only pydicom decodes it).
     """
     out: dict[str, Any] = {}
+    if raw and _SPECIFIC_CHARACTER_SET in ds:
+        codec = _codec(ds.get_item(_SPECIFIC_CHARACTER_SET))
     for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset yields elements)
         if tag.element == 0 or (tag == PIXEL_DATA and not path):
             continue  # the image's own Pixel Data is described by WADO-RS apart
         key = f"{tag:08X}"
         if raw:
             stored = ds.get_item(tag)
-            fast = _raw_json(stored) if isinstance(stored, RawDataElement) else None
+            fast = _raw_json(stored, codec) if isinstance(stored, RawDataElement) else None
             if fast is not None:
                 out[key] = fast
                 continue
@@ -73,18 +92,26 @@ def dataset_json(
             log.debug("element %s could not be read: %s", key, exc)
             out[key] = {"vr": "UN"}
             continue
-        converted = element_json(element, uri, (*path, int(tag)))
+        converted = element_json(element, uri, (*path, int(tag)), raw=raw, codec=codec)
         if converted is not None:
             out[key] = converted
     return dict(sorted(out.items()))
 
 
 def element_json(
-    element: DataElement, uri: BulkURI | None, path: BulkPath
+    element: DataElement,
+    uri: BulkURI | None,
+    path: BulkPath,
+    *,
+    raw: bool = True,
+    codec: str | None = None,
 ) -> dict[str, Any] | None:
     vr = str(element.VR)
     if vr == "SQ":
-        items = [dataset_json(item, uri, (*path, n)) for n, item in enumerate(element.value or [])]
+        items = [
+            dataset_json(item, uri, (*path, n), raw=raw, codec=codec)
+            for n, item in enumerate(element.value or [])
+        ]
         return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
     value = element.value
     if vr in BULK_VRS or " or " in vr:
@@ -99,7 +126,15 @@ def element_json(
     return _nulls_for_empty_values(converted)
 
 
-def _raw_json(element: RawDataElement) -> dict[str, Any] | None:
+def _codec(element: Any) -> str | None:
+    """The Python codec of a Specific Character Set that needs nothing else; None."""
+    value = element.value if isinstance(element, RawDataElement) else None
+    if not isinstance(value, bytes):
+        return None
+    return _CODECS.get(value.decode("latin-1").strip(" \x00"))
+
+
+def _raw_json(element: RawDataElement, codec: str | None = None) -> dict[str, Any] | None:
     """An explicit-VR little-endian element of a simple VR as JSON; None for pydicom."""
     vr = element.VR
     value = element.value
@@ -112,6 +147,10 @@ def _raw_json(element: RawDataElement) -> dict[str, Any] | None:
         return None
     if not value:
         return {"vr": vr} if vr in _ASCII_VRS or vr in NUMBER_FORMATS else None
+    if vr in ("DS", "IS"):
+        return _number_strings(vr, value)
+    if codec is not None and (vr in _MULTI_TEXT_VRS or vr in _SINGLE_TEXT_VRS or vr == "PN"):
+        return _text_json(vr, value, codec)
     if vr in _ASCII_VRS:
         # As pydicom's multi_string: trailing padding off, then split on backslashes.
         items = value.decode("latin-1").rstrip(" \x00").split("\\")
@@ -126,6 +165,47 @@ def _raw_json(element: RawDataElement) -> dict[str, Any] | None:
         return None  # pydicom refuses it; its handling applies
     numbers = list(struct.unpack(f"<{len(value) // size}{code[1:]}", value))
     return {"vr": vr, "Value": numbers}
+
+
+def _number_strings(vr: str, value: bytes) -> dict[str, Any] | None:
+    """DS and IS in their plain forms as JSON numbers (F.2.3.1); anything else (an empty
+    value among others, "1,5", "NaN") is pydicom's to judge."""
+    items = value.decode("latin-1").strip(" \x00").split("\\")
+    if items == [""]:
+        return {"vr": vr}
+    pattern = _DECIMAL if vr == "DS" else _INTEGER
+    stripped = [item.strip(" \x00") for item in items]
+    if not all(pattern.fullmatch(item) for item in stripped):
+        return None
+    if vr == "DS":
+        return {"vr": vr, "Value": [float(item) for item in stripped]}
+    return {"vr": vr, "Value": [int(item) for item in stripped]}
+
+
+def _text_json(vr: str, value: bytes, codec: str) -> dict[str, Any] | None:
+    """Text decoded as pydicom does for these VRs (values.convert_text,
+    convert_single_string, convert_PN) with a single-byte or UTF-8 character set."""
+    try:
+        text = (value.rstrip(b"\x00 ") if vr == "PN" else value).decode(codec)
+    except UnicodeDecodeError:
+        return None  # pydicom's replacement rules apply
+    if vr in _SINGLE_TEXT_VRS:
+        text = text.rstrip("\x00 ")
+        return {"vr": vr, "Value": [text]} if text else {"vr": vr}
+    if vr == "PN":
+        if not text:
+            return {"vr": vr}
+        names = []
+        for name in text.split("\\"):
+            groups = name.split("=")
+            if len(groups) > 3:
+                return None
+            names.append(dict(zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False)))
+        return {"vr": vr, "Value": names}
+    items = [item.rstrip("\x00 ") for item in text.split("\\")]
+    if len(items) == 1:
+        return {"vr": vr, "Value": items} if items[0] else {"vr": vr}
+    return {"vr": vr, "Value": [item or None for item in items]}
 
 
 def _as_sent(element: DataElement) -> dict[str, Any]:

@@ -10,12 +10,15 @@ form for case- and accent-insensitive matching.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pydicom.config
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
 
@@ -164,86 +167,115 @@ def _check_encoding(path: Path, offset: int, syntax: UID) -> None:
 
 
 def _extract(ds: Dataset) -> InstanceHeader:
-    request = _first_item(ds, "RequestAttributesSequence")
+    """What the index keeps, read from the header's DICOM JSON: the values the index
+    matches are those that queries return for unindexed keys, converted once."""
+    attributes = dataset_json(ds, None)
+    request = _first_item(attributes, "RequestAttributesSequence")
+
+    def text(keyword: str) -> str:
+        return _text(attributes, keyword)
+
+    def integer(keyword: str) -> int | None:
+        return _integer(attributes, keyword)
+
     return InstanceHeader(
-        attributes=pack(dataset_json(ds, None)),
+        attributes=pack(attributes),
         patient=PatientAttributes(
-            PatientID=_text(ds, "PatientID"),
-            IssuerOfPatientID=_text(ds, "IssuerOfPatientID"),
-            PatientName=_text(ds, "PatientName"),
-            PatientBirthDate=_text(ds, "PatientBirthDate"),
-            PatientSex=_text(ds, "PatientSex"),
+            PatientID=text("PatientID"),
+            IssuerOfPatientID=text("IssuerOfPatientID"),
+            PatientName=text("PatientName"),
+            PatientBirthDate=text("PatientBirthDate"),
+            PatientSex=text("PatientSex"),
         ),
         study=StudyAttributes(
-            StudyInstanceUID=require_uid(_text(ds, "StudyInstanceUID"), "StudyInstanceUID"),
-            StudyDate=_text(ds, "StudyDate"),
-            StudyTime=_text(ds, "StudyTime"),
-            AccessionNumber=_text(ds, "AccessionNumber"),
-            StudyID=_text(ds, "StudyID"),
-            StudyDescription=_text(ds, "StudyDescription"),
-            ReferringPhysicianName=_text(ds, "ReferringPhysicianName"),
-            TimezoneOffsetFromUTC=_text(ds, "TimezoneOffsetFromUTC"),
+            StudyInstanceUID=require_uid(text("StudyInstanceUID"), "StudyInstanceUID"),
+            StudyDate=text("StudyDate"),
+            StudyTime=text("StudyTime"),
+            AccessionNumber=text("AccessionNumber"),
+            StudyID=text("StudyID"),
+            StudyDescription=text("StudyDescription"),
+            ReferringPhysicianName=text("ReferringPhysicianName"),
+            TimezoneOffsetFromUTC=text("TimezoneOffsetFromUTC"),
         ),
         series=SeriesAttributes(
-            SeriesInstanceUID=require_uid(_text(ds, "SeriesInstanceUID"), "SeriesInstanceUID"),
-            Modality=_text(ds, "Modality"),
-            SeriesNumber=_integer(ds, "SeriesNumber"),
-            SeriesDescription=_text(ds, "SeriesDescription"),
-            BodyPartExamined=_text(ds, "BodyPartExamined"),
-            Laterality=_text(ds, "Laterality"),
-            PerformedProcedureStepStartDate=_text(ds, "PerformedProcedureStepStartDate"),
-            PerformedProcedureStepStartTime=_text(ds, "PerformedProcedureStepStartTime"),
+            SeriesInstanceUID=require_uid(text("SeriesInstanceUID"), "SeriesInstanceUID"),
+            Modality=text("Modality"),
+            SeriesNumber=integer("SeriesNumber"),
+            SeriesDescription=text("SeriesDescription"),
+            BodyPartExamined=text("BodyPartExamined"),
+            Laterality=text("Laterality"),
+            PerformedProcedureStepStartDate=text("PerformedProcedureStepStartDate"),
+            PerformedProcedureStepStartTime=text("PerformedProcedureStepStartTime"),
             ScheduledProcedureStepID=_text(request, "ScheduledProcedureStepID"),
             RequestedProcedureID=_text(request, "RequestedProcedureID"),
         ),
         instance=InstanceAttributes(
-            SOPClassUID=require_uid(_text(ds, "SOPClassUID"), "SOPClassUID"),
-            SOPInstanceUID=require_uid(_text(ds, "SOPInstanceUID"), "SOPInstanceUID"),
-            InstanceNumber=_integer(ds, "InstanceNumber"),
-            Rows=_integer(ds, "Rows"),
-            Columns=_integer(ds, "Columns"),
-            BitsAllocated=_integer(ds, "BitsAllocated"),
-            NumberOfFrames=_integer(ds, "NumberOfFrames"),
-            ContentDate=_text(ds, "ContentDate"),
-            ContentTime=_text(ds, "ContentTime"),
-            ImageType=_text(ds, "ImageType"),
-            ViewPosition=_text(ds, "ViewPosition"),
-            ImageLaterality=_text(ds, "ImageLaterality"),
-            PresentationIntentType=_text(ds, "PresentationIntentType"),
-            PhotometricInterpretation=_text(ds, "PhotometricInterpretation"),
-            SpecificCharacterSet=_text(ds, "SpecificCharacterSet"),
+            SOPClassUID=require_uid(text("SOPClassUID"), "SOPClassUID"),
+            SOPInstanceUID=require_uid(text("SOPInstanceUID"), "SOPInstanceUID"),
+            InstanceNumber=integer("InstanceNumber"),
+            Rows=integer("Rows"),
+            Columns=integer("Columns"),
+            BitsAllocated=integer("BitsAllocated"),
+            NumberOfFrames=integer("NumberOfFrames"),
+            ContentDate=text("ContentDate"),
+            ContentTime=text("ContentTime"),
+            ImageType=text("ImageType"),
+            ViewPosition=text("ViewPosition"),
+            ImageLaterality=text("ImageLaterality"),
+            PresentationIntentType=text("PresentationIntentType"),
+            PhotometricInterpretation=text("PhotometricInterpretation"),
+            SpecificCharacterSet=text("SpecificCharacterSet"),
         ),
     )
 
 
-def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
-    sequence = ds.get(keyword)
-    if sequence is None or not isinstance(sequence, pydicom.Sequence) or len(sequence) == 0:
-        return None
-    item: Dataset = sequence[0]
-    return item
+@cache
+def _key(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return f"{tag:08X}"
 
 
-def _text(ds: Dataset | None, keyword: str) -> str:
-    """An attribute as text: multiple values joined by backslash, empty when absent."""
-    if ds is None:
-        return ""
-    value: Any = ds.get(keyword)
+def _values(attributes: Mapping[str, Any] | None, keyword: str) -> list[Any]:
+    if attributes is None:
+        return []
+    element = attributes.get(_key(keyword))
+    found = None if element is None else element.get("Value")
+    return found if isinstance(found, list) else []
+
+
+def _first_item(attributes: Mapping[str, Any], keyword: str) -> Mapping[str, Any] | None:
+    items = _values(attributes, keyword)
+    return items[0] if items and isinstance(items[0], dict) else None
+
+
+def _as_text(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
-        return "\\".join(str(v).strip() for v in value)
-    return str(value).strip("\x00 ")
+    if isinstance(value, dict):  # PN (F.2.2): its component groups, "=" between them
+        groups = [value.get(group) for group in ("Alphabetic", "Ideographic", "Phonetic")]
+        while groups and groups[-1] is None:
+            groups.pop()
+        return "=".join(group or "" for group in groups)
+    return str(value)
 
 
-def _integer(ds: Dataset, keyword: str) -> int | None:
+def _text(attributes: Mapping[str, Any] | None, keyword: str) -> str:
+    """An attribute as text: multiple values joined by backslash, empty when absent."""
+    values = _values(attributes, keyword)
+    if not values:
+        return ""
+    if len(values) == 1:
+        return _as_text(values[0]).strip("\x00 ")
+    return "\\".join(_as_text(v).strip() for v in values)
+
+
+def _integer(attributes: Mapping[str, Any], keyword: str) -> int | None:
     """IS/US values as int; an unreadable number is left out rather than failing the store."""
-    value: Any = ds.get(keyword)
-    if value is None or value == "":
+    values = _values(attributes, keyword)
+    if not values or values[0] is None or values[0] == "":
         return None
-    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
-        value = value[0] if len(value) else None
     try:
-        return int(value)
+        return int(values[0])
     except (TypeError, ValueError):
         return None

@@ -58,6 +58,11 @@ def test_raw_reading_is_pydicoms_json_for_every_test_file() -> None:
         ("DA", b"        ", None),  # only padding: present, no value
         ("US", b"\x01\x00\x02\x00", [1, 2]),
         ("FD", b"\x00\x00\x00\x00\x00\x00\xf8?", [1.5]),
+        ("DS", b" 1.5\\-2E3 ", [1.5, -2000.0]),
+        ("IS", b"+12 ", [12]),
+        ("LO", b"A\\\\B ", ["A", None, "B"]),
+        ("LT", b"one\\line ", ["one\\line"]),  # LT is one value, backslashes and all
+        ("PN", b"Doe^John=\xc9 ", [{"Alphabetic": "Doe^John", "Ideographic": "\xc9"}]),
     ],
 )
 def test_simple_values_from_bytes(vr: str, raw: bytes, value: list[object] | None) -> None:
@@ -67,3 +72,4 @@ def test_simple_values_from_bytes(vr: str, raw: bytes, value: list[object] | Non
     ds._dict[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
     expected = {"vr": vr} if value is None else {"vr": vr, "Value": value}
     assert dataset_json(ds, None)["00091010"] == expected
+    assert dataset_json(ds, None, raw=False)["00091010"] == expected  # pydicom's own

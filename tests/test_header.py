@@ -122,7 +122,7 @@ def test_indexed_values_are_pydicoms_for_every_test_file(tmp_path: Path) -> None
         request = ds.get("RequestAttributesSequence")
         item = request[0] if request else None
         for level in levels:
-            for keyword in level.__slots__:  # type: ignore[attr-defined]
+            for keyword in level.__slots__:
                 found = getattr(level, keyword)
                 if keyword in _INDEXED_INTEGERS:
                     expected: object = _pydicom_integer(ds, keyword)

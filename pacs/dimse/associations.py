@@ -19,8 +19,17 @@ def _peer(event: evt.Event) -> str:
     return f"{requestor.ae_title or '?'}@{requestor.address}:{requestor.port}"
 
 
+def accepted(peer: str) -> None:
+    """Logged for every association, pynetdicom's or ours (pacs.dimse.direct), alike."""
+    log.info("association accepted from %s", peer)
+
+
+def aborted(peer: str, reason: str = "") -> None:
+    log.warning("association with %s aborted%s", peer, f": {reason}" if reason else "")
+
+
 def on_accepted(event: evt.Event) -> None:
-    log.info("association accepted from %s", _peer(event))
+    accepted(_peer(event))
 
 
 def on_rejected(event: evt.Event) -> None:
@@ -28,7 +37,7 @@ def on_rejected(event: evt.Event) -> None:
 
 
 def on_aborted(event: evt.Event) -> None:
-    log.warning("association with %s aborted", _peer(event))
+    aborted(_peer(event))
 
 
 def actor(event: evt.Event) -> Actor:

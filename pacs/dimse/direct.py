@@ -51,13 +51,14 @@ from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[
 
 from pacs.archive import Archive, InstanceSource
 from pacs.audit import Actor
-from pacs.dimse import spool
+from pacs.dimse import associations, spool
 from pacs.dimse.bounds import COMMAND_LIMIT
+from pacs.dimse.echo import echoed
 from pacs.dimse.find import MODELS, FindService
 from pacs.dimse.pending import pdus
 from pacs.dimse.store import store_response
 from pacs.errors import InvalidInstance, PacsError
-from pacs.status import GeneralStatus, QueryStatus
+from pacs.status import QueryStatus
 from pacs.store import FsBlobStore
 
 log = logging.getLogger(__name__)
@@ -403,13 +404,13 @@ class DirectAssociation:
             self.sock.settimeout(self.services.network_timeout)
             self._send(self.negotiated.accept)
             self.is_established = True
-            log.info("association accepted from %s", self._peer())
+            associations.accepted(self._peer())
             self._serve()
         except (ProtocolError, PacsError) as exc:
-            log.warning("association with %s aborted: %s", self._peer(), exc)
+            associations.aborted(self._peer(), str(exc))
             self._abort(_ABORT_UNEXPECTED_PDU)
         except TimeoutError:
-            log.warning("association with %s aborted: network timeout", self._peer())
+            associations.aborted(self._peer(), "network timeout")
             self._abort(_ABORT_NOT_SPECIFIED)
         except (OSError, EOFError) as exc:
             if not self._closed:
@@ -445,7 +446,7 @@ class DirectAssociation:
                 return
             elif kind == _A_ABORT:
                 self.is_established = False
-                log.warning("association with %s aborted", self._peer())
+                associations.aborted(self._peer())
                 return
             else:
                 raise ProtocolError(f"unexpected PDU type 0x{kind:02X}")
@@ -553,14 +554,11 @@ class DirectAssociation:
         elif field_ == C_FIND_RQ and context.abstract_syntax in MODELS:
             self._find(message, command, context)
         elif field_ == C_ECHO_RQ and context.abstract_syntax == str(Verification):
-            log.info("C-ECHO from %s at %s:%s", self.actor.user, *self.address)
+            status = echoed(self.actor.user, *self.address)
             self._respond(
                 message.context_id,
                 response_command(
-                    _RESPONSE | C_ECHO_RQ,
-                    command.AffectedSOPClassUID,
-                    command.MessageID,
-                    GeneralStatus.SUCCESS,
+                    _RESPONSE | C_ECHO_RQ, command.AffectedSOPClassUID, command.MessageID, status
                 ),
             )
         elif field_ == C_CANCEL_RQ:

@@ -28,7 +28,6 @@ import logging
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import deque
@@ -57,6 +56,28 @@ from pacs.dimse.echo import echoed
 from pacs.dimse.find import MODELS, FindService
 from pacs.dimse.pending import pdus
 from pacs.dimse.store import store_response
+from pacs.dimse.wire import (
+    A_ABORT,
+    A_RELEASE_RQ,
+    ABORT_NOT_SPECIFIED,
+    ABORT_UNEXPECTED_PDU,
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_FIND_RQ,
+    C_STORE_RQ,
+    COMMAND_LAST,
+    P_DATA_TF,
+    PDU_HEADER,
+    PDV_HEADER,
+    RELEASE_RP,
+    RESPONSE,
+    Command,
+    ProtocolError,
+    p_data_tf,
+    parse_command,
+    response_command,
+    status_of,
+)
 from pacs.errors import InvalidInstance, PacsError
 from pacs.status import QueryStatus
 from pacs.store import FsBlobStore
@@ -64,149 +85,14 @@ from pacs.store import FsBlobStore
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
-# PS3.8 9.3: PDU types.
-_P_DATA_TF = 0x04
-_A_RELEASE_RQ = 0x05
-_A_ABORT = 0x07
 # How long an ended association waits for its peer to close the connection.
 LINGER_S = 5.0
-_PDU_HEADER = struct.Struct(">BBL")
-_PDV_HEADER = struct.Struct(">LBB")
-_ELEMENT = struct.Struct("<HHL")
-_US = struct.Struct("<H")
-_RELEASE_RP = bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0))
-# A-ABORT from the service provider (source 2), PS3.8 9.3.8: reason 0 (not specified)
-# or 2 (unexpected PDU).
-_ABORT_NOT_SPECIFIED = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0))
-_ABORT_UNEXPECTED_PDU = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 2))
 # User Information sub-items (PS3.7 D.3.3) that need nothing from the acceptor.
 _PLAIN_USER_ITEMS = (
     MaximumLengthNotification,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
 )
-
-# PS3.7 E.1 command fields and tags.
-C_STORE_RQ = 0x0001
-C_FIND_RQ = 0x0020
-C_ECHO_RQ = 0x0030
-C_CANCEL_RQ = 0x0FFF
-_RESPONSE = 0x8000
-_NO_DATA_SET = 0x0101
-_COMMAND_LAST = 0x03  # PS3.8 E.2: message control header of a whole command set
-_AFFECTED_SOP_CLASS = 0x0002
-_COMMAND_FIELD = 0x0100
-_MESSAGE_ID = 0x0110
-_BEING_RESPONDED_TO = 0x0120
-_DATA_SET_TYPE = 0x0800
-_STATUS = 0x0900
-_ERROR_COMMENT = 0x0902
-_AFFECTED_SOP_INSTANCE = 0x1000
-
-
-class ProtocolError(Exception):
-    """The peer broke PS3.7/PS3.8: the association is aborted."""
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """The parts of a request's command set (PS3.7 9.3, 9.1.5) this path acts on."""
-
-    CommandField: int
-    MessageID: int
-    AffectedSOPClassUID: str
-    AffectedSOPInstanceUID: str
-    MessageIDBeingRespondedTo: int
-    has_data_set: bool
-
-
-def parse_command(data: bytes | bytearray | memoryview) -> Command:
-    """A command set as PS3.7 6.3.1 encodes it: group 0000, Implicit VR Little Endian."""
-    values: dict[int, bytes] = {}
-    view = memoryview(data)
-    position = 0
-    while position + 8 <= len(view):
-        group, element, length = _ELEMENT.unpack_from(view, position)
-        position += 8
-        if group != 0 or position + length > len(view):
-            raise ProtocolError("a command set element is not in group 0000 or overruns it")
-        values[element] = bytes(view[position : position + length])
-        position += length
-    if position != len(view):
-        raise ProtocolError("a command set ends inside an element header")
-
-    def number(tag: int, default: int = 0) -> int:
-        raw = values.get(tag)
-        if raw is None:
-            return default
-        if len(raw) != 2:
-            raise ProtocolError(f"command element (0000,{tag:04X}) is not a US")
-        return int(_US.unpack(raw)[0])
-
-    def uid(tag: int) -> str:
-        return values.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
-
-    if _COMMAND_FIELD not in values:
-        raise ProtocolError("a command set without a Command Field")
-    return Command(
-        CommandField=number(_COMMAND_FIELD),
-        MessageID=number(_MESSAGE_ID),
-        AffectedSOPClassUID=uid(_AFFECTED_SOP_CLASS),
-        AffectedSOPInstanceUID=uid(_AFFECTED_SOP_INSTANCE),
-        MessageIDBeingRespondedTo=number(_BEING_RESPONDED_TO),
-        has_data_set=number(_DATA_SET_TYPE, _NO_DATA_SET) != _NO_DATA_SET,
-    )
-
-
-def _element(tag: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0, tag, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
-def response_command(
-    command_field: int,
-    sop_class_uid: str,
-    message_id: int,
-    status: int,
-    *,
-    error_comment: str = "",
-    sop_instance_uid: str = "",
-    data_set: bool = False,
-) -> bytes:
-    """A response's command set with its group length, elements in tag order."""
-    body = b"".join(
-        (
-            _element(_AFFECTED_SOP_CLASS, _uid(sop_class_uid)) if sop_class_uid else b"",
-            _element(_COMMAND_FIELD, _US.pack(command_field)),
-            _element(_BEING_RESPONDED_TO, _US.pack(message_id)),
-            _element(_DATA_SET_TYPE, _US.pack(0x0001 if data_set else _NO_DATA_SET)),
-            _element(_STATUS, _US.pack(status)),
-            _element(_ERROR_COMMENT, _text(error_comment)) if error_comment else b"",
-            _element(_AFFECTED_SOP_INSTANCE, _uid(sop_instance_uid)) if sop_instance_uid else b"",
-        )
-    )
-    return _element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def _text(value: str) -> bytes:
-    raw = value.encode("ascii", "replace")
-    return raw + b" " if len(raw) % 2 else raw
-
-
-def _status_of(answer: Any) -> tuple[int, str]:
-    if isinstance(answer, Dataset):
-        return int(answer.Status), str(answer.get("ErrorComment", "") or "")
-    return int(answer), ""
-
-
-def p_data_tf(pdvs: list[tuple[int, bytes]]) -> bytes:
-    """One P-DATA-TF PDU (PS3.8 9.3.5); each PDV's data starts with its control header."""
-    items = b"".join(_PDV_HEADER.pack(len(data) + 1, cid, data[0]) + data[1:] for cid, data in pdvs)
-    return _PDU_HEADER.pack(_P_DATA_TF, 0, len(items)) + items
 
 
 @dataclass(slots=True)
@@ -408,16 +294,16 @@ class DirectAssociation:
             self._serve()
         except (ProtocolError, PacsError) as exc:
             associations.aborted(self._peer(), str(exc))
-            self._abort(_ABORT_UNEXPECTED_PDU)
+            self._abort(ABORT_UNEXPECTED_PDU)
         except TimeoutError:
             associations.aborted(self._peer(), "network timeout")
-            self._abort(_ABORT_NOT_SPECIFIED)
+            self._abort(ABORT_NOT_SPECIFIED)
         except (OSError, EOFError) as exc:
             if not self._closed:
                 log.warning("association with %s ended: %s", self._peer(), exc)
         except Exception:
             log.exception("association with %s failed", self._peer())
-            self._abort(_ABORT_NOT_SPECIFIED)
+            self._abort(ABORT_NOT_SPECIFIED)
         finally:
             self.is_established = False
             self._discard()
@@ -427,24 +313,24 @@ class DirectAssociation:
         """From another thread (the server stops): A-ABORT, and the socket is closed."""
         if self._closed:
             return
-        self._send_quietly(_ABORT_NOT_SPECIFIED)
+        self._send_quietly(ABORT_NOT_SPECIFIED)
         self._close()
 
     def _serve(self) -> None:
         while True:
             kind, body = self._next_pdu()
-            if kind == _P_DATA_TF:
+            if kind == P_DATA_TF:
                 for message in self._messages(body):
                     self._dispatch(message)
-            elif kind == _A_RELEASE_RQ:
+            elif kind == A_RELEASE_RQ:
                 if self._message is not None:
                     raise ProtocolError("release requested in the middle of a message")
-                self._send(_RELEASE_RP)
+                self._send(RELEASE_RP)
                 self.is_established = False
                 log.info("association with %s released", self._peer())
                 self._linger()
                 return
-            elif kind == _A_ABORT:
+            elif kind == A_ABORT:
                 self.is_established = False
                 associations.aborted(self._peer())
                 return
@@ -457,12 +343,12 @@ class DirectAssociation:
         return self._read_pdu()
 
     def _read_pdu(self) -> tuple[int, bytearray]:
-        header = self._recv_exact(_PDU_HEADER.size)
-        kind, _reserved, length = _PDU_HEADER.unpack(header)
+        header = self._recv_exact(PDU_HEADER.size)
+        kind, _reserved, length = PDU_HEADER.unpack(header)
         limit = self.services.maximum_pdu
-        if kind == _P_DATA_TF and limit and length > limit:
+        if kind == P_DATA_TF and limit and length > limit:
             raise ProtocolError(f"a {length} byte PDU, more than the {limit} negotiated")
-        if kind != _P_DATA_TF and length > 64:
+        if kind != P_DATA_TF and length > 64:
             raise ProtocolError(f"a {length} byte PDU of type 0x{kind:02X}")
         return kind, self._recv_exact(length)
 
@@ -482,13 +368,13 @@ class DirectAssociation:
         view = memoryview(body)
         position = 0
         while position < len(view):
-            if position + _PDV_HEADER.size > len(view):
+            if position + PDV_HEADER.size > len(view):
                 raise ProtocolError("a PDV header overruns its PDU")
-            length, context_id, control = _PDV_HEADER.unpack_from(view, position)
+            length, context_id, control = PDV_HEADER.unpack_from(view, position)
             end = position + 4 + length
             if length < 2 or end > len(view):
                 raise ProtocolError("a PDV's length overruns its PDU")
-            fragment = view[position + _PDV_HEADER.size : end]
+            fragment = view[position + PDV_HEADER.size : end]
             position = end
             if context_id not in self.negotiated.contexts:
                 raise ProtocolError(f"presentation context {context_id} was not accepted")
@@ -558,7 +444,7 @@ class DirectAssociation:
             self._respond(
                 message.context_id,
                 response_command(
-                    _RESPONSE | C_ECHO_RQ, command.AffectedSOPClassUID, command.MessageID, status
+                    RESPONSE | C_ECHO_RQ, command.AffectedSOPClassUID, command.MessageID, status
                 ),
             )
         elif field_ == C_CANCEL_RQ:
@@ -586,11 +472,11 @@ class DirectAssociation:
             )
         finally:
             received.discard()  # as pynetdicom unlinks its file: a renamed one is gone
-        code, comment = _status_of(status)
+        code, comment = status_of(status)
         self._respond(
             message.context_id,
             response_command(
-                _RESPONSE | C_STORE_RQ,
+                RESPONSE | C_STORE_RQ,
                 command.AffectedSOPClassUID,
                 command.MessageID,
                 code,
@@ -601,7 +487,7 @@ class DirectAssociation:
 
     def _find(self, message: _Message, command: Command, context: Accepted) -> None:
         pending_command = response_command(
-            _RESPONSE | C_FIND_RQ,
+            RESPONSE | C_FIND_RQ,
             command.AffectedSOPClassUID,
             command.MessageID,
             QueryStatus.PENDING,
@@ -619,7 +505,7 @@ class DirectAssociation:
         final: Any = QueryStatus.SUCCESS
         with contextlib.closing(responses):
             for status, answer in responses:
-                code, _comment = _status_of(status)
+                code, _comment = status_of(status)
                 if code == QueryStatus.PENDING and answer is not None:
                     encoded = (
                         answer
@@ -640,11 +526,11 @@ class DirectAssociation:
                     continue
                 final = status
                 break
-        code, comment = _status_of(final)
+        code, comment = status_of(final)
         self._respond(
             message.context_id,
             response_command(
-                _RESPONSE | C_FIND_RQ,
+                RESPONSE | C_FIND_RQ,
                 command.AffectedSOPClassUID,
                 command.MessageID,
                 code,
@@ -657,7 +543,7 @@ class DirectAssociation:
         association is ending; a release or abort is kept for the main loop."""
         while self._readable():
             kind, body = self._read_pdu()
-            if kind != _P_DATA_TF:
+            if kind != P_DATA_TF:
                 self._early.append((kind, body))
                 return True
             for message in self._messages(body):
@@ -680,7 +566,7 @@ class DirectAssociation:
 
     def _respond(self, context_id: int, command: bytes) -> None:
         """A response without a data set: its command set in one PDV."""
-        self._send(p_data_tf([(context_id, bytes((_COMMAND_LAST,)) + command)]))
+        self._send(p_data_tf([(context_id, bytes((COMMAND_LAST,)) + command)]))
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:

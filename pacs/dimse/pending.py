@@ -14,7 +14,6 @@ behind these, so the peer sees them in order.
 
 from __future__ import annotations
 
-import struct
 import time
 from typing import Any
 
@@ -23,10 +22,10 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 
+from pacs.dimse.wire import response_command
 from pacs.status import QueryStatus
 
 _C_FIND_RSP = 0x8020
-_DATA_SET_PRESENT = 0x0001  # PS3.7 E.1: anything but 0x0101
 _COMMAND = 0x01
 _LAST = 0x02
 _PDV_OVERHEAD = 6  # item length (4), presentation context ID (1), control header (1)
@@ -35,25 +34,9 @@ _PDV_OVERHEAD = 6  # item length (4), presentation context ID (1), control heade
 _QUEUE_HIGH_WATER = 64
 
 
-def _element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
 def find_response_command(sop_class_uid: str, message_id: int, status: int) -> bytes:
     """A C-FIND-RSP command set with a data set (PS3.7 9.3.2.2), Implicit VR Little Endian."""
-    body = (
-        _element(0x00000002, _uid(sop_class_uid))
-        + _element(0x00000100, struct.pack("<H", _C_FIND_RSP))
-        + _element(0x00000120, struct.pack("<H", message_id))
-        + _element(0x00000800, struct.pack("<H", _DATA_SET_PRESENT))
-        + _element(0x00000900, struct.pack("<H", status))
-    )
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
+    return response_command(_C_FIND_RSP, sop_class_uid, message_id, status, data_set=True)
 
 
 def pdus(

@@ -124,7 +124,6 @@ class DirectServices:
         archive: Archive,
         find: FindService,
         *,
-        ae_title: str,
         supported: list[PresentationContext],
         maximum_pdu: int,
         implementation_class_uid: str,
@@ -135,7 +134,6 @@ class DirectServices:
     ) -> None:
         self.archive = archive
         self.find = find
-        self.ae_title = ae_title
         self.supported = supported
         self.served = {str(cx.abstract_syntax) for cx in supported}
         self.maximum_pdu = maximum_pdu

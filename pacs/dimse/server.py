@@ -135,7 +135,6 @@ def direct_services(ae: AE, archive: Archive, config: DimseConfig) -> DirectServ
     return DirectServices(
         archive,
         find_service(archive, config),
-        ae_title=config.ae_title,
         supported=ae.supported_contexts,
         maximum_pdu=config.max_pdu,
         implementation_class_uid=IMPLEMENTATION_CLASS_UID,

@@ -37,7 +37,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -54,7 +54,7 @@ from pacs.dimse import associations, spool
 from pacs.dimse.bounds import COMMAND_LIMIT
 from pacs.dimse.echo import echoed
 from pacs.dimse.find import MODELS, FindService
-from pacs.dimse.pending import pdus
+from pacs.dimse.pending import encoded_match, pdus
 from pacs.dimse.store import store_response
 from pacs.dimse.wire import (
     A_ABORT,
@@ -505,13 +505,9 @@ class DirectAssociation:
             for status, answer in responses:
                 code, _comment = status_of(status)
                 if code == QueryStatus.PENDING and answer is not None:
-                    encoded = (
-                        answer
-                        if isinstance(answer, bytes)
-                        else encode(answer, context.implicit, context.little, context.deflated)
+                    encoded = encoded_match(
+                        answer, context.implicit, context.little, context.deflated
                     )
-                    if encoded is None:
-                        raise ValueError("a matching record could not be encoded")
                     for pdvs in pdus(
                         message.context_id,
                         pending_command,

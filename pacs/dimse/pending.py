@@ -64,6 +64,18 @@ def pdus(
     return grouped
 
 
+def encoded_match(
+    identifier: Dataset | bytes, implicit: bool, little: bool, deflated: bool
+) -> bytes:
+    """A match as its pending response carries it: already encoded, or encoded now."""
+    if isinstance(identifier, bytes):
+        return identifier
+    encoded = encode(identifier, implicit, little, deflated)
+    if encoded is None:
+        raise ValueError("a matching record could not be encoded")
+    return encoded
+
+
 class PendingResponses:
     """Sends the pending responses of one C-FIND request (see the module docstring)."""
 
@@ -80,13 +92,7 @@ class PendingResponses:
     def send(self, identifier: Dataset | bytes) -> bool:
         """Queue one match (a data set, or one already encoded in the context's transfer
         syntax); False once the association has gone (nothing more to send)."""
-        encoded = (
-            identifier
-            if isinstance(identifier, bytes)
-            else encode(identifier, self._implicit, self._little, self._deflated)
-        )
-        if encoded is None:
-            raise ValueError("a matching record could not be encoded")
+        encoded = encoded_match(identifier, self._implicit, self._little, self._deflated)
         dul = self._assoc.dul
         for pdvs in pdus(self._context_id, self._command, encoded, self._max_length):
             primitive = P_DATA()

@@ -46,7 +46,7 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs.archive import Archive, InstanceSource
 from pacs.audit import Actor
@@ -55,6 +55,7 @@ from pacs.dimse.bounds import COMMAND_LIMIT
 from pacs.dimse.echo import echoed
 from pacs.dimse.find import MODELS, FindService
 from pacs.dimse.pending import encoded_match, pdus
+from pacs.dimse.retrieve import GET_MODELS, MOVE_MODELS
 from pacs.dimse.store import store_response
 from pacs.dimse.wire import (
     A_ABORT,
@@ -135,7 +136,9 @@ class DirectServices:
         self.archive = archive
         self.find = find
         self.supported = supported
-        self.served = {str(cx.abstract_syntax) for cx in supported}
+        # What the server accepts, less the retrieve models (they need pynetdicom):
+        # C-FIND models, Verification, and every other one is a storage SOP class.
+        self.served = {str(cx.abstract_syntax) for cx in supported} - _RETRIEVE_MODELS
         self.maximum_pdu = maximum_pdu
         self.implementation_class_uid = implementation_class_uid
         self.implementation_version_name = implementation_version_name
@@ -166,11 +169,7 @@ class DirectServices:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = int(item.maximum_length_received or 0)
         proposed = primitive.presentation_context_definition_list
-        if not proposed or any(
-            str(cx.abstract_syntax) not in self.served
-            or not (str(cx.abstract_syntax) in MODELS or _is_storage_or_echo(cx))
-            for cx in proposed
-        ):
+        if not proposed or any(str(cx.abstract_syntax) not in self.served for cx in proposed):
             return None
         results, _roles = negotiate_as_acceptor(proposed, self.supported, None)
         contexts: dict[int, Accepted] = {}
@@ -236,14 +235,7 @@ def _context_id(cx: PresentationContext) -> int:
     return int(cx.context_id or 0)
 
 
-def _is_storage_or_echo(cx: PresentationContext) -> bool:
-    """Verification, or a storage SOP class (what the server accepts besides C-FIND and
-    the retrieve models, which need pynetdicom)."""
-    uid = str(cx.abstract_syntax)
-    return uid == str(Verification) or uid in _STORAGE
-
-
-_STORAGE = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
+_RETRIEVE_MODELS = frozenset((*MOVE_MODELS, *GET_MODELS))
 
 
 @dataclass(slots=True)
@@ -433,7 +425,7 @@ class DirectAssociation:
         assert command is not None
         context = self.negotiated.contexts[message.context_id]
         field_ = command.CommandField
-        if field_ == C_STORE_RQ and _is_storage_uid(context.abstract_syntax):
+        if field_ == C_STORE_RQ and _is_storage(context.abstract_syntax):
             self._store(message, command, context)
         elif field_ == C_FIND_RQ and context.abstract_syntax in MODELS:
             self._find(message, command, context)
@@ -605,8 +597,9 @@ class DirectAssociation:
             self.sock.close()
 
 
-def _is_storage_uid(uid: str) -> bool:
-    return uid in _STORAGE
+def _is_storage(uid: str) -> bool:
+    """Of the accepted contexts (see ``DirectServices.served``), the storage ones."""
+    return uid not in MODELS and uid != str(Verification)
 
 
 def _decoded(identifier: bytes, context: Accepted) -> Dataset:

@@ -18,7 +18,13 @@ from dicomweb.hosts import LOOPBACK_NAMES
 from filmless import heap, viewer
 from filmless.dimse_pool import DimsePool
 from filmless.settings import Settings
-from filmless.wiring import build_archive, dimse_config, dimse_worker_count, start_screening
+from filmless.wiring import (
+    build_archive,
+    dimse_config,
+    dimse_worker_count,
+    follow_changes,
+    start_screening,
+)
 from pacs.archive import Archive
 from pacs.dimse.server import start_dimse
 from pacs.lock import ArchiveLock
@@ -102,6 +108,7 @@ def serve(settings: Settings) -> None:
     # Screening first: it loads torch and MONAI, and the ports open only once the process
     # is fully built, so no peer's first requests share the CPU with those imports.
     screening = start_screening(archive, settings, stop) if settings.screening else None
+    follow_changes(archive, settings, stop)
     heap.settle()
     if workers > 1:
         pool = DimsePool(settings, workers)

@@ -20,6 +20,7 @@ from models.store import ModelStore
 from pacs import pixels
 from pacs.archive import Archive
 from pacs.audit import AuditTrail
+from pacs.changes import ChangeLog, Follower, StudyStability
 from pacs.dimse.server import DimseConfig
 from pacs.events import EventBus
 from pacs.index import Index
@@ -94,30 +95,39 @@ def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
         max_instance_bytes=settings.max_instance_bytes,
     )
     if settings.screening:
-        store = ModelStore(settings.models_dir)
-        archive.events.subscribe(
-            Scheduler(
-                JobQueue(index),
-                store.manifests,
-                stable_seconds=settings.study_stable_seconds,
-                without_view_position=settings.screen_without_view_position,
-            )
-        )
+        # What this process stores from now on is screened, whichever process follows
+        # the change log (``start_screening``), now or after a restart.
+        ChangeLog(index).begin(Scheduler.name)
     return archive
 
 
+def follow_changes(archive: Archive, settings: Settings, stop: threading.Event) -> Follower:
+    """The consumers of the change log that every server runs (screening's is started
+    with it): studies become stable after ``study_stable_seconds`` without a change."""
+    stability = StudyStability(archive.index, settings.study_stable_seconds)
+    log = ChangeLog(archive.index)
+    log.begin(stability.name)
+    # Stability is counted in seconds: a look each second is soon enough.
+    follower = Follower(log, stability, poll=1.0, also=stability.sweep)
+    follower.start(stop)
+    return follower
+
+
 def start_screening(archive: Archive, settings: Settings, stop: threading.Event) -> Worker:
-    """Worker threads over the job queue, sharing one session per model.
+    """The scheduler following the change log, and worker threads over the job queue
+    (sharing one session per model).
 
     Preprocessing uses MONAI's transforms, which load torch; imported here so that the
     other commands (and a server with screening off) start without it.
     """
     from inference.worker import Worker, WorkerSettings
 
+    models = ModelStore(settings.models_dir)
+    queue = JobQueue(archive.index)
     worker = Worker(
         archive,
-        JobQueue(archive.index),
-        ModelStore(settings.models_dir),
+        queue,
+        models,
         name=f"{socket.gethostname()}-{os.getpid()}",
         settings=WorkerSettings(
             providers=tuple(settings.inference_providers),
@@ -132,8 +142,17 @@ def start_screening(archive: Archive, settings: Settings, stop: threading.Event)
             ae_title=settings.ae_title,
         ),
     )
-    archive.events.subscribe(worker.wake)
-    queue = JobQueue(archive.index)
+    scheduler = Scheduler(
+        archive.index,
+        models.manifests,
+        stable_seconds=settings.study_stable_seconds,
+        without_view_position=settings.screen_without_view_position,
+        then=worker.wake,
+    )
+    follower = Follower(ChangeLog(archive.index), scheduler)
+    follower.start(stop)
+    # Stored in this process: looked at now rather than at the next poll.
+    archive.events.subscribe(follower.wake)
     orphans = [j.id for j in queue.jobs(JobState.RUNNING) if _is_dead_here(j.worker)]
     if queue.expire(orphans):
         log.info("%d job(s) of stopped processes will run again", len(orphans))

@@ -1,56 +1,113 @@
-"""Arriving instances become jobs: per instance at once, per study once it is stable.
+"""Stored instances become jobs: per instance at once, per study once it is stable.
 
-Subscribed to the archive's "instance stored" events in every process that ingests.
-The queue is in the database, so which process enqueues does not matter, and a restart
-loses nothing that was enqueued.
+The scheduler follows the archive's change log (:mod:`pacs.changes`), not the ingest
+call: the jobs of a batch of changes commit together with the cursor that says the batch
+is done. An instance stored by any process (a DIMSE worker, STOW-RS, ``filmless
+import``) becomes its jobs once, even if the process that stored it, or this one, is
+killed in between, and a failure while routing is retried, not logged and lost.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from inference.routing import route, stored_values
+from sqlalchemy import Connection
+
+from inference.routing import StoredValues, route
 from models.manifest import Manifest
-from pacs.events import InstanceStored
-from pacs.jobs import JobQueue
+from pacs.attributes import unpack
+from pacs.changes import Change, ChangeKind, Writes
+from pacs.index import Index
+from pacs.jobs import JobState, put_job
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    model: str
+    StudyInstanceUID: str
+    SOPInstanceUID: str = ""
+    state: JobState = JobState.PENDING
+    reason: str = ""
+    delay: float = 0.0
+
+
 class Scheduler:
+    """The consumer ``screening`` of the change log."""
+
+    name = "screening"
+
     def __init__(
         self,
-        queue: JobQueue,
+        index: Index,
         manifests: Callable[[], Sequence[Manifest]],
         *,
         stable_seconds: float,
         without_view_position: bool = False,
+        then: Callable[[], None] = lambda: None,
     ) -> None:
-        self.queue = queue
+        self.index = index
         self.manifests = manifests
         self.stable_seconds = stable_seconds
         self.without_view_position = without_view_position
+        self.then = then
 
-    def __call__(self, event: InstanceStored) -> None:
-        values = stored_values(event.header)
-        study = event.record.StudyInstanceUID
-        sop = event.record.SOPInstanceUID
-        by_name = {m.name: m for m in self.manifests()}
-        decisions = route(
-            values, by_name.values(), without_view_position=self.without_view_position
-        )
-        for decision in decisions:
+    def prepare(self, changes: Sequence[Change]) -> Writes | None:
+        arrived = [c for c in changes if c.kind in (ChangeKind.STORED, ChangeKind.REPLACED)]
+        if not arrived:
+            return None
+        # Routed by what the index holds now: an instance deleted since has no jobs.
+        headers = self.index.attributes([c.SOPInstanceUID for c in arrived])
+        manifests = list(self.manifests())
+        requests: list[JobRequest] = []
+        for c in arrived:
+            packed = headers.get(c.SOPInstanceUID)
+            if packed is not None:
+                requests += self.requests(c.StudyInstanceUID, c.SOPInstanceUID, packed, manifests)
+        if not requests:
+            return None
+
+        def writes(conn: Connection) -> None:
+            for r in requests:
+                put_job(
+                    conn,
+                    r.model,
+                    r.StudyInstanceUID,
+                    r.SOPInstanceUID,
+                    state=r.state,
+                    reason=r.reason,
+                    delay=r.delay,
+                )
+
+        return writes
+
+    def requests(
+        self, study: str, sop: str, packed: bytes, manifests: Sequence[Manifest]
+    ) -> list[JobRequest]:
+        """The jobs one stored instance asks for, by the manifests' routing rules."""
+        by_name = {m.name: m for m in manifests}
+        values = StoredValues(unpack(packed))
+        found = []
+        for decision in route(values, manifests, without_view_position=self.without_view_position):
             manifest = by_name[decision.model]
             if manifest.routing.level == "study" and decision.runs:
                 # Each new view pushes the study job back: it runs once the study is quiet
                 # for stable_seconds, with whatever views it then has (a study short of
                 # its views is then skipped, with the views it lacks as the reason).
-                self.queue.enqueue(manifest.name, study, delay=self.stable_seconds)
+                found.append(JobRequest(manifest.name, study, delay=self.stable_seconds))
             elif decision.runs:
-                self.queue.enqueue(manifest.name, study, sop)
+                found.append(JobRequest(manifest.name, study, sop))
             else:
                 # Not usable by the model, at either level: kept as a skipped job of the
                 # instance, with the reason, never silently dropped.
-                self.queue.record_skip(manifest.name, study, sop, decision.reason)
+                found.append(
+                    JobRequest(manifest.name, study, sop, JobState.SKIPPED, decision.reason)
+                )
                 log.info("%s not run on %s: %s", manifest.name, sop, decision.reason)
+        return found
+
+    def committed(self) -> None:
+        self.then()

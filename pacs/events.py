@@ -1,7 +1,10 @@
-"""Notifications from the archive to whoever subscribes (the inference scheduler, audit).
+"""In-process notices that an instance was stored: a hint to wake what follows the
+change log (:mod:`pacs.changes`) now rather than at its next poll.
 
-Delivery happens after the index commit and never fails the store: a subscriber that
-raises is logged and the peer still gets its Success, because the instance is durable.
+Nothing depends on a notice for correctness: it is not sent for what other processes
+store, and it is lost with the process. What must happen because something was stored
+follows the change log. Delivery happens after the index commit and never fails the
+store: a subscriber that raises is logged and the peer still gets its Success.
 """
 
 from __future__ import annotations

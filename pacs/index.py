@@ -83,8 +83,10 @@ def _count(name: str) -> Column[int]:
 
 
 # Bumped whenever a table changes: an index made by another version is refused with the
-# command that rebuilds it from the stored files (``filmless reindex``).
-SCHEMA_VERSION = 2
+# command that rebuilds it from the stored files (``filmless reindex``), unless the step
+# from it only adds tables (``_ADDS_TABLES``), which ``create_schema`` then makes.
+SCHEMA_VERSION = 3
+_ADDS_TABLES = {2}  # 2 -> 3: the change log, its cursors and the settling studies
 
 schema = Table("filmless_schema", metadata, Column("version", Integer, nullable=False))
 
@@ -228,6 +230,53 @@ job = Table(
 )
 
 
+# The change log (pacs.changes): one row per stored, replaced or deleted instance, and
+# per study that became stable, appended in the transaction of the change itself.
+# ``seq`` is never reused (AUTOINCREMENT on SQLite), so a consumer's cursor stays true
+# across deletions and ``reindex``.
+change = Table(
+    "change",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("StudyInstanceUID", String(64), nullable=False),
+    Column("SeriesInstanceUID", String(64), nullable=False, default=""),
+    Column("SOPInstanceUID", String(64), nullable=False, default=""),
+    Column("SOPClassUID", String(64), nullable=False, default=""),
+    Column("origin", Text, nullable=False, default=""),
+    Column("SourceApplicationEntityTitle", Text, nullable=False, default=""),
+    Column("time", DateTime(timezone=True), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+# How far each consumer of the change log got: the last ``seq`` it finished.
+change_cursor = Table(
+    "change_cursor",
+    metadata,
+    Column("consumer", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+# Studies that changed and are not yet stable: when each becomes stable if nothing else
+# arrives (pacs.changes.StudyStability). Kept here, not in a process, so that stability
+# holds across processes, nodes and restarts.
+settling = Table(
+    "settling",
+    metadata,
+    Column("StudyInstanceUID", String(64), primary_key=True),
+    Column("due", DateTime(timezone=True), nullable=False, index=True),
+)
+
+
+class ChangeKind(StrEnum):
+    STORED = "stored"
+    REPLACED = "replaced"
+    DELETED = "deleted"
+    STABLE = "stable"
+
+
 class IndexAction(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"
@@ -319,6 +368,11 @@ class Index:
     def create_schema(self) -> None:
         """Create what is missing; refuse an index that another schema version made."""
         version = self.schema_version()
+        if version in _ADDS_TABLES:
+            metadata.create_all(self.writer)
+            with self.writer.begin() as conn:
+                conn.execute(update(schema).values(version=SCHEMA_VERSION))
+            version = SCHEMA_VERSION
         if version is not None and version != SCHEMA_VERSION:
             raise IndexFailure(
                 f"the index {self.url.render_as_string(hide_password=True)} has schema "
@@ -345,7 +399,8 @@ class Index:
         metadata.drop_all(self.writer)
 
     def drop_archive_tables(self) -> None:
-        """The patient, study, series and instance tables (not the jobs): ``reindex``."""
+        """The patient, study, series and instance tables (not the jobs, nor the change
+        log and its cursors: what consumers saw stays seen): ``reindex``."""
         with self.writer.begin() as conn:
             for name in ("instance", "series", "study", "patient", schema.name):
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
@@ -372,6 +427,15 @@ class Index:
         with self.reading() as conn:
             rows = conn.execute(record_query().order_by(instance.c.id)).mappings()
             return [InstanceRecord(**row) for row in rows]
+
+    def attributes(self, SOPInstanceUIDs: Sequence[str]) -> dict[str, bytes]:
+        """The stored header (packed DICOM JSON, :mod:`pacs.attributes`) of each of the
+        instances that is still indexed."""
+        statement = select(instance.c.SOPInstanceUID, instance.c.attributes).where(
+            instance.c.SOPInstanceUID.in_(list(SOPInstanceUIDs))
+        )
+        with self.reading() as conn:
+            return {row.SOPInstanceUID: row.attributes for row in conn.execute(statement)}
 
     def records(
         self,
@@ -400,16 +464,21 @@ class Index:
         policy: DuplicatePolicy,
         patient_policy: PatientPolicy = "reject",
         requires: Sequence[str] = (),
+        *,
+        logged: bool = True,
     ) -> IndexOutcome:
         """Index one instance under ``policy`` in one transaction, retrying lost races.
 
         ``requires``: SOP Instance UIDs that must still be stored when it commits (the
-        images a report was made from); otherwise :class:`SourceGone`.
+        images a report was made from); otherwise :class:`SourceGone`. ``logged``: the
+        change goes to the change log (not when ``reindex`` rebuilds what was there).
         """
         for attempt in range(_RETRIES):
             try:
                 with self.writer.begin() as conn:
-                    return _add(conn, header, blob, policy, patient_policy, requires=requires)
+                    return _add(
+                        conn, header, blob, policy, patient_policy, requires=requires, logged=logged
+                    )
             except (IntegrityError, OperationalError) as exc:
                 if attempt == _RETRIES - 1 or not _retryable(exc):
                     raise IndexFailure(f"the index cannot commit: {_reason(exc)}") from exc
@@ -556,6 +625,7 @@ def _add(
     patient_policy: PatientPolicy,
     *,
     requires: Sequence[str] = (),
+    logged: bool = True,
 ) -> IndexOutcome:
     if requires:
         # The study is locked first, as a DELETE of it does: either the sources are
@@ -579,7 +649,7 @@ def _add(
                 f"SOP Instance {existing.SOPInstanceUID} is already stored with different "
                 "content and the duplicate policy is 'reject'"
             )
-        _remove(conn, existing)
+        _remove(conn, existing, logged=False)  # one "replaced" change, below
         replaced = existing
     now = datetime.now(UTC)
     incoming = _patient_values(header)
@@ -650,6 +720,18 @@ def _add(
     )
     if new_series:
         _refresh_modalities(conn, study_id)
+    if logged:
+        append_change(
+            conn,
+            ChangeKind.STORED if replaced is None else ChangeKind.REPLACED,
+            header.study.StudyInstanceUID,
+            SeriesInstanceUID=header.series.SeriesInstanceUID,
+            SOPInstanceUID=header.instance.SOPInstanceUID,
+            SOPClassUID=header.instance.SOPClassUID,
+            origin=blob.origin,
+            SourceApplicationEntityTitle=blob.SourceApplicationEntityTitle,
+            time=now,
+        )
     record = InstanceRecord(
         id=instance_id,
         SOPInstanceUID=header.instance.SOPInstanceUID,
@@ -791,7 +873,51 @@ def _refresh_modalities(conn: Connection, study_id: int) -> None:
     )
 
 
-def _remove(conn: Connection, record: InstanceRecord) -> None:
+# Any constant: the key of the PostgreSQL lock that orders the change log's appends.
+_CHANGE_LOCK = 0x66696C6D
+
+
+def append_change(
+    conn: Connection,
+    kind: ChangeKind,
+    StudyInstanceUID: str,
+    *,
+    SeriesInstanceUID: str = "",
+    SOPInstanceUID: str = "",
+    SOPClassUID: str = "",
+    origin: str = "",
+    SourceApplicationEntityTitle: str = "",
+    time: datetime | None = None,
+) -> None:
+    """One row of the change log, in the caller's transaction.
+
+    A consumer reads "everything after the last ``seq`` I saw", so no row may become
+    visible after one with a higher ``seq``. SQLite has one writer at a time; on
+    PostgreSQL two transactions could commit in the other order than they drew their
+    numbers, so appends take a transaction lock first: the number is drawn and committed
+    by one transaction at a time (its other statements still run in parallel).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(_CHANGE_LOCK)))
+    conn.execute(
+        _INSERT_CHANGE,
+        {
+            "kind": str(kind),
+            "StudyInstanceUID": StudyInstanceUID,
+            "SeriesInstanceUID": SeriesInstanceUID,
+            "SOPInstanceUID": SOPInstanceUID,
+            "SOPClassUID": SOPClassUID,
+            "origin": origin,
+            "SourceApplicationEntityTitle": SourceApplicationEntityTitle,
+            "time": time or datetime.now(UTC),
+        },
+    )
+
+
+_INSERT_CHANGE = change.insert()
+
+
+def _remove(conn: Connection, record: InstanceRecord, *, logged: bool = True) -> None:
     series_row = conn.execute(
         select(series.c.id, series.c.study_id, study.c.patient_id)
         .join(study, series.c.study_id == study.c.id)
@@ -837,6 +963,15 @@ def _remove(conn: Connection, record: InstanceRecord) -> None:
     ).scalar_one()
     if patient_left == 0:
         conn.execute(delete(patient).where(patient.c.id == series_row.patient_id))
+    if logged:
+        append_change(
+            conn,
+            ChangeKind.DELETED,
+            record.StudyInstanceUID,
+            SeriesInstanceUID=record.SeriesInstanceUID,
+            SOPInstanceUID=record.SOPInstanceUID,
+            SOPClassUID=record.SOPClassUID,
+        )
 
 
 def count_rows(conn: Connection, table: Table) -> int:

@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Connection, and_, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from pacs.errors import IndexFailure
@@ -153,47 +154,19 @@ class JobQueue:
         delay: float,
     ) -> None:
         """Insert or reset the job of a target, in one transaction."""
-        now = _now()
-        values = {
-            "state": state,
-            "attempts": 0,
-            "not_before": now + timedelta(seconds=delay),
-            "lease_until": None,
-            "worker": "",
-            "reason": reason,
-            "updated_at": now,
-        }
-        target = and_(
-            job.c.model == model,
-            job.c.StudyInstanceUID == StudyInstanceUID,
-            job.c.SOPInstanceUID == SOPInstanceUID,
-        )
-        for _ in range(3):
-            try:
-                with self.index.writer.begin() as conn:
-                    # A running job is left to finish; the new request runs after it.
-                    changed = conn.execute(
-                        update(job).where(target, job.c.state != JobState.RUNNING).values(values)
-                    ).rowcount
-                    if changed:
-                        return
-                    exists = conn.execute(select(job.c.id).where(target)).first()
-                    if exists is None:
-                        conn.execute(
-                            job.insert().values(
-                                model=model,
-                                StudyInstanceUID=StudyInstanceUID,
-                                SOPInstanceUID=SOPInstanceUID,
-                                result="",
-                                **values,
-                            )
-                        )
-                    return
-            except IntegrityError:
-                continue  # another process inserted the same target: update it instead
-            except SQLAlchemyError as exc:
-                raise IndexFailure(f"cannot queue the job: {exc}") from exc
-        raise IndexFailure("cannot queue the job: the target keeps changing")
+        try:
+            with self.index.writer.begin() as conn:
+                put_job(
+                    conn,
+                    model,
+                    StudyInstanceUID,
+                    SOPInstanceUID,
+                    state=state,
+                    reason=reason,
+                    delay=delay,
+                )
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"cannot queue the job: {exc}") from exc
 
     def claim(
         self,
@@ -335,6 +308,46 @@ class JobQueue:
                     )
                 ).rowcount
             )
+
+
+def put_job(
+    conn: Connection,
+    model: str,
+    StudyInstanceUID: str,
+    SOPInstanceUID: str = "",
+    *,
+    state: JobState = JobState.PENDING,
+    reason: str = "",
+    delay: float = 0.0,
+) -> None:
+    """Insert or reset the job of a target in the caller's transaction. A running job
+    is left to finish. One statement, so that two processes asking at once for the same
+    target neither fail nor make two jobs."""
+    now = _now()
+    values = {
+        "state": state,
+        "attempts": 0,
+        "not_before": now + timedelta(seconds=delay),
+        "lease_until": None,
+        "worker": "",
+        "reason": reason,
+        "updated_at": now,
+    }
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(job).values(
+        model=model,
+        StudyInstanceUID=StudyInstanceUID,
+        SOPInstanceUID=SOPInstanceUID,
+        result="",
+        **values,
+    )
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[job.c.model, job.c.StudyInstanceUID, job.c.SOPInstanceUID],
+            set_=values,
+            where=job.c.state != JobState.RUNNING,
+        )
+    )
 
 
 def _fail_abandoned(conn: Connection, abandoned: Any, max_attempts: int, now: datetime) -> None:

@@ -80,5 +80,5 @@ def _index_one(archive: Archive, path: Path, objects: Path) -> str:
     )
     # What was stored stays stored: a study whose instances name several patients is
     # given the latest one's, and said so, rather than an instance left out.
-    outcome = archive.index.add(header, facts, "reject", "update")
+    outcome = archive.index.add(header, facts, "reject", "update", logged=False)
     return "the study's patient was updated from this file" if outcome.patient_updated else ""

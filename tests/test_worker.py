@@ -15,7 +15,6 @@ import inference.heatmap as heatmap_module
 import inference.worker as worker_module
 from dicomweb.app import create_app
 from inference.forward import destination
-from inference.scheduler import Scheduler
 from inference.worker import Worker, WorkerSettings
 from models.store import ModelStore
 from models.zoo import CHEST_XRAY
@@ -27,7 +26,7 @@ from pacs.jobs import JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, mammography
 from tests.conftest import free_port, make_archive
 from tests.support.instances import source
-from tests.support.pipeline import drain, pipeline
+from tests.support.pipeline import drain, pipeline, scheduling
 from tests.support.web import serving
 
 PATIENT = Patient("E2E", "End^To End", "ISO_IR 192", "19700101", "O")
@@ -229,9 +228,8 @@ def test_reports_are_forwarded_by_c_store_and_stow(
         with serving(create_app(peer)) as url:
             store = ModelStore(models_dir)
             queue = JobQueue(archive.index)
-            archive.events.subscribe(
-                Scheduler(queue, lambda: [m.manifest for m in store.installed()], stable_seconds=0)
-            )
+            follower = scheduling(archive, lambda: [m.manifest for m in store.installed()])
+            archive.events.subscribe(follower.catch_up)
             targets = (
                 destination("pacs", f"PEER@127.0.0.1:{config.port}"),
                 destination("cloud", url),

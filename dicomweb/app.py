@@ -22,6 +22,7 @@ from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 
 from dicomweb.audit import AuditRequests
 from dicomweb.auth import ApiToken, BearerAuth, OidcVerifier
+from dicomweb.changes import CHANGES_PATH, changes_router
 from dicomweb.deadline import RequestDeadline
 from dicomweb.hosts import LOOPBACK_NAMES, HostCheck
 from dicomweb.media import DICOM_JSON
@@ -68,7 +69,9 @@ def create_app(
     app = FastAPIOffline(title="filmless DICOMweb", version="0.1.0", static_url="/docs-static")
     app.add_middleware(GZipMiddleware, minimum_size=1024, exclude_content_types=_NOT_GZIPPED)
     if api_tokens or oidc is not None:
-        app.add_middleware(BearerAuth, tokens=list(api_tokens), prefix=base_path, oidc=oidc)
+        app.add_middleware(
+            BearerAuth, tokens=list(api_tokens), prefixes=(base_path, CHANGES_PATH), oidc=oidc
+        )
     app.add_middleware(RequestDeadline, seconds=request_timeout)
     app.add_middleware(AuditRequests, audit=archive.audit, prefix=base_path)
     # Outermost: a request for another host name is refused before anything else runs.
@@ -169,6 +172,7 @@ def create_app(
         archive.delete(study, series, instance)
         return Response(status_code=204)
 
+    app.include_router(changes_router(archive.index))
     app.include_router(wado_router(archive), prefix=base_path)
     app.include_router(wado_uri_router(archive), prefix=base_path)
     app.include_router(

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,24 +147,25 @@ def authorize(
 
 
 class BearerAuth:
-    """ASGI middleware: requests under ``prefix`` need a token; others pass untouched."""
+    """ASGI middleware: requests under one of ``prefixes`` need a token; others pass
+    untouched."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
         tokens: list[ApiToken],
-        prefix: str,
+        prefixes: Sequence[str],
         oidc: OidcVerifier | None = None,
     ) -> None:
         self.app = app
         self.tokens = tokens
-        self.prefix = prefix
+        self.prefixes = tuple(prefixes)
         self.oidc = oidc
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        inside = path == self.prefix or path.startswith(self.prefix + "/")
+        inside = any(path == p or path.startswith(p + "/") for p in self.prefixes)
         # CORS preflights carry no credentials by design; the CORS middleware answers them.
         if scope["type"] != "http" or not inside or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)

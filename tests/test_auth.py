@@ -55,7 +55,7 @@ def _routes(schema: dict[str, Any]) -> list[tuple[str, str]]:
     and frame numbers filled in."""
     found = []
     for template, operations in schema["paths"].items():
-        if not template.startswith("/dicom-web"):
+        if not template.startswith(("/dicom-web", "/changes")):
             continue
         path = re.sub(r"\{frame_list\}|\{frame\}", "1", template)
         path = re.sub(r"\{path(:path)?\}", "7FE00010", path)

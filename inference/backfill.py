@@ -17,9 +17,9 @@ from datetime import datetime
 
 from sqlalchemy import func, select
 
-from inference.routing import StoredValues, decide
+from inference.routing import decide
 from models.manifest import Manifest
-from pacs.attributes import unpack
+from pacs.attributes import StoredValues, unpack
 from pacs.index import Index, instance, series, study
 from pacs.jobs import JobQueue
 

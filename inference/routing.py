@@ -12,15 +12,13 @@ of the instance being silently ignored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from models.manifest import Manifest
-from pacs.attributes import dataset_json, text_values, unpack
+from pacs.attributes import StoredValues, dataset_json, unpack
 from pacs.header import InstanceHeader
 
 Header = Mapping[str, str | None]
@@ -31,29 +29,6 @@ class Decision:
     model: str
     runs: bool
     reason: str = ""
-
-
-class StoredValues(Mapping[str, str | None]):
-    """Header values by DICOM keyword, read from a data set's DICOM JSON (PS3.18 F.2):
-    None when absent, several values joined by a backslash as DICOM encodes them."""
-
-    def __init__(self, attributes: Mapping[str, Any]) -> None:
-        self._attributes = attributes
-
-    def __getitem__(self, keyword: str) -> str | None:
-        tag = tag_for_keyword(keyword)
-        if tag is None:
-            raise KeyError(keyword)
-        found = text_values(self._attributes, f"{tag:08X}")
-        if found is None:
-            raise KeyError(keyword)
-        return "\\".join(found)
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for t in self._attributes if (k := keyword_for_tag(int(t, 16))))
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
 
 
 def stored_values(header: InstanceHeader | Dataset) -> StoredValues:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from inference.routing import StoredValues, route
+from inference.routing import route
 from models.manifest import Manifest
-from pacs.attributes import unpack
+from pacs.attributes import StoredValues, unpack
 from pacs.changes import Change, ChangeKind, Writes
 from pacs.index import Index
 from pacs.jobs import JobState, put_job
@@ -60,13 +60,14 @@ class Scheduler:
         if not arrived:
             return None
         # Routed by what the index holds now: an instance deleted since has no jobs.
-        headers = self.index.attributes([c.SOPInstanceUID for c in arrived])
+        facts = self.index.stored_facts(SOPInstanceUIDs=[c.SOPInstanceUID for c in arrived])
         manifests = list(self.manifests())
         requests: list[JobRequest] = []
         for c in arrived:
-            packed = headers.get(c.SOPInstanceUID)
-            if packed is not None:
-                requests += self.requests(c.StudyInstanceUID, c.SOPInstanceUID, packed, manifests)
+            found = facts.get(c.SOPInstanceUID)
+            if found is not None:
+                values = StoredValues(unpack(found.attributes))
+                requests += self.requests(c.StudyInstanceUID, c.SOPInstanceUID, values, manifests)
         if not requests:
             return None
 
@@ -85,11 +86,10 @@ class Scheduler:
         return writes
 
     def requests(
-        self, study: str, sop: str, packed: bytes, manifests: Sequence[Manifest]
+        self, study: str, sop: str, values: StoredValues, manifests: Sequence[Manifest]
     ) -> list[JobRequest]:
         """The jobs one stored instance asks for, by the manifests' routing rules."""
         by_name = {m.name: m for m in manifests}
-        values = StoredValues(unpack(packed))
         found = []
         for decision in route(values, manifests, without_view_position=self.without_view_position):
             manifest = by_name[decision.model]

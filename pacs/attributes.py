@@ -19,9 +19,10 @@ import logging
 import re
 import struct
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -261,3 +262,26 @@ def text_values(attributes: Mapping[str, Any], tag: str) -> list[str] | None:
         else:
             texts.append(str(value))
     return texts
+
+
+class StoredValues(Mapping[str, str | None]):
+    """Header values by DICOM keyword, read from a data set's DICOM JSON (PS3.18 F.2):
+    None when absent, several values joined by a backslash as DICOM encodes them."""
+
+    def __init__(self, attributes: Mapping[str, Any]) -> None:
+        self._attributes = attributes
+
+    def __getitem__(self, keyword: str) -> str | None:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise KeyError(keyword)
+        found = text_values(self._attributes, f"{tag:08X}")
+        if found is None:
+            raise KeyError(keyword)
+        return "\\".join(found)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for t in self._attributes if (k := keyword_for_tag(int(t, 16))))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

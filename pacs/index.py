@@ -54,6 +54,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from pacs.attributes import StoredValues, unpack
 from pacs.errors import (
     DuplicateRejected,
     IndexFailure,
@@ -317,6 +318,42 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredFacts:
+    """An indexed instance as rules see it: its stored header and how it arrived."""
+
+    StudyInstanceUID: str
+    SOPInstanceUID: str
+    attributes: bytes
+    origin: str
+    SourceApplicationEntityTitle: str
+
+    def values(self) -> Mapping[str, str | None]:
+        """Header values by keyword, and the two facts of its arrival."""
+        arrival = {
+            "origin": self.origin,
+            "SourceApplicationEntityTitle": self.SourceApplicationEntityTitle,
+        }
+        return _Over(arrival, StoredValues(unpack(self.attributes)))
+
+
+class _Over(Mapping[str, str | None]):
+    """``first``'s values, then ``then``'s (a read-only ChainMap)."""
+
+    def __init__(self, first: Mapping[str, str | None], then: Mapping[str, str | None]) -> None:
+        self.first, self.then = first, then
+
+    def __getitem__(self, key: str) -> str | None:
+        return self.first[key] if key in self.first else self.then[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.first
+        yield from (k for k in self.then if k not in self.first)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+@dataclass(frozen=True, slots=True)
 class IndexOutcome:
     action: IndexAction
     record: InstanceRecord
@@ -428,14 +465,34 @@ class Index:
             rows = conn.execute(record_query().order_by(instance.c.id)).mappings()
             return [InstanceRecord(**row) for row in rows]
 
-    def attributes(self, SOPInstanceUIDs: Sequence[str]) -> dict[str, bytes]:
-        """The stored header (packed DICOM JSON, :mod:`pacs.attributes`) of each of the
-        instances that is still indexed."""
-        statement = select(instance.c.SOPInstanceUID, instance.c.attributes).where(
-            instance.c.SOPInstanceUID.in_(list(SOPInstanceUIDs))
+    def stored_facts(
+        self,
+        *,
+        SOPInstanceUIDs: Sequence[str] | None = None,
+        StudyInstanceUID: str | None = None,
+    ) -> dict[str, StoredFacts]:
+        """What routing decides by, for the given instances (those still indexed) or
+        every instance of a study, by SOP Instance UID."""
+        statement = select(
+            study.c.StudyInstanceUID,
+            instance.c.SOPInstanceUID,
+            instance.c.attributes,
+            instance.c.origin,
+            instance.c.SourceApplicationEntityTitle,
+        ).select_from(
+            instance.join(series, instance.c.series_id == series.c.id).join(
+                study, series.c.study_id == study.c.id
+            )
         )
+        if SOPInstanceUIDs is not None:
+            statement = statement.where(instance.c.SOPInstanceUID.in_(list(SOPInstanceUIDs)))
+        if StudyInstanceUID is not None:
+            statement = statement.where(study.c.StudyInstanceUID == StudyInstanceUID)
         with self.reading() as conn:
-            return {row.SOPInstanceUID: row.attributes for row in conn.execute(statement)}
+            return {
+                row.SOPInstanceUID: StoredFacts(**row._mapping)
+                for row in conn.execute(statement.order_by(instance.c.id))
+            }
 
     def records(
         self,

@@ -23,6 +23,8 @@ from filmless.wiring import (
     dimse_config,
     dimse_worker_count,
     follow_changes,
+    release_orphans,
+    start_routing,
     start_screening,
 )
 from pacs.archive import Archive
@@ -107,8 +109,11 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     # Screening first: it loads torch and MONAI, and the ports open only once the process
     # is fully built, so no peer's first requests share the CPU with those imports.
+    release_orphans(archive.index)
     screening = start_screening(archive, settings, stop) if settings.screening else None
     follow_changes(archive, settings, stop)
+    if settings.routes:
+        start_routing(archive, settings, stop)
     heap.settle()
     if workers > 1:
         pool = DimsePool(settings, workers)

@@ -35,6 +35,8 @@ from pacs.errors import ArchiveInUse, IndexFailure, PacsError
 from pacs.jobs import JobQueue, JobState
 from pacs.lock import ArchiveLock
 from pacs.reindex import reindex, stored_files
+from pacs.router import PREFIX as ROUTE_PREFIX
+from pacs.router import job_model
 from pacs.status import StoreStatus
 from pacs.verify import verify
 
@@ -87,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
         "backfill", help="run a model over the studies already stored (the jobs they lack)"
     )
     backfill.add_argument("--model", required=True, help="an installed model's name")
+    routes = commands.add_parser("routes", help="the routing rules' sends to other archives")
+    routes_commands = routes.add_subparsers(dest="routes_command", required=True)
+    routes_commands.add_parser("status", help="per destination: pending, sent, failed")
+    resend = routes_commands.add_parser("resend", help="queue a route's failed sends again")
+    resend.add_argument("name", help="the route's name")
+    resend.add_argument(
+        "--all", action="store_true", help="every instance it sent or skipped, not only failed"
+    )
     backfill.add_argument(
         "--since", type=_date, help="only instances received on or after YYYY-MM-DD (UTC)"
     )
@@ -133,6 +143,8 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
         return evaluate_cli.run(args, settings, console)
     if args.command == "jobs":
         return jobs_command(settings, args, console)
+    if args.command == "routes":
+        return routes_command(settings, args, console)
     if args.command == "verify":
         return verify_command(settings, console)
     if args.command == "reindex":
@@ -237,6 +249,44 @@ def jobs_command(settings: Settings, args: argparse.Namespace, console: Console)
         for job in queue.jobs(state):
             target = job.SOPInstanceUID or job.StudyInstanceUID
             table.add_row(str(job.id), job.model, target, job.state, str(job.attempts), job.reason)
+        console.print(table)
+        return 0
+    finally:
+        archive.index.dispose()
+
+
+def routes_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    archive = build_archive(settings)
+    queue = JobQueue(archive.index)
+    try:
+        if args.routes_command == "resend":
+            if args.name not in settings.routes:
+                console.print(f"[red]no route {escape(args.name)}[/red] in the settings")
+                return 2
+            states = [JobState.FAILED]
+            if args.all:
+                states += [JobState.DONE, JobState.SKIPPED]
+            count = queue.requeue(job_model(args.name), states)
+            console.print(f"{count} send(s) of {args.name} queued again")
+            return 0
+        counts = queue.states(ROUTE_PREFIX)
+        table = Table(title="routes")
+        for column in ("route", "destination", "pending", "sending", "sent", "failed", "why"):
+            table.add_column(column)
+        names = sorted({*settings.routes, *(m.removeprefix(ROUTE_PREFIX) for m in counts)})
+        for name in names:
+            found = counts.get(job_model(name), {})
+            rule = settings.routes.get(name)
+            failed = found.get(JobState.FAILED, 0)
+            table.add_row(
+                name,
+                rule.destination if rule else "(no longer configured)",
+                str(found.get(JobState.PENDING, 0)),
+                str(found.get(JobState.RUNNING, 0)),
+                str(found.get(JobState.DONE, 0)),
+                str(failed),
+                queue.last_reason(job_model(name), JobState.FAILED) if failed else "",
+            )
         console.print(table)
         return 0
     finally:

@@ -11,7 +11,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -22,8 +22,30 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 
 from dicomweb.auth import parse_tokens
-from inference.forward import destination
+from pacs.forward import destination
 from pacs.index import DuplicatePolicy, PatientPolicy
+from pacs.routes import Trigger, check_route
+
+
+class RouteSettings(BaseModel):
+    """One routing rule (``[routes.NAME]``): what goes where, and when."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    destination: str = Field(description='"AE@host:port" (C-STORE) or a DICOMweb base URL')
+    token: str = Field("", description="bearer token for a DICOMweb destination")
+    match: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="keyword = accepted values (wildcards, date ranges), all must match; "
+        "also SourceApplicationEntityTitle and origin",
+    )
+    trigger: Trigger = Field(
+        "instance", description="instance: as each arrives; stable: the study once stable"
+    )
+    max_concurrent: int = Field(2, ge=1, le=16, description="sends at once to it, at most")
+    retry_seconds: float = Field(
+        5.0, gt=0, description="pause before a failed send is tried again (doubles each time)"
+    )
 
 
 class Settings(BaseSettings):
@@ -200,6 +222,10 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='where reports are also sent: name = "AE@host:port" or a DICOMweb base URL',
     )
+    routes: dict[str, RouteSettings] = Field(
+        default_factory=dict,
+        description="routing rules: what is sent on to other archives (see README)",
+    )
     job_max_attempts: int = Field(3, ge=1, description="a failing job stops after this many")
     duplicate_policy: DuplicatePolicy = Field(
         "reject", description="same SOP Instance UID, different content: reject or overwrite"
@@ -288,6 +314,14 @@ class Settings(BaseSettings):
     def _check_results(cls, value: dict[str, str]) -> dict[str, str]:
         for name, address in value.items():
             destination(name, address)
+        return value
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, value: dict[str, RouteSettings]) -> dict[str, RouteSettings]:
+        for name, route in value.items():
+            check_route(name, route.match, route.trigger)
+            destination(name, route.destination, route.token)
         return value
 
     @field_validator("api_tokens")
@@ -413,6 +447,8 @@ def _toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, BaseModel):
+        return _toml_value(value.model_dump())
     if isinstance(value, dict):
         return (
             "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"

@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from filmless.settings import Settings
-from inference.forward import destination
 from inference.scheduler import Scheduler
 from models.store import ModelStore
 from pacs import pixels
@@ -23,8 +22,11 @@ from pacs.audit import AuditTrail
 from pacs.changes import ChangeLog, Follower, StudyStability
 from pacs.dimse.server import DimseConfig
 from pacs.events import EventBus
+from pacs.forward import destination
 from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
+from pacs.router import Routed, Router, Senders
+from pacs.routes import check_route
 from pacs.store import FsBlobStore
 
 if TYPE_CHECKING:
@@ -98,7 +100,38 @@ def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
         # What this process stores from now on is screened, whichever process follows
         # the change log (``start_screening``), now or after a restart.
         ChangeLog(index).begin(Scheduler.name)
+    if settings.routes:
+        ChangeLog(index).begin(Router.name)  # the same for the routing rules
     return archive
+
+
+def routed(settings: Settings) -> list[Routed]:
+    return [
+        Routed(
+            check_route(name, rule.match, rule.trigger),
+            destination(name, rule.destination, rule.token),
+            max_concurrent=rule.max_concurrent,
+            retry_seconds=rule.retry_seconds,
+        )
+        for name, rule in settings.routes.items()
+    ]
+
+
+def start_routing(archive: Archive, settings: Settings, stop: threading.Event) -> Senders:
+    """The routing rules: the consumer that queues the sends, and the senders."""
+    routes = routed(settings)
+    senders = Senders(
+        archive,
+        routes,
+        ae_title=settings.ae_title,
+        name=f"{socket.gethostname()}-{os.getpid()}",
+        max_attempts=settings.job_max_attempts,
+    )
+    follower = Follower(ChangeLog(archive.index), Router(archive.index, routes, then=senders.wake))
+    follower.start(stop)
+    archive.events.subscribe(follower.wake)
+    senders.start(stop)
+    return senders
 
 
 def follow_changes(archive: Archive, settings: Settings, stop: threading.Event) -> Follower:
@@ -153,14 +186,20 @@ def start_screening(archive: Archive, settings: Settings, stop: threading.Event)
     follower.start(stop)
     # Stored in this process: looked at now rather than at the next poll.
     archive.events.subscribe(follower.wake)
-    orphans = [j.id for j in queue.jobs(JobState.RUNNING) if _is_dead_here(j.worker)]
-    if queue.expire(orphans):
-        log.info("%d job(s) of stopped processes will run again", len(orphans))
     for n in range(settings.inference_workers):
         threading.Thread(
             target=worker.run, args=(stop,), name=f"screening-{n}", daemon=True
         ).start()
     return worker
+
+
+def release_orphans(index: Index) -> None:
+    """Jobs left running by processes of this machine that are gone (``kill -9``): due
+    again now, not once their lease runs out."""
+    queue = JobQueue(index)
+    orphans = [j.id for j in queue.jobs(JobState.RUNNING) if _is_dead_here(j.worker)]
+    if queue.expire(orphans):
+        log.info("%d job(s) of stopped processes will run again", len(orphans))
 
 
 def _is_dead_here(worker: str) -> bool:

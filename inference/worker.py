@@ -4,7 +4,7 @@ Every step that can go wrong ends in the queue: an image a model cannot use is a
 skipped job with the reason, an error is a failed attempt (retried with backoff up to
 ``max_attempts``), and the report goes through :meth:`Archive.ingest` like any other
 instance, replacing the report of an earlier run of the same job. Each stored report
-becomes a forwarding job per configured destination (:mod:`inference.forward`).
+becomes a forwarding job per configured destination (:mod:`pacs.forward`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 from inference.aggregation import aggregate
 from inference.disc import optic_disc
 from inference.eyes import Ungradable, exam
-from inference.forward import PREFIX, Destination, send
 from inference.geometry import Placement
 from inference.heatmap import heatmaps, map_uids, parametric_map, series_uid
 from inference.inputs import Input, SharedInputs
@@ -53,6 +52,7 @@ from models.zoo import EYE_TASKS
 from pacs.archive import Archive, InstanceSource, Origin
 from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.errors import NotFound, PacsError, SourceGone, UndecodablePixels
+from pacs.forward import PREFIX, Destination, send
 from pacs.index import InstanceRecord
 from pacs.jobs import Job, JobQueue
 from pacs.pixels import StoredImage, read_image

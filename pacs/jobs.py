@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, literal, or_, select, update
+from sqlalchemy import Connection, and_, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -175,8 +175,13 @@ class JobQueue:
         lease: float = 300.0,
         models: Sequence[str] = (),
         max_attempts: int | None = None,
+        in_study_order: bool = False,
     ) -> Job | None:
         """The oldest due job (or one whose lease ran out), now leased to ``worker``.
+
+        ``in_study_order``: not while an earlier job of the same model and study waits
+        (a send that failed and waits to be tried again) or another one runs, so that
+        the instances of a study reach a peer one at a time, in the order they came.
 
         The attempt is counted here, when the job starts: a job whose worker died while
         running it (an image that crashes the process) has used its attempt, and one
@@ -191,6 +196,25 @@ class JobQueue:
         due = or_(and_(job.c.state == JobState.PENDING, job.c.not_before <= now), expired)
         if models:
             due = and_(due, job.c.model.in_(list(models)))
+        if in_study_order:
+            other = job.alias("other")
+            ahead = (
+                select(other.c.id)
+                .where(
+                    other.c.model == job.c.model,
+                    other.c.StudyInstanceUID == job.c.StudyInstanceUID,
+                    other.c.id != job.c.id,
+                    or_(
+                        and_(other.c.state == JobState.RUNNING, other.c.lease_until >= now),
+                        and_(
+                            other.c.state.in_([JobState.PENDING, JobState.RUNNING]),
+                            other.c.id < job.c.id,
+                        ),
+                    ),
+                )
+                .exists()
+            )
+            due = and_(due, ~ahead)
         statement = select(job.c.id).where(due).order_by(job.c.id).limit(1)
         # Idle workers look often: one read finds that nothing is due (and nothing is to be
         # failed) without taking the database's write lock away from the archive.
@@ -289,6 +313,52 @@ class JobQueue:
             statement = statement.where(job.c.state == state)
         with self.index.reading() as conn:
             return [Job.from_row(row) for row in conn.execute(statement)]
+
+    def states(self, prefix: str) -> dict[str, dict[JobState, int]]:
+        """How many jobs of each model starting with ``prefix`` are in each state."""
+        statement = (
+            select(job.c.model, job.c.state, func.count())
+            .where(job.c.model.startswith(prefix, autoescape=True))
+            .group_by(job.c.model, job.c.state)
+        )
+        found: dict[str, dict[JobState, int]] = {}
+        with self.index.reading() as conn:
+            for model, state, count in conn.execute(statement):
+                found.setdefault(model, {})[JobState(state)] = int(count)
+        return found
+
+    def last_reason(self, model: str, state: JobState) -> str:
+        """The reason of the latest job of ``model`` in ``state``; "" if none."""
+        statement = (
+            select(job.c.reason)
+            .where(job.c.model == model, job.c.state == state)
+            .order_by(job.c.updated_at.desc(), job.c.id.desc())
+            .limit(1)
+        )
+        with self.index.reading() as conn:
+            return str(conn.execute(statement).scalar_one_or_none() or "")
+
+    def requeue(self, model: str, states: Sequence[JobState]) -> int:
+        """Jobs of ``model`` in ``states`` back to pending, attempts reset."""
+        now = _now()
+        try:
+            with self.index.writer.begin() as conn:
+                return int(
+                    conn.execute(
+                        update(job)
+                        .where(job.c.model == model, job.c.state.in_(list(states)))
+                        .values(
+                            state=JobState.PENDING,
+                            attempts=0,
+                            not_before=now,
+                            lease_until=None,
+                            reason="",
+                            updated_at=now,
+                        )
+                    ).rowcount
+                )
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"cannot queue the jobs again: {exc}") from exc
 
     def retry(self, ids: Sequence[int] = ()) -> int:
         """Failed (or the given) jobs back to pending with their attempts reset."""

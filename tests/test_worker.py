@@ -14,13 +14,13 @@ from pydicom.uid import ParametricMapStorage as ParametricMap
 import inference.heatmap as heatmap_module
 import inference.worker as worker_module
 from dicomweb.app import create_app
-from inference.forward import destination
 from inference.worker import Worker, WorkerSettings
 from models.store import ModelStore
 from models.zoo import CHEST_XRAY
 from pacs.archive import Archive, Origin
 from pacs.audit import AuditTrail
 from pacs.dimse.server import DimseConfig, start_dimse
+from pacs.forward import destination
 from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, mammography

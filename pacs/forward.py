@@ -1,8 +1,9 @@
-"""Results sent on to other systems: a DICOM peer by C-STORE or a DICOMweb server by STOW-RS.
+"""Stored instances sent on to other systems: a DICOM peer by C-STORE or a DICOMweb
+server by STOW-RS, the file as it is stored.
 
-A report is forwarded by its own job in the queue (``forward:<destination name>``), so a
-peer that is down costs retries of the send, not of the inference, and a send that keeps
-failing stays visible with its reason in ``filmless jobs list``.
+Each send is a job of its own in the queue (``forward:<name>`` for the screening
+reports, ``route:<name>`` for the routing rules), so a peer that is down costs retries
+of the send only, and a send that keeps failing stays visible with its reason.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs.dimse.reactor import MendedAE
 
@@ -36,6 +38,8 @@ class Destination:
 
     name: str
     address: str
+    # A DICOMweb server's bearer token, sent with each STOW-RS request.
+    token: str = ""
 
     @property
     def job_model(self) -> str:
@@ -46,12 +50,14 @@ class Destination:
         return self.address.startswith(("http://", "https://"))
 
 
-def destination(name: str, address: str) -> Destination:
+def destination(name: str, address: str, token: str = "") -> Destination:
     """A checked destination; ``ValueError`` with the reason for a malformed one."""
     if not _NAME.match(name):
         raise ValueError(f"destination name {name!r}: 1-48 letters, digits, '.', '_' or '-'")
     if address.startswith(("http://", "https://")):
-        return Destination(name, address.rstrip("/"))
+        return Destination(name, address.rstrip("/"), token)
+    if token:
+        raise ValueError(f"destination {name}: a token is for a DICOMweb server, not {address}")
     found = _AE_ADDRESS.match(address)
     if found is None or not 0 < int(found["port"]) < 65536 or not found["ae"].strip():
         raise ValueError(
@@ -79,14 +85,21 @@ def _c_store(target: Destination, stream: BinaryIO, calling_ae: str, timeout: fl
     except OSError as exc:
         raise ForwardFailed(f"{target.address} cannot be reached: {exc}") from exc
     ds = pydicom.dcmread(stream)
-    syntax = str(ds.file_meta.TransferSyntaxUID)
+    syntax = ds.file_meta.TransferSyntaxUID
     ae = MendedAE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(str(ds.SOPClassUID), [syntax])
+    # The stored syntax first; a peer that does not take it gets Explicit VR Little
+    # Endian (the instance decompressed if it must be), as Orthanc and dcm4chee fall back.
+    ae.add_requested_context(str(ds.SOPClassUID), [str(syntax)])
+    if syntax != ExplicitVRLittleEndian:
+        ae.add_requested_context(str(ds.SOPClassUID), [ExplicitVRLittleEndian])
     assoc = ae.associate(host, port, ae_title=found["ae"])
     if not assoc.is_established:
         raise ForwardFailed(f"{target.address} did not accept an association")
     try:
+        accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        if str(syntax) not in accepted and ExplicitVRLittleEndian in accepted:
+            _fall_back(ds, target)
         status = assoc.send_c_store(ds)
     finally:
         assoc.release()
@@ -95,6 +108,19 @@ def _c_store(target: Destination, stream: BinaryIO, calling_ae: str, timeout: fl
     if code != 0 and code not in (0x0001, 0xB000, 0xB006, 0xB007):
         comment = str(status.get("ErrorComment", "")) if status else "no response"
         raise ForwardFailed(f"{target.address} answered C-STORE with 0x{code:04X} {comment}")
+
+
+def _fall_back(ds: pydicom.Dataset, target: Destination) -> None:
+    """``ds`` in Explicit VR Little Endian, for a peer that accepted only that."""
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        try:
+            ds.decompress()
+        except Exception as exc:
+            raise ForwardFailed(
+                f"{target.address} does not accept {ds.file_meta.TransferSyntaxUID.name} "
+                f"and the instance cannot be decompressed here: {exc}"
+            ) from exc
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
 
 def _stow(target: Destination, data: bytes, timeout: float) -> None:
@@ -113,6 +139,7 @@ def _stow(target: Destination, data: bytes, timeout: float) -> None:
         headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
+            **({"Authorization": f"Bearer {target.token}"} if target.token else {}),
         },
     )
     try:

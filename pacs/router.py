@@ -1,0 +1,187 @@
+"""Routing to other archives: the change log's ``routes`` consumer and the senders.
+
+The consumer turns each change into send jobs by the rules of :mod:`pacs.routes`: one
+job per instance and destination (``route:<name>`` in the job queue), committed with
+its cursor, so that nothing acknowledged is left unsent by a crash. The senders claim
+those jobs, at most ``max_concurrent`` at a time per destination and one instance of a
+study at a time, in the order they were queued, and send the stored file as it is, by
+C-STORE or STOW-RS. A send that fails goes back to the queue with a pause that doubles
+at each attempt; one that keeps failing stays ``failed`` with the reason, until
+``filmless routes resend``. Sending an instance twice is harmless: the peer answers
+Success for what it already holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
+
+from pacs.archive import Archive
+from pacs.audit import Actor, AuditEvent, Outcome
+from pacs.changes import Change, ChangeKind, Writes
+from pacs.errors import NotFound, PacsError
+from pacs.forward import Destination, send
+from pacs.index import Index, StoredFacts
+from pacs.jobs import Job, JobQueue, put_job
+from pacs.routes import Route, matches
+
+log = logging.getLogger(__name__)
+
+PREFIX = "route:"
+
+
+def job_model(route: str) -> str:
+    return PREFIX + route
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A rule with where it sends and how."""
+
+    route: Route
+    destination: Destination
+    max_concurrent: int = 2
+    retry_seconds: float = 5.0
+
+
+class Router:
+    """The consumer ``routes`` of the change log."""
+
+    name = "routes"
+
+    def __init__(
+        self, index: Index, routes: Sequence[Routed], *, then: Callable[[], None] = lambda: None
+    ) -> None:
+        self.index = index
+        self.routes = list(routes)
+        self.then = then
+
+    def prepare(self, changes: Sequence[Change]) -> Writes | None:
+        by_instance = [r for r in self.routes if r.route.trigger == "instance"]
+        by_study = [r for r in self.routes if r.route.trigger == "stable"]
+        targets: list[tuple[str, StoredFacts]] = []
+        arrived = [c for c in changes if c.kind in (ChangeKind.STORED, ChangeKind.REPLACED)]
+        if by_instance and arrived:
+            # What the index holds now: an instance deleted meanwhile is not sent.
+            facts = self.index.stored_facts(SOPInstanceUIDs=[c.SOPInstanceUID for c in arrived])
+            for c in arrived:
+                if (found := facts.get(c.SOPInstanceUID)) is not None:
+                    targets += [(r.route.name, found) for r in by_instance if _for(r, found)]
+        if by_study:
+            for c in changes:
+                if c.kind == ChangeKind.STABLE:
+                    facts = self.index.stored_facts(StudyInstanceUID=c.StudyInstanceUID)
+                    for found in facts.values():
+                        targets += [(r.route.name, found) for r in by_study if _for(r, found)]
+        if not targets:
+            return None
+
+        def writes(conn: Connection) -> None:
+            for name, found in targets:
+                put_job(conn, job_model(name), found.StudyInstanceUID, found.SOPInstanceUID)
+
+        return writes
+
+    def committed(self) -> None:
+        self.then()
+
+
+def _for(routed: Routed, facts: StoredFacts) -> bool:
+    return matches(routed.route, facts.values())
+
+
+class Senders:
+    """Threads that send the queued instances, ``max_concurrent`` per destination."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        routes: Sequence[Routed],
+        *,
+        ae_title: str,
+        name: str,
+        max_attempts: int,
+    ) -> None:
+        self.archive = archive
+        self.queue = JobQueue(archive.index)
+        self.routes: Mapping[str, Routed] = {r.route.name: r for r in routes}
+        self.ae_title = ae_title
+        self.name = name
+        self.max_attempts = max_attempts
+        self._wake = threading.Event()
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    def run_once(self, route: str) -> bool:
+        """Send one due instance of ``route``; False when none was due."""
+        routed = self.routes[route]
+        job = self.queue.claim(
+            self.name,
+            models=[job_model(route)],
+            max_attempts=self.max_attempts,
+            in_study_order=True,
+        )
+        if job is None:
+            return False
+        try:
+            self._send(routed, job)
+        except NotFound:
+            self.queue.skip(job, "deleted before it was sent")
+        except Exception as exc:  # kept on the job, with the reason, and tried again
+            log.warning("%s: %s not sent: %s", route, job.SOPInstanceUID, exc)
+            self.queue.fail(
+                job, str(exc), max_attempts=self.max_attempts, backoff=routed.retry_seconds
+            )
+        else:
+            self.queue.complete(job, job.SOPInstanceUID)
+        return True
+
+    def _send(self, routed: Routed, job: Job) -> None:
+        (record,) = self.archive.records(job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID)
+        actor = Actor(self.ae_title, "", "DICOM" if not routed.destination.is_stow else "DICOMweb")
+        detail = f"{job.SOPInstanceUID} to {routed.destination.name}"
+        try:
+            with self.archive.open(record) as stream:  # as stored
+                send(routed.destination, stream, calling_ae=self.ae_title)
+        except Exception as exc:
+            self.archive.audit.record(
+                AuditEvent.RETRIEVE,
+                actor,
+                Outcome.MINOR_FAILURE,
+                StudyInstanceUID=job.StudyInstanceUID,
+                detail=f"{detail} not sent: {exc}",
+            )
+            raise
+        self.archive.audit.record(
+            AuditEvent.RETRIEVE,
+            actor,
+            Outcome.SUCCESS,
+            StudyInstanceUID=job.StudyInstanceUID,
+            detail=f"{detail} sent",
+        )
+
+    def run(self, route: str, stop: threading.Event, idle: float = 0.5) -> None:
+        while not stop.is_set():
+            try:
+                if self.run_once(route):
+                    continue
+            except PacsError as exc:  # the index is away: the jobs wait in it
+                log.warning("%s: no job claimed now: %s", route, exc)
+            self._wake.wait(idle)
+            self._wake.clear()
+
+    def start(self, stop: threading.Event) -> list[threading.Thread]:
+        threads = []
+        for name, routed in self.routes.items():
+            for n in range(routed.max_concurrent):
+                thread = threading.Thread(
+                    target=self.run, args=(name, stop), name=f"route-{name}-{n}", daemon=True
+                )
+                thread.start()
+                threads.append(thread)
+        return threads

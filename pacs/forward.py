@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -18,6 +19,7 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.association import Association
 
 from pacs.dimse.reactor import MendedAE
 
@@ -68,46 +70,114 @@ def destination(name: str, address: str, token: str = "") -> Destination:
 
 def send(target: Destination, stream: BinaryIO, *, calling_ae: str, timeout: float = 30) -> None:
     """One Part 10 instance to ``target``; raises :class:`ForwardFailed` unless accepted."""
-    if target.is_stow:
-        _stow(target, stream.read(), timeout)
-    else:
-        _c_store(target, stream, calling_ae, timeout)
-
-
-def _c_store(target: Destination, stream: BinaryIO, calling_ae: str, timeout: float) -> None:
-    found = _AE_ADDRESS.match(target.address)
-    assert found is not None  # checked by destination()
-    host, port = found["host"], int(found["port"])
+    sender = Sender(target, calling_ae=calling_ae, timeout=timeout)
     try:
-        # pynetdicom leaves its socket open when the connection is refused; a peer that is
-        # down is found here instead, without a leaked descriptor per retry.
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        raise ForwardFailed(f"{target.address} cannot be reached: {exc}") from exc
-    ds = pydicom.dcmread(stream)
-    syntax = ds.file_meta.TransferSyntaxUID
-    ae = MendedAE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    # The stored syntax first; a peer that does not take it gets Explicit VR Little
-    # Endian (the instance decompressed if it must be), as Orthanc and dcm4chee fall back.
-    ae.add_requested_context(str(ds.SOPClassUID), [str(syntax)])
-    if syntax != ExplicitVRLittleEndian:
-        ae.add_requested_context(str(ds.SOPClassUID), [ExplicitVRLittleEndian])
-    assoc = ae.associate(host, port, ae_title=found["ae"])
-    if not assoc.is_established:
-        raise ForwardFailed(f"{target.address} did not accept an association")
-    try:
-        accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
-        if str(syntax) not in accepted and ExplicitVRLittleEndian in accepted:
-            _fall_back(ds, target)
-        status = assoc.send_c_store(ds)
+        sender.send(stream)
     finally:
-        assoc.release()
-    code = int(status.get("Status", -1)) if status else -1
-    # Success, or one of the warnings of PS3.4 B.2.3 (the instance is stored).
-    if code != 0 and code not in (0x0001, 0xB000, 0xB006, 0xB007):
-        comment = str(status.get("ErrorComment", "")) if status else "no response"
-        raise ForwardFailed(f"{target.address} answered C-STORE with 0x{code:04X} {comment}")
+        sender.close()
+
+
+class Sender:
+    """Sends to one destination, one instance at a time (one per thread).
+
+    ``keep``: seconds a C-STORE association stays open after a send, for the next
+    instance of the same SOP Class and transfer syntax (the rest of a study): an
+    association per instance costs more than the C-STORE of a small one.
+    """
+
+    def __init__(
+        self, target: Destination, *, calling_ae: str, timeout: float = 30, keep: float = 0.0
+    ) -> None:
+        self.target = target
+        self.calling_ae = calling_ae
+        self.timeout = timeout
+        self.keep = keep
+        self._assoc: Association | None = None
+        self._key: tuple[str, str] = ("", "")
+        self._fallback = False
+        self._idle_since = 0.0
+
+    def send(self, stream: BinaryIO) -> None:
+        if self.target.is_stow:
+            _stow(self.target, stream.read(), self.timeout)
+            return
+        ds = pydicom.dcmread(stream)
+        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        reused = self._reusable(key)
+        if not reused:
+            self.close()
+            self._open(ds, key)
+        try:
+            status = self._store(ds)
+        except ForwardFailed:
+            if not reused:
+                raise
+            # The peer ended the association while it was idle: once more, on a new one.
+            self.close()
+            self._open(ds, key)
+            status = self._store(ds)
+        if self.keep <= 0:
+            self.close()
+        else:
+            self._idle_since = time.monotonic()
+        code = int(status.get("Status", -1))
+        # Success, or one of the warnings of PS3.4 B.2.3 (the instance is stored).
+        if code != 0 and code not in (0x0001, 0xB000, 0xB006, 0xB007):
+            comment = str(status.get("ErrorComment", ""))
+            raise ForwardFailed(
+                f"{self.target.address} answered C-STORE with 0x{code:04X} {comment}"
+            )
+
+    def close(self) -> None:
+        if self._assoc is not None:
+            if self._assoc.is_established:
+                self._assoc.release()
+            self._assoc = None
+
+    def _reusable(self, key: tuple[str, str]) -> bool:
+        return (
+            self._assoc is not None
+            and self._assoc.is_established
+            and self._key == key
+            and time.monotonic() - self._idle_since < self.keep
+        )
+
+    def _open(self, ds: pydicom.Dataset, key: tuple[str, str]) -> None:
+        found = _AE_ADDRESS.match(self.target.address)
+        assert found is not None  # checked by destination()
+        host, port = found["host"], int(found["port"])
+        try:
+            # pynetdicom leaves its socket open when the connection is refused; a peer
+            # that is down is found here instead, without a leaked descriptor per retry.
+            socket.create_connection((host, port), timeout=self.timeout).close()
+        except OSError as exc:
+            raise ForwardFailed(f"{self.target.address} cannot be reached: {exc}") from exc
+        sop_class, syntax = key
+        ae = MendedAE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        # The stored syntax first; a peer that does not take it gets Explicit VR Little
+        # Endian (decompressed if it must be), as Orthanc and dcm4chee fall back.
+        ae.add_requested_context(sop_class, [syntax])
+        if syntax != ExplicitVRLittleEndian:
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
+        assoc = ae.associate(host, port, ae_title=found["ae"])
+        if not assoc.is_established:
+            raise ForwardFailed(f"{self.target.address} did not accept an association")
+        accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        self._assoc, self._key = assoc, key
+        self._fallback = syntax not in accepted and ExplicitVRLittleEndian in accepted
+
+    def _store(self, ds: pydicom.Dataset) -> pydicom.Dataset:
+        assert self._assoc is not None
+        if self._fallback:
+            _fall_back(ds, self.target)
+        try:
+            status = self._assoc.send_c_store(ds)
+        except Exception as exc:  # pynetdicom refuses to send on a lost association
+            raise ForwardFailed(f"{self.target.address}: the association ended: {exc}") from exc
+        if not status:  # no response: aborted or timed out
+            raise ForwardFailed(f"{self.target.address} did not answer the C-STORE")
+        return status
 
 
 def _fall_back(ds: pydicom.Dataset, target: Destination) -> None:

@@ -24,7 +24,7 @@ from pacs.archive import Archive
 from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.changes import Change, ChangeKind, Writes
 from pacs.errors import NotFound, PacsError
-from pacs.forward import Destination, send
+from pacs.forward import Destination, Sender
 from pacs.index import Index, StoredFacts
 from pacs.jobs import Job, JobQueue, put_job
 from pacs.routes import Route, matches
@@ -32,6 +32,9 @@ from pacs.routes import Route, matches
 log = logging.getLogger(__name__)
 
 PREFIX = "route:"
+# How long a sender's association waits for the next instance (of the same SOP Class
+# and transfer syntax) before it is released.
+KEEP_S = 5.0
 
 
 def job_model(route: str) -> str:
@@ -117,8 +120,9 @@ class Senders:
     def wake(self, *_: object) -> None:
         self._wake.set()
 
-    def run_once(self, route: str) -> bool:
-        """Send one due instance of ``route``; False when none was due."""
+    def run_once(self, route: str, sender: Sender | None = None) -> bool:
+        """Send one due instance of ``route``; False when none was due. ``sender``:
+        the calling thread's, which keeps its association open for the next send."""
         routed = self.routes[route]
         job = self.queue.claim(
             self.name,
@@ -128,8 +132,10 @@ class Senders:
         )
         if job is None:
             return False
+        own = sender is None
+        sender = sender or Sender(routed.destination, calling_ae=self.ae_title)
         try:
-            self._send(routed, job)
+            self._send(routed, job, sender)
         except NotFound:
             self.queue.skip(job, "deleted before it was sent")
         except Exception as exc:  # kept on the job, with the reason, and tried again
@@ -139,15 +145,18 @@ class Senders:
             )
         else:
             self.queue.complete(job, job.SOPInstanceUID)
+        finally:
+            if own:
+                sender.close()
         return True
 
-    def _send(self, routed: Routed, job: Job) -> None:
+    def _send(self, routed: Routed, job: Job, sender: Sender) -> None:
         (record,) = self.archive.records(job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID)
         actor = Actor(self.ae_title, "", "DICOM" if not routed.destination.is_stow else "DICOMweb")
         detail = f"{job.SOPInstanceUID} to {routed.destination.name}"
         try:
             with self.archive.open(record) as stream:  # as stored
-                send(routed.destination, stream, calling_ae=self.ae_title)
+                sender.send(stream)
         except Exception as exc:
             self.archive.audit.record(
                 AuditEvent.RETRIEVE,
@@ -166,14 +175,19 @@ class Senders:
         )
 
     def run(self, route: str, stop: threading.Event, idle: float = 0.5) -> None:
-        while not stop.is_set():
-            try:
-                if self.run_once(route):
-                    continue
-            except PacsError as exc:  # the index is away: the jobs wait in it
-                log.warning("%s: no job claimed now: %s", route, exc)
-            self._wake.wait(idle)
-            self._wake.clear()
+        sender = Sender(self.routes[route].destination, calling_ae=self.ae_title, keep=KEEP_S)
+        try:
+            while not stop.is_set():
+                try:
+                    if self.run_once(route, sender):
+                        continue
+                except PacsError as exc:  # the index is away: the jobs wait in it
+                    log.warning("%s: no job claimed now: %s", route, exc)
+                sender.close()  # nothing due: the peer gets its association back
+                self._wake.wait(idle)
+                self._wake.clear()
+        finally:
+            sender.close()
 
     def start(self, stop: threading.Event) -> list[threading.Thread]:
         threads = []

@@ -9,19 +9,22 @@ of the send only, and a send that keeps failing stays visible with its reason.
 from __future__ import annotations
 
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom.association import Association
 
-from pacs.dimse.reactor import MendedAE
+from pacs.dimse.store_scu import StoreAnswer, StoreAssociation, StoreRefused
+from pacs.part10 import FileMeta, read_file_meta
 
 PREFIX = "forward:"
 _AE_ADDRESS = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
@@ -92,105 +95,134 @@ class Sender:
         self.calling_ae = calling_ae
         self.timeout = timeout
         self.keep = keep
-        self._assoc: Association | None = None
+        self._assoc: StoreAssociation | None = None
         self._key: tuple[str, str] = ("", "")
-        self._fallback = False
         self._idle_since = 0.0
 
     def send(self, stream: BinaryIO) -> None:
+        """A Part 10 file from a stream at its start."""
         if self.target.is_stow:
             _stow(self.target, stream.read(), self.timeout)
             return
-        ds = pydicom.dcmread(stream)
-        key = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        meta = read_file_meta(stream)
+        self._deliver(meta, stream)
+
+    def send_file(self, path: Path) -> None:
+        """A stored Part 10 file; its data set is sent as it is encoded, never decoded
+        (unless the peer needs it in another transfer syntax)."""
+        if self.target.is_stow:
+            _stow(self.target, path.read_bytes(), self.timeout)
+            return
+        with open(path, "rb") as stream:
+            self._deliver(read_file_meta(stream), stream)
+
+    def _deliver(self, meta: FileMeta, stream: BinaryIO) -> None:
+        """The data set from ``stream`` (just past its meta group) to the peer."""
+        key = (meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+        start = stream.tell()
         reused = self._reusable(key)
-        if not reused:
-            self.close()
-            self._open(ds, key)
         try:
-            status = self._store(ds)
-        except ForwardFailed:
             if not reused:
-                raise
-            # The peer ended the association while it was idle: once more, on a new one.
+                self.close()
+                self._open(key)
+            try:
+                answer = self._store(meta, stream)
+            except ForwardFailed:
+                if not reused:
+                    raise
+                # The peer ended the association while it was idle: again, on a new one.
+                self.close()
+                self._open(key)
+                stream.seek(start)
+                answer = self._store(meta, stream)
+        except BaseException:
             self.close()
-            self._open(ds, key)
-            status = self._store(ds)
+            raise
         if self.keep <= 0:
             self.close()
         else:
             self._idle_since = time.monotonic()
-        code = int(status.get("Status", -1))
         # Success, or one of the warnings of PS3.4 B.2.3 (the instance is stored).
-        if code != 0 and code not in (0x0001, 0xB000, 0xB006, 0xB007):
-            comment = str(status.get("ErrorComment", ""))
+        if answer.Status != 0 and answer.Status not in (0x0001, 0xB000, 0xB006, 0xB007):
             raise ForwardFailed(
-                f"{self.target.address} answered C-STORE with 0x{code:04X} {comment}"
+                f"{self.target.address} answered C-STORE with 0x{answer.Status:04X} "
+                f"{answer.ErrorComment}".rstrip()
             )
 
     def close(self) -> None:
         if self._assoc is not None:
-            if self._assoc.is_established:
-                self._assoc.release()
+            self._assoc.release()
             self._assoc = None
 
     def _reusable(self, key: tuple[str, str]) -> bool:
+        """The open association was made for this SOP Class and syntax (or accepts
+        them), and has not been idle too long."""
+        assoc = self._assoc
         return (
-            self._assoc is not None
-            and self._assoc.is_established
-            and self._key == key
+            assoc is not None
+            and assoc.open
+            and (self._key == key or assoc.accepts(*key))
             and time.monotonic() - self._idle_since < self.keep
         )
 
-    def _open(self, ds: pydicom.Dataset, key: tuple[str, str]) -> None:
+    def _open(self, key: tuple[str, str]) -> None:
         found = _AE_ADDRESS.match(self.target.address)
         assert found is not None  # checked by destination()
-        host, port = found["host"], int(found["port"])
-        try:
-            # pynetdicom leaves its socket open when the connection is refused; a peer
-            # that is down is found here instead, without a leaked descriptor per retry.
-            socket.create_connection((host, port), timeout=self.timeout).close()
-        except OSError as exc:
-            raise ForwardFailed(f"{self.target.address} cannot be reached: {exc}") from exc
         sop_class, syntax = key
-        ae = MendedAE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         # The stored syntax first; a peer that does not take it gets Explicit VR Little
         # Endian (decompressed if it must be), as Orthanc and dcm4chee fall back.
-        ae.add_requested_context(sop_class, [syntax])
+        proposed = [(sop_class, syntax)]
         if syntax != ExplicitVRLittleEndian:
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
-        assoc = ae.associate(host, port, ae_title=found["ae"])
-        if not assoc.is_established:
-            raise ForwardFailed(f"{self.target.address} did not accept an association")
-        accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
-        self._assoc, self._key = assoc, key
-        self._fallback = syntax not in accepted and ExplicitVRLittleEndian in accepted
-
-    def _store(self, ds: pydicom.Dataset) -> pydicom.Dataset:
-        assert self._assoc is not None
-        if self._fallback:
-            _fall_back(ds, self.target)
+            proposed.append((sop_class, ExplicitVRLittleEndian))
         try:
-            status = self._assoc.send_c_store(ds)
-        except Exception as exc:  # pynetdicom refuses to send on a lost association
-            raise ForwardFailed(f"{self.target.address}: the association ended: {exc}") from exc
-        if not status:  # no response: aborted or timed out
-            raise ForwardFailed(f"{self.target.address} did not answer the C-STORE")
-        return status
+            assoc = StoreAssociation.open_to(
+                found["host"],
+                int(found["port"]),
+                called=found["ae"],
+                calling=self.calling_ae,
+                proposed=proposed,
+                timeout=self.timeout,
+            )
+        except (OSError, StoreRefused) as exc:
+            raise ForwardFailed(f"{self.target.address} cannot be reached: {exc}") from exc
+        if not assoc.contexts:
+            assoc.release()
+            raise ForwardFailed(
+                f"{self.target.address} accepts {sop_class} in neither {syntax} nor "
+                "Explicit VR Little Endian"
+            )
+        self._assoc, self._key = assoc, key
+
+    def _store(self, meta: FileMeta, stream: BinaryIO) -> StoreAnswer:
+        assoc = self._assoc
+        assert assoc is not None
+        sop_class, syntax = meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID
+        if not assoc.accepts(sop_class, syntax):
+            stream = _fall_back(stream, self.target)
+            syntax = ExplicitVRLittleEndian
+        try:
+            return assoc.store(sop_class, meta.MediaStorageSOPInstanceUID, syntax, stream)
+        except StoreRefused as exc:
+            raise ForwardFailed(f"{self.target.address}: {exc}") from exc
 
 
-def _fall_back(ds: pydicom.Dataset, target: Destination) -> None:
-    """``ds`` in Explicit VR Little Endian, for a peer that accepted only that."""
+def _fall_back(stream: BinaryIO, target: Destination) -> BinaryIO:
+    """The data set of the Part 10 file ``stream`` in Explicit VR Little Endian, for a
+    peer that accepted only that (decompressed if need be)."""
+    stream.seek(0)
+    ds = pydicom.dcmread(stream)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         try:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)  # the same instance, re-encoded
         except Exception as exc:
             raise ForwardFailed(
                 f"{target.address} does not accept {ds.file_meta.TransferSyntaxUID.name} "
                 f"and the instance cannot be decompressed here: {exc}"
             ) from exc
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_dataset(encoded, ds)
+    return BytesIO(encoded.getvalue())
 
 
 def _stow(target: Destination, data: bytes, timeout: float) -> None:

@@ -3,12 +3,13 @@
 The consumer turns each change into send jobs by the rules of :mod:`pacs.routes`: one
 job per instance and destination (``route:<name>`` in the job queue), committed with
 its cursor, so that nothing acknowledged is left unsent by a crash. The senders claim
-those jobs, at most ``max_concurrent`` at a time per destination and one instance of a
-study at a time, in the order they were queued, and send the stored file as it is, by
-C-STORE or STOW-RS. A send that fails goes back to the queue with a pause that doubles
-at each attempt; one that keeps failing stays ``failed`` with the reason, until
-``filmless routes resend``. Sending an instance twice is harmless: the peer answers
-Success for what it already holds.
+those jobs, at most ``max_concurrent`` at a time per destination, a study's in the order
+they were queued and in runs of up to ``RUN`` (one run of a study at a time), and send
+the stored files as they are, by C-STORE over one association per run (kept open while
+runs follow) or by STOW-RS; a run is recorded in one transaction. A send that fails
+goes back to the queue with a pause that doubles at each attempt; one that keeps
+failing stays ``failed`` with the reason, until ``filmless routes resend``. Sending an
+instance twice is harmless: the peer answers Success for what it already holds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ PREFIX = "route:"
 # How long a sender's association waits for the next instance (of the same SOP Class
 # and transfer syntax) before it is released.
 KEEP_S = 5.0
+# Instances of one study claimed, sent and recorded together.
+RUN = 32
 
 
 def job_model(route: str) -> str:
@@ -121,57 +124,54 @@ class Senders:
         self._wake.set()
 
     def run_once(self, route: str, sender: Sender | None = None) -> bool:
-        """Send one due instance of ``route``; False when none was due. ``sender``:
-        the calling thread's, which keeps its association open for the next send."""
+        """Send the next due run of a study's instances for ``route`` (up to ``RUN``);
+        False when none was due. ``sender``: the calling thread's, which keeps its
+        association open for the next run."""
         routed = self.routes[route]
-        job = self.queue.claim(
-            self.name,
-            models=[job_model(route)],
-            max_attempts=self.max_attempts,
-            in_study_order=True,
+        jobs = self.queue.claim_run(
+            self.name, job_model(route), limit=RUN, max_attempts=self.max_attempts
         )
-        if job is None:
+        if not jobs:
             return False
         own = sender is None
         sender = sender or Sender(routed.destination, calling_ae=self.ae_title)
+        sent: list[Job] = []
         try:
-            self._send(routed, job, sender)
-        except NotFound:
-            self.queue.skip(job, "deleted before it was sent")
-        except Exception as exc:  # kept on the job, with the reason, and tried again
-            log.warning("%s: %s not sent: %s", route, job.SOPInstanceUID, exc)
-            self.queue.fail(
-                job, str(exc), max_attempts=self.max_attempts, backoff=routed.retry_seconds
-            )
-        else:
-            self.queue.complete(job, job.SOPInstanceUID)
+            for n, job in enumerate(jobs):
+                try:
+                    self._send(sender, job)
+                except NotFound:
+                    self.queue.skip(job, "deleted before it was sent")
+                except Exception as exc:  # kept on the job, with the reason, tried again
+                    log.warning("%s: %s not sent: %s", route, job.SOPInstanceUID, exc)
+                    self._audit(routed, job.StudyInstanceUID, 1, f"not sent: {exc}")
+                    self.queue.fail(
+                        job, str(exc), max_attempts=self.max_attempts, backoff=routed.retry_seconds
+                    )
+                    self.queue.release(jobs[n + 1 :])  # the study waits behind it
+                    break
+                else:
+                    sent.append(job)
         finally:
+            self.queue.complete_all(sent)
+            if sent:
+                self._audit(routed, jobs[0].StudyInstanceUID, len(sent), "sent")
             if own:
                 sender.close()
         return True
 
-    def _send(self, routed: Routed, job: Job, sender: Sender) -> None:
+    def _send(self, sender: Sender, job: Job) -> None:
         (record,) = self.archive.records(job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID)
-        actor = Actor(self.ae_title, "", "DICOM" if not routed.destination.is_stow else "DICOMweb")
-        detail = f"{job.SOPInstanceUID} to {routed.destination.name}"
-        try:
-            with self.archive.open(record) as stream:  # as stored
-                sender.send(stream)
-        except Exception as exc:
-            self.archive.audit.record(
-                AuditEvent.RETRIEVE,
-                actor,
-                Outcome.MINOR_FAILURE,
-                StudyInstanceUID=job.StudyInstanceUID,
-                detail=f"{detail} not sent: {exc}",
-            )
-            raise
+        sender.send_file(self.archive.store.path(record.path))  # as stored
+
+    def _audit(self, routed: Routed, study: str, count: int, what: str) -> None:
+        protocol = "DICOMweb" if routed.destination.is_stow else "DICOM"
         self.archive.audit.record(
             AuditEvent.RETRIEVE,
-            actor,
-            Outcome.SUCCESS,
-            StudyInstanceUID=job.StudyInstanceUID,
-            detail=f"{detail} sent",
+            Actor(self.ae_title, "", protocol),
+            Outcome.SUCCESS if what == "sent" else Outcome.MINOR_FAILURE,
+            StudyInstanceUID=study,
+            detail=f"{count} instance(s) to {routed.destination.name}: {what}",
         )
 
     def run(self, route: str, stop: threading.Event, idle: float = 0.5) -> None:

@@ -14,14 +14,19 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 # PS3.8 9.3: PDU types.
+A_ASSOCIATE_RQ = 0x01
+A_ASSOCIATE_AC = 0x02
+A_ASSOCIATE_RJ = 0x03
 P_DATA_TF = 0x04
 A_RELEASE_RQ = 0x05
+A_RELEASE_RP = 0x06
 A_ABORT = 0x07
 PDU_HEADER = struct.Struct(">BBL")
 PDV_HEADER = struct.Struct(">LBB")
 _ELEMENT = struct.Struct("<HHL")
 _US = struct.Struct("<H")
 RELEASE_RP = bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0))
+RELEASE_RQ = bytes((0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 # A-ABORT from the service provider (source 2), PS3.8 9.3.8: reason 0 (not specified)
 # or 2 (unexpected PDU).
 ABORT_NOT_SPECIFIED = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0))
@@ -39,6 +44,7 @@ _AFFECTED_SOP_CLASS = 0x0002
 _COMMAND_FIELD = 0x0100
 _MESSAGE_ID = 0x0110
 _BEING_RESPONDED_TO = 0x0120
+_PRIORITY = 0x0700
 _DATA_SET_TYPE = 0x0800
 _STATUS = 0x0900
 _ERROR_COMMENT = 0x0902
@@ -59,6 +65,9 @@ class Command:
     AffectedSOPInstanceUID: str
     MessageIDBeingRespondedTo: int
     has_data_set: bool
+    # Of a response.
+    Status: int = 0
+    ErrorComment: str = ""
 
 
 def parse_command(data: bytes | bytearray | memoryview) -> Command:
@@ -96,6 +105,8 @@ def parse_command(data: bytes | bytearray | memoryview) -> Command:
         AffectedSOPInstanceUID=uid(_AFFECTED_SOP_INSTANCE),
         MessageIDBeingRespondedTo=number(_BEING_RESPONDED_TO),
         has_data_set=number(_DATA_SET_TYPE, _NO_DATA_SET) != _NO_DATA_SET,
+        Status=number(_STATUS),
+        ErrorComment=values.get(_ERROR_COMMENT, b"").rstrip(b"\0 ").decode("ascii", "replace"),
     )
 
 
@@ -128,6 +139,21 @@ def response_command(
             _element(_STATUS, _US.pack(status)),
             _element(_ERROR_COMMENT, _text(error_comment)) if error_comment else b"",
             _element(_AFFECTED_SOP_INSTANCE, _uid(sop_instance_uid)) if sop_instance_uid else b"",
+        )
+    )
+    return _element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def store_request(sop_class_uid: str, sop_instance_uid: str, message_id: int) -> bytes:
+    """A C-STORE-RQ command set (PS3.7 9.3.1.1), medium priority, a data set follows."""
+    body = b"".join(
+        (
+            _element(_AFFECTED_SOP_CLASS, _uid(sop_class_uid)),
+            _element(_COMMAND_FIELD, _US.pack(C_STORE_RQ)),
+            _element(_MESSAGE_ID, _US.pack(message_id)),
+            _element(_PRIORITY, _US.pack(0)),
+            _element(_DATA_SET_TYPE, _US.pack(0x0001)),
+            _element(_AFFECTED_SOP_INSTANCE, _uid(sop_instance_uid)),
         )
     )
     return _element(0x0000, struct.pack("<L", len(body))) + body

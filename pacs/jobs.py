@@ -247,6 +247,95 @@ class JobQueue:
         except SQLAlchemyError as exc:
             raise IndexFailure(f"cannot claim a job: {exc}") from exc
 
+    def claim_run(
+        self,
+        worker: str,
+        model: str,
+        *,
+        limit: int,
+        lease: float = 300.0,
+        max_attempts: int | None = None,
+    ) -> list[Job]:
+        """The oldest due job of ``model`` in study order (see :meth:`claim`) and the
+        due jobs queued after it for the same study, up to ``limit`` in all, leased
+        together: a sender then sends a run of a study's instances over one
+        association and records them in one transaction."""
+        first = self.claim(
+            worker, lease=lease, models=[model], max_attempts=max_attempts, in_study_order=True
+        )
+        if first is None:
+            return []
+        if limit <= 1:
+            return [first]
+        now = _now()
+        try:
+            with self.index.writer.begin() as conn:
+                # Nobody else takes these meanwhile: the first job, running, holds the study.
+                following = conn.execute(
+                    select(job.c.id, job.c.state, job.c.not_before)
+                    .where(
+                        job.c.model == model,
+                        job.c.StudyInstanceUID == first.StudyInstanceUID,
+                        job.c.id > first.id,
+                        job.c.state == JobState.PENDING,
+                    )
+                    .order_by(job.c.id)
+                    .limit(limit - 1)
+                ).all()
+                due = []
+                for row in following:
+                    if _aware(row.not_before) > now:
+                        break  # waits to be tried again: the rest waits behind it
+                    due.append(row.id)
+                if not due:
+                    return [first]
+                rows = conn.execute(
+                    update(job)
+                    .where(job.c.id.in_(due), job.c.state == JobState.PENDING)
+                    .values(
+                        state=JobState.RUNNING,
+                        attempts=job.c.attempts + 1,
+                        lease_until=now + timedelta(seconds=lease),
+                        worker=worker,
+                        updated_at=now,
+                    )
+                    .returning(*job.c)
+                ).all()
+                return [first, *sorted((Job.from_row(r) for r in rows), key=lambda j: j.id)]
+        except SQLAlchemyError as exc:
+            self._finish(first, state=JobState.PENDING, attempts=first.attempts - 1)
+            raise IndexFailure(f"cannot claim a job: {exc}") from exc
+
+    def complete_all(self, claimed: Sequence[Job]) -> int:
+        """Done, each with its SOP Instance UID as the result, in one transaction; how
+        many were still held."""
+        if not claimed:
+            return 0
+        try:
+            with self.index.writer.begin() as conn:
+                done = 0
+                for held in claimed:
+                    done += conn.execute(
+                        update(job)
+                        .where(*_still_held(held))
+                        .values(
+                            state=JobState.DONE,
+                            result=held.SOPInstanceUID,
+                            reason="",
+                            lease_until=None,
+                            updated_at=_now(),
+                        )
+                    ).rowcount
+                return done
+        except SQLAlchemyError as exc:
+            raise IndexFailure(f"cannot record the job's outcome: {exc}") from exc
+
+    def release(self, claimed: Sequence[Job]) -> None:
+        """Back to pending as they were, the attempt not counted: jobs of a run that
+        were not tried (one before them failed)."""
+        for held in claimed:
+            self._finish(held, state=JobState.PENDING, attempts=held.attempts - 1)
+
     def renew(self, claimed: Job, lease: float) -> bool:
         """Extend the lease of a job still being worked on; False if it was lost."""
         try:
@@ -418,6 +507,11 @@ def put_job(
             where=job.c.state != JobState.RUNNING,
         )
     )
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every time stored is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _fail_abandoned(conn: Connection, abandoned: Any, max_attempts: int, now: datetime) -> None:

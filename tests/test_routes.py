@@ -225,6 +225,23 @@ def test_the_instances_of_a_study_are_sent_in_order(index: Index) -> None:
     assert again.SOPInstanceUID == "1.1"
 
 
+def test_runs_of_a_study_stop_at_a_send_that_waits(index: Index) -> None:
+    queue = JobQueue(index)
+    model = job_model("central")
+    for n in range(5):
+        queue.enqueue(model, "1", f"1.{n}")
+    queue.enqueue(model, "2", "2.0")
+    run = queue.claim_run("a", model, limit=3)
+    assert [j.SOPInstanceUID for j in run] == ["1.0", "1.1", "1.2"]
+    assert queue.claim_run("b", model, limit=3)[0].SOPInstanceUID == "2.0"  # study 1 is held
+    assert queue.complete_all(run[:1]) == 1
+    queue.fail(run[1], "peer busy", max_attempts=3, backoff=3600)
+    queue.release(run[2:])
+    assert queue.claim_run("c", model, limit=3) == []  # 1.1 waits, and 1.2 to 1.4 behind it
+    released = {j.SOPInstanceUID: j for j in queue.jobs()}["1.2"]
+    assert (released.state, released.attempts) == (JobState.PENDING, 0)
+
+
 def test_routes_status_and_resend(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

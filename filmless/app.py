@@ -111,9 +111,9 @@ def serve(settings: Settings) -> None:
     # is fully built, so no peer's first requests share the CPU with those imports.
     release_orphans(archive.index)
     screening = start_screening(archive, settings, stop) if settings.screening else None
-    follow_changes(archive, settings, stop)
-    if settings.routes:
-        start_routing(archive, settings, stop)
+    routing = start_routing(archive, settings, stop) if settings.routes else None
+    # A study that becomes stable may be routed: the router looks at once.
+    follow_changes(archive, settings, stop, then=routing.wake if routing else lambda: None)
     heap.settle()
     if workers > 1:
         pool = DimsePool(settings, workers)

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pynetdicom import _config as pynetdicom_config
@@ -117,8 +118,9 @@ def routed(settings: Settings) -> list[Routed]:
     ]
 
 
-def start_routing(archive: Archive, settings: Settings, stop: threading.Event) -> Senders:
-    """The routing rules: the consumer that queues the sends, and the senders."""
+def start_routing(archive: Archive, settings: Settings, stop: threading.Event) -> Follower:
+    """The routing rules: the consumer that queues the sends (returned), and the
+    senders."""
     routes = routed(settings)
     senders = Senders(
         archive,
@@ -131,17 +133,27 @@ def start_routing(archive: Archive, settings: Settings, stop: threading.Event) -
     follower.start(stop)
     archive.events.subscribe(follower.wake)
     senders.start(stop)
-    return senders
+    return follower
 
 
-def follow_changes(archive: Archive, settings: Settings, stop: threading.Event) -> Follower:
-    """The consumers of the change log that every server runs (screening's is started
-    with it): studies become stable after ``study_stable_seconds`` without a change."""
+def follow_changes(
+    archive: Archive,
+    settings: Settings,
+    stop: threading.Event,
+    then: Callable[[], None] = lambda: None,
+) -> Follower:
+    """The consumers of the change log that every server runs (screening's and the
+    routes' are started with them): studies become stable after
+    ``study_stable_seconds`` without a change; ``then`` is told when some did."""
     stability = StudyStability(archive.index, settings.study_stable_seconds)
     log = ChangeLog(archive.index)
     log.begin(stability.name)
-    # Stability is counted in seconds: a look each second is soon enough.
-    follower = Follower(log, stability, poll=1.0, also=stability.sweep)
+
+    def sweep() -> None:
+        if stability.sweep():
+            then()
+
+    follower = Follower(log, stability, also=sweep)
     follower.start(stop)
     return follower
 

@@ -233,9 +233,19 @@ class OrthancServer(Server):
     name = "orthanc"
     ae_title = "ORTHANC"
 
-    def __init__(self, binary: str, plugins: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        binary: str,
+        plugins: list[str] | None = None,
+        *,
+        ae_title: str = "ORTHANC",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """``extra``: more configuration (modalities, Lua scripts) for what is measured."""
         self.binary = binary
         self.plugins = plugins or []
+        self.ae_title = ae_title
+        self.extra = extra or {}
         self.http_port = 0
 
     def configuration(self) -> dict[str, object]:
@@ -270,6 +280,7 @@ class OrthancServer(Server):
             "DicomThreadsCount": 4,
             "Plugins": self.plugins,
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            **self.extra,
         }
         path = folder / "orthanc.json"
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """Where the DIMSE server relies on pynetdicom's internals, a library upgrade that moves
-them fails here, loudly, instead of slowing or breaking associations in production."""
+them fails here, loudly, instead of slowing or breaking associations in production.
+(highdicom's report pieces are checked by their output: tests/test_report_writer.py
+compares every report byte for byte with highdicom's own.)"""
 
 from __future__ import annotations
 
@@ -12,14 +14,17 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, dimse_messages
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     Verification,
 )
+from pynetdicom.transport import AssociationSocket
 
 from pacs.archive import Archive
 from pacs.dimse.server import DimseConfig
@@ -46,6 +51,42 @@ def test_copied_reactor_loops_are_the_ones_installed(
         f"pynetdicom's {function.__qualname__} changed: compare it with its copy in "
         "pacs/dimse/wakeful.py and update both"
     )
+
+
+@pytest.mark.parametrize(
+    ("function", "digest", "relied_on_by"),
+    [
+        # Chunked receive writes each data set into our spool, made by the module-level
+        # NamedTemporaryFile that pacs.dimse.spool.install replaces.
+        (DIMSEMessage.decode_msg, "f51c777e841a76be", "pacs/dimse/spool.py"),
+        # BoundedSocket takes an AssociationSocket's place by a class swap and replaces
+        # these two.
+        (AssociationSocket.recv, "6bc20a33b1b7cfe7", "pacs/dimse/transport.py BoundedSocket"),
+        (vars(AssociationSocket)["ready"].fget, "3eb58e3d39dc076d", "pacs/dimse/transport.py"),
+        # Pending C-FIND responses are queued as P-DATA primitives with it.
+        (DULServiceProvider.send_pdu, "7cbce5da8594124e", "pacs/dimse/pending.py"),
+    ],
+)
+def test_the_internals_the_server_relies_on_are_unchanged(
+    function: Callable[..., Any], digest: str, relied_on_by: str
+) -> None:
+    assert _digest(function) == digest, (
+        f"pynetdicom's {function.__qualname__} changed: check what {relied_on_by} assumes "
+        "of it, then update the digest"
+    )
+
+
+def test_the_objects_swapped_or_patched_have_the_shape_assumed() -> None:
+    """A class swap needs the same instance layout (no __slots__ on either side); the
+    spool replaces a module attribute that must be looked up at call time."""
+    assert not hasattr(AssociationSocket, "__slots__")
+    assert not hasattr(PresentationContext, "__slots__")
+    assert hasattr(PresentationContext(), "_transfer_syntax")  # SharedPresentationContext
+    source = inspect.getsource(DIMSEMessage.decode_msg)
+    assert "NamedTemporaryFile(" in source
+    assert "STORE_RECV_CHUNKED_DATASET" in source
+    assert hasattr(dimse_messages, "NamedTemporaryFile")
+    assert "to_provider_queue" in inspect.getsource(DULServiceProvider.__init__)
 
 
 def test_the_queues_and_thread_target_the_wakeful_reactors_replace() -> None:

@@ -32,10 +32,9 @@ from models.store import ModelStore
 from pacs.archive import Archive, Origin
 from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.errors import ArchiveInUse, IndexFailure, PacsError
-from pacs.jobs import JobQueue, JobState
+from pacs.jobs import JobKind, JobQueue, JobState
 from pacs.lock import ArchiveLock
 from pacs.reindex import reindex, stored_files
-from pacs.router import PREFIX as ROUTE_PREFIX
 from pacs.router import job_model
 from pacs.status import StoreStatus
 from pacs.verify import verify
@@ -269,13 +268,12 @@ def routes_command(settings: Settings, args: argparse.Namespace, console: Consol
             count = queue.requeue(job_model(args.name), states)
             console.print(f"{count} send(s) of {args.name} queued again")
             return 0
-        counts = queue.states(ROUTE_PREFIX)
+        counts = queue.states(JobKind.ROUTE)
         table = Table(title="routes")
         for column in ("route", "destination", "pending", "sending", "sent", "failed", "why"):
             table.add_column(column)
-        names = sorted({*settings.routes, *(m.removeprefix(ROUTE_PREFIX) for m in counts)})
-        for name in names:
-            found = counts.get(job_model(name), {})
+        for name in sorted({*settings.routes, *counts}):
+            found = counts.get(name, {})
             rule = settings.routes.get(name)
             failed = found.get(JobState.FAILED, 0)
             table.add_row(

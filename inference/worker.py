@@ -52,9 +52,9 @@ from models.zoo import EYE_TASKS
 from pacs.archive import Archive, InstanceSource, Origin
 from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.errors import NotFound, PacsError, SourceGone, UndecodablePixels
-from pacs.forward import PREFIX, Destination, send
+from pacs.forward import Destination, send
 from pacs.index import InstanceRecord
-from pacs.jobs import Job, JobQueue
+from pacs.jobs import Job, JobKind, JobQueue
 from pacs.pixels import StoredImage, read_image
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,11 @@ class Worker:
     def run_once(self) -> bool:
         """Handle one due job; False when there was none."""
         job = self.queue.claim(
-            self.name, lease=self.settings.lease_seconds, max_attempts=self.settings.max_attempts
+            self.name,
+            lease=self.settings.lease_seconds,
+            max_attempts=self.settings.max_attempts,
+            # Routing's sends are its senders' (pacs.router), never a screening thread's.
+            kinds=(JobKind.SCREEN, JobKind.FORWARD),
         )
         if job is None:
             return False
@@ -216,7 +220,7 @@ class Worker:
     def process(self, job: Job) -> tuple[str, str]:
         """Run the job: the SOP Instance UID of the report (or the one sent), and what
         the job's record should say besides (an exam's ungradable eye)."""
-        if job.model.startswith(PREFIX):
+        if job.kind == JobKind.FORWARD:
             return self._forward(job), ""
         installed = self.models.get(job.model)
         manifest = installed.manifest
@@ -316,7 +320,7 @@ class Worker:
         return stored, note
 
     def _forward(self, job: Job) -> str:
-        name = job.model.removeprefix(PREFIX)
+        name = job.name
         target = next((d for d in self.settings.destinations if d.name == name), None)
         if target is None:
             raise Unusable(f"destination {name} is no longer configured")

@@ -24,9 +24,9 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs.dimse.store_scu import StoreAnswer, StoreAssociation, StoreRefused
+from pacs.jobs import JobKind, job_model
 from pacs.part10 import FileMeta, read_file_meta
 
-PREFIX = "forward:"
 _AE_ADDRESS = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,48}$")
 # Accepted by a STOW-RS server: 200 stored, 202 stored with warnings (PS3.18 10.5.3).
@@ -48,7 +48,7 @@ class Destination:
 
     @property
     def job_model(self) -> str:
-        return PREFIX + self.name
+        return job_model(JobKind.FORWARD, self.name)
 
     @property
     def is_stow(self) -> bool:

@@ -34,6 +34,34 @@ class JobState(StrEnum):
     SKIPPED = "skipped"
 
 
+class JobKind(StrEnum):
+    """What a job does. A screening job's ``model`` column is the model's name; the
+    others are ``<kind>:<name>`` (names never hold a colon), so that one unique key
+    covers every kind."""
+
+    SCREEN = "screen"  # a model on an instance or a study
+    FORWARD = "forward"  # a report sent to a result destination
+    ROUTE = "route"  # an instance sent by a routing rule
+
+
+_PREFIXED = (JobKind.FORWARD, JobKind.ROUTE)
+
+
+def job_model(kind: JobKind, name: str) -> str:
+    """The ``model`` column of a job of ``kind`` for the model, destination or route
+    ``name``."""
+    return name if kind == JobKind.SCREEN else f"{kind}:{name}"
+
+
+def _of_kind(kinds: Sequence[JobKind]) -> Any:
+    """A condition on the ``model`` column: jobs of one of ``kinds``."""
+    prefixed = [job.c.model.startswith(f"{k}:", autoescape=True) for k in _PREFIXED]
+    found = [c for k, c in zip(_PREFIXED, prefixed, strict=True) if k in kinds]
+    if JobKind.SCREEN in kinds:
+        found.append(and_(*(~c for c in prefixed)))
+    return or_(*found)
+
+
 @dataclass(frozen=True)
 class Job:
     id: int
@@ -45,6 +73,16 @@ class Job:
     worker: str
     reason: str
     result: str
+
+    @property
+    def kind(self) -> JobKind:
+        prefix, colon, _ = self.model.partition(":")
+        return JobKind(prefix) if colon and prefix in set(_PREFIXED) else JobKind.SCREEN
+
+    @property
+    def name(self) -> str:
+        """The model's, destination's or route's name."""
+        return self.model if self.kind == JobKind.SCREEN else self.model.partition(":")[2]
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -174,6 +212,7 @@ class JobQueue:
         *,
         lease: float = 300.0,
         models: Sequence[str] = (),
+        kinds: Sequence[JobKind] = (),
         max_attempts: int | None = None,
         in_study_order: bool = False,
     ) -> Job | None:
@@ -196,6 +235,8 @@ class JobQueue:
         due = or_(and_(job.c.state == JobState.PENDING, job.c.not_before <= now), expired)
         if models:
             due = and_(due, job.c.model.in_(list(models)))
+        if kinds:
+            due = and_(due, _of_kind(kinds))
         if in_study_order:
             other = job.alias("other")
             ahead = (
@@ -403,17 +444,18 @@ class JobQueue:
         with self.index.reading() as conn:
             return [Job.from_row(row) for row in conn.execute(statement)]
 
-    def states(self, prefix: str) -> dict[str, dict[JobState, int]]:
-        """How many jobs of each model starting with ``prefix`` are in each state."""
+    def states(self, kind: JobKind) -> dict[str, dict[JobState, int]]:
+        """How many jobs of ``kind`` there are in each state, by name."""
         statement = (
             select(job.c.model, job.c.state, func.count())
-            .where(job.c.model.startswith(prefix, autoescape=True))
+            .where(_of_kind([kind]))
             .group_by(job.c.model, job.c.state)
         )
         found: dict[str, dict[JobState, int]] = {}
         with self.index.reading() as conn:
             for model, state, count in conn.execute(statement):
-                found.setdefault(model, {})[JobState(state)] = int(count)
+                name = model if kind == JobKind.SCREEN else model.partition(":")[2]
+                found.setdefault(name, {})[JobState(state)] = int(count)
         return found
 
     def last_reason(self, model: str, state: JobState) -> str:

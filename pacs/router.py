@@ -21,18 +21,18 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
+from pacs import jobs
 from pacs.archive import Archive
 from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.changes import Change, ChangeKind, Writes
 from pacs.errors import NotFound, PacsError
 from pacs.forward import Destination, Sender
 from pacs.index import Index, StoredFacts
-from pacs.jobs import Job, JobQueue, put_job
+from pacs.jobs import Job, JobKind, JobQueue, put_job
 from pacs.routes import Route, matches
 
 log = logging.getLogger(__name__)
 
-PREFIX = "route:"
 # How long a sender's association waits for the next instance (of the same SOP Class
 # and transfer syntax) before it is released.
 KEEP_S = 5.0
@@ -41,7 +41,7 @@ RUN = 32
 
 
 def job_model(route: str) -> str:
-    return PREFIX + route
+    return jobs.job_model(JobKind.ROUTE, route)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pacs.changes import ChangeLog, Follower, StudyStability
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.forward import destination
 from pacs.index import Index
-from pacs.jobs import JobQueue, JobState
+from pacs.jobs import JobKind, JobQueue, JobState
 from pacs.router import Routed, Router, Senders, job_model
 from pacs.routes import check_route, matches
 from tests.conftest import free_port, make_archive
@@ -223,6 +223,21 @@ def test_the_instances_of_a_study_are_sent_in_order(index: Index) -> None:
     again = queue.claim("c", models=[model], in_study_order=True)
     assert again is not None
     assert again.SOPInstanceUID == "1.1"
+
+
+def test_each_kind_of_job_is_claimed_by_its_own_threads(index: Index) -> None:
+    """Screening threads run models and send reports; routing's sends are the senders'."""
+    queue = JobQueue(index)
+    queue.enqueue(job_model("central"), "1", "1.1")
+    queue.enqueue("cxr-densenet121", "1", "1.1")
+    queue.enqueue(destination("ris", "RIS@127.0.0.1:104").job_model, "1", "1.2")
+    screening = [queue.claim("w", kinds=(JobKind.SCREEN, JobKind.FORWARD)) for _ in range(3)]
+    found = {(j.kind, j.name) for j in screening if j is not None}
+    assert found == {(JobKind.SCREEN, "cxr-densenet121"), (JobKind.FORWARD, "ris")}
+    route = queue.claim("s", kinds=(JobKind.ROUTE,))
+    assert route is not None
+    assert (route.kind, route.name) == (JobKind.ROUTE, "central")
+    assert queue.states(JobKind.ROUTE) == {"central": {JobState.RUNNING: 1}}
 
 
 def test_runs_of_a_study_stop_at_a_send_that_waits(index: Index) -> None:

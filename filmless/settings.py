@@ -8,6 +8,7 @@ archive on one machine: SQLite and files under ``./data``, listening on loopback
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,9 +23,13 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 
 from dicomweb.auth import parse_tokens
+from pacs.dimse.server import DimseConfig
 from pacs.forward import destination
 from pacs.index import DuplicatePolicy, PatientPolicy
 from pacs.routes import Trigger, check_route
+
+# The DIMSE server's own defaults are the settings' defaults (one definition of each).
+_DIMSE: dict[str, Any] = {f.name: f.default for f in fields(DimseConfig)}
 
 
 class RouteSettings(BaseModel):
@@ -66,26 +71,37 @@ class Settings(BaseSettings):
     viewer_dir: Path = Field(
         Path(""), description="the OHIF viewer's files, served at /viewer/; empty = data_dir/viewer"
     )
-    ae_title: str = Field("FILMLESS", description="our AE title")
-    bind_address: str = Field("127.0.0.1", description="address DIMSE and HTTP listen on")
-    dimse_port: int = Field(11112, ge=1, le=65535)
+    ae_title: str = Field(_DIMSE["ae_title"], description="our AE title")
+    bind_address: str = Field(
+        _DIMSE["bind_address"], description="address DIMSE and HTTP listen on"
+    )
+    dimse_port: int = Field(_DIMSE["port"], ge=1, le=65535)
     http_port: int = Field(8080, ge=1, le=65535)
     allowed_calling_aets: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="calling AE titles accepted at association time; empty = any",
     )
-    max_associations: int = Field(32, ge=1, description="concurrent DIMSE associations")
+    max_associations: int = Field(
+        _DIMSE["max_associations"], ge=1, description="concurrent DIMSE associations"
+    )
     max_associations_per_host: int = Field(
-        16, ge=1, description="concurrent DIMSE associations from one peer address"
+        _DIMSE["max_associations_per_host"],
+        ge=1,
+        description="concurrent DIMSE associations from one peer address",
     )
     max_pending_connections: int = Field(
-        256, ge=1, description="connections per DIMSE process still sending A-ASSOCIATE-RQ"
+        _DIMSE["max_pending_connections"],
+        ge=1,
+        description="connections per DIMSE process still sending A-ASSOCIATE-RQ",
     )
     max_pending_per_host: int = Field(
-        32, ge=1, description="connections from one peer address still sending A-ASSOCIATE-RQ"
+        _DIMSE["max_pending_per_host"],
+        ge=1,
+        description="connections from one peer address still sending A-ASSOCIATE-RQ",
     )
     check_called_aet: bool = Field(
-        True, description="refuse associations that call another AE title than ae_title"
+        _DIMSE["check_called_aet"],
+        description="refuse associations that call another AE title than ae_title",
     )
     allow_open_dimse: bool = Field(
         False,
@@ -93,34 +109,45 @@ class Settings(BaseSettings):
         "calling_aets_by_network or TLS client certificates",
     )
     handshake_timeout: float = Field(
-        10.0, gt=0, description="seconds a new connection has for TLS and its A-ASSOCIATE-RQ"
+        _DIMSE["handshake_timeout"],
+        gt=0,
+        description="seconds a new connection has for TLS and its A-ASSOCIATE-RQ",
     )
     calling_aets_by_network: dict[str, list[str]] = Field(
         default_factory=dict,
         description='calling AE titles allowed per network: "10.1.0.0/16" = ["CT1", "CR2"] '
         '("*" = any); empty = any peer',
     )
-    tls_cert: str = Field("", description="PEM certificate chain: DIMSE speaks only TLS when set")
-    tls_key: str = Field("", description="PEM private key of tls_cert")
+    tls_cert: str = Field(
+        _DIMSE["tls_cert"], description="PEM certificate chain: DIMSE speaks only TLS when set"
+    )
+    tls_key: str = Field(_DIMSE["tls_key"], description="PEM private key of tls_cert")
     tls_client_ca: str = Field(
-        "", description="PEM CA file: DIMSE peers must present a certificate it signed"
+        _DIMSE["tls_client_ca"],
+        description="PEM CA file: DIMSE peers must present a certificate it signed",
     )
     dimse_workers: int = Field(
         0, ge=0, description="processes storing DIMSE instances; 0 = one per CPU core"
     )
-    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for A-ASSOCIATE")
-    dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for a DIMSE message")
-    network_timeout: float = Field(60.0, gt=0, description="seconds an idle association lives")
+    acse_timeout: float = Field(
+        _DIMSE["acse_timeout"], gt=0, description="seconds to wait for A-ASSOCIATE"
+    )
+    dimse_timeout: float = Field(
+        _DIMSE["dimse_timeout"], gt=0, description="seconds to wait for a DIMSE message"
+    )
+    network_timeout: float = Field(
+        _DIMSE["network_timeout"], gt=0, description="seconds an idle association lives"
+    )
     max_pdu: int = Field(
-        1048576, ge=0, description="largest P-DATA PDU we accept, bytes (0 = no limit)"
+        _DIMSE["max_pdu"], ge=0, description="largest P-DATA PDU we accept, bytes (0 = no limit)"
     )
     max_identifier_bytes: int = Field(
-        1 << 20,
+        _DIMSE["max_identifier_bytes"],
         ge=1024,
         description="largest C-FIND/C-MOVE/C-GET identifier, bytes (larger: A-ABORT)",
     )
     max_query_keys: int = Field(
-        256,
+        _DIMSE["max_query_keys"],
         ge=8,
         description="attributes one C-FIND or QIDO-RS request may name (matching, return "
         "keys, includefield); more: 0xA700 / 400",
@@ -129,7 +156,9 @@ class Settings(BaseSettings):
         64 << 20, ge=1 << 20, description="largest QIDO-RS answer body, bytes (larger: 400)"
     )
     max_find_matches: int = Field(
-        10000, ge=1, description="C-FIND answers at most this many matches, else 0xA700"
+        _DIMSE["max_find_matches"],
+        ge=1,
+        description="C-FIND answers at most this many matches, else 0xA700",
     )
     move_destinations: dict[str, str] = Field(
         default_factory=dict, description='C-MOVE destinations: AE title = "host:port"'

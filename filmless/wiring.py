@@ -8,7 +8,8 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import _config as pynetdicom_config
 from rich.console import Console
@@ -228,34 +229,27 @@ def _is_dead_here(worker: str) -> bool:
     return False
 
 
+# DimseConfig fields that are not settings: how the server is built, not configured.
+NOT_SETTINGS = {"direct_associations"}
+
+
 def dimse_config(settings: Settings) -> DimseConfig:
-    return DimseConfig(
-        ae_title=settings.ae_title,
-        bind_address=settings.bind_address,
-        port=settings.dimse_port,
-        allowed_calling_aets=tuple(settings.allowed_calling_aets),
-        max_associations=settings.max_associations,
-        max_associations_per_host=settings.max_associations_per_host,
-        max_pending_connections=settings.max_pending_connections,
-        max_pending_per_host=settings.max_pending_per_host,
-        check_called_aet=settings.check_called_aet,
-        handshake_timeout=settings.handshake_timeout,
-        calling_aets_by_network=tuple(
+    """The settings' projection onto the DIMSE server's configuration: those whose
+    shape differs, and every other field from the setting of the same name."""
+    converted: dict[str, Any] = {
+        "port": settings.dimse_port,
+        "allowed_calling_aets": tuple(settings.allowed_calling_aets),
+        "calling_aets_by_network": tuple(
             (network, tuple(titles)) for network, titles in settings.calling_aets_by_network.items()
         ),
-        tls_cert=settings.tls_cert,
-        tls_key=settings.tls_key,
-        tls_client_ca=settings.tls_client_ca,
-        acse_timeout=settings.acse_timeout,
-        dimse_timeout=settings.dimse_timeout,
-        network_timeout=settings.network_timeout,
-        max_pdu=settings.max_pdu,
-        max_find_matches=settings.max_find_matches,
-        max_identifier_bytes=settings.max_identifier_bytes,
-        max_query_keys=settings.max_query_keys,
-        case_insensitive_names=settings.case_insensitive_names,
-        move_destinations=tuple(
+        "move_destinations": tuple(
             (title, address.rpartition(":")[0], int(address.rpartition(":")[2]))
             for title, address in settings.move_destinations.items()
         ),
-    )
+    }
+    same = {
+        f.name: getattr(settings, f.name)
+        for f in fields(DimseConfig)
+        if f.name in Settings.model_fields and f.name not in converted
+    }
+    return DimseConfig(**same, **converted)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
@@ -20,19 +19,9 @@ from models.manifest import Manifest
 from pacs.attributes import StoredValues, unpack
 from pacs.changes import Change, ChangeKind, Writes
 from pacs.index import Index
-from pacs.jobs import JobState, put_job
+from pacs.jobs import JobRequest, JobState, put_jobs
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class JobRequest:
-    model: str
-    StudyInstanceUID: str
-    SOPInstanceUID: str = ""
-    state: JobState = JobState.PENDING
-    reason: str = ""
-    delay: float = 0.0
 
 
 class Scheduler:
@@ -72,16 +61,7 @@ class Scheduler:
             return None
 
         def writes(conn: Connection) -> None:
-            for r in requests:
-                put_job(
-                    conn,
-                    r.model,
-                    r.StudyInstanceUID,
-                    r.SOPInstanceUID,
-                    state=r.state,
-                    reason=r.reason,
-                    delay=r.delay,
-                )
+            put_jobs(conn, requests)
 
         return writes
 

@@ -460,6 +460,13 @@ class Index:
         with self.reading() as conn:
             return _find_instance(conn, SOPInstanceUID)
 
+    def by_uid(self, SOPInstanceUIDs: Sequence[str]) -> dict[str, InstanceRecord]:
+        """The records of those of the instances that are indexed, in one query."""
+        statement = record_query().where(instance.c.SOPInstanceUID.in_(list(SOPInstanceUIDs)))
+        with self.reading() as conn:
+            rows = conn.execute(statement).mappings()
+            return {row["SOPInstanceUID"]: InstanceRecord(**row) for row in rows}
+
     def instances(self) -> list[InstanceRecord]:
         with self.reading() as conn:
             rows = conn.execute(record_query().order_by(instance.c.id)).mappings()

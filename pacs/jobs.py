@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, literal, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -511,6 +511,77 @@ class JobQueue:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A job asked for: ``model`` on a target, due after ``delay`` seconds."""
+
+    model: str
+    StudyInstanceUID: str
+    SOPInstanceUID: str = ""
+    state: JobState = JobState.PENDING
+    reason: str = ""
+    delay: float = 0.0
+
+
+def _upsert(dialect_name: str) -> Any:
+    """Insert a job, or reset the target's job unless it is running: one statement."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    statement = dialect.insert(job).values(
+        model=bindparam("p_model"),
+        StudyInstanceUID=bindparam("p_study"),
+        SOPInstanceUID=bindparam("p_sop"),
+        result="",
+        state=bindparam("p_state"),
+        attempts=0,
+        not_before=bindparam("p_not_before"),
+        lease_until=None,
+        worker="",
+        reason=bindparam("p_reason"),
+        updated_at=bindparam("p_now"),
+    )
+    excluded = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=[job.c.model, job.c.StudyInstanceUID, job.c.SOPInstanceUID],
+        set_={
+            "state": excluded.state,
+            "attempts": 0,
+            "not_before": excluded.not_before,
+            "lease_until": None,
+            "worker": "",
+            "reason": excluded.reason,
+            "updated_at": excluded.updated_at,
+        },
+        where=job.c.state != JobState.RUNNING,
+    )
+
+
+_UPSERTS = {name: _upsert(name) for name in ("sqlite", "postgresql")}
+
+
+def put_jobs(conn: Connection, requests: Sequence[JobRequest]) -> None:
+    """Insert or reset the job of each target in the caller's transaction, in one
+    batch. A running job is left to finish. Two processes asking at once for the same
+    target neither fail nor make two jobs."""
+    if not requests:
+        return
+    now = _now()
+    conn.execute(
+        _UPSERTS["postgresql" if conn.dialect.name == "postgresql" else "sqlite"],
+        [
+            {
+                "p_model": r.model,
+                "p_study": r.StudyInstanceUID,
+                "p_sop": r.SOPInstanceUID,
+                "p_state": r.state,
+                "p_not_before": now + timedelta(seconds=r.delay),
+                "p_reason": r.reason,
+                "p_now": now,
+            }
+            for r in requests
+        ],
+    )
+
+
 def put_job(
     conn: Connection,
     model: str,
@@ -521,34 +592,8 @@ def put_job(
     reason: str = "",
     delay: float = 0.0,
 ) -> None:
-    """Insert or reset the job of a target in the caller's transaction. A running job
-    is left to finish. One statement, so that two processes asking at once for the same
-    target neither fail nor make two jobs."""
-    now = _now()
-    values = {
-        "state": state,
-        "attempts": 0,
-        "not_before": now + timedelta(seconds=delay),
-        "lease_until": None,
-        "worker": "",
-        "reason": reason,
-        "updated_at": now,
-    }
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(job).values(
-        model=model,
-        StudyInstanceUID=StudyInstanceUID,
-        SOPInstanceUID=SOPInstanceUID,
-        result="",
-        **values,
-    )
-    conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=[job.c.model, job.c.StudyInstanceUID, job.c.SOPInstanceUID],
-            set_=values,
-            where=job.c.state != JobState.RUNNING,
-        )
-    )
+    """:func:`put_jobs` of one job."""
+    put_jobs(conn, [JobRequest(model, StudyInstanceUID, SOPInstanceUID, state, reason, delay)])
 
 
 def _aware(moment: datetime) -> datetime:

@@ -28,7 +28,7 @@ from pacs.changes import Change, ChangeKind, Writes
 from pacs.errors import NotFound, PacsError
 from pacs.forward import Destination, Sender
 from pacs.index import Index, StoredFacts
-from pacs.jobs import Job, JobKind, JobQueue, put_job
+from pacs.jobs import Job, JobKind, JobQueue, JobRequest, put_jobs
 from pacs.routes import Route, matches
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,13 @@ class Router:
         if not targets:
             return None
 
+        requests = [
+            JobRequest(job_model(name), found.StudyInstanceUID, found.SOPInstanceUID)
+            for name, found in targets
+        ]
+
         def writes(conn: Connection) -> None:
-            for name, found in targets:
-                put_job(conn, job_model(name), found.StudyInstanceUID, found.SOPInstanceUID)
+            put_jobs(conn, requests)
 
         return writes
 
@@ -137,9 +141,13 @@ class Senders:
         sender = sender or Sender(routed.destination, calling_ae=self.ae_title)
         sent: list[Job] = []
         try:
+            records = self.archive.index.by_uid([j.SOPInstanceUID for j in jobs])
             for n, job in enumerate(jobs):
                 try:
-                    self._send(sender, job)
+                    record = records.get(job.SOPInstanceUID)
+                    if record is None:
+                        raise NotFound(f"instance {job.SOPInstanceUID} is not in the archive")
+                    sender.send_file(self.archive.store.path(record.path))  # as stored
                 except NotFound:
                     self.queue.skip(job, "deleted before it was sent")
                 except Exception as exc:  # kept on the job, with the reason, tried again
@@ -159,10 +167,6 @@ class Senders:
             if own:
                 sender.close()
         return True
-
-    def _send(self, sender: Sender, job: Job) -> None:
-        (record,) = self.archive.records(job.StudyInstanceUID, SOPInstanceUID=job.SOPInstanceUID)
-        sender.send_file(self.archive.store.path(record.path))  # as stored
 
     def _audit(self, routed: Routed, study: str, count: int, what: str) -> None:
         protocol = "DICOMweb" if routed.destination.is_stow else "DICOM"

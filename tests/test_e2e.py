@@ -285,3 +285,34 @@ def test_nothing_lost_after_kill_9_mid_batch(
     finally:
         assert server.stop() == 0, server.output.decode(errors="replace")[-3000:]
         index.dispose()
+
+
+def test_kill_9_right_after_success_still_makes_the_jobs(tmp_path: Path, models_dir: Path) -> None:
+    """The whole server is killed (every process) as soon as the peer has its Success:
+    the screening jobs come from the change log once the server is back, once each,
+    whether or not the scheduler had run before the kill."""
+    datasets = [chest_dx(Rng(80 + n), PATIENT, 0.1, "20260404", f"J{n}")[0] for n in range(3)]
+    paths = _write(datasets, tmp_path / "sent")
+    data_dir = tmp_path / "data"
+    server = Server(data_dir, FILMLESS_MODELS_DIR=str(models_dir), FILMLESS_INFERENCE_WORKERS="0")
+    server.start()
+    try:
+        storescu(server.port, paths)  # every instance acknowledged with Success
+    finally:
+        server.kill(whole_group=True)
+    index = Index(f"sqlite:///{data_dir / 'index.sqlite'}")
+    queue = JobQueue(index)
+    before = len(queue.jobs())  # 0 when the kill came first, else what was made
+    server.start()
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while len(queue.jobs()) < len(datasets) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        assert server.stop() == 0, server.output.decode(errors="replace")[-3000:]
+    jobs = queue.jobs()
+    index.dispose()
+    assert sorted(j.SOPInstanceUID for j in jobs) == sorted(
+        str(ds.SOPInstanceUID) for ds in datasets
+    ), before
+    assert {j.state for j in jobs} == {JobState.PENDING}

@@ -44,12 +44,13 @@ from inference.report import (
     not_assessable_report,
 )
 from inference.report_writer import EncodedReport, ReportWriter, encoded
-from inference.routing import decide, missing_views, stored_values, view
+from inference.routing import decide, missing_views, view
 from inference.runtime import DEFAULT_PROVIDERS, BatchingSession
 from models.manifest import Manifest
 from models.store import ModelStore
 from models.zoo import EYE_TASKS
 from pacs.archive import Archive, InstanceSource, Origin
+from pacs.attributes import StoredValues, unpack
 from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.errors import NotFound, PacsError, SourceGone, UndecodablePixels
 from pacs.forward import Destination, send
@@ -382,17 +383,23 @@ class Worker:
     ) -> tuple[EncodedReport, list[str], str]:
         """Every usable view, then the manifest's aggregation per breast and per exam;
         the report, the SOP Instance UIDs of the views it was made from, and a note."""
-        images: list[tuple[InstanceRecord, StoredImage]] = []
-        for record in self.archive.records(job.StudyInstanceUID):
-            with self.archive.open_parsed(record) as stream:
-                images.append((record, read_image(stream)))
-        values = [(r, i, stored_values(i.header)) for r, i in images]
-        usable = [
-            (r, i, v) for r, i, v in values if (d := decide(v, manifest)) is not None and d.runs
+        # Decided on the stored headers, as the scheduler decided to queue the job; only
+        # the images a model reads are then read.
+        records = self.archive.records(job.StudyInstanceUID)
+        facts = self.archive.index.stored_facts(StudyInstanceUID=job.StudyInstanceUID)
+        values = [
+            (r, StoredValues(unpack(facts[r.SOPInstanceUID].attributes)))
+            for r in records
+            if r.SOPInstanceUID in facts
         ]
-        missing = missing_views([v for _, _, v in usable], manifest)
+        chosen = [(r, v) for r, v in values if (d := decide(v, manifest)) is not None and d.runs]
+        missing = missing_views([v for _, v in chosen], manifest)
         if missing:
             raise Unusable(f"views missing from the study: {', '.join(missing)}")
+        usable: list[tuple[InstanceRecord, StoredImage, StoredValues]] = []
+        for record, value in chosen:
+            with self.archive.open_parsed(record) as stream:
+                usable.append((record, read_image(stream), value))
         if manifest.task in EYE_TASKS:
             return self._eyes(job, manifest, infer, [(r, i) for r, i, _ in usable])
         assert manifest.aggregation is not None

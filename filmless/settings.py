@@ -7,6 +7,7 @@ archive on one machine: SQLite and files under ``./data``, listening on loopback
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 from dataclasses import fields
 from pathlib import Path
@@ -22,14 +23,19 @@ from pydantic_settings import (
 )
 from sqlalchemy.engine import make_url
 
+from dicomweb.app import create_app
 from dicomweb.auth import parse_tokens
 from pacs.dimse.server import DimseConfig
 from pacs.forward import destination
 from pacs.index import DuplicatePolicy, PatientPolicy
 from pacs.routes import Trigger, check_route
 
-# The DIMSE server's own defaults are the settings' defaults (one definition of each).
+# The DIMSE server's and the DICOMweb app's own defaults are the settings' defaults
+# (one definition of each).
 _DIMSE: dict[str, Any] = {f.name: f.default for f in fields(DimseConfig)}
+_HTTP: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(create_app).parameters.items()
+}
 
 
 class RouteSettings(BaseModel):
@@ -153,7 +159,9 @@ class Settings(BaseSettings):
         "keys, includefield); more: 0xA700 / 400",
     )
     max_answer_bytes: int = Field(
-        64 << 20, ge=1 << 20, description="largest QIDO-RS answer body, bytes (larger: 400)"
+        _HTTP["max_answer_bytes"],
+        ge=1 << 20,
+        description="largest QIDO-RS answer body, bytes (larger: 400)",
     )
     max_find_matches: int = Field(
         _DIMSE["max_find_matches"],
@@ -164,7 +172,7 @@ class Settings(BaseSettings):
         default_factory=dict, description='C-MOVE destinations: AE title = "host:port"'
     )
     max_concurrent_uploads: int = Field(
-        16, ge=1, description="STOW-RS requests received at a time (more get 503)"
+        _HTTP["max_uploads"], ge=1, description="STOW-RS requests received at a time (more get 503)"
     )
     max_instance_bytes: int = Field(
         4 << 30,
@@ -179,7 +187,9 @@ class Settings(BaseSettings):
         "frames, screening); beyond it 406 or a skipped job",
     )
     max_request_bytes: int = Field(
-        1 << 31, ge=1, description="largest STOW-RS request body, bytes (else HTTP 413)"
+        _HTTP["max_request_bytes"],
+        ge=1,
+        description="largest STOW-RS request body, bytes (else HTTP 413)",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -196,7 +206,9 @@ class Settings(BaseSettings):
     oidc_issuer: str = Field("", description="the 'iss' OIDC access tokens must carry")
     oidc_audience: str = Field("", description="the 'aud' OIDC access tokens must carry")
     request_timeout: float = Field(
-        300.0, gt=0, description="seconds a DICOMweb request has to arrive and be answered"
+        _HTTP["request_timeout"],
+        gt=0,
+        description="seconds a DICOMweb request has to arrive and be answered",
     )
     http_max_connections: int = Field(
         1000, ge=1, description="open DICOMweb connections at most (more get 503)"

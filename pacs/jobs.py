@@ -275,13 +275,7 @@ class JobQueue:
                 row = conn.execute(
                     update(job)
                     .where(job.c.id == found)
-                    .values(
-                        state=JobState.RUNNING,
-                        attempts=job.c.attempts + 1,
-                        lease_until=now + timedelta(seconds=lease),
-                        worker=worker,
-                        updated_at=now,
-                    )
+                    .values(_leased(worker, lease, now))
                     .returning(*job.c)
                 ).one()
                 return Job.from_row(row)
@@ -333,13 +327,7 @@ class JobQueue:
                 rows = conn.execute(
                     update(job)
                     .where(job.c.id.in_(due), job.c.state == JobState.PENDING)
-                    .values(
-                        state=JobState.RUNNING,
-                        attempts=job.c.attempts + 1,
-                        lease_until=now + timedelta(seconds=lease),
-                        worker=worker,
-                        updated_at=now,
-                    )
+                    .values(_leased(worker, lease, now))
                     .returning(*job.c)
                 ).all()
                 return [first, *sorted((Job.from_row(r) for r in rows), key=lambda j: j.id)]
@@ -594,6 +582,17 @@ def put_job(
 ) -> None:
     """:func:`put_jobs` of one job."""
     put_jobs(conn, [JobRequest(model, StudyInstanceUID, SOPInstanceUID, state, reason, delay)])
+
+
+def _leased(worker: str, lease: float, now: datetime) -> dict[str, Any]:
+    """What claiming a job writes: running, one attempt more, leased to ``worker``."""
+    return {
+        "state": JobState.RUNNING,
+        "attempts": job.c.attempts + 1,
+        "lease_until": now + timedelta(seconds=lease),
+        "worker": worker,
+        "updated_at": now,
+    }
 
 
 def _aware(moment: datetime) -> datetime:

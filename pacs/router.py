@@ -169,7 +169,7 @@ class Senders:
         return True
 
     def _audit(self, routed: Routed, study: str, count: int, what: str) -> None:
-        protocol = "DICOMweb" if routed.destination.is_stow else "DICOM"
+        protocol = "DICOMweb" if routed.destination.is_stow else "DIMSE"
         self.archive.audit.record(
             AuditEvent.RETRIEVE,
             Actor(self.ae_title, "", protocol),

@@ -73,7 +73,7 @@ def create_app(
             BearerAuth, tokens=list(api_tokens), prefixes=(base_path, CHANGES_PATH), oidc=oidc
         )
     app.add_middleware(RequestDeadline, seconds=request_timeout)
-    app.add_middleware(AuditRequests, audit=archive.audit, prefix=base_path)
+    app.add_middleware(AuditRequests, audit=archive.audit, prefix=base_path, also=(CHANGES_PATH,))
     # Outermost: a request for another host name is refused before anything else runs.
     app.add_middleware(HostCheck, allowed=allowed_hosts)
     if cors_origins:

@@ -6,6 +6,7 @@ study the path names.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -16,7 +17,7 @@ from pacs.audit import Actor, AuditEvent, AuditTrail, Outcome
 # The search resources of QIDO-RS; any other GET reads instances (WADO-RS).
 _SEARCH = re.compile(
     r"^/(studies|series|instances|studies/[^/]+/(series|instances)|"
-    r"studies/[^/]+/series/[^/]+/instances)$"
+    r"studies/[^/]+/series/[^/]+/instances|changes)$"
 )
 _STUDY = re.compile(r"^/studies/([^/]+)")
 
@@ -44,14 +45,25 @@ def request_actor(request: Request) -> Actor:
 class AuditRequests:
     """ASGI middleware, outside the token check so that refusals are recorded too."""
 
-    def __init__(self, app: ASGIApp, *, audit: AuditTrail, prefix: str) -> None:
+    def __init__(
+        self, app: ASGIApp, *, audit: AuditTrail, prefix: str, also: Sequence[str] = ()
+    ) -> None:
+        """Requests under ``prefix`` are recorded with their path relative to it; those
+        to one of ``also`` (the change feed) with their whole path."""
         self.app = app
         self.audit = audit
         self.prefix = prefix
+        self.also = tuple(also)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(self.prefix + "/"):
+        if path.startswith(self.prefix + "/"):
+            relative = path.removeprefix(self.prefix)
+        elif path in self.also:
+            relative = path
+        else:
+            relative = ""
+        if scope["type"] != "http" or not relative:
             await self.app(scope, receive, send)
             return
         status = 500
@@ -69,7 +81,7 @@ class AuditRequests:
             cut = exc
             raise
         finally:
-            self._record(scope, path.removeprefix(self.prefix), status, cut)
+            self._record(scope, relative, status, cut)
 
     def _record(
         self, scope: Scope, path: str, status: int, cut: BaseException | None = None

@@ -8,6 +8,7 @@ jobs) is done once even when a process dies between the commit and that work.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from dicomweb.auth import ApiToken, digest
 from inference.scheduler import Scheduler
 from models.manifest import Manifest
 from pacs.archive import Archive, Origin
+from pacs.audit import AuditTrail
 from pacs.changes import Change, ChangeKind, ChangeLog, Follower, StudyStability, Writes
 from pacs.errors import IndexFailure, PatientConflict
 from pacs.index import Index
@@ -330,8 +332,9 @@ def test_a_scheduler_started_later_leaves_earlier_instances_to_backfill(
     assert [j.SOPInstanceUID for j in JobQueue(archive.index).jobs()] == [sop]
 
 
-def test_changes_over_http(archive: Archive) -> None:
+def test_changes_over_http(archive: Archive, tmp_path: Path) -> None:
     read, weak = "read-token", "no-token"
+    archive.audit = AuditTrail(tmp_path / "audit.jsonl")
     app = create_app(archive, api_tokens=[ApiToken("ris", "read", digest(read))])
     stored = [ct_instance(seed=n) for n in range(5)]
     for ds in stored:
@@ -367,6 +370,12 @@ def test_changes_over_http(archive: Archive) -> None:
                 refused = client.get(f"/changes?{query}", headers=auth)
                 assert refused.status_code == 400, query
                 assert "must be one whole number" in refused.json()["error"]
+    # Reading the feed is a query in the audit trail (PS3.15 A.5.3.10), named by token.
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    feed = [e for e in lines if "/changes" in e["Detail"] and e["Detail"].endswith("-> 200")]
+    assert feed
+    assert all(e["EventID"]["code"] == "110112" for e in feed)
+    assert all(e["ActiveParticipant"]["UserID"] == "ris" for e in feed)
 
 
 def test_a_study_is_announced_stable_once_it_is_quiet(tmp_path: Path, index: Index) -> None:

@@ -25,6 +25,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from pacs.errors import IndexFailure
 from pacs.index import Index, job
 
+# A job that keeps failing is tried again at least once an hour.
+MAX_BACKOFF_S = 3600.0
+
 
 class JobState(StrEnum):
     PENDING = "pending"
@@ -402,10 +405,11 @@ class JobQueue:
         return self._finish(claimed, state=JobState.SKIPPED, reason=reason, result=result)
 
     def fail(self, claimed: Job, reason: str, *, max_attempts: int, backoff: float = 5.0) -> bool:
-        """Back to pending after a delay growing with the attempts, or failed for good."""
+        """Back to pending after a delay that doubles with the attempts (up to an hour),
+        or failed for good."""
         if claimed.attempts >= max_attempts:
             return self._finish(claimed, state=JobState.FAILED, reason=reason)
-        delay = timedelta(seconds=backoff * 2 ** (claimed.attempts - 1))
+        delay = timedelta(seconds=min(backoff * 2 ** min(claimed.attempts - 1, 30), MAX_BACKOFF_S))
         return self._finish(
             claimed, state=JobState.PENDING, reason=reason, not_before=_now() + delay
         )

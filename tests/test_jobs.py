@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
-from pacs.index import Index
-from pacs.jobs import JobQueue, JobState
+from sqlalchemy import select, update
+
+from pacs.index import Index, job
+from pacs.jobs import MAX_BACKOFF_S, JobQueue, JobState
 
 
 def test_enqueue_claim_complete(index: Index) -> None:
@@ -138,3 +141,18 @@ def test_a_renewed_lease_keeps_a_long_job_from_running_twice(index: Index) -> No
     assert lost is not None
     assert queue.claim("w2") is not None
     assert not queue.renew(lost, lease=300)
+
+
+def test_the_pause_before_a_retry_stops_doubling_at_an_hour(index: Index) -> None:
+    """A destination down for a day is tried again within the hour it comes back."""
+    queue = JobQueue(index)
+    queue.enqueue("route:central", "1", "1.1")
+    with index.writer.begin() as conn:
+        conn.execute(update(job).values(attempts=40))
+    claimed = queue.claim("w")
+    assert claimed is not None
+    queue.fail(claimed, "peer down", max_attempts=100, backoff=5)
+    with index.reading() as conn:
+        due = conn.execute(select(job.c.not_before)).scalar_one()
+    due = due if due.tzinfo else due.replace(tzinfo=UTC)
+    assert timedelta(minutes=59) < due - datetime.now(UTC) <= timedelta(seconds=MAX_BACKOFF_S)

@@ -149,11 +149,6 @@ class ChangeLog:
         except SQLAlchemyError as exc:
             raise IndexFailure(f"cannot make the cursor of {consumer}: {exc}") from exc
 
-    def cursors(self) -> dict[str, int]:
-        with self.index.reading() as conn:
-            rows = conn.execute(select(change_cursor.c.consumer, change_cursor.c.seq))
-            return {row.consumer: int(row.seq) for row in rows}
-
     def advance(self, consumer: str, seen: int, to: int, writes: Writes | None = None) -> bool:
         """Move ``consumer`` from ``seen`` to ``to``, with ``writes`` in the same
         transaction; False (and nothing written) if another follower moved it first."""

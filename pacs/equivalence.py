@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -30,6 +29,8 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+
+from pacs.stored import read_stored
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def same_instance(first: Path, second: Path) -> bool:
     if max(first.stat().st_size, second.stat().st_size) > MAX_COMPARED_BYTES:
         return False
     try:
-        a = pydicom.dcmread(first)
-        b = pydicom.dcmread(second)
+        a = read_stored(first, pixels=True)
+        b = read_stored(second, pixels=True)
         return _equal_sets(a, b) and _equal_pixels(a, b)
     except Exception as exc:  # an unreadable copy is simply not shown to be the same
         log.debug("cannot compare %s and %s: %s", first.name, second.name, exc)

@@ -18,7 +18,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
-import pydicom
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -26,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pacs.dimse.store_scu import StoreAnswer, StoreAssociation, StoreRefused
 from pacs.jobs import JobKind, job_model
 from pacs.part10 import FileMeta, read_file_meta
+from pacs.stored import read_stored
 
 _AE_ADDRESS = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,48}$")
@@ -209,8 +209,7 @@ class Sender:
 def _fall_back(stream: BinaryIO, target: Destination) -> BinaryIO:
     """The data set of the Part 10 file ``stream`` in Explicit VR Little Endian, for a
     peer that accepted only that (decompressed if need be)."""
-    stream.seek(0)
-    ds = pydicom.dcmread(stream)
+    ds = read_stored(stream, pixels=True)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         try:
             ds.decompress(generate_instance_uid=False)  # the same instance, re-encoded

@@ -16,8 +16,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import pydicom
-import pydicom.config
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
@@ -26,13 +24,9 @@ from pacs.attributes import dataset_json, pack
 from pacs.errors import InvalidInstance, SOPClassMismatch
 from pacs.inflate import inflated
 from pacs.part10 import FileMeta
+from pacs.stored import read_stored
 from pacs.structure import check_structure
 from pacs.uids import require_uid
-
-# The archive checks the attributes it indexes itself (UIDs strictly) and keeps every
-# other value exactly as sent; pydicom's per-value warnings on reading would only be noise
-# in the log of a busy archive, and they must not depend on a process's warning filters.
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 # Values longer than this stay on disk while the header is parsed.
 _DEFER_SIZE = 4096
@@ -134,7 +128,7 @@ def read_header(
 
 def _parse(path: Path) -> InstanceHeader:
     try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE, stop_before_pixels=True)
+        ds = read_stored(path, defer_size=_DEFER_SIZE)
         if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
             raise InvalidInstance(
                 "a DICOMDIR (Media Storage Directory) indexes files; it is not an instance "

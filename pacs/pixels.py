@@ -29,6 +29,7 @@ from pydicom.uid import (
 from pacs.codestream import dimensions
 from pacs.encoding import NATIVE_LITTLE_ENDIAN
 from pacs.errors import NoSuchFrame, UndecodablePixels
+from pacs.stored import read_stored
 
 PIXEL_DATA = 0x7FE00010
 # CharLS (pyjpegls) decodes JPEG-LS about five times faster than libjpeg (pylibjpeg),
@@ -105,8 +106,7 @@ class StoredImage:
 
 def read_image(stream: BinaryIO) -> StoredImage:
     """Parse a stored Part 10 file up to its Pixel Data and note where that value is."""
-    stream.seek(0)
-    ds = pydicom.dcmread(stream, stop_before_pixels=True)
+    ds = read_stored(stream)
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     frames = _raw_value(ds, "NumberOfFrames")
     if syntax == DeflatedExplicitVRLittleEndian:
@@ -271,7 +271,7 @@ def decoded_frame(stream: BinaryIO, image: StoredImage, index: int, *, rgb: bool
     try:
         if image.transfer_syntax == DeflatedExplicitVRLittleEndian:
             # pydicom reads frames lazily from plain files only; inflate the whole.
-            source: BinaryIO | Dataset = pydicom.dcmread(stream)
+            source: BinaryIO | Dataset = read_stored(stream, pixels=True)
         else:
             source = stream
         return pixel_array(source, index=index, raw=not rgb, decoding_plugin=plugin)
@@ -360,8 +360,7 @@ def transcode(stream: BinaryIO, syntax: UID) -> bytes:
     """
     if syntax not in NATIVE_LITTLE_ENDIAN:
         raise UndecodablePixels(f"cannot encode {syntax} here")
-    stream.seek(0)
-    ds = pydicom.dcmread(stream)
+    ds = read_stored(stream, pixels=True)
     if not ds.file_meta.TransferSyntaxUID.is_little_endian:
         return _big_to_little(stream, ds, syntax)
     try:

@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
@@ -42,6 +41,7 @@ from pacs.errors import InvalidQuery, PacsError
 from pacs.index import InstanceRecord
 from pacs.query import Model, compile_retrieve
 from pacs.status import QueryStatus
+from pacs.stored import read_stored
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _contexts(records: list[InstanceRecord]) -> list[PresentationContext]:
 
 def _read(archive: Archive, record: InstanceRecord) -> Dataset:
     with archive.open(record) as stream:
-        return pydicom.dcmread(stream)
+        return read_stored(stream, pixels=True)
 
 
 def _sub_operations(

@@ -3,6 +3,7 @@ by C-STORE or STOW-RS to real peers (another filmless archive on loopback)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,6 +256,51 @@ def test_runs_of_a_study_stop_at_a_send_that_waits(index: Index) -> None:
     assert queue.claim_run("c", model, limit=3) == []  # 1.1 waits, and 1.2 to 1.4 behind it
     released = {j.SOPInstanceUID: j for j in queue.jobs()}["1.2"]
     assert (released.state, released.attempts) == (JobState.PENDING, 0)
+
+
+def test_concurrent_senders_never_hold_two_runs_of_one_study(index: Index) -> None:
+    """Six senders (on PostgreSQL as on separate nodes: each claim is its own connection)
+    take runs of three studies at once: at no moment do two hold runs of the same study,
+    and each study's instances are done in the order they were queued."""
+    queue = JobQueue(index)
+    model = job_model("central")
+    queued = {study: [f"{study}.{n}" for n in range(40)] for study in ("1", "2", "3")}
+    for n in range(40):
+        for study, sops in queued.items():
+            queue.enqueue(model, study, sops[n])
+    guard = threading.Lock()
+    holding: dict[str, str] = {}
+    done: dict[str, list[str]] = {study: [] for study in queued}
+    clashes: list[str] = []
+
+    def sender(name: str) -> None:
+        idle = 0
+        while idle < 20:
+            run = queue.claim_run(name, model, limit=7)
+            if not run:
+                idle += 1
+                time.sleep(0.01)
+                continue
+            idle = 0
+            study = run[0].StudyInstanceUID
+            with guard:
+                if study in holding:
+                    clashes.append(f"{name} and {holding[study]} both hold study {study}")
+                holding[study] = name
+            time.sleep(0.002)  # the send
+            with guard:  # recorded and let go together, as seen by the other senders
+                assert queue.complete_all(run) == len(run)
+                done[study] += [j.SOPInstanceUID for j in run]
+                del holding[study]
+
+    threads = [threading.Thread(target=sender, args=(f"s{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert clashes == []
+    assert done == queued
 
 
 def test_routes_status_and_resend(

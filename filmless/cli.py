@@ -57,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     config = commands.add_parser("config", help="settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)
-    config_commands.add_parser("show", help="print the effective settings as TOML")
+    show = config_commands.add_parser("show", help="print the effective settings as TOML")
+    show.add_argument(
+        "--secrets", action="store_true", help="print tokens and passwords instead of ***"
+    )
     imp = commands.add_parser("import", help="store DICOM files and folders in the archive")
     imp.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     models_cli.add_parser(commands)
@@ -132,7 +135,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console) -> int:
         serve(settings)
         return 0
     if args.command == "config":
-        sys.stdout.write(to_toml(settings))
+        sys.stdout.write(to_toml(settings, secrets=args.secrets))
         return 0
     if args.command == "import":
         return import_paths(settings, args.paths, console)

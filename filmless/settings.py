@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -470,15 +471,55 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     return _FromFile(**overrides)
 
 
-def to_toml(settings: Settings) -> str:
-    """The effective settings as TOML that ``--config`` reads back unchanged."""
+HIDDEN = "***"
+
+
+def to_toml(settings: Settings, *, secrets: bool = False) -> str:
+    """The effective settings as TOML that ``--config`` reads back unchanged.
+
+    Unless ``secrets``, the bearer tokens of routes and the passwords inside URLs (the
+    index's, a destination's) are printed as ``***``: the output ends up in tickets and
+    chat, as dcm4chee's and Orthanc's configuration dumps hide theirs.
+    """
+    shown = settings if secrets else _hide_secrets(settings)
     lines = []
     for name, field in Settings.model_fields.items():
-        value = getattr(settings, name)
+        value = getattr(shown, name)
         if field.description:
             lines.append(f"# {field.description}")
         lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _hide_secrets(settings: Settings) -> Settings:
+    routes = {
+        name: route.model_copy(
+            update={
+                "destination": _hide_password(route.destination),
+                "token": HIDDEN if route.token else "",
+            }
+        )
+        for name, route in settings.routes.items()
+    }
+    return settings.model_copy(
+        update={
+            "index_url": _hide_password(settings.index_url),
+            "result_destinations": {
+                name: _hide_password(address)
+                for name, address in settings.result_destinations.items()
+            },
+            "routes": routes,
+        }
+    )
+
+
+def _hide_password(url: str) -> str:
+    """``scheme://user:***@host...``; anything without a password as it is."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{HIDDEN}@{netloc}"))
 
 
 def _toml_value(value: object) -> str:

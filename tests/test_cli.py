@@ -115,6 +115,29 @@ def test_config_show_round_trips(
     assert load_settings(saved).model_dump() == load_settings().model_dump()
 
 
+def test_config_show_hides_tokens_and_passwords_unless_asked(
+    env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "secret.toml"
+    config.write_text(
+        'index_url = "postgresql+psycopg://pacs:s3cret@127.0.0.1:5432/pacs"\n'
+        'result_destinations = { ris = "https://bot:hunter2@127.0.0.1:8443/dicomweb" }\n'
+        "[routes.central]\n"
+        'destination = "https://127.0.0.1:9443/dicomweb"\n'
+        'token = "route-token-1"\n'
+    )
+    assert main(["--config", str(config), "config", "show"]) == 0
+    shown = capsys.readouterr().out
+    for secret in ("s3cret", "hunter2", "route-token-1"):
+        assert secret not in shown
+    assert "postgresql+psycopg://pacs:***@127.0.0.1:5432/pacs" in shown
+    assert "https://bot:***@127.0.0.1:8443/dicomweb" in shown
+    assert main(["--config", str(config), "config", "show", "--secrets"]) == 0
+    saved = tmp_path / "shown.toml"
+    saved.write_text(capsys.readouterr().out)
+    assert load_settings(saved).model_dump() == load_settings(config).model_dump()
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -24,9 +24,8 @@ from filmless import evaluate_cli, models_cli
 from filmless.app import serve
 from filmless.settings import Settings, load_settings, to_toml
 from filmless.viewer import HOW_TO, OHIF_VERSION, ViewerError, install, installed
-from filmless.wiring import build_archive, configure_logging
+from filmless.wiring import build_archive, configure_logging, routed
 from inference.backfill import backfill
-from inference.backfill import count as backfill_count
 from models.manifest import ManifestError
 from models.store import ModelStore
 from pacs.archive import Archive, Origin
@@ -35,6 +34,7 @@ from pacs.errors import ArchiveInUse, IndexFailure, PacsError
 from pacs.jobs import JobKind, JobQueue, JobState
 from pacs.lock import ArchiveLock
 from pacs.reindex import reindex, stored_files
+from pacs.router import backfill as route_backfill
 from pacs.router import job_model
 from pacs.status import StoreStatus
 from pacs.verify import verify
@@ -98,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     resend.add_argument("name", help="the route's name")
     resend.add_argument(
         "--all", action="store_true", help="every instance it sent or skipped, not only failed"
+    )
+    route_backfill = routes_commands.add_parser(
+        "backfill", help="queue a route's sends for what was stored before it was added"
+    )
+    route_backfill.add_argument("name", help="the route's name")
+    route_backfill.add_argument(
+        "--since", type=_date, help="only instances received on or after YYYY-MM-DD (UTC)"
     )
     backfill.add_argument(
         "--since", type=_date, help="only instances received on or after YYYY-MM-DD (UTC)"
@@ -261,10 +268,12 @@ def routes_command(settings: Settings, args: argparse.Namespace, console: Consol
     archive = build_archive(settings)
     queue = JobQueue(archive.index)
     try:
+        if args.routes_command in ("resend", "backfill") and args.name not in settings.routes:
+            console.print(f"[red]no route {escape(args.name)}[/red] in the settings")
+            return 2
+        if args.routes_command == "backfill":
+            return route_backfill_command(settings, archive, args, console)
         if args.routes_command == "resend":
-            if args.name not in settings.routes:
-                console.print(f"[red]no route {escape(args.name)}[/red] in the settings")
-                return 2
             states = [JobState.FAILED]
             if args.all:
                 states += [JobState.DONE, JobState.SKIPPED]
@@ -294,6 +303,26 @@ def routes_command(settings: Settings, args: argparse.Namespace, console: Consol
         archive.index.dispose()
 
 
+def route_backfill_command(
+    settings: Settings, archive: Archive, args: argparse.Namespace, console: Console
+) -> int:
+    """A running server's senders pick the queued sends up."""
+    rule = next(r for r in routed(settings) if r.route.name == args.name)
+    total = archive.index.count_instances(since=args.since)
+    columns = (TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("backfill", total=total)
+        done = route_backfill(
+            archive.index, rule, since=args.since, advance=lambda: progress.advance(task)
+        )
+    table = Table(title=f"backfill of route {args.name}")
+    for column in ("instances", "sends queued", "had a send", "not matched"):
+        table.add_column(column, justify="right")
+    table.add_row(*map(str, (done.instances, done.queued, done.existing, done.not_matched)))
+    console.print(table)
+    return 0
+
+
 def _date(text: str) -> datetime:
     try:
         return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
@@ -314,7 +343,7 @@ def backfill_command(
     except ManifestError as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         return 1
-    total = backfill_count(archive.index, args.since)
+    total = archive.index.count_instances(since=args.since)
     columns = (TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("backfill", total=total)

@@ -11,19 +11,15 @@ point is simply run again, and none creates a job twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-
-from sqlalchemy import func, select
 
 from inference.routing import decide
 from models.manifest import Manifest
 from pacs.attributes import StoredValues, unpack
-from pacs.index import Index, instance, series, study
+from pacs.index import Index
 from pacs.jobs import JobQueue
-
-PAGE = 500  # instances read per query, in id order
 
 
 @dataclass
@@ -38,43 +34,6 @@ class Backfilled:
     not_concerned: int = 0
 
 
-def count(index: Index, since: datetime | None) -> int:
-    statement = select(func.count()).select_from(instance)
-    if since is not None:
-        statement = statement.where(instance.c.received_at >= since)
-    with index.reading() as conn:
-        return int(conn.execute(statement).scalar_one())
-
-
-def _instances(index: Index, since: datetime | None) -> Iterator[tuple[str, str, bytes]]:
-    """(StudyInstanceUID, SOPInstanceUID, packed header) of each instance, in id order,
-    a page at a time (keyset paging: rows stored meanwhile are seen or not, never twice)."""
-    last = 0
-    while True:
-        statement = (
-            select(
-                instance.c.id,
-                study.c.StudyInstanceUID,
-                instance.c.SOPInstanceUID,
-                instance.c.attributes,
-            )
-            .join(series, instance.c.series_id == series.c.id)
-            .join(study, series.c.study_id == study.c.id)
-            .where(instance.c.id > last)
-            .order_by(instance.c.id)
-            .limit(PAGE)
-        )
-        if since is not None:
-            statement = statement.where(instance.c.received_at >= since)
-        with index.reading() as conn:
-            rows = conn.execute(statement).all()
-        if not rows:
-            return
-        for row in rows:
-            yield row.StudyInstanceUID, row.SOPInstanceUID, row.attributes
-        last = rows[-1].id
-
-
 def backfill(
     index: Index,
     queue: JobQueue,
@@ -86,9 +45,10 @@ def backfill(
 ) -> Backfilled:
     done = Backfilled()
     studies: set[str] = set()
-    for study_uid, sop, packed in _instances(index, since):
+    for found in (f for page in index.walk_facts(since=since) for f in page):
+        study_uid, sop = found.StudyInstanceUID, found.SOPInstanceUID
         done.instances += 1
-        values = StoredValues(unpack(packed))  # what the scheduler routes by
+        values = StoredValues(unpack(found.attributes))  # what the scheduler routes by
         decision = decide(values, manifest, without_view_position=without_view_position)
         if decision is None:
             done.not_concerned += 1

@@ -32,6 +32,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Select,
     String,
     Table,
     Text,
@@ -480,17 +481,7 @@ class Index:
     ) -> dict[str, StoredFacts]:
         """What routing decides by, for the given instances (those still indexed) or
         every instance of a study, by SOP Instance UID."""
-        statement = select(
-            study.c.StudyInstanceUID,
-            instance.c.SOPInstanceUID,
-            instance.c.attributes,
-            instance.c.origin,
-            instance.c.SourceApplicationEntityTitle,
-        ).select_from(
-            instance.join(series, instance.c.series_id == series.c.id).join(
-                study, series.c.study_id == study.c.id
-            )
-        )
+        statement = _facts_query()
         if SOPInstanceUIDs is not None:
             statement = statement.where(instance.c.SOPInstanceUID.in_(list(SOPInstanceUIDs)))
         if StudyInstanceUID is not None:
@@ -500,6 +491,39 @@ class Index:
                 row.SOPInstanceUID: StoredFacts(**row._mapping)
                 for row in conn.execute(statement.order_by(instance.c.id))
             }
+
+    def count_instances(self, *, since: datetime | None = None) -> int:
+        statement = select(func.count()).select_from(instance)
+        if since is not None:
+            statement = statement.where(instance.c.received_at >= since)
+        with self.reading() as conn:
+            return int(conn.execute(statement).scalar_one())
+
+    def walk_facts(
+        self, *, since: datetime | None = None, page: int = 500
+    ) -> Iterator[list[StoredFacts]]:
+        """:meth:`stored_facts` of every instance (received since ``since``), a page at
+        a time in the order they were stored; keyset paging, so that an instance stored
+        meanwhile is seen once or not at all, never twice, and no page holds a read
+        transaction open while its caller works."""
+        last = 0
+        while True:
+            statement = (
+                _facts_query(instance.c.id)
+                .where(instance.c.id > last)
+                .order_by(instance.c.id)
+                .limit(page)
+            )
+            if since is not None:
+                statement = statement.where(instance.c.received_at >= since)
+            with self.reading() as conn:
+                rows = conn.execute(statement).all()
+            if not rows:
+                return
+            yield [
+                StoredFacts(**{k: v for k, v in row._mapping.items() if k != "id"}) for row in rows
+            ]
+            last = rows[-1].id
 
     def records(
         self,
@@ -662,6 +686,21 @@ _COUNT_PATIENT = (
         + bindparam("b_study"),
     )
 )
+
+
+def _facts_query(*extra: Any) -> Select[Any]:
+    return select(
+        *extra,
+        study.c.StudyInstanceUID,
+        instance.c.SOPInstanceUID,
+        instance.c.attributes,
+        instance.c.origin,
+        instance.c.SourceApplicationEntityTitle,
+    ).select_from(
+        instance.join(series, instance.c.series_id == series.c.id).join(
+            study, series.c.study_id == study.c.id
+        )
+    )
 
 
 def _find_instance(conn: Connection, SOPInstanceUID: str) -> InstanceRecord | None:

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Connection
 
@@ -102,6 +103,48 @@ class Router:
 
 def _for(routed: Routed, facts: StoredFacts) -> bool:
     return matches(routed.route, facts.values())
+
+
+@dataclass
+class Backfilled:
+    """What a route's backfill did: instances looked at, sends queued, instances that
+    already had a send (in any state), and instances the rule does not match."""
+
+    instances: int = 0
+    queued: int = 0
+    existing: int = 0
+    not_matched: int = 0
+
+
+def backfill(
+    index: Index,
+    routed: Routed,
+    *,
+    since: datetime | None = None,
+    advance: Callable[[], None] = lambda: None,
+) -> Backfilled:
+    """Queue the sends a route added later would have made for what was already stored,
+    as dcm4chee exports existing studies on request; Orthanc leaves this to a script.
+
+    The rule is applied to the same stored facts the consumer decides by, in the order
+    the instances were stored (so each study's go out in order). An instance that
+    already has a send of this route, sent, failed or pending, is left as it is (``routes
+    resend`` sends again): an interrupted backfill is simply run again.
+    """
+    queue = JobQueue(index)
+    model = job_model(routed.route.name)
+    done = Backfilled()
+    for page in index.walk_facts(since=since):
+        for found in page:
+            done.instances += 1
+            if not _for(routed, found):
+                done.not_matched += 1
+            elif queue.add_missing(model, found.StudyInstanceUID, found.SOPInstanceUID):
+                done.queued += 1
+            else:
+                done.existing += 1
+            advance()
+    return done
 
 
 class Senders:

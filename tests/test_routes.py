@@ -16,6 +16,7 @@ from dicomweb.app import create_app
 from dicomweb.auth import ApiToken, digest
 from filmless.cli import main
 from filmless.settings import load_settings
+from filmless.wiring import build_archive
 from pacs.archive import Archive, Origin
 from pacs.changes import ChangeLog, Follower, StudyStability
 from pacs.dimse.server import DimseConfig, start_dimse
@@ -332,3 +333,45 @@ def test_routes_status_and_resend(
     assert main(["--config", str(config), "routes", "resend", "central"]) == 0
     assert "1 send(s) of central queued again" in capsys.readouterr().err
     assert main(["--config", str(config), "routes", "resend", "nowhere"]) == 2
+
+
+def test_a_route_added_later_backfills_what_was_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Instances stored before the route existed never reached its consumer (it starts
+    at the end of the change log); ``routes backfill`` queues them, once."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    config = tmp_path / "filmless.toml"
+    config.write_text(
+        f'[routes.central]\ndestination = "CENTRAL@127.0.0.1:{free_port()}"\n'
+        'match = { Modality = ["CT"] }\n'
+    )
+    settings = load_settings(config)
+    archive = build_archive(settings)
+    study = "1.2.826.0.1.3680043.10.1.7"
+    cts = [ct_instance(study=study) for _ in range(3)]
+    mr = ct_instance(study=study)
+    mr.Modality = "MR"
+    for ds in [cts[0], mr, *cts[1:]]:
+        archive.ingest(source(ds), Origin.DIMSE)
+    archive.index.dispose()
+    argv = ["--config", str(config), "routes", "backfill", "central"]
+    assert main(argv) == 0
+    # instances, queued, had a send, not matched
+    assert _last_row(capsys.readouterr().err) == ["4", "3", "0", "1"]
+    assert main(argv) == 0  # again: nothing twice
+    assert _last_row(capsys.readouterr().err) == ["4", "0", "3", "1"]
+    assert main([*argv[:-1], "nowhere"]) == 2
+    index = Index(settings.index_url)
+    queued = [j for j in JobQueue(index).jobs() if j.kind == JobKind.ROUTE]
+    index.dispose()
+    assert [j.SOPInstanceUID for j in sorted(queued, key=lambda j: j.id)] == [
+        ds.SOPInstanceUID for ds in cts
+    ]
+    assert {j.state for j in queued} == {JobState.PENDING}
+
+
+def _last_row(table: str) -> list[str]:
+    row = [line for line in table.splitlines() if line.startswith("│")][-1]
+    return [cell.strip() for cell in row.split("│")[1:-1]]

@@ -46,11 +46,11 @@ class Scheduler:
 
     def prepare(self, changes: Sequence[Change]) -> Writes | None:
         arrived = [c for c in changes if c.kind in (ChangeKind.STORED, ChangeKind.REPLACED)]
-        if not arrived:
+        manifests = list(self.manifests())
+        if not arrived or not manifests:
             return None
         # Routed by what the index holds now: an instance deleted since has no jobs.
         facts = self.index.stored_facts(SOPInstanceUIDs=[c.SOPInstanceUID for c in arrived])
-        manifests = list(self.manifests())
         requests: list[JobRequest] = []
         for c in arrived:
             found = facts.get(c.SOPInstanceUID)

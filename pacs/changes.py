@@ -197,7 +197,8 @@ class Consumer(Protocol):
         ...
 
     def committed(self) -> None:
-        """The changes given to the last ``prepare`` are done (a hint: wake a worker)."""
+        """What the last ``prepare`` returned to write has committed (a hint: wake a
+        worker for the jobs it made). Not called for a batch that needed no writes."""
         ...
 
 
@@ -205,9 +206,12 @@ class Follower:
     """One consumer's loop over the log: a batch at a time, from its durable cursor.
 
     Woken by :meth:`wake` (an instance stored in this process) and otherwise looking
-    every ``poll`` seconds, for changes other processes made. A failure leaves the
-    cursor where it was; the batch is tried again after a pause that doubles up to
-    ``max_pause`` seconds, and the log says why.
+    every ``poll`` seconds, for changes other processes made. Once woken it lets
+    ``gather`` seconds pass before it reads, so that while instances arrive each batch
+    holds what came meanwhile: a step per stored instance would put a transaction of
+    its own beside each ingest transaction, waiting for the same write lock. A failure
+    leaves the cursor where it was; the batch is tried again after a pause that doubles
+    up to ``max_pause`` seconds, and the log says why.
     """
 
     def __init__(
@@ -217,6 +221,7 @@ class Follower:
         *,
         batch: int = 100,
         poll: float = 0.25,
+        gather: float = 0.2,
         max_pause: float = 30.0,
         also: Callable[[], object] | None = None,
     ) -> None:
@@ -226,6 +231,7 @@ class Follower:
         self.consumer = consumer
         self.batch = batch
         self.poll = poll
+        self.gather = gather
         self.max_pause = max_pause
         self.also = also
         self._wake = threading.Event()
@@ -238,7 +244,7 @@ class Follower:
         if not changes:
             return 0
         writes = self.consumer.prepare(changes)
-        if self.log.advance(self.consumer.name, seen, changes[-1].seq, writes):
+        if self.log.advance(self.consumer.name, seen, changes[-1].seq, writes) and writes:
             self.consumer.committed()
         return len(changes)
 
@@ -271,7 +277,8 @@ class Follower:
                 continue
             pause = self.poll
             if handled < self.batch:
-                self._wake.wait(self.poll)
+                if self._wake.wait(self.poll):
+                    stop.wait(self.gather)
                 self._wake.clear()
 
     def _cursor_or_zero(self) -> int:

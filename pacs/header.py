@@ -18,13 +18,18 @@ from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
 
 from pacs.attributes import dataset_json, pack
 from pacs.errors import InvalidInstance, SOPClassMismatch
 from pacs.inflate import inflated
 from pacs.part10 import FileMeta
-from pacs.stored import read_stored
+from pacs.stored import read_staged
 from pacs.structure import check_structure
 from pacs.uids import require_uid
 
@@ -118,22 +123,22 @@ def read_header(
     syntax = UID(meta.TransferSyntaxUID)
     if not syntax.is_transfer_syntax:
         raise InvalidInstance(f"transfer syntax {meta.TransferSyntaxUID} is not supported")
+    if meta.MediaStorageSOPClassUID == MediaStorageDirectoryStorage:
+        raise InvalidInstance(
+            "a DICOMDIR (Media Storage Directory) indexes files; it is not an instance "
+            "to archive: store the files it lists"
+        )
     if syntax == DeflatedExplicitVRLittleEndian:
         with inflated(path, data_set_offset, meta, path.parent, max_bytes) as (copy, offset):
             check_structure(copy, offset, explicit=True, little=True)
-            return _parse(copy)
+            return _parse(copy, offset, ExplicitVRLittleEndian)
     _check_encoding(path, data_set_offset, syntax)
-    return _parse(path)
+    return _parse(path, data_set_offset, syntax)
 
 
-def _parse(path: Path) -> InstanceHeader:
+def _parse(path: Path, data_set_offset: int, syntax: UID) -> InstanceHeader:
     try:
-        ds = read_stored(path, defer_size=_DEFER_SIZE)
-        if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
-            raise InvalidInstance(
-                "a DICOMDIR (Media Storage Directory) indexes files; it is not an instance "
-                "to archive: store the files it lists"
-            )
+        ds = read_staged(path, data_set_offset, syntax, defer_size=_DEFER_SIZE)
         header = _extract(ds)
     except (InvalidInstance, SOPClassMismatch):
         raise

@@ -4,7 +4,9 @@ Indexing, screening, rendering, retrieve, forwarding and transcoding all read th
 files; when each called pydicom with its own options they could disagree about what a
 file holds (which values are validated, what is deferred, where reading stops). Every
 data set read goes through :func:`read_stored`; only the File Meta Information has a
-reader of its own (:func:`pacs.part10.read_file_meta`), which needs no data set at all.
+reader of its own (:func:`pacs.part10.read_file_meta`), which needs no data set at all;
+where the caller has read it already (ingest), :func:`read_staged` starts at the data
+set instead of having pydicom parse the meta group a second time.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from typing import BinaryIO
 
 import pydicom
 import pydicom.config
-from pydicom.dataset import FileDataset
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 # The archive checks the attributes it indexes itself (UIDs strictly) and keeps every
 # other value exactly as sent; pydicom's per-value warnings on reading would only be noise
@@ -37,3 +42,30 @@ def read_stored(
     if not isinstance(source, Path):
         source.seek(0)
     return pydicom.dcmread(source, stop_before_pixels=not pixels, defer_size=defer_size)
+
+
+def read_staged(
+    path: Path, data_set_offset: int, syntax: UID, *, defer_size: int | None = None
+) -> FileDataset:
+    """:func:`read_stored` without Pixel Data, of a file whose meta group the caller has
+    read: the data set from ``data_set_offset``, encoded in ``syntax`` (not deflated).
+
+    What pydicom's ``dcmread`` does after the meta group, done here directly, saves
+    ingest a second parse of the meta group and the look for a command set that a
+    stored file cannot have. The File Meta Information is left empty.
+    """
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    with open(path, "rb") as stream:
+        stream.seek(data_set_offset)
+        data_set = read_dataset(
+            stream, implicit, little, stop_when=_at_pixel_data, defer_size=defer_size
+        )
+        # Named after the file, so that deferred values are read from it when used.
+        found = FileDataset(stream, data_set, None, FileMetaDataset(), implicit, little)
+    found.set_original_encoding(implicit, little, data_set._character_set)
+    return found
+
+
+def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    """Pixel Data, or the Float / Double Float Pixel Data that takes its place."""
+    return tag in (0x7FE00008, 0x7FE00009, 0x7FE00010)

@@ -64,6 +64,7 @@ from pacs.errors import (
     SourceGone,
 )
 from pacs.header import InstanceHeader, normalise_name
+from pacs.prepared import Prepared
 
 DuplicatePolicy = Literal["reject", "overwrite"]
 PatientPolicy = Literal["reject", "update"]
@@ -658,16 +659,22 @@ def record_query() -> Any:
 # The statements of every store are built once: SQLAlchemy then only binds values and
 # finds the compiled form by the statement's memoised cache key.
 _INSTANCE_BY_UID = record_query().where(instance.c.SOPInstanceUID == bindparam("b_sop"))
-_SERIES_BY_UID = select(series.c.id, series.c.study_id).where(
-    series.c.SeriesInstanceUID == bindparam("b_series")
+# The statements every stored instance runs (pacs.prepared).
+_INSTANCE_EXISTS = Prepared(
+    select(instance.c.id).where(instance.c.SOPInstanceUID == bindparam("b_sop"))
 )
-_INSERT_INSTANCE = instance.insert().returning(instance.c.id)
-_COUNT_SERIES = (
+_SERIES_BY_UID = Prepared(
+    select(series.c.id, series.c.study_id).where(
+        series.c.SeriesInstanceUID == bindparam("b_series")
+    )
+)
+_INSERT_INSTANCE = Prepared(instance.insert().returning(instance.c.id))
+_COUNT_SERIES = Prepared(
     update(series)
     .where(series.c.id == bindparam("b_id"))
     .values(NumberOfSeriesRelatedInstances=series.c.NumberOfSeriesRelatedInstances + 1)
 )
-_COUNT_STUDY = (
+_COUNT_STUDY = Prepared(
     update(study)
     .where(study.c.id == bindparam("b_id"))
     .values(
@@ -676,7 +683,7 @@ _COUNT_STUDY = (
         updated_at=bindparam("b_now"),
     )
 )
-_COUNT_PATIENT = (
+_COUNT_PATIENT = Prepared(
     update(patient)
     .where(patient.c.id == bindparam("b_id"))
     .values(
@@ -704,6 +711,8 @@ def _facts_query(*extra: Any) -> Select[Any]:
 
 
 def _find_instance(conn: Connection, SOPInstanceUID: str) -> InstanceRecord | None:
+    if _INSTANCE_EXISTS.scalar(conn, {"b_sop": SOPInstanceUID}) is None:
+        return None  # the usual case at ingest: a new instance
     row = conn.execute(_INSTANCE_BY_UID, {"b_sop": SOPInstanceUID}).mappings().first()
     return None if row is None else InstanceRecord(**row)
 
@@ -798,14 +807,15 @@ def _add(
         patient_changed = True
 
     series_key = {"b_series": header.series.SeriesInstanceUID}
-    series_row = conn.execute(_SERIES_BY_UID, series_key).first()
+    series_row = _SERIES_BY_UID.first(conn, series_key)
     new_series = False
     if series_row is None:
         series_values = asdict(header.series)
         series_values["study_id"] = study_id
         new_series = _insert_ignore(conn, series, series_values) is not None
-        series_row = conn.execute(_SERIES_BY_UID, series_key).one()
-    series_id, series_study = series_row
+        series_row = _SERIES_BY_UID.first(conn, series_key)
+        assert series_row is not None
+    series_id, series_study = series_row["id"], series_row["study_id"]
     if series_study != study_id:
         raise SeriesConflict(
             f"the series belongs to another study: series {header.series.SeriesInstanceUID} "
@@ -815,11 +825,11 @@ def _add(
     instance_values.update(
         asdict(blob), series_id=series_id, received_at=now, attributes=header.attributes
     )
-    instance_id = conn.execute(_INSERT_INSTANCE, instance_values).scalar_one()
-    conn.execute(_COUNT_SERIES, {"b_id": series_id})
-    conn.execute(_COUNT_STUDY, {"b_id": study_id, "b_series": int(new_series), "b_now": now})
-    conn.execute(
-        _COUNT_PATIENT, {"b_id": owner, "b_series": int(new_series), "b_study": int(new_study)}
+    instance_id = int(_INSERT_INSTANCE.scalar(conn, instance_values))
+    _COUNT_SERIES.run(conn, {"b_id": series_id})
+    _COUNT_STUDY.run(conn, {"b_id": study_id, "b_series": int(new_series), "b_now": now})
+    _COUNT_PATIENT.run(
+        conn, {"b_id": owner, "b_series": int(new_series), "b_study": int(new_study)}
     )
     if new_series:
         _refresh_modalities(conn, study_id)
@@ -861,7 +871,7 @@ _PATIENT_COLUMNS = (
 )
 
 
-_STUDY_FOR_UPDATE = (
+_STUDY_FOR_UPDATE = Prepared(
     select(
         study.c.id,
         study.c.patient_id,
@@ -875,8 +885,7 @@ _STUDY_FOR_UPDATE = (
 
 
 def _study_for_update(conn: Connection, StudyInstanceUID: str) -> Mapping[str, Any] | None:
-    row = conn.execute(_STUDY_FOR_UPDATE, {"b_study": StudyInstanceUID}).mappings().first()
-    return None if row is None else dict(row)
+    return _STUDY_FOR_UPDATE.first(conn, {"b_study": StudyInstanceUID})
 
 
 def _patient_values(header: InstanceHeader) -> dict[str, str]:
@@ -1002,8 +1011,8 @@ def append_change(
     """
     if conn.dialect.name == "postgresql":
         conn.execute(select(func.pg_advisory_xact_lock(_CHANGE_LOCK)))
-    conn.execute(
-        _INSERT_CHANGE,
+    _INSERT_CHANGE.run(
+        conn,
         {
             "kind": str(kind),
             "StudyInstanceUID": StudyInstanceUID,
@@ -1017,7 +1026,7 @@ def append_change(
     )
 
 
-_INSERT_CHANGE = change.insert()
+_INSERT_CHANGE = Prepared(change.insert())
 
 
 def _remove(conn: Connection, record: InstanceRecord, *, logged: bool = True) -> None:

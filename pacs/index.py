@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -710,6 +710,18 @@ def _facts_query(*extra: Any) -> Select[Any]:
     )
 
 
+def _values(record: Any) -> dict[str, Any]:
+    """A flat dataclass's fields by name: ``dataclasses.asdict`` deep-copies each value,
+    which the ingest transaction paid for on every instance."""
+    names = _FIELD_NAMES.get(type(record))
+    if names is None:
+        names = _FIELD_NAMES[type(record)] = tuple(f.name for f in fields(record))
+    return {name: getattr(record, name) for name in names}
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _find_instance(conn: Connection, SOPInstanceUID: str) -> InstanceRecord | None:
     if _INSTANCE_EXISTS.scalar(conn, {"b_sop": SOPInstanceUID}) is None:
         return None  # the usual case at ingest: a new instance
@@ -774,7 +786,7 @@ def _add(
     patient_changed = False
     if study_row is None:
         patient_id = _patient_row(conn, header, incoming)
-        study_values = asdict(header.study)
+        study_values = _values(header.study)
         study_values.update(
             incoming,
             patient_id=patient_id,
@@ -810,7 +822,7 @@ def _add(
     series_row = _SERIES_BY_UID.first(conn, series_key)
     new_series = False
     if series_row is None:
-        series_values = asdict(header.series)
+        series_values = _values(header.series)
         series_values["study_id"] = study_id
         new_series = _insert_ignore(conn, series, series_values) is not None
         series_row = _SERIES_BY_UID.first(conn, series_key)
@@ -821,9 +833,9 @@ def _add(
             f"the series belongs to another study: series {header.series.SeriesInstanceUID} "
             f"is not in study {header.study.StudyInstanceUID}"
         )
-    instance_values = asdict(header.instance)
+    instance_values = _values(header.instance)
     instance_values.update(
-        asdict(blob), series_id=series_id, received_at=now, attributes=header.attributes
+        _values(blob), series_id=series_id, received_at=now, attributes=header.attributes
     )
     instance_id = int(_INSERT_INSTANCE.scalar(conn, instance_values))
     _COUNT_SERIES.run(conn, {"b_id": series_id})
@@ -889,7 +901,7 @@ def _study_for_update(conn: Connection, StudyInstanceUID: str) -> Mapping[str, A
 
 
 def _patient_values(header: InstanceHeader) -> dict[str, str]:
-    values = asdict(header.patient)
+    values = _values(header.patient)
     values["PatientNameSearch"] = normalise_name(header.patient.PatientName)
     return values
 

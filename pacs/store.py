@@ -19,7 +19,7 @@ import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from pacs.errors import StorageFailure
@@ -52,6 +52,9 @@ class StagedBlob:
             raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 class FsBlobStore:
     """Files under ``root/objects``, staged under ``root/staging`` on the same file system."""
 
@@ -61,6 +64,7 @@ class FsBlobStore:
         self.staging = root / "staging"
         for folder in (self.root, self.objects, self.staging):
             _ensure_dir(folder)
+        self.objects = self.objects.resolve()  # absolute, as every path it gives out
 
     def stage(self, head: bytes, body: BinaryIO) -> StagedBlob:
         """Write ``head`` then the rest of ``body`` to a new staging file; it is durable
@@ -101,7 +105,7 @@ class FsBlobStore:
         study = require_uid(StudyInstanceUID, "StudyInstanceUID")
         series = require_uid(SeriesInstanceUID, "SeriesInstanceUID")
         sop = require_uid(SOPInstanceUID, "SOPInstanceUID")
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if len(sha256) != 64 or not _HEX.issuperset(sha256):
             raise ValueError("sha256 must be 64 lower-case hex digits")
         fan = hashlib.sha1(study.encode("ascii"), usedforsecurity=False).hexdigest()
         return f"{fan[:2]}/{fan[2:4]}/{study}/{series}/{sop}.{sha256[:16]}.dcm"
@@ -129,10 +133,13 @@ class FsBlobStore:
         _unlink_quietly(staged.path)
 
     def path(self, relative: str) -> Path:
-        resolved = (self.objects / relative).resolve()
-        if not resolved.is_relative_to(self.objects.resolve()):
+        """``objects/relative``, refused when it could lead elsewhere. Checked on the
+        text (no ``..``, not absolute): the store makes no links, and resolving each
+        component cost every instance stored and read a system call per folder."""
+        parts = PurePosixPath(relative).parts
+        if not parts or relative.startswith("/") or ".." in parts or "\0" in relative:
             raise ValueError(f"path {relative!r} escapes the store")
-        return resolved
+        return self.objects / relative
 
     def open(self, relative: str) -> BinaryIO:
         return open(self.path(relative), "rb")

@@ -56,6 +56,7 @@ from benchmarks.support import (
     free_port,
     in_private_network,
     rerun_in_private_network,
+    tree_cpu_seconds,
     wait_for_port,
 )
 from pacs.index import instance
@@ -87,6 +88,9 @@ class Run:
     instances: int
     seconds: float
     stored: int
+    # CPU seconds the server's processes used while the senders ran.
+    server_user_s: float = 0.0
+    server_system_s: float = 0.0
 
     @property
     def instances_per_s(self) -> float:
@@ -102,6 +106,9 @@ class Summary:
     megabytes: float
     instances_per_s: dict[str, float] = field(default_factory=dict)
     megabytes_per_s: dict[str, float] = field(default_factory=dict)
+    # Median server CPU per instance, ms: steadier than the rates on a busy machine.
+    cpu_user_ms: float = 0.0
+    cpu_system_ms: float = 0.0
 
 
 def _patient() -> Patient:
@@ -162,6 +169,7 @@ def disk_write_rate(folder: Path, megabytes: int = 1024) -> float:
 class Server:
     name: str
     ae_title: str
+    pid: int = 0  # the server's process while it runs
 
     def configuration(self) -> dict[str, object]:
         """What the run's figures depend on, printed with them."""
@@ -291,6 +299,7 @@ class OrthancServer(Server):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        self.pid = process.pid
         try:
             wait_for_port(port)
             wait_for_port(self.http_port)
@@ -354,6 +363,10 @@ def summarise(runs: list[Run], workloads: dict[str, Workload]) -> list[Summary]:
                 megabytes=megabytes,
                 instances_per_s=_stats([r.instances_per_s for r in group]),
                 megabytes_per_s=_stats([megabytes / r.seconds for r in group]),
+                cpu_user_ms=statistics.median(1000 * r.server_user_s / r.instances for r in group),
+                cpu_system_ms=statistics.median(
+                    1000 * r.server_system_s / r.instances for r in group
+                ),
             )
         )
     return out
@@ -367,15 +380,16 @@ def markdown(summaries: list[Summary], disk_rate: float, meta: dict[str, Any]) -
         f"Disk sequential write (fsync): **{disk_rate:.0f} MB/s**.",
         "",
         "| server | workload | associations | instances | MB | inst/s min | inst/s median "
-        "| inst/s max | MB/s median | % of disk |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| inst/s max | MB/s median | % of disk | server CPU ms/inst (user + sys) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         ips, mbs = s.instances_per_s, s.megabytes_per_s
         lines.append(
             f"| {s.server} | {s.workload} | {s.concurrency} | {s.instances} | {s.megabytes:.0f} "
             f"| {ips['min']:.1f} | {ips['median']:.1f} | {ips['max']:.1f} "
-            f"| {mbs['median']:.1f} | {100 * mbs['median'] / disk_rate:.0f}% |"
+            f"| {mbs['median']:.1f} | {100 * mbs['median'] / disk_rate:.0f}% "
+            f"| {s.cpu_user_ms:.2f} + {s.cpu_system_ms:.2f} |"
         )
     by_key = {(s.server, s.workload, s.concurrency): s for s in summaries}
     ratios = []
@@ -465,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
                 folder = work / f"{server.name}-{workload.name}-{concurrency}-{repeat}"
                 port = free_port()
                 with server.running(folder, port):
+                    user_before, system_before = tree_cpu_seconds(server.pid)
                     seconds = send(workload.files, port, server.ae_title, concurrency)
+                    user_after, system_after = tree_cpu_seconds(server.pid)
                     stored = server.count(folder)
                 runs.append(
                     Run(
@@ -476,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                         len(workload.files),
                         seconds,
                         stored,
+                        user_after - user_before,
+                        system_after - system_before,
                     )
                 )
                 if stored != len(workload.files):
@@ -507,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "ingest.md").write_text(report)
     plot(summaries, disk_rate, args.out / "ingest.png")
     table = Table(title="ingest")
-    for column in ("server", "workload", "associations", "inst/s median", "MB/s median"):
+    columns = ("server", "workload", "associations", "inst/s median", "MB/s median", "CPU ms/inst")
+    for column in columns:
         table.add_column(column)
     for s in summaries:
         table.add_row(
@@ -516,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             str(s.concurrency),
             f"{s.instances_per_s['median']:.1f}",
             f"{s.megabytes_per_s['median']:.1f}",
+            f"{s.cpu_user_ms:.2f}+{s.cpu_system_ms:.2f}",
         )
     console.print(table)
     console.print(f"disk write rate {disk_rate:.0f} MB/s; results in {args.out}")

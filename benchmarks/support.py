@@ -101,6 +101,33 @@ def session_peak_rss(session: int) -> int:
     return sum(_field_bytes(status, "VmHWM:") for status in _session_files(session, "status"))
 
 
+def tree_cpu_seconds(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by process ``root`` and its descendants
+    that are alive (a server and its worker processes), from /proc/PID/stat."""
+    parents: dict[int, int] = {}
+    times: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # After the name field (which may hold spaces): state, ppid, ... utime, stime.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]), int(fields[12]))
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for pid, (utime, stime) in times.items():
+        ancestor = pid
+        while ancestor not in (root, 0, 1) and ancestor in parents:
+            ancestor = parents[ancestor]
+        if ancestor == root:
+            user += utime
+            system += stime
+    return user / tick, system / tick
+
+
 def no_delay(assoc: Any) -> None:
     """Send each PDU at once, as dcmtk does by default: pynetdicom's requester leaves
     Nagle's algorithm on, so a request's data set PDU would wait for the server's

@@ -30,7 +30,7 @@ from pacs.errors import InvalidInstance, SOPClassMismatch
 from pacs.inflate import inflated
 from pacs.part10 import FileMeta
 from pacs.stored import read_staged
-from pacs.structure import check_structure
+from pacs.structure import Elements, check_structure, collect_header
 from pacs.uids import require_uid
 
 # Values longer than this stay on disk while the header is parsed.
@@ -130,15 +130,15 @@ def read_header(
         )
     if syntax == DeflatedExplicitVRLittleEndian:
         with inflated(path, data_set_offset, meta, path.parent, max_bytes) as (copy, offset):
-            check_structure(copy, offset, explicit=True, little=True)
-            return _parse(copy, offset, ExplicitVRLittleEndian)
-    _check_encoding(path, data_set_offset, syntax)
-    return _parse(path, data_set_offset, syntax)
+            elements = collect_header(copy, offset, defer_size=_DEFER_SIZE)
+            return _parse(copy, offset, ExplicitVRLittleEndian, elements)
+    elements = _check_encoding(path, data_set_offset, syntax)
+    return _parse(path, data_set_offset, syntax, elements)
 
 
-def _parse(path: Path, data_set_offset: int, syntax: UID) -> InstanceHeader:
+def _parse(path: Path, offset: int, syntax: UID, elements: Elements | None) -> InstanceHeader:
     try:
-        ds = read_staged(path, data_set_offset, syntax, defer_size=_DEFER_SIZE)
+        ds = read_staged(path, offset, syntax, defer_size=_DEFER_SIZE, elements=elements)
         header = _extract(ds)
     except (InvalidInstance, SOPClassMismatch):
         raise
@@ -147,12 +147,16 @@ def _parse(path: Path, data_set_offset: int, syntax: UID) -> InstanceHeader:
     return header
 
 
-def _check_encoding(path: Path, offset: int, syntax: UID) -> None:
-    """The length-checked walk; when it fails, name the real cause if the data set is
-    sound in the other VR encoding (a writer that declared the wrong transfer syntax)."""
+def _check_encoding(path: Path, offset: int, syntax: UID) -> Elements | None:
+    """The length-checked walk, and for Explicit VR Little Endian the header's elements
+    found on the way; when it fails, name the real cause if the data set is sound in
+    the other VR encoding (a writer that declared the wrong transfer syntax)."""
     explicit = not syntax.is_implicit_VR
     try:
+        if explicit and syntax.is_little_endian:
+            return collect_header(path, offset, defer_size=_DEFER_SIZE)
         check_structure(path, offset, explicit=explicit, little=syntax.is_little_endian)
+        return None
     except InvalidInstance as exc:
         try:
             check_structure(path, offset, explicit=not explicit, little=syntax.is_little_endian)

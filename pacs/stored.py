@@ -11,12 +11,14 @@ set instead of having pydicom parse the meta group a second time.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
 import pydicom.config
-from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
@@ -45,16 +47,29 @@ def read_stored(
 
 
 def read_staged(
-    path: Path, data_set_offset: int, syntax: UID, *, defer_size: int | None = None
+    path: Path,
+    data_set_offset: int,
+    syntax: UID,
+    *,
+    defer_size: int | None = None,
+    elements: Mapping[BaseTag, RawDataElement] | None = None,
 ) -> FileDataset:
     """:func:`read_stored` without Pixel Data, of a file whose meta group the caller has
     read: the data set from ``data_set_offset``, encoded in ``syntax`` (not deflated).
 
     What pydicom's ``dcmread`` does after the meta group, done here directly, saves
     ingest a second parse of the meta group and the look for a command set that a
-    stored file cannot have. The File Meta Information is left empty.
+    stored file cannot have. ``elements``: the data set's elements, already read as
+    pydicom reads them (:func:`pacs.structure.collect_header`). The File Meta
+    Information is left empty.
     """
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    if elements is not None:
+        found = FileDataset(
+            str(path), Dataset(dict(elements)), None, FileMetaDataset(), implicit, little
+        )
+        found.set_original_encoding(implicit, little, found._character_set)
+        return found
     with open(path, "rb") as stream:
         stream.seek(data_set_offset)
         data_set = read_dataset(

@@ -4,6 +4,11 @@ pydicom is lenient by design: a value that runs past the end of the file or a se
 without its delimiter is read short, or dropped with a warning. An archive must refuse
 such an instance instead of acknowledging a truncated copy, so every element length and
 every undefined-length sequence is checked here against the real end of the bytes.
+
+The walk over an Explicit VR Little Endian data set (what nearly every modality sends)
+can also collect its top-level elements up to Pixel Data as pydicom's reader would
+yield them (:func:`collect_header`), so that ingest reads the header once instead of
+walking it here and again in pydicom.
 """
 
 from __future__ import annotations
@@ -11,6 +16,11 @@ from __future__ import annotations
 import mmap
 import struct
 from pathlib import Path
+from typing import Any
+
+from pydicom.dataelem import RawDataElement, empty_value_for_VR
+from pydicom.filereader import ENCODED_VR
+from pydicom.tag import BaseTag
 
 from pacs.encoding import LONG_LENGTH_VR_CODES
 from pacs.errors import InvalidInstance
@@ -20,12 +30,66 @@ _ITEM = (0xFFFE, 0xE000)
 _ITEM_DELIMITATION = (0xFFFE, 0xE00D)
 _SEQUENCE_DELIMITATION = (0xFFFE, 0xE0DD)
 MAX_SEQUENCE_DEPTH = 32
+# Where pydicom stops reading a header: Pixel Data, Float and Double Float Pixel Data.
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_SPECIFIC_CHARACTER_SET = 0x00080005
+
+Elements = dict[BaseTag, RawDataElement]
+
+
+class _Collector:
+    """The top-level elements before Pixel Data, as pydicom's ``data_element_generator``
+    yields them for Explicit VR Little Endian; ``usable`` turns False at anything it
+    would read differently (a VR it does not know, an undefined length on anything but
+    a sequence), and the caller leaves the whole header to pydicom."""
+
+    def __init__(self, defer_size: int | None) -> None:
+        self.defer_size = defer_size
+        self.elements: Elements = {}
+        self.usable = True
+        self.done = False
+        self.buf: mmap.mmap | bytes = b""  # the bytes walked, set by the walk
+
+    def add(self, tag: int, vr: bytes, length: int, start: int, end: int) -> None:
+        buf = self.buf
+        if tag in _PIXEL_TAGS:
+            self.done = True
+            return
+        if vr not in ENCODED_VR:
+            self.usable = False
+            return
+        name = vr.decode("ascii")
+        if length == _UNDEFINED:
+            if name != "SQ":
+                self.usable = False
+                return
+            # The items without the sequence delimiter: converted when used, as pydicom
+            # converts a sequence of defined length.
+            value: Any = buf[start : end - 8]
+        elif length == 0:
+            value = empty_value_for_VR(name, raw=True)
+        elif (
+            self.defer_size is not None
+            and length > self.defer_size
+            and tag != _SPECIFIC_CHARACTER_SET
+        ):
+            value = None  # read from the file when used
+        else:
+            value = buf[start:end]
+        self.elements[BaseTag(tag)] = RawDataElement(
+            BaseTag(tag), name, length, value, start, False, True
+        )
 
 
 class _Walker:
-    def __init__(self, buf: mmap.mmap | bytes, little: bool) -> None:
+    def __init__(
+        self, buf: mmap.mmap | bytes, little: bool, collector: _Collector | None = None
+    ) -> None:
         self.buf = buf
         self.order = "<" if little else ">"
+        self.collector = collector
+        if collector is not None:
+            collector.buf = buf
 
     def _tag(self, pos: int, limit: int) -> tuple[int, int]:
         if pos + 8 > limit:
@@ -57,6 +121,7 @@ class _Walker:
             else:
                 (length,) = struct.unpack_from(self.order + "L", self.buf, pos + 4)
                 pos += 8
+            start = pos
             if length == _UNDEFINED:
                 # An undefined-length UN holds implicit VR items (PS3.5 6.2.2).
                 pos = self.items(pos, limit, depth + 1, explicit and vr != b"UN")
@@ -67,6 +132,9 @@ class _Walker:
                 )
             else:
                 pos += length
+            collector = self.collector
+            if depth == 0 and collector is not None and collector.usable and not collector.done:
+                collector.add(tag[0] << 16 | tag[1], vr, length, start, pos)
         if in_item:
             raise InvalidInstance("a sequence item is missing its delimiter: truncated")
         return pos
@@ -95,9 +163,26 @@ class _Walker:
 
 def check_structure(path: Path, offset: int, *, explicit: bool, little: bool) -> None:
     """Raise :class:`InvalidInstance` unless the data set at ``offset`` ends exactly at EOF."""
+    _walk(path, offset, explicit=explicit, little=little, collector=None)
+
+
+def collect_header(path: Path, offset: int, *, defer_size: int | None) -> Elements | None:
+    """:func:`check_structure` of an Explicit VR Little Endian data set, and its elements
+    before Pixel Data as pydicom would read them (values longer than ``defer_size`` left
+    in the file); None when pydicom must read them itself."""
+    collector = _Collector(defer_size)
+    _walk(path, offset, explicit=True, little=True, collector=collector)
+    return collector.elements if collector.usable else None
+
+
+def _walk(
+    path: Path, offset: int, *, explicit: bool, little: bool, collector: _Collector | None
+) -> None:
     with open(path, "rb") as fh:
         size = fh.seek(0, 2)
         if size == offset:
             raise InvalidInstance("the data set is empty")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _Walker(buf, little).elements(offset, size, depth=0, in_item=False, explicit=explicit)
+            _Walker(buf, little, collector).elements(
+                offset, size, depth=0, in_item=False, explicit=explicit
+            )

@@ -5,10 +5,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import UID
 
+import pacs.header as header_module
 from pacs.errors import InvalidInstance, InvalidUID
-from pacs.header import normalise_name, read_header
+from pacs.header import InstanceHeader, normalise_name, read_header
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
+from pacs.structure import check_structure
 from tests.support.instances import ct_instance, part10
 
 
@@ -133,3 +136,44 @@ def test_indexed_values_are_pydicoms_for_every_test_file(tmp_path: Path) -> None
                 assert found == expected, f"{path.name} {keyword}"
         compared += 1
     assert compared > 50
+
+
+def test_the_header_collected_on_the_walk_is_the_one_pydicom_reads(
+    corpus: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explicit VR Little Endian headers are read from the length-checked walk instead of
+    by pydicom's reader; over pydicom's own test files (many vendors, sequences of both
+    lengths, deferred values, odd VRs) and the corpus, what is indexed must not change,
+    and what is refused must be refused for the same reason."""
+    sources = [*sorted((Path(pydicom.__file__).parent / "data" / "test_files").glob("*.dcm"))]
+    sources += corpus
+    collected = 0
+
+    def read_both(path: Path, offset: int, meta: FileMeta) -> tuple[object, object]:
+        outcomes = []
+        for fast in (True, False):
+            if not fast:
+                monkeypatch.setattr(header_module, "collect_header", _structure_only)
+            try:
+                outcomes.append(read_header(path, offset, meta))
+            except InvalidInstance as exc:
+                outcomes.append(f"refused: {exc}")
+            monkeypatch.undo()
+        return outcomes[0], outcomes[1]
+
+    for source in sources:
+        try:
+            path, offset, meta = _stage(tmp_path, source.read_bytes())
+        except InvalidInstance:
+            continue  # no usable meta group: not a case for the header reader
+        syntax = UID(meta.TransferSyntaxUID)
+        if not syntax.is_transfer_syntax or syntax.is_implicit_VR or not syntax.is_little_endian:
+            continue
+        fast, reference = read_both(path, offset, meta)
+        assert fast == reference, source.name
+        collected += isinstance(fast, InstanceHeader)
+    assert collected > 40
+
+
+def _structure_only(path: Path, offset: int, *, defer_size: int | None) -> None:
+    check_structure(path, offset, explicit=True, little=True)

@@ -77,18 +77,19 @@ def dataset_json(
     out: dict[str, Any] = {}
     if raw and _SPECIFIC_CHARACTER_SET in ds:
         codec = _codec(ds.get_item(_SPECIFIC_CHARACTER_SET))
-    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset yields elements)
+    # items(): the elements as read, unconverted (a deferred value is read below, by
+    # pydicom, only when the fast path cannot take it).
+    for tag, stored in ds.items():
         if tag.element == 0 or (tag == PIXEL_DATA and not path):
             continue  # the image's own Pixel Data is described by WADO-RS apart
         key = f"{tag:08X}"
-        if raw:
-            stored = ds.get_item(tag)
-            fast = _raw_json(stored, codec) if isinstance(stored, RawDataElement) else None
+        if raw and isinstance(stored, RawDataElement):
+            fast = _raw_json(stored, codec)
             if fast is not None:
                 out[key] = fast
                 continue
         try:
-            element = ds[tag]
+            element = ds[tag]  # noqa: PLR1733 (this converts the stored element)
         except Exception as exc:  # a raw element pydicom cannot convert at all
             log.debug("element %s could not be read: %s", key, exc)
             out[key] = {"vr": "UN"}

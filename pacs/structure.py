@@ -86,40 +86,43 @@ class _Walker:
         self, buf: mmap.mmap | bytes, little: bool, collector: _Collector | None = None
     ) -> None:
         self.buf = buf
-        self.order = "<" if little else ">"
+        order = "<" if little else ">"
+        # Tag, VR and 2-byte length (explicit VR); tag and 4-byte length (implicit VR,
+        # items); a 4-byte length after a VR that has one.
+        self._explicit = struct.Struct(order + "HH2sH")
+        self._implicit = struct.Struct(order + "HHL")
+        self._long = struct.Struct(order + "L")
         self.collector = collector
         if collector is not None:
             collector.buf = buf
 
-    def _tag(self, pos: int, limit: int) -> tuple[int, int]:
-        if pos + 8 > limit:
-            raise InvalidInstance(f"data set is truncated at byte {pos}")
-        group, element = struct.unpack_from(self.order + "HH", self.buf, pos)
-        return group, element
-
     def elements(self, pos: int, limit: int, depth: int, in_item: bool, explicit: bool) -> int:
         """Skip elements up to ``limit`` (or an item delimiter); return the end position."""
+        buf = self.buf
+        explicit_head = self._explicit.unpack_from
+        implicit_head = self._implicit.unpack_from
+        long_length = self._long.unpack_from
+        collector = self.collector if depth == 0 else None
         while pos < limit:
-            tag = self._tag(pos, limit)
-            if tag == _ITEM_DELIMITATION:
-                if in_item:
-                    return pos + 8
-                raise InvalidInstance(f"unexpected item delimiter at byte {pos}")
-            if tag[0] == 0xFFFE:
-                raise InvalidInstance(f"unexpected item tag ({tag[0]:04X},{tag[1]:04X})")
-            vr = b""
+            if pos + 8 > limit:
+                raise InvalidInstance(f"data set is truncated at byte {pos}")
             if explicit:
-                vr = bytes(self.buf[pos + 4 : pos + 6])
-                if vr in LONG_LENGTH_VR_CODES:
-                    if pos + 12 > limit:
-                        raise InvalidInstance(f"data set is truncated at byte {pos}")
-                    (length,) = struct.unpack_from(self.order + "L", self.buf, pos + 8)
-                    pos += 12
-                else:
-                    (length,) = struct.unpack_from(self.order + "H", self.buf, pos + 6)
-                    pos += 8
+                group, element, vr, length = explicit_head(buf, pos)
             else:
-                (length,) = struct.unpack_from(self.order + "L", self.buf, pos + 4)
+                group, element, length = implicit_head(buf, pos)
+                vr = b""
+            if group == 0xFFFE:
+                if element == _ITEM_DELIMITATION[1]:
+                    if in_item:
+                        return pos + 8
+                    raise InvalidInstance(f"unexpected item delimiter at byte {pos}")
+                raise InvalidInstance(f"unexpected item tag ({group:04X},{element:04X})")
+            if explicit and vr in LONG_LENGTH_VR_CODES:
+                if pos + 12 > limit:
+                    raise InvalidInstance(f"data set is truncated at byte {pos}")
+                (length,) = long_length(buf, pos + 8)
+                pos += 12
+            else:
                 pos += 8
             start = pos
             if length == _UNDEFINED:
@@ -127,14 +130,13 @@ class _Walker:
                 pos = self.items(pos, limit, depth + 1, explicit and vr != b"UN")
             elif pos + length > limit:
                 raise InvalidInstance(
-                    f"element ({tag[0]:04X},{tag[1]:04X}) claims {length} bytes but only "
+                    f"element ({group:04X},{element:04X}) claims {length} bytes but only "
                     f"{limit - pos} remain: the data set is truncated"
                 )
             else:
                 pos += length
-            collector = self.collector
-            if depth == 0 and collector is not None and collector.usable and not collector.done:
-                collector.add(tag[0] << 16 | tag[1], vr, length, start, pos)
+            if collector is not None and collector.usable and not collector.done:
+                collector.add(group << 16 | element, vr, length, start, pos)
         if in_item:
             raise InvalidInstance("a sequence item is missing its delimiter: truncated")
         return pos
@@ -144,14 +146,16 @@ class _Walker:
         if depth > MAX_SEQUENCE_DEPTH:
             raise InvalidInstance(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
         while True:
-            tag = self._tag(pos, limit)
-            (length,) = struct.unpack_from(self.order + "L", self.buf, pos + 4)
+            if pos + 8 > limit:
+                raise InvalidInstance(f"data set is truncated at byte {pos}")
+            group, element, length = self._implicit.unpack_from(self.buf, pos)
+            tag = (group, element)
             pos += 8
             if tag == _SEQUENCE_DELIMITATION:
                 return pos
             if tag != _ITEM:
                 raise InvalidInstance(
-                    f"expected an item or sequence delimiter, found ({tag[0]:04X},{tag[1]:04X})"
+                    f"expected an item or sequence delimiter, found ({group:04X},{element:04X})"
                 )
             if length == _UNDEFINED:
                 pos = self.elements(pos, limit, depth, in_item=True, explicit=explicit)

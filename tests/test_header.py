@@ -150,7 +150,7 @@ def test_the_header_collected_on_the_walk_is_the_one_pydicom_reads(
     collected = 0
 
     def read_both(path: Path, offset: int, meta: FileMeta) -> tuple[object, object]:
-        outcomes = []
+        outcomes: list[object] = []
         for fast in (True, False):
             if not fast:
                 monkeypatch.setattr(header_module, "collect_header", _structure_only)

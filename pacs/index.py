@@ -14,6 +14,7 @@ other while different studies commit in parallel. A transaction that loses a rac
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -400,7 +401,13 @@ class Index:
 
         @event.listens_for(engine, "begin")
         def _begin(connection: Connection) -> None:
-            connection.exec_driver_sql(begin)
+            # On the driver's connection: every transaction starts here, and SQLAlchemy's
+            # execution path cost more than the BEGIN itself.
+            driver = connection.connection.dbapi_connection
+            try:
+                driver.execute(begin)  # type: ignore[union-attr]
+            except sqlite3.Error as exc:
+                raise DBAPIError.instance(begin, (), exc, sqlite3.Error) from exc
 
         return engine
 

@@ -197,15 +197,16 @@ class Worker:
             renewer.join()
 
     def wake(self, *_: object) -> None:
-        """Something may be due now (an instance was stored in this process)."""
+        """Something may be due now (this process's scheduler queued jobs)."""
         self._wake.set()
 
-    def run(self, stop: threading.Event, idle: float = 0.1) -> None:
+    def run(self, stop: threading.Event, idle: float = 0.5) -> None:
         """Jobs until ``stop``. When there is none, a thread waits to be woken; one of the
         idle threads at a time also looks again every ``idle`` seconds, for jobs queued
-        by other processes (the DIMSE workers), so that N idle threads do not each query
-        the index ten times a second beside the archive's writers. A thread that finds a
-        job wakes the others: more may be due."""
+        by other processes (another node's scheduler, ``jobs backfill``, ``jobs retry``)
+        and retries whose pause ran out, so that N idle threads do not each query the
+        index beside the archive's writers. A thread that finds a job wakes the others:
+        more may be due."""
         while not stop.is_set():
             if self.run_once():
                 continue

@@ -663,10 +663,10 @@ def record_query() -> Any:
     )
 
 
-# The statements of every store are built once: SQLAlchemy then only binds values and
-# finds the compiled form by the statement's memoised cache key.
+# Built once: SQLAlchemy then only binds values and finds the compiled form by the
+# statement's memoised cache key. Run when an instance is stored again.
 _INSTANCE_BY_UID = record_query().where(instance.c.SOPInstanceUID == bindparam("b_sop"))
-# The statements every stored instance runs (pacs.prepared).
+# The statements every stored instance runs, on the driver's cursor (pacs.prepared).
 _INSTANCE_EXISTS = Prepared(
     select(instance.c.id).where(instance.c.SOPInstanceUID == bindparam("b_sop"))
 )

@@ -137,7 +137,7 @@ class FsBlobStore:
         text (no ``..``, not absolute): the store makes no links, and resolving each
         component cost every instance stored and read a system call per folder."""
         parts = PurePosixPath(relative).parts
-        if not parts or relative.startswith("/") or ".." in parts or "\0" in relative:
+        if relative.startswith("/") or ".." in parts or "\0" in relative:
             raise ValueError(f"path {relative!r} escapes the store")
         return self.objects / relative
 

@@ -46,8 +46,12 @@ def test_paths_only_from_valid_uids(tmp_path: Path, study: str, series: str, sop
 
 def test_no_path_escapes_the_store(tmp_path: Path) -> None:
     store = FsBlobStore(tmp_path / "data")
-    with pytest.raises(ValueError, match="escapes"):
-        store.path("../../etc/passwd")
+    for hostile in ("../../etc/passwd", "/etc/passwd", "ab/../../../etc/passwd", "a\0b"):
+        with pytest.raises(ValueError, match="escapes"):
+            store.path(hostile)
+    assert store.path("ab/cd/1.2/3.4/5.6.dcm") == store.objects / "ab/cd/1.2/3.4/5.6.dcm"
+    assert store.path("ab/cd/1.2/3.4/5.6.dcm").is_absolute()
+    assert store.path("") == store.objects  # an index row without a file (benchmarks)
 
 
 def test_disk_full_is_a_storage_failure_and_leaves_nothing(

@@ -23,27 +23,25 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from pacs.structure import PIXEL_TAGS
+
 # The archive checks the attributes it indexes itself (UIDs strictly) and keeps every
 # other value exactly as sent; pydicom's per-value warnings on reading would only be noise
 # in the log of a busy archive, and they must not depend on a process's warning filters.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
-def read_stored(
-    source: Path | BinaryIO, *, pixels: bool = False, defer_size: int | None = None
-) -> FileDataset:
+def read_stored(source: Path | BinaryIO, *, pixels: bool = False) -> FileDataset:
     """The data set of the Part 10 file ``source``, from its first byte.
 
     ``pixels``: read Pixel Data too (re-encoding needs it; everything else locates the
-    value instead, see :func:`pacs.pixels.read_image`). ``defer_size``: values longer than
-    this stay in the file until used, so a header costs the same however large its
-    private blobs are. pydicom's own exceptions pass through: a file that fails here is
-    refused at ingest and a storage fault when it was already stored, and only the
-    caller knows which.
+    value instead, see :func:`pacs.pixels.read_image`). pydicom's own exceptions pass
+    through: a file that fails here is refused at ingest and a storage fault when it was
+    already stored, and only the caller knows which.
     """
     if not isinstance(source, Path):
         source.seek(0)
-    return pydicom.dcmread(source, stop_before_pixels=not pixels, defer_size=defer_size)
+    return pydicom.dcmread(source, stop_before_pixels=not pixels)
 
 
 def read_staged(
@@ -82,5 +80,4 @@ def read_staged(
 
 
 def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    """Pixel Data, or the Float / Double Float Pixel Data that takes its place."""
-    return tag in (0x7FE00008, 0x7FE00009, 0x7FE00010)
+    return tag in PIXEL_TAGS

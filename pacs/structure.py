@@ -31,7 +31,7 @@ _ITEM_DELIMITATION = (0xFFFE, 0xE00D)
 _SEQUENCE_DELIMITATION = (0xFFFE, 0xE0DD)
 MAX_SEQUENCE_DEPTH = 32
 # Where pydicom stops reading a header: Pixel Data, Float and Double Float Pixel Data.
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _SPECIFIC_CHARACTER_SET = 0x00080005
 
 Elements = dict[BaseTag, RawDataElement]
@@ -52,7 +52,7 @@ class _Collector:
 
     def add(self, tag: int, vr: bytes, length: int, start: int, end: int) -> None:
         buf = self.buf
-        if tag in _PIXEL_TAGS:
+        if tag in PIXEL_TAGS:
             self.done = True
             return
         if vr not in ENCODED_VR:

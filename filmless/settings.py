@@ -69,6 +69,19 @@ class Settings(BaseSettings):
     index_url: str = Field(
         "", description="SQLAlchemy URL of the index; empty = SQLite in data_dir"
     )
+    s3_bucket: str = Field(
+        "",
+        description="S3-compatible bucket the blobs go to; empty = files under data_dir/objects",
+    )
+    s3_endpoint: str = Field(
+        "", description="the object storage's URL (SeaweedFS, MinIO, ...); empty = AWS"
+    )
+    s3_prefix: str = Field("", description="key prefix of this archive's objects in the bucket")
+    s3_region: str = Field("", description="the bucket's region; empty = AWS_REGION or us-east-1")
+    s3_access_key_id: str = Field(
+        "", description="empty = AWS_ACCESS_KEY_ID, the instance's or pod's role"
+    )
+    s3_secret_access_key: str = Field("", description="secret of s3_access_key_id")
     models_dir: Path = Field(
         Path(""), description="installed models (ONNX + manifest); empty = data_dir/models"
     )
@@ -504,6 +517,7 @@ def _hide_secrets(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
             "index_url": _hide_password(settings.index_url),
+            "s3_secret_access_key": HIDDEN if settings.s3_secret_access_key else "",
             "result_destinations": {
                 name: _hide_password(address)
                 for name, address in settings.result_destinations.items()

@@ -29,7 +29,7 @@ from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
 from pacs.router import Routed, Router, Senders
 from pacs.routes import check_route
-from pacs.store import FsBlobStore
+from pacs.store import BlobStore, FsBlobStore
 
 if TYPE_CHECKING:
     from inference.worker import Worker
@@ -82,6 +82,24 @@ def dimse_worker_count(settings: Settings) -> int:
     return settings.dimse_workers or os.cpu_count() or 1
 
 
+def blob_store(settings: Settings) -> BlobStore:
+    """Object storage when a bucket is set, else files under the data folder; staging is
+    on this node's disk in both cases."""
+    if not settings.s3_bucket:
+        return FsBlobStore(settings.data_dir)
+    from pacs.objectstore import S3BlobStore
+
+    return S3BlobStore(
+        settings.data_dir,
+        bucket=settings.s3_bucket,
+        endpoint=settings.s3_endpoint,
+        prefix=settings.s3_prefix,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key,
+    )
+
+
 def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
     """The archive of a process; with screening on, what it stores becomes jobs."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +108,7 @@ def build_archive(settings: Settings, *, create_schema: bool = True) -> Archive:
     if create_schema:
         index.create_schema()
     archive = Archive(
-        FsBlobStore(settings.data_dir),
+        blob_store(settings),
         index,
         EventBus(),
         duplicate_policy=settings.duplicate_policy,

@@ -43,7 +43,7 @@ from pacs.index import (
 )
 from pacs.inflate import inflated
 from pacs.part10 import FileMeta, encode_file_meta, guess_transfer_syntax, read_file_meta
-from pacs.store import FsBlobStore, StagedBlob
+from pacs.store import BlobStore, StagedBlob
 from pacs.uids import require_uid
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class Archive:
 
     def __init__(
         self,
-        store: FsBlobStore,
+        store: BlobStore,
         index: Index,
         events: EventBus | None = None,
         *,
@@ -231,8 +231,7 @@ class Archive:
                 )
             existing = self.index.instance(meta.MediaStorageSOPInstanceUID)
             if existing is not None and (
-                existing.sha256 == staged.sha256
-                or same_instance(self.store.path(existing.path), staged.path)
+                existing.sha256 == staged.sha256 or self._same_instance(existing, staged)
             ):
                 self.store.discard(staged)
                 return StoreOutcome(IndexAction.DUPLICATE, existing)
@@ -303,6 +302,13 @@ class Archive:
         self.store.discard(staged)
         return restaged, len(head)
 
+    def _same_instance(self, existing: InstanceRecord, staged: StagedBlob) -> bool:
+        try:
+            with self.store.local(existing.path) as stored:
+                return same_instance(stored, staged.path)
+        except OSError:  # the stored copy is gone or unreadable: not shown to be the same
+            return False
+
     def _indexed_path(self, SOPInstanceUID: str) -> str | None:
         try:
             record = self.index.instance(SOPInstanceUID)
@@ -329,10 +335,13 @@ class Archive:
         with self.store.open(record.path) as stream:
             meta = read_file_meta(stream)
             offset = stream.tell()
-        source = self.store.path(record.path)
         folder = self.store.staging
         limit = self.max_instance_bytes
-        with inflated(source, offset, meta, folder, limit) as (copy, _), open(copy, "rb") as stream:
+        with (
+            self.store.local(record.path) as source,
+            inflated(source, offset, meta, folder, limit) as (copy, _),
+            open(copy, "rb") as stream,
+        ):
             yield stream
 
     def records(

@@ -110,11 +110,8 @@ class Sender:
     def send_file(self, path: Path) -> None:
         """A stored Part 10 file; its data set is sent as it is encoded, never decoded
         (unless the peer needs it in another transfer syntax)."""
-        if self.target.is_stow:
-            _stow(self.target, path.read_bytes(), self.timeout)
-            return
         with open(path, "rb") as stream:
-            self._deliver(read_file_meta(stream), stream)
+            self.send(stream)
 
     def _deliver(self, meta: FileMeta, stream: BinaryIO) -> None:
         """The data set from ``stream`` (just past its meta group) to the peer."""

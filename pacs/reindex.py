@@ -12,16 +12,15 @@ that cannot be indexed at all is listed, left where it is for an operator to loo
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pacs.archive import Archive
 from pacs.errors import PacsError
 from pacs.header import read_header
 from pacs.index import BlobFacts
 from pacs.part10 import read_file_meta
+from pacs.store import StoredBlob
 
 _CHUNK = 1 << 20
 
@@ -29,52 +28,49 @@ _CHUNK = 1 << 20
 @dataclass
 class Reindexed:
     indexed: int = 0
-    # (file, why) of those left out of the index, and of those indexed with a change.
-    refused: list[tuple[Path, str]] = field(default_factory=list)
-    changed: list[tuple[Path, str]] = field(default_factory=list)
+    # (blob, why) of those left out of the index, and of those indexed with a change.
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    changed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def stored_files(archive: Archive) -> list[Path]:
-    found = []
-    for folder, _dirs, names in os.walk(archive.store.objects):
-        found += [Path(folder) / name for name in sorted(names)]
-    return found
+def stored_files(archive: Archive) -> list[StoredBlob]:
+    return list(archive.store.listing())
 
 
 def reindex(archive: Archive, advance: Callable[[], None] = lambda: None) -> Reindexed:
-    """Drop and rebuild the index tables from every file under the store."""
-    files = stored_files(archive)
+    """Drop and rebuild the index tables from every blob in the store."""
+    blobs = stored_files(archive)
     archive.index.drop_archive_tables()
     archive.index.create_schema()
     result = Reindexed()
-    objects = archive.store.objects.resolve()
-    for path in files:
+    for blob in blobs:
         try:
-            outcome = _index_one(archive, path, objects)
+            outcome = _index_one(archive, blob)
         except (PacsError, OSError) as exc:
-            result.refused.append((path, str(exc)))
+            result.refused.append((blob.relative, str(exc)))
         else:
             result.indexed += 1
             if outcome:
-                result.changed.append((path, outcome))
+                result.changed.append((blob.relative, outcome))
         advance()
     return result
 
 
-def _index_one(archive: Archive, path: Path, objects: Path) -> str:
-    with open(path, "rb") as stream:
-        meta = read_file_meta(stream)
-        offset = stream.tell()
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    header = read_header(path, offset, meta)
+def _index_one(archive: Archive, blob: StoredBlob) -> str:
+    with archive.store.local(blob.relative) as path:
+        with open(path, "rb") as stream:
+            meta = read_file_meta(stream)
+            offset = stream.tell()
+            stream.seek(0)
+            digest = hashlib.sha256()
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+        header = read_header(path, offset, meta)
     facts = BlobFacts(
         TransferSyntaxUID=meta.TransferSyntaxUID,
-        size=path.stat().st_size,
+        size=blob.size,
         sha256=digest.hexdigest(),
-        path=str(path.resolve().relative_to(objects)),
+        path=blob.relative,
         origin="reindex",
         SourceApplicationEntityTitle="",
     )

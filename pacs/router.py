@@ -190,7 +190,8 @@ class Senders:
                     record = records.get(job.SOPInstanceUID)
                     if record is None:
                         raise NotFound(f"instance {job.SOPInstanceUID} is not in the archive")
-                    sender.send_file(self.archive.store.path(record.path))  # as stored
+                    with self.archive.open(record) as stream:
+                        sender.send(stream)  # as stored
                 except NotFound:
                     self.queue.skip(job, "deleted before it was sent")
                 except Exception as exc:  # kept on the job, with the reason, tried again

@@ -1,11 +1,16 @@
-"""The blob store: durable writes of whole DICOM files under a folder the archive owns.
+"""The blob store: durable writes of whole DICOM files, in a folder or in object storage.
 
-A write is: temporary file in ``staging/``, fsync, atomic rename into place, fsync of
-the directory (and of every directory created on the way). The staging file's fsync
-runs on a thread of its own while the archive reads the header and looks up the index;
-the rename waits for it. Paths are built only from validated UIDs and a content hash,
-so nothing a peer sends can name a path outside the data folder, and a replaced
-instance gets a new file instead of being rewritten in place.
+Every store receives an instance the same way: into a staging file on this node's disk
+(``staging/``), hashed on the way, where the archive reads its header. ``commit`` then
+makes it a stored blob, durable before it returns, and the index row follows. Names are
+built only from validated UIDs and a content hash, so nothing a peer sends can name a
+place outside the store, and a replaced instance gets a new blob instead of being
+rewritten in place.
+
+:class:`FsBlobStore` keeps blobs under ``objects/``: fsync of the staging file (on a
+thread of its own while the archive reads the header), atomic rename into place, fsync
+of the directory and of every directory created on the way.
+:class:`pacs.objectstore.S3BlobStore` uploads them to S3-compatible storage.
 """
 
 from __future__ import annotations
@@ -17,8 +22,12 @@ import io
 import os
 import threading
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -52,19 +61,34 @@ class StagedBlob:
             raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """One blob as the store lists it: its name (``relative_path``), bytes and when it
+    was written."""
+
+    relative: str
+    size: int
+    modified: datetime
+
+
 _HEX = frozenset("0123456789abcdef")
 
 
-class FsBlobStore:
-    """Files under ``root/objects``, staged under ``root/staging`` on the same file system."""
+class BlobStore(ABC):
+    """What the archive needs of a store; staging on this node's disk is common to all.
 
-    def __init__(self, root: Path) -> None:
+    ``shared``: other nodes write the same store (object storage), so a blob without an
+    index row may be one of theirs, not yet committed.
+    """
+
+    shared = False
+
+    def __init__(self, root: Path, *, sync_staging: bool = True) -> None:
         self.root = root
-        self.objects = root / "objects"
         self.staging = root / "staging"
-        for folder in (self.root, self.objects, self.staging):
+        for folder in (self.root, self.staging):
             _ensure_dir(folder)
-        self.objects = self.objects.resolve()  # absolute, as every path it gives out
+        self.sync_staging = sync_staging
 
     def stage(self, head: bytes, body: BinaryIO) -> StagedBlob:
         """Write ``head`` then the rest of ``body`` to a new staging file; it is durable
@@ -96,7 +120,7 @@ class FsBlobStore:
 
     def open_staging(self, head: bytes) -> StagingWriter:
         """A staging file that receives a data set piece by piece (see :meth:`stage`)."""
-        return StagingWriter(self.staging / f"{uuid.uuid4().hex}.part", head)
+        return StagingWriter(self.staging / f"{uuid.uuid4().hex}.part", head, self.sync_staging)
 
     def relative_path(
         self, StudyInstanceUID: str, SeriesInstanceUID: str, SOPInstanceUID: str, sha256: str
@@ -110,7 +134,57 @@ class FsBlobStore:
         fan = hashlib.sha1(study.encode("ascii"), usedforsecurity=False).hexdigest()
         return f"{fan[:2]}/{fan[2:4]}/{study}/{series}/{sop}.{sha256[:16]}.dcm"
 
-    def commit(self, staged: StagedBlob, relative: str) -> Path:
+    def discard(self, staged: StagedBlob) -> None:
+        """Unlinked at once: a duplicate does not wait for an fsync it will not keep (the
+        fsync thread still owns the open file and closes it)."""
+        _unlink_quietly(staged.path)
+
+    @abstractmethod
+    def commit(self, staged: StagedBlob, relative: str) -> None:
+        """Make a staged blob the stored ``relative``, durable when this returns; on
+        failure (StorageFailure) neither the staging file nor a partial blob is left."""
+
+    @abstractmethod
+    def open(self, relative: str) -> BinaryIO:
+        """The stored bytes, seekable; FileNotFoundError when there is no such blob."""
+
+    @abstractmethod
+    def delete(self, relative: str) -> None:
+        """Remove a blob durably; one that is already gone is not an error."""
+
+    @abstractmethod
+    def local(self, relative: str) -> contextlib.AbstractContextManager[Path]:
+        """A file on this node with the blob's bytes, for readers that need a path (the
+        inflater, the equivalence check); valid inside the ``with``."""
+
+    @abstractmethod
+    def listing(self) -> Iterator[StoredBlob]:
+        """Every stored blob (not staging files, not set-aside ones)."""
+
+    @abstractmethod
+    def set_aside(self, relative: str) -> str:
+        """Move a blob out of the store to ``orphans/`` for an operator; where it went."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the blobs are, for logs and messages."""
+
+
+class FsBlobStore(BlobStore):
+    """Files under ``root/objects``, staged under ``root/staging`` on the same file system."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.objects = root / "objects"
+        _ensure_dir(self.objects)
+        self.objects = self.objects.resolve()  # absolute, as every path it gives out
+
+    @property
+    def location(self) -> str:
+        return str(self.objects)
+
+    def commit(self, staged: StagedBlob, relative: str) -> None:
         """Move a staged blob to its place and make the new directory entry durable."""
         target = self.path(relative)
         try:
@@ -125,12 +199,6 @@ class FsBlobStore:
         except OSError as exc:
             _unlink_quietly(staged.path)
             raise StorageFailure(f"cannot store the instance: {_describe(exc)}") from exc
-        return target
-
-    def discard(self, staged: StagedBlob) -> None:
-        """Unlinked at once: a duplicate does not wait for an fsync it will not keep (the
-        fsync thread still owns the open file and closes it)."""
-        _unlink_quietly(staged.path)
 
     def path(self, relative: str) -> Path:
         """``objects/relative``, refused when it could lead elsewhere. Checked on the
@@ -143,6 +211,27 @@ class FsBlobStore:
 
     def open(self, relative: str) -> BinaryIO:
         return open(self.path(relative), "rb")
+
+    @contextmanager
+    def local(self, relative: str) -> Iterator[Path]:
+        yield self.path(relative)
+
+    def listing(self) -> Iterator[StoredBlob]:
+        for folder, _dirs, names in os.walk(self.objects):
+            for name in sorted(names):
+                path = Path(folder) / name
+                stat = path.stat()
+                yield StoredBlob(
+                    str(path.relative_to(self.objects)),
+                    stat.st_size,
+                    datetime.fromtimestamp(stat.st_mtime).astimezone(),
+                )
+
+    def set_aside(self, relative: str) -> str:
+        target = self.root / "orphans" / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path(relative), target)
+        return str(target)
 
     def delete(self, relative: str) -> None:
         """Remove a blob and the directories it leaves empty, durably."""
@@ -167,11 +256,12 @@ class StagingWriter:
     """A staging file written in pieces as they arrive, hashed on the way.
 
     For data sets too large to hold in memory: nothing is read back to hash it, and
-    :meth:`finish` gives the same durable :class:`StagedBlob` as :meth:`FsBlobStore.stage`.
+    :meth:`finish` gives the same :class:`StagedBlob` as :meth:`BlobStore.stage`.
     """
 
-    def __init__(self, path: Path, head: bytes) -> None:
+    def __init__(self, path: Path, head: bytes, sync: bool = True) -> None:
         self.path = path
+        self.sync = sync
         self.digest = hashlib.sha256()
         self.size = 0
         self._syncing: Future[None] | None = None
@@ -200,12 +290,17 @@ class StagingWriter:
         self.size += len(data)
 
     def finish(self) -> StagedBlob:
-        """All bytes handed to the file system; their fsync started on a thread of its own."""
+        """All bytes handed to the file system; their fsync started on a thread of its own
+        (none when the store's durability is elsewhere: an upload)."""
         try:
             self.out.flush()
+            if not self.sync:
+                self.out.close()
         except OSError as exc:
             self.discard()
             raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
+        if not self.sync:
+            return StagedBlob(path=self.path, size=self.size, sha256=self.digest.hexdigest())
         syncing = self._syncing = _syncing.submit(_sync_and_close, self.out)
         return StagedBlob(
             path=self.path, size=self.size, sha256=self.digest.hexdigest(), syncing=syncing

@@ -3,20 +3,20 @@
 :func:`reconcile` runs at startup, before anything is received. A staging file was never
 acknowledged (Success follows the index commit), so it goes. A stored file without an
 index row was renamed into place but not committed, so never acknowledged either: it
-is moved to ``orphans/`` rather than deleted, for an operator to look at. A row whose
-file is missing is a loss the archive cannot repair; it is reported, and kept so that
-the loss stays visible. :func:`verify` re-reads every file and compares size and SHA-256
-with the index.
+is moved to ``orphans/`` rather than deleted, for an operator to look at; in a store
+other nodes share, only by a node that knows no other is running (``orphans=False``
+otherwise: a blob without a row may be another node's upload, its row about to commit).
+A row whose file is missing is a loss the archive cannot repair; it is reported, and
+kept so that the loss stays visible. :func:`verify` re-reads every blob and compares size
+and SHA-256 with the index.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pacs.archive import Archive
 from pacs.index import InstanceRecord
@@ -28,7 +28,7 @@ _CHUNK = 1 << 20
 @dataclass
 class Reconciled:
     staging_removed: int = 0
-    orphans_moved: list[Path] = field(default_factory=list)
+    orphans_moved: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # SOP Instance UIDs
 
 
@@ -43,39 +43,36 @@ class Verified:
         return not self.missing and not self.corrupt
 
 
-def reconcile(archive: Archive) -> Reconciled:
+def reconcile(archive: Archive, *, orphans: bool = True) -> Reconciled:
     """Both ways between the store and the index; call it before taking any input."""
     store = archive.store
     result = Reconciled()
-    # Staging files, spooled request parts and inflated copies of a process that
-    # stopped: none of them was acknowledged.
+    # Staging files, spooled request parts and inflated or fetched copies of a process
+    # that stopped: none of them was acknowledged.
     for leftover in [
         *store.staging.glob("*.part"),
         *store.staging.glob("upload-*"),  # dicomweb.multipart
         *store.staging.glob("inflated-*"),  # pacs.inflate
+        *store.staging.glob("fetched-*"),  # pacs.objectstore
     ]:
         leftover.unlink(missing_ok=True)
         result.staging_removed += 1
-    indexed = {}
-    for record in archive.index.instances():
-        indexed[store.path(record.path)] = record.SOPInstanceUID
-    objects = store.objects.resolve()
-    for folder, _dirs, names in os.walk(objects):
-        for name in names:
-            path = Path(folder) / name
-            if path not in indexed:
-                target = store.root / "orphans" / path.relative_to(objects)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-                result.orphans_moved.append(target)
-    result.missing = [uid for path, uid in indexed.items() if not path.is_file()]
+    # Rows first: a row read here had its blob stored before it committed, so the
+    # listing that follows holds it, whatever other nodes store meanwhile.
+    indexed = {record.path: record.SOPInstanceUID for record in archive.index.instances()}
+    stored = set()
+    for blob in store.listing():
+        stored.add(blob.relative)
+        if orphans and blob.relative not in indexed:
+            result.orphans_moved.append(store.set_aside(blob.relative))
+    result.missing = [uid for path, uid in indexed.items() if path not in stored]
     if result.staging_removed or result.orphans_moved:
         log.warning(
-            "startup: %d unacknowledged staging file(s) removed, %d file(s) without an index "
-            "row moved to %s",
+            "startup: %d unacknowledged staging file(s) removed, %d blob(s) without an index "
+            "row set aside (first: %s)",
             result.staging_removed,
             len(result.orphans_moved),
-            store.root / "orphans",
+            result.orphans_moved[0] if result.orphans_moved else "none",
         )
     if result.missing:
         log.error(

@@ -1,4 +1,5 @@
-"""C-ECHO and C-STORE over loopback with pynetdicom SCUs, every status checked."""
+"""C-ECHO and C-STORE over loopback with pynetdicom SCUs, every status checked; with
+blobs in a folder and in object storage."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from pacs.dimse.server import STORAGE_SOP_CLASSES, DimseConfig, start_dimse
 from pacs.index import count_rows, instance
 from pacs.part10 import read_file_meta
 from pacs.status import StoreStatus
-from tests.conftest import free_port, make_archive
+from pacs.store import FsBlobStore
+from tests.conftest import free_port, with_policy
 from tests.support.instances import ct_instance, part10
 from tests.support.scu import associate, context_id, send_raw
 
@@ -33,6 +35,9 @@ CT_CONTEXT = [
     (CTImageStorage, [ExplicitVRLittleEndian]),
     (MRImageStorage, [ExplicitVRLittleEndian]),
 ]
+
+
+EVERY_BLOB_STORE = True
 
 
 def _body(data: bytes) -> tuple[str, str, str, bytes]:
@@ -64,7 +69,7 @@ def _store(config: DimseConfig, data: bytes) -> pydicom.Dataset:
 
 def _nothing_left(archive: Archive) -> None:
     assert list(archive.store.staging.iterdir()) == []
-    assert [p for p in archive.store.objects.rglob("*") if p.is_file()] == []
+    assert list(archive.store.listing()) == []
     with archive.index.reading() as conn:
         assert count_rows(conn, instance) == 0
 
@@ -235,13 +240,16 @@ def test_sop_class_differs_from_presentation_context(
 def test_disk_write_error(
     archive: Archive, dimse_server: DimseConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def disk_full(_fd: int) -> None:
+    def disk_full(*_args: object, **_kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("pacs.store.os.fsync", disk_full)
+    folder = isinstance(archive.store, FsBlobStore)
+    monkeypatch.setattr(
+        "pacs.store.os.fsync" if folder else "pacs.objectstore.obstore.put", disk_full
+    )
     answer = _store(dimse_server, part10(ct_instance()))
     assert answer.Status == StoreStatus.OUT_OF_RESOURCES
-    assert "no space left" in answer.ErrorComment
+    assert ("no space left" if folder else "object storage") in answer.ErrorComment
     monkeypatch.undo()
     _nothing_left(archive)
 
@@ -259,8 +267,8 @@ def test_duplicates_under_reject(archive: Archive, dimse_server: DimseConfig) ->
         assert str(pydicom.dcmread(stored).PatientName) == "Test^Patient"
 
 
-def test_duplicates_under_overwrite(tmp_path: Path, archive: Archive) -> None:
-    overwriting = make_archive(archive.store.root, archive.index, policy="overwrite")
+def test_duplicates_under_overwrite(archive: Archive) -> None:
+    overwriting = with_policy(archive, "overwrite")
     config = DimseConfig(port=free_port())
     server = start_dimse(overwriting, config)
     try:
@@ -274,7 +282,7 @@ def test_duplicates_under_overwrite(tmp_path: Path, archive: Archive) -> None:
     assert len(records) == 1
     with overwriting.open(records[0]) as stored:
         assert str(pydicom.dcmread(stored).PatientName) == "Other^Name"
-    assert len([p for p in overwriting.store.objects.rglob("*") if p.is_file()]) == 1
+    assert len(list(overwriting.store.listing())) == 1
 
 
 def test_calling_ae_allow_list(archive: Archive) -> None:

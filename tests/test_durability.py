@@ -1,6 +1,7 @@
 """Nothing acknowledged is lost: many concurrent associations, and ``kill -9`` of the
-whole server (acceptor and DIMSE workers) in the middle of ingest, five times, on SQLite
-and on PostgreSQL. Every instance that got Success must come back bit for bit."""
+whole server (acceptor and DIMSE workers) in the middle of ingest, five times, on SQLite,
+on PostgreSQL, and on PostgreSQL with the blobs in object storage. Every instance that
+got Success must come back bit for bit."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from pacs.dimse.reactor import MendedAE
 from pacs.index import Index
 from pacs.part10 import read_file_meta
-from pacs.store import FsBlobStore
+from pacs.store import BlobStore, FsBlobStore
+from tests.conftest import s3_store
 from tests.support.postgres import PostgresServer
+from tests.support.s3 import SeaweedServer
 from tests.support.scu import store
 from tests.support.server import Server
 
@@ -129,13 +132,12 @@ class Sender:
             self.next = 0
 
 
-def _check_all_stored(data_dir: Path, index_url: str, paths: list[Path]) -> None:
+def _check_all_stored(store: BlobStore, index_url: str, paths: list[Path]) -> None:
     index = Index(index_url)
     try:
         records = {r.SOPInstanceUID: r for r in index.instances()}
     finally:
         index.dispose()
-    store = FsBlobStore(data_dir)
     for path in paths:
         with path.open("rb") as stream:
             meta = read_file_meta(stream)
@@ -144,9 +146,9 @@ def _check_all_stored(data_dir: Path, index_url: str, paths: list[Path]) -> None
         assert record is not None, f"{path.name} was acknowledged and is not indexed"
         with store.open(record.path) as stored:
             assert _body(stored) == sent, f"{path.name} differs from what was sent"
-    on_disk = sum(1 for p in store.objects.rglob("*.dcm"))
-    assert on_disk == len(records), "files in the store and rows in the index differ"
     assert list(store.staging.iterdir()) == []
+    blobs = sum(1 for _ in store.listing())
+    assert blobs == len(records), "blobs in the store and rows in the index differ"
 
 
 def test_eight_associations_of_250_instances(tmp_path: Path) -> None:
@@ -160,7 +162,7 @@ def test_eight_associations_of_250_instances(tmp_path: Path) -> None:
         assert server.stop() == 0
     assert len(sender.acknowledged) == 2000
     url = f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}"
-    _check_all_stored(tmp_path / "data", url, paths)
+    _check_all_stored(FsBlobStore(tmp_path / "data"), url, paths)
     index = Index(url)
     try:
         assert len(index.instances()) == 2000
@@ -169,22 +171,35 @@ def test_eight_associations_of_250_instances(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+    "backend",
+    [
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+        pytest.param("postgresql+s3", marks=[pytest.mark.postgresql, pytest.mark.s3]),
+    ],
 )
 def test_kill_9_five_times_during_ingest(
     tmp_path: Path, request: pytest.FixtureRequest, backend: str
 ) -> None:
-    if backend == "postgresql":
+    if backend.startswith("postgresql"):
         postgres: PostgresServer = request.getfixturevalue("postgres")
         url = postgres.fresh_database()
     else:
         url = f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}"
+    blobs: dict[str, str] = {}
+    store: BlobStore = FsBlobStore(tmp_path / "data")
+    if backend.endswith("s3"):
+        seaweedfs: SeaweedServer = request.getfixturevalue("seaweedfs")
+        prefix = seaweedfs.fresh_prefix()
+        blobs = seaweedfs.settings(prefix)
+        store = s3_store(seaweedfs, tmp_path / "checking", prefix)
     paths = _write_instances(tmp_path / "send", 1500, seed=5)
     server = Server(
         tmp_path / "data",
         FILMLESS_SCREENING="false",
         FILMLESS_DIMSE_WORKERS="2",
         FILMLESS_INDEX_URL=url,
+        **blobs,
     )
     sender = Sender(0, paths, associations=4)
     chance = random.Random(9)
@@ -216,10 +231,16 @@ def test_kill_9_five_times_during_ingest(
     finally:
         assert server.stop() == 0
     assert len(sender.acknowledged) == len(paths)
-    _check_all_stored(tmp_path / "data", url, paths)
+    _check_all_stored(store, url, paths)
+    assert list((tmp_path / "data" / "staging").iterdir()) == []
     verify = subprocess.run(
         [sys.executable, "-m", "filmless.cli", "verify"],
-        env={**os.environ, "FILMLESS_DATA_DIR": str(tmp_path / "data"), "FILMLESS_INDEX_URL": url},
+        env={
+            **os.environ,
+            "FILMLESS_DATA_DIR": str(tmp_path / "data"),
+            "FILMLESS_INDEX_URL": url,
+            **blobs,
+        },
         capture_output=True,
         text=True,
         timeout=300,

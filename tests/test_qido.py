@@ -17,9 +17,11 @@ from pacs.archive import Archive
 from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
-from tests.conftest import free_port, make_archive
+from tests.conftest import StoreFactory, free_port, make_archive
 from tests.support.instances import ct_instance
 from tests.support.web import serving
+
+EVERY_BLOB_STORE = True
 
 
 @dataclass
@@ -33,11 +35,13 @@ class Web:
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]) -> Iterator[Web]:
+def web(
+    tmp_path_factory: pytest.TempPathFactory, corpus: list[Path], blob_stores: StoreFactory
+) -> Iterator[Web]:
     root = tmp_path_factory.mktemp("qido")
     index = Index(f"sqlite:///{root / 'index.sqlite'}")
     index.create_schema()
-    archive = make_archive(root / "data", index)
+    archive = make_archive(root / "data", index, stores=blob_stores)
     studies: dict[str, pydicom.Dataset] = {}
     series: dict[str, set[str]] = defaultdict(set)
     instances: dict[str, set[str]] = defaultdict(set)

@@ -28,8 +28,10 @@ from pacs.dimse.server import STORAGE_SOP_CLASSES, DimseConfig, start_dimse
 from pacs.index import Index, InstanceRecord
 from pacs.part10 import read_file_meta
 from pacs.status import QueryStatus
-from tests.conftest import free_port, make_archive
+from tests.conftest import StoreFactory, free_port, make_archive
 from tests.support.instances import ct_instance, source
+
+EVERY_BLOB_STORE = True
 
 
 @dataclass
@@ -70,11 +72,13 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]) -> Iterator[Setup]:
+def setup(
+    tmp_path_factory: pytest.TempPathFactory, corpus: list[Path], blob_stores: StoreFactory
+) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp("retrieve")
     index = Index(f"sqlite:///{root / 'index.sqlite'}")
     index.create_schema()
-    archive = make_archive(root / "data", index)
+    archive = make_archive(root / "data", index, stores=blob_stores)
     for path in corpus:
         archive.ingest_file(path)
     implicit = ct_instance(study="1.2.826.9.1", series="1.2.826.9.1.1", sop="1.2.826.9.1.1.1")

@@ -1,3 +1,5 @@
+"""The blob store's contract, for the folder store and for object storage (SeaweedFS)."""
+
 from __future__ import annotations
 
 import errno
@@ -9,24 +11,47 @@ import pytest
 
 from pacs.errors import InvalidUID, StorageFailure
 from pacs.store import FsBlobStore
+from tests.conftest import StoreFactory
 
+EVERY_BLOB_STORE = True
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
 
 
-def test_stage_commit_delete(tmp_path: Path) -> None:
-    store = FsBlobStore(tmp_path)
+def test_stage_commit_read_delete(tmp_path: Path, blob_stores: StoreFactory) -> None:
+    store = blob_stores(tmp_path)
     staged = store.stage(b"head", io.BytesIO(b"body" * 1000))
     assert staged.size == 4004
     assert staged.sha256 == hashlib.sha256(b"head" + b"body" * 1000).hexdigest()
     relative = store.relative_path(STUDY, SERIES, SOP, staged.sha256)
     assert relative.endswith(f"{STUDY}/{SERIES}/{SOP}.{staged.sha256[:16]}.dcm")
-    target = store.commit(staged, relative)
-    assert target.read_bytes() == b"head" + b"body" * 1000
+    store.commit(staged, relative)
+    with store.open(relative) as stream:
+        assert stream.read() == b"head" + b"body" * 1000
+        stream.seek(4000)  # a seekable reader: the archive reads frames at their offsets
+        assert stream.read(10) == b"body"
+        assert stream.tell() == 4004
+    with store.local(relative) as copy:
+        assert copy.read_bytes() == b"head" + b"body" * 1000
+    assert [(b.relative, b.size) for b in store.listing()] == [(relative, 4004)]
     assert list(store.staging.iterdir()) == []
     store.delete(relative)
-    assert not target.exists()
-    # Emptied folders go too, the store root stays.
-    assert list(store.objects.iterdir()) == []
+    store.delete(relative)  # already gone: not an error
+    assert list(store.listing()) == []
+    with pytest.raises(FileNotFoundError):
+        store.open(relative)
+    if isinstance(store, FsBlobStore):  # emptied folders go too, the store root stays
+        assert list(store.objects.iterdir()) == []
+
+
+def test_a_blob_set_aside_leaves_the_store(tmp_path: Path, blob_stores: StoreFactory) -> None:
+    store = blob_stores(tmp_path)
+    staged = store.stage(b"", io.BytesIO(b"never indexed"))
+    relative = store.relative_path(STUDY, SERIES, SOP, staged.sha256)
+    store.commit(staged, relative)
+    where = store.set_aside(relative)
+    assert "orphans/" in where
+    assert where.endswith(relative)
+    assert list(store.listing()) == []
 
 
 @pytest.mark.parametrize(

@@ -19,12 +19,15 @@ from pacs.archive import Archive
 from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
 from pacs.index import Index
-from tests.conftest import free_port, make_archive
+from tests.conftest import StoreFactory, free_port, make_archive
 from tests.support.instances import ct_instance, part10
 from tests.support.web import serving
 
 BOUNDARY = "test-boundary-1234"
 MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+EVERY_BLOB_STORE = True
 
 
 @dataclass
@@ -36,10 +39,10 @@ class Stow:
 
 
 @pytest.fixture
-def stow(tmp_path: Path) -> Iterator[Stow]:
+def stow(tmp_path: Path, blob_stores: StoreFactory) -> Iterator[Stow]:
     index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
     index.create_schema()
-    archive = make_archive(tmp_path / "data", index)
+    archive = make_archive(tmp_path / "data", index, stores=blob_stores)
     with serving(create_app(archive, max_request_bytes=256 * 1024)) as url:
         yield Stow(url, DICOMwebClient(url), archive, index)
     index.dispose()

@@ -10,6 +10,7 @@ from filmless.cli import main
 from filmless.settings import load_settings
 from filmless.wiring import build_archive
 from pacs.archive import Archive, Origin
+from pacs.store import FsBlobStore
 from pacs.verify import reconcile, verify
 from tests.support.instances import ct_instance, source
 
@@ -27,6 +28,7 @@ def test_reconcile_both_ways_and_verify(archive: Archive) -> None:
     uids = _store(archive, 4)
     records = {r.SOPInstanceUID: r for r in archive.index.instances()}
     store = archive.store
+    assert isinstance(store, FsBlobStore)
     (store.staging / "deadbeef.part").write_bytes(b"half a file")  # killed while receiving
     orphan = store.objects / "ab" / "cd" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.0123.dcm"
     orphan.parent.mkdir(parents=True)
@@ -39,7 +41,7 @@ def test_reconcile_both_ways_and_verify(archive: Archive) -> None:
 
     result = reconcile(archive)
     assert result.staging_removed == 1
-    assert [p.name for p in result.orphans_moved] == [orphan.name]
+    assert [Path(p).name for p in result.orphans_moved] == [orphan.name]
     assert not orphan.exists()
     assert (store.root / "orphans").is_dir()
     assert result.missing == [uids[0]]
@@ -64,6 +66,7 @@ def test_verify_command(
     assert "2 instance(s) checked: 0 missing, 0 differing" in capsys.readouterr().err
     record = archive.index.instance(uids[1])
     assert record is not None
+    assert isinstance(archive.store, FsBlobStore)
     archive.store.path(record.path).write_bytes(b"not what was stored")
     archive.index.dispose()
     assert main(["verify"]) == 1

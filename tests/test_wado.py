@@ -34,9 +34,11 @@ from dicomweb.app import create_app
 from pacs.archive import Archive, Origin
 from pacs.index import Index, InstanceRecord
 from scripts.synthetic_corpus import encode
-from tests.conftest import make_archive
+from tests.conftest import StoreFactory, make_archive
 from tests.support.instances import ct_instance, source, write
 from tests.support.web import parts, serving
+
+EVERY_BLOB_STORE = True
 
 
 @dataclass
@@ -62,11 +64,13 @@ def _multiframe(syntax: str, frames: int = 3) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory, corpus: list[Path]) -> Iterator[Web]:
+def web(
+    tmp_path_factory: pytest.TempPathFactory, corpus: list[Path], blob_stores: StoreFactory
+) -> Iterator[Web]:
     root = tmp_path_factory.mktemp("wado")
     index = Index(f"sqlite:///{root / 'index.sqlite'}")
     index.create_schema()
-    archive = make_archive(root / "data", index)
+    archive = make_archive(root / "data", index, stores=blob_stores)
     for path in corpus:
         archive.ingest_file(path)
     native = _multiframe(ExplicitVRLittleEndian)
@@ -423,10 +427,10 @@ def test_etag_last_modified_and_gzip(web: Web) -> None:
     assert search.headers["content-encoding"] == "gzip"
 
 
-def test_delete_instance_series_and_study(tmp_path: Path) -> None:
+def test_delete_instance_series_and_study(tmp_path: Path, blob_stores: StoreFactory) -> None:
     index = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
     index.create_schema()
-    archive = make_archive(tmp_path / "data", index)
+    archive = make_archive(tmp_path / "data", index, stores=blob_stores)
     study = generate_uid()
     series = [generate_uid(), generate_uid()]
     made = [
@@ -434,7 +438,7 @@ def test_delete_instance_series_and_study(tmp_path: Path) -> None:
     ]
     for n, ds in enumerate(made):
         archive.ingest_file(write(ds, tmp_path / f"{n}.dcm"))
-    files = [archive.store.path(r.path) for r in index.instances()]
+    assert len(list(archive.store.listing())) == 5
     with serving(create_app(archive)) as url:
         client = DICOMwebClient(url)
         one = made[0]
@@ -451,7 +455,7 @@ def test_delete_instance_series_and_study(tmp_path: Path) -> None:
         assert httpx.delete(f"{url}/studies/{study}").status_code == 404
         assert httpx.delete(f"{url}/studies/not-a-uid").status_code == 400
     assert index.instances() == []
-    assert not any(f.exists() for f in files)
+    assert list(archive.store.listing()) == []
     index.dispose()
 
 

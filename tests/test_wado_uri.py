@@ -22,6 +22,9 @@ from tests.support.web import parts, serving
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
 
+EVERY_BLOB_STORE = True
+
+
 @dataclass
 class Served:
     url: str

@@ -33,6 +33,7 @@ from pacs.archive import Archive
 from pacs.errors import PacsError
 from pacs.pixels import read_image
 from pacs.query import Level, execute
+from pacs.store import FsBlobStore
 
 PICTURES = (".png", ".jpg", ".jpeg")
 # What is kept of each header: the keys labels may use, what routing, aggregation and
@@ -139,6 +140,11 @@ def from_archive(archive: Archive, query: str, *, max_keys: int = 64) -> list[It
     wanted: dict[str, set[str]] = {}
     for row in rows:
         wanted.setdefault(str(row["StudyInstanceUID"]), set()).add(str(row["SOPInstanceUID"]))
+    if not isinstance(archive.store, FsBlobStore):
+        raise InputError(
+            "the archive's blobs are in object storage: evaluation reads files, so retrieve "
+            "the query's studies to a folder (WADO-RS, getscu) and evaluate that folder"
+        )
     items = []
     for study, sops in wanted.items():  # one index read a study, not one an instance
         for record in archive.index.records(study):

@@ -81,7 +81,7 @@ from pacs.dimse.wire import (
 )
 from pacs.errors import InvalidInstance, PacsError
 from pacs.status import QueryStatus
-from pacs.store import FsBlobStore
+from pacs.store import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class DirectServices:
         connection: socket.socket,
         address: tuple[str, int],
         negotiated: Negotiated,
-        store: FsBlobStore,
+        store: BlobStore,
     ) -> None:
         """Accept and serve the association until it ends; the connection is closed."""
         association = DirectAssociation(self, connection, address, negotiated, store)
@@ -258,7 +258,7 @@ class DirectAssociation:
         connection: socket.socket,
         address: tuple[str, int],
         negotiated: Negotiated,
-        store: FsBlobStore,
+        store: BlobStore,
     ) -> None:
         self.services = services
         self.sock = connection

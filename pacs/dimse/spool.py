@@ -26,13 +26,13 @@ from pynetdicom import _config, dimse_messages
 
 from pacs.errors import InstanceTooLarge, PacsError
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
-from pacs.store import FsBlobStore, StagedBlob, StagingWriter
+from pacs.store import BlobStore, StagedBlob, StagingWriter
 
 MEMORY_LIMIT = 2 << 20
 _META_START = 132  # preamble and "DICM"
 _GROUP_LENGTH = struct.Struct("<L")
 
-_stores: weakref.WeakKeyDictionary[threading.Thread, FsBlobStore] = weakref.WeakKeyDictionary()
+_stores: weakref.WeakKeyDictionary[threading.Thread, BlobStore] = weakref.WeakKeyDictionary()
 _limits = {"max_instance_bytes": 4 << 30}
 _install_lock = threading.Lock()
 
@@ -40,7 +40,7 @@ _install_lock = threading.Lock()
 class Spool:
     """The file-like object pynetdicom writes one C-STORE data set into."""
 
-    def __init__(self, store: FsBlobStore, max_bytes: int | None = None) -> None:
+    def __init__(self, store: BlobStore, max_bytes: int | None = None) -> None:
         self.store = store
         self.max_bytes = _limits["max_instance_bytes"] if max_bytes is None else max_bytes
         self.received = 0
@@ -138,7 +138,7 @@ class Spool:
             self._writer.discard()
 
 
-def register(thread: threading.Thread, store: FsBlobStore) -> None:
+def register(thread: threading.Thread, store: BlobStore) -> None:
     """Data sets received on ``thread`` (an association's DUL) go to ``store``'s staging."""
     _stores[thread] = store
 

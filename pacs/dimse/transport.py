@@ -29,7 +29,7 @@ from pacs.dimse.direct import DirectServices
 from pacs.dimse.frontdoor import Dropped, FrontDoor, Refusal
 from pacs.dimse.reactor import mend
 from pacs.dimse.wakeful import wakeful
-from pacs.store import FsBlobStore
+from pacs.store import BlobStore
 
 if TYPE_CHECKING:
     from pynetdicom import AE
@@ -189,7 +189,7 @@ class FilmlessServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
         self.on_connection_end: Callable[[], None] | None = None
         # Where large C-STORE data sets are written as they arrive (see pacs.dimse.spool).
-        self.spool_store: FsBlobStore | None = None
+        self.spool_store: BlobStore | None = None
 
     @property
     def active_associations(self) -> list[Any]:
@@ -215,7 +215,7 @@ def serve_in_thread(
     evt_handlers: list[Any],
     front_door: FrontDoor,
     *,
-    spool_store: FsBlobStore | None = None,
+    spool_store: BlobStore | None = None,
     direct: DirectServices | None = None,
 ) -> FilmlessServer:
     """Bind now (errors surface to the caller), then accept in a daemon thread."""
@@ -280,7 +280,7 @@ def handoff_server(
     evt_handlers: list[Any],
     front_door: FrontDoor,
     *,
-    spool_store: FsBlobStore | None = None,
+    spool_store: BlobStore | None = None,
     direct: DirectServices | None = None,
 ) -> HandoffServer:
     server = ae.make_server(

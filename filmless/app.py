@@ -92,13 +92,7 @@ def start_http(archive: Archive, settings: Settings) -> uvicorn.Server:
     return server
 
 
-def serve(settings: Settings) -> None:
-    """Run until SIGINT or SIGTERM, then stop accepting and let open associations end."""
-    archive = build_archive(settings)
-    lock = ArchiveLock(settings.data_dir, archive.index)
-    lock.acquire()  # before anything moves: a second server fails here, changing nothing
-    reconcile(archive)  # before anything is received: what a crash left behind
-    workers = dimse_worker_count(settings)
+def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -107,6 +101,47 @@ def serve(settings: Settings) -> None:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    return stop
+
+
+def _serve_worker(
+    archive: Archive, settings: Settings, lock: ArchiveLock, stop: threading.Event
+) -> None:
+    """A node that only screens: it claims jobs from the shared queue, whoever stored
+    the instances, and stores its reports like any node; it opens no port."""
+    release_orphans(archive.index)
+    if not settings.screening:
+        log.warning("role worker with screening off: this node has nothing to do")
+    screening = start_screening(archive, settings, stop) if settings.screening else None
+    follow_changes(archive, settings, stop)
+    log.info(
+        "screening worker on index %s; blobs in %s",
+        archive.index.url.render_as_string(hide_password=True),
+        archive.store.location,
+    )
+    try:
+        stop.wait()
+    finally:
+        if screening is not None:
+            screening.close()
+        lock.release()
+        archive.index.dispose()
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then stop accepting and let open associations end."""
+    archive = build_archive(settings)
+    lock = ArchiveLock(settings.data_dir, archive.index, shared=archive.store.shared)
+    lock.acquire()  # before anything moves: a second server fails here, changing nothing
+    # Before anything is received: what a crash left behind. Blobs without a row are set
+    # aside only when no other node shares the store (they could be its uploads).
+    reconcile(archive, orphans=lock.alone)
+    lock.share()
+    stop = _stop_on_signals()
+    if settings.role == "worker":
+        _serve_worker(archive, settings, lock, stop)
+        return
+    workers = dimse_worker_count(settings)
     # Screening first: it loads torch and MONAI, and the ports open only once the process
     # is fully built, so no peer's first requests share the CPU with those imports.
     release_orphans(archive.index)
@@ -135,13 +170,13 @@ def serve(settings: Settings) -> None:
     else:
         log.warning("%s", viewer.HOW_TO)
     log.info(
-        "DIMSE listening on %s:%d as AE %s (%d worker%s); data in %s; index %s",
+        "DIMSE listening on %s:%d as AE %s (%d worker%s); blobs in %s; index %s",
         settings.bind_address,
         settings.dimse_port,
         settings.ae_title,
         workers,
         "s" if workers > 1 else "",
-        settings.data_dir.resolve(),
+        archive.store.location,
         archive.index.url.render_as_string(hide_password=True),
     )
     try:

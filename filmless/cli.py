@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the DIMSE server in the foreground")
+    serve_cmd.add_argument(
+        "--role",
+        choices=["all", "worker"],
+        help="worker: screening only, no ports (beside other nodes on one index and bucket)",
+    )
     serve_cmd.add_argument("--tls-cert", help="PEM certificate chain: DIMSE over TLS only")
     serve_cmd.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve_cmd.add_argument(
@@ -120,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     overrides = {}
     if args.command == "serve":
-        flags = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
+        flags = {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "role": args.role}
         flags["tls_client_ca"] = args.tls_client_ca
         overrides = {name: value for name, value in flags.items() if value}
     try:

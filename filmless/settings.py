@@ -11,7 +11,7 @@ import inspect
 import ipaddress
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         "", description="empty = AWS_ACCESS_KEY_ID, the instance's or pod's role"
     )
     s3_secret_access_key: str = Field("", description="secret of s3_access_key_id")
+    role: Literal["all", "worker"] = Field(
+        "all",
+        description="all: DIMSE, DICOMweb and screening; worker: screening only, no ports "
+        "(needs a shared index and s3_bucket)",
+    )
     models_dir: Path = Field(
         Path(""), description="installed models (ONNX + manifest); empty = data_dir/models"
     )
@@ -442,6 +447,11 @@ class Settings(BaseSettings):
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             database = str(Path(url.database).expanduser().resolve())
             object.__setattr__(self, "index_url", url.set(database=database).render_as_string())
+        if self.role == "worker" and (url.get_backend_name() == "sqlite" or not self.s3_bucket):
+            raise ValueError(
+                "role worker runs beside other nodes: it needs an index they share "
+                "(index_url = postgresql+psycopg://...) and object storage (s3_bucket)"
+            )
         return self
 
     @classmethod

@@ -9,16 +9,24 @@ DIMSE worker processes hold a shared lock on ``data_dir/.workers.lock`` while th
 a server killed with ``kill -9`` leaves its workers finishing their associations, and a
 new server must not reconcile under them either. On PostgreSQL, where several folders
 could point at one index, the server also holds an advisory lock of the database.
+
+Nodes that share object storage and a PostgreSQL index are meant to run side by side:
+each holds the advisory lock shared. A node that finds none of the others running gets
+it exclusively first, and only then sets aside blobs without a row (:attr:`alone`);
+``reindex`` always needs it exclusively, so it never runs under a node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import IO
 
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from pacs.errors import ArchiveInUse
 from pacs.index import Index
@@ -38,9 +46,15 @@ class ArchiveLock:
     """Held by a process that may change the archive behind others' backs (``serve``,
     ``reindex``) for as long as it runs."""
 
-    def __init__(self, data_dir: Path, index: Index) -> None:
+    def __init__(
+        self, data_dir: Path, index: Index, *, shared: bool = False, wait_seconds: float = 30.0
+    ) -> None:
         self.data_dir = data_dir
         self.index = index
+        self.shared = shared
+        self.wait_seconds = wait_seconds
+        # No other process holds the archive: safe to act on what only they could own.
+        self.alone = False
         self._file: IO[bytes] | None = None
         self._database: Connection | None = None
 
@@ -73,21 +87,57 @@ class ArchiveLock:
         handle.write(f"filmless pid {os.getpid()}\n".encode())
         handle.flush()
         self._file = handle
-        if not self.index.is_sqlite:
-            self._database = self.index.writer.connect()
-            taken = self._database.execute(
-                text("SELECT pg_try_advisory_lock(:key)"), {"key": _ADVISORY_KEY}
-            ).scalar_one()
-            self._database.commit()
-            if not taken:
-                self.release()
-                raise ArchiveInUse(
-                    f"the index {self.index.url.render_as_string(hide_password=True)} is in "
-                    "use by another filmless serve (PostgreSQL advisory lock)"
-                )
+        if self.index.is_sqlite:
+            self.alone = True
+            return
+        self._database = self.index.writer.connect()
+        self.alone = self._advisory("pg_try_advisory_lock")
+        if self.alone or (self.shared and self._join()):
+            return
+        self.release()
+        raise ArchiveInUse(
+            f"the index {self.index.url.render_as_string(hide_password=True)} is in use by "
+            + (
+                "filmless reindex (or a node setting blobs aside); try again later"
+                if self.shared
+                else "another filmless serve (PostgreSQL advisory lock); several nodes on "
+                "one index need object storage (s3_bucket)"
+            )
+        )
+
+    def share(self) -> None:
+        """Let other nodes join: from the exclusive lock to a shared one (a node of a
+        shared store calls it once it has done what needed it alone)."""
+        if self._database is None or not self.shared or not self.alone:
+            return
+        self._advisory("pg_advisory_lock_shared")
+        self._advisory("pg_advisory_unlock")
+        self.alone = False
+
+    def _join(self) -> bool:
+        """The lock shared beside running nodes; a node reconciling alone holds it only
+        for a moment, so it is waited for."""
+        deadline = time.monotonic() + self.wait_seconds
+        while not self._advisory("pg_try_advisory_lock_shared"):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    def _advisory(self, function: str) -> bool:
+        assert self._database is not None
+        taken = self._database.execute(
+            text(f"SELECT {function}(:key)"), {"key": _ADVISORY_KEY}
+        ).scalar()
+        self._database.commit()
+        return taken is None or bool(taken)
 
     def release(self) -> None:
         if self._database is not None:
+            # Session locks outlive close(): the connection goes back to the pool.
+            with contextlib.suppress(SQLAlchemyError):
+                self._database.execute(text("SELECT pg_advisory_unlock_all()"))
+                self._database.commit()
             self._database.close()
             self._database = None
         if self._file is not None:

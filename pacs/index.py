@@ -476,6 +476,13 @@ class Index:
             rows = conn.execute(statement).mappings()
             return {row["SOPInstanceUID"]: InstanceRecord(**row) for row in rows}
 
+    def blob_paths(self) -> dict[str, str]:
+        """Every instance's blob path and SOP Instance UID: what the startup
+        reconciliation needs, without a record per row (an index of millions)."""
+        statement = select(instance.c.path, instance.c.SOPInstanceUID)
+        with self.reading() as conn:
+            return {row.path: row.SOPInstanceUID for row in conn.execute(statement)}
+
     def instances(self) -> list[InstanceRecord]:
         with self.reading() as conn:
             rows = conn.execute(record_query().order_by(instance.c.id)).mappings()

@@ -59,7 +59,7 @@ def reconcile(archive: Archive, *, orphans: bool = True) -> Reconciled:
         result.staging_removed += 1
     # Rows first: a row read here had its blob stored before it committed, so the
     # listing that follows holds it, whatever other nodes store meanwhile.
-    indexed = {record.path: record.SOPInstanceUID for record in archive.index.instances()}
+    indexed = archive.index.blob_paths()
     stored = set()
     for blob in store.listing():
         stored.add(blob.relative)

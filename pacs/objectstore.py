@@ -147,9 +147,7 @@ class S3BlobStore(BlobStore):
     def listing(self) -> Iterator[StoredBlob]:
         for page in obstore.list(self.client, prefix=_OBJECTS):
             for meta in page:
-                yield StoredBlob(
-                    meta["path"].removeprefix(_OBJECTS), meta["size"], meta["last_modified"]
-                )
+                yield StoredBlob(meta["path"].removeprefix(_OBJECTS), meta["size"])
 
     def set_aside(self, relative: str) -> str:
         key = self.key(relative)

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -63,12 +62,11 @@ class StagedBlob:
 
 @dataclass(frozen=True, slots=True)
 class StoredBlob:
-    """One blob as the store lists it: its name (``relative_path``), bytes and when it
-    was written."""
+    """One blob as the store lists it: its name (as :meth:`BlobStore.relative_path`
+    makes them) and its size in bytes."""
 
     relative: str
     size: int
-    modified: datetime
 
 
 _HEX = frozenset("0123456789abcdef")
@@ -220,12 +218,7 @@ class FsBlobStore(BlobStore):
         for folder, _dirs, names in os.walk(self.objects):
             for name in sorted(names):
                 path = Path(folder) / name
-                stat = path.stat()
-                yield StoredBlob(
-                    str(path.relative_to(self.objects)),
-                    stat.st_size,
-                    datetime.fromtimestamp(stat.st_mtime).astimezone(),
-                )
+                yield StoredBlob(str(path.relative_to(self.objects)), path.stat().st_size)
 
     def set_aside(self, relative: str) -> str:
         target = self.root / "orphans" / relative

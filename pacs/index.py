@@ -1036,7 +1036,7 @@ def append_change(
     by one transaction at a time (its other statements still run in parallel).
     """
     if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_advisory_xact_lock(_CHANGE_LOCK)))
+        _CHANGE_APPEND_LOCK.run(conn, {})
     _INSERT_CHANGE.run(
         conn,
         {
@@ -1053,6 +1053,7 @@ def append_change(
 
 
 _INSERT_CHANGE = Prepared(change.insert())
+_CHANGE_APPEND_LOCK = Prepared(select(func.pg_advisory_xact_lock(_CHANGE_LOCK)))
 
 
 def _remove(conn: Connection, record: InstanceRecord, *, logged: bool = True) -> None:

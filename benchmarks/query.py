@@ -250,6 +250,17 @@ OHIF_STUDY_LIST = [
 ]
 
 
+RETURNED = [
+    "StudyInstanceUID",
+    "PatientName",
+    "PatientID",
+    "AccessionNumber",
+    "StudyDate",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedInstances",
+]
+
+
 def queries(size: int) -> dict[str, Callable[[], Dataset]]:
     def make(keys: dict[str, str]) -> Callable[[], Dataset]:
         def identifier() -> Dataset:
@@ -264,17 +275,6 @@ def queries(size: int) -> dict[str, Callable[[], Dataset]]:
         return identifier
 
     return {name: make(keys) for name, keys in matching_keys(size).items()}
-
-
-RETURNED = [
-    "StudyInstanceUID",
-    "PatientName",
-    "PatientID",
-    "AccessionNumber",
-    "StudyDate",
-    "ModalitiesInStudy",
-    "NumberOfStudyRelatedInstances",
-]
 
 
 def qido_queries(size: int) -> dict[str, list[tuple[str, str]]]:

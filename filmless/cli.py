@@ -33,7 +33,7 @@ from pacs.audit import Actor, AuditEvent, Outcome
 from pacs.errors import ArchiveInUse, IndexFailure, PacsError
 from pacs.jobs import JobKind, JobQueue, JobState
 from pacs.lock import ArchiveLock
-from pacs.reindex import reindex, stored_files
+from pacs.reindex import reindex
 from pacs.router import backfill as route_backfill
 from pacs.router import job_model
 from pacs.status import StoreStatus
@@ -202,11 +202,12 @@ def reindex_command(settings: Settings, console: Console) -> int:
     lock = ArchiveLock(settings.data_dir, archive.index)
     try:
         lock.acquire()  # never under a running server
-        files = len(stored_files(archive))
+        blobs = list(archive.store.listing())
+        files = len(blobs)
         columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("reindex", total=files)
-            result = reindex(archive, lambda: progress.advance(task))
+            result = reindex(archive, blobs, lambda: progress.advance(task))
     finally:
         lock.release()
         archive.index.dispose()

@@ -17,22 +17,19 @@ uploads and reads of concurrent associations overlap, and it ships type informat
 from __future__ import annotations
 
 import io
-import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import obstore
-from obstore.exceptions import BaseError
+from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import S3Store
 
 from pacs.errors import StorageFailure
-from pacs.store import BlobStore, StagedBlob, StoredBlob
-
-log = logging.getLogger(__name__)
+from pacs.store import BlobStore, StagedBlob, StoredBlob, check_relative
 
 # One PUT up to this size; above it, a multipart upload of parts this size.
 _PART = 8 << 20
@@ -96,14 +93,16 @@ class S3BlobStore(BlobStore):
 
     @property
     def location(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{_OBJECTS}"
+        return self._url(_OBJECTS)
+
+    def _url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{key}"
 
     def key(self, relative: str) -> str:
         """The object key of a blob, refused when the name could lead elsewhere."""
-        parts = PurePosixPath(relative).parts
-        if not relative or relative.startswith("/") or ".." in parts or "\0" in relative:
-            raise ValueError(f"path {relative!r} escapes the store")
-        return _OBJECTS + relative
+        if not relative:
+            raise ValueError("an object needs a name")
+        return _OBJECTS + check_relative(relative)
 
     def commit(self, staged: StagedBlob, relative: str) -> None:
         key = self.key(relative)
@@ -128,7 +127,7 @@ class S3BlobStore(BlobStore):
     def delete(self, relative: str) -> None:
         try:
             obstore.delete(self.client, self.key(relative))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotFoundError):
             return
         except BaseError as exc:
             raise StorageFailure(f"cannot delete {relative} from object storage: {exc}") from exc
@@ -138,8 +137,13 @@ class S3BlobStore(BlobStore):
         copy = self.staging / f"fetched-{uuid.uuid4().hex}"
         try:
             with open(copy, "xb") as out:
-                for chunk in obstore.get(self.client, self.key(relative)):
-                    out.write(chunk)
+                try:
+                    for chunk in obstore.get(self.client, self.key(relative)):
+                        out.write(chunk)
+                except NotFoundError as exc:
+                    raise FileNotFoundError(relative) from exc
+                except BaseError as exc:  # as the folder store's: an OSError
+                    raise OSError(f"cannot read {relative} from object storage: {exc}") from exc
             yield copy
         finally:
             copy.unlink(missing_ok=True)
@@ -154,7 +158,7 @@ class S3BlobStore(BlobStore):
         target = _ORPHANS + relative
         obstore.copy(self.client, key, target)
         obstore.delete(self.client, key)
-        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{target}"
+        return self._url(target)
 
 
 class RangeReader(io.RawIOBase):
@@ -172,11 +176,9 @@ class RangeReader(io.RawIOBase):
         self.key = key
         try:
             first = obstore.get(client, key, options={"range": (0, _BUFFER)})
-        except FileNotFoundError:
-            raise
+        except NotFoundError as exc:  # obstore raises its own or the built-in one
+            raise FileNotFoundError(key) from exc
         except BaseError as exc:
-            if "not found" in str(exc).lower():
-                raise FileNotFoundError(key) from exc
             raise OSError(f"cannot read {key} from object storage: {exc}") from exc
         self.size: int = first.meta["size"]
         self._block = bytes(first.bytes())

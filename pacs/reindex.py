@@ -12,7 +12,7 @@ that cannot be indexed at all is listed, left where it is for an operator to loo
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pacs.archive import Archive
@@ -33,13 +33,15 @@ class Reindexed:
     changed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def stored_files(archive: Archive) -> list[StoredBlob]:
-    return list(archive.store.listing())
-
-
-def reindex(archive: Archive, advance: Callable[[], None] = lambda: None) -> Reindexed:
-    """Drop and rebuild the index tables from every blob in the store."""
-    blobs = stored_files(archive)
+def reindex(
+    archive: Archive,
+    blobs: Sequence[StoredBlob] | None = None,
+    advance: Callable[[], None] = lambda: None,
+) -> Reindexed:
+    """Drop and rebuild the index tables from every blob in the store (``blobs``, when
+    the caller has listed them already: one listing of a bucket, not two)."""
+    if blobs is None:
+        blobs = list(archive.store.listing())
     archive.index.drop_archive_tables()
     archive.index.create_schema()
     result = Reindexed()

@@ -72,6 +72,16 @@ class StoredBlob:
 _HEX = frozenset("0123456789abcdef")
 
 
+def check_relative(relative: str) -> str:
+    """A blob's name, refused (ValueError) when it could lead out of the store. Checked
+    on the text (no ``..``, not absolute, no NUL): the stores make no links, and
+    resolving each component cost every instance stored and read a system call per
+    folder."""
+    if relative.startswith("/") or ".." in PurePosixPath(relative).parts or "\0" in relative:
+        raise ValueError(f"path {relative!r} escapes the store")
+    return relative
+
+
 class BlobStore(ABC):
     """What the archive needs of a store; staging on this node's disk is common to all.
 
@@ -199,13 +209,9 @@ class FsBlobStore(BlobStore):
             raise StorageFailure(f"cannot store the instance: {_describe(exc)}") from exc
 
     def path(self, relative: str) -> Path:
-        """``objects/relative``, refused when it could lead elsewhere. Checked on the
-        text (no ``..``, not absolute): the store makes no links, and resolving each
-        component cost every instance stored and read a system call per folder."""
-        parts = PurePosixPath(relative).parts
-        if relative.startswith("/") or ".." in parts or "\0" in relative:
-            raise ValueError(f"path {relative!r} escapes the store")
-        return self.objects / relative
+        """``objects/relative``, refused when it could lead elsewhere (the empty name is
+        the folder itself)."""
+        return self.objects / check_relative(relative)
 
     def open(self, relative: str) -> BinaryIO:
         return open(self.path(relative), "rb")

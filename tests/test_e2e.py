@@ -15,19 +15,16 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit, JPEGLosslessSV1, generate_uid
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelFind,
-)
 
 from models.manifest import Manifest
 from models.store import ModelStore
 from models.zoo import CHEST_XRAY, FUNDUS, MAMMOGRAPHY
-from pacs.dimse.reactor import MendedAE
 from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
 from scripts.synthetic_corpus import Patient, Rng, chest_dx, encode, fundus_op, mammography
 from tests.support import reference
 from tests.support.dcmtk import storescu
+from tests.support.scu import find
 from tests.support.server import Server
 from tests.support.web import parts
 
@@ -107,22 +104,12 @@ def _wait_for_reports(url: str, wanted: dict[str, int]) -> dict[str, list[tuple[
 
 def _c_find_reports(port: int, study: str) -> set[str]:
     """SR series of the study, by C-FIND at SERIES level."""
-    ae = MendedAE(ae_title="WORKSTATION")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
-    assert assoc.is_established
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = study
     query.Modality = "SR"
     query.SeriesInstanceUID = ""
-    found = set()
-    for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-        if status.Status in (0xFF00, 0xFF01):
-            assert identifier is not None
-            found.add(str(identifier.SeriesInstanceUID))
-    assoc.release()
-    return found
+    return {str(identifier.SeriesInstanceUID) for identifier in find(port, query)}
 
 
 def _retrieve(url: str, study: str, series: str, instance: str) -> Dataset:

@@ -16,11 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelFind,
-)
 
-from pacs.dimse.reactor import MendedAE
 from pacs.index import Index
 from pacs.jobs import JobQueue, JobState
 from pacs.part10 import read_file_meta
@@ -29,6 +25,7 @@ from tests.conftest import s3_store
 from tests.support.dcmtk import storescu
 from tests.support.postgres import PostgresServer
 from tests.support.s3 import SeaweedServer
+from tests.support.scu import find
 from tests.support.server import LoggedProcess, Server
 from tests.support.web import parts
 
@@ -62,25 +59,11 @@ def _send(port: int, studies: dict[str, list[Path]]) -> None:
 
 
 def _c_find_studies(port: int, patient_id: str) -> set[str]:
-    ae = MendedAE(ae_title="WORKSTATION")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate("127.0.0.1", port, ae_title="FILMLESS")
-    assert assoc.is_established
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.PatientID = patient_id
     query.StudyInstanceUID = ""
-    found = set()
-    try:
-        for status, identifier in assoc.send_c_find(
-            query, StudyRootQueryRetrieveInformationModelFind
-        ):
-            if status.Status in (0xFF00, 0xFF01):
-                assert identifier is not None
-                found.add(str(identifier.StudyInstanceUID))
-    finally:
-        assoc.release()
-    return found
+    return {str(identifier.StudyInstanceUID) for identifier in find(port, query)}
 
 
 def _reports(url: str, study: str) -> int:

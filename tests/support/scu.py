@@ -9,6 +9,9 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 from pacs.dimse.reactor import MendedAE, mend
 from pacs.dimse.server import DimseConfig
@@ -60,6 +63,25 @@ def send_raw(
 def store(assoc: Association, data: Dataset | Path | str) -> Dataset:
     """``send_c_store`` without pynetdicom's pause race (see :mod:`pacs.dimse.reactor`)."""
     return mend(assoc).send_c_store(data)
+
+
+def find(port: int, query: Dataset, *, called: str = "FILMLESS") -> list[Dataset]:
+    """The identifiers a C-FIND (Study Root) on a fresh association answers with."""
+    ae = MendedAE(ae_title="WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    found = []
+    try:
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
+            if status.Status in (0xFF00, 0xFF01):
+                assert identifier is not None
+                found.append(identifier)
+    finally:
+        assoc.release()
+    return found
 
 
 def context_id(assoc: Association, sop_class: str, syntax: str) -> int:

@@ -30,11 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from pacs import writeback
 from pacs.errors import StorageFailure
 from pacs.uids import require_uid
 
 _CHUNK = 1 << 20
 _PARALLEL_HASH_MIN = 1 << 20
+# A staging file written in pieces asks for writeback of every this many bytes, so its
+# fsync at the end finds most of it on disk already (pacs.writeback).
+_WRITEBACK_STEP = 2 << 20
 # fsync releases the GIL and waits on the disk; a few at a time let concurrent
 # associations' writes reach the disk together.
 _syncing = ThreadPoolExecutor(max_workers=16, thread_name_prefix="staging-fsync")
@@ -263,6 +267,7 @@ class StagingWriter:
         self.sync = sync
         self.digest = hashlib.sha256()
         self.size = 0
+        self._written_back = 0
         self._syncing: Future[None] | None = None
         try:
             self.out: BinaryIO = open(path, "xb")  # noqa: SIM115 (closed by finish/discard)
@@ -287,6 +292,19 @@ class StagingWriter:
             if hasher is not None:
                 hasher.join()
         self.size += len(data)
+        if self.sync and self.size - self._written_back >= _WRITEBACK_STEP:
+            self._write_back()
+
+    def _write_back(self) -> None:
+        try:
+            self.out.flush()
+            writeback.start_writeback(
+                self.out.fileno(), self._written_back, self.size - self._written_back
+            )
+        except OSError as exc:
+            self.discard()
+            raise StorageFailure(f"cannot write the instance: {_describe(exc)}") from exc
+        self._written_back = self.size
 
     def finish(self) -> StagedBlob:
         """All bytes handed to the file system; their fsync started on a thread of its own

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pacs import writeback
 from pacs.errors import InvalidUID, StorageFailure
 from pacs.store import FsBlobStore
 from tests.conftest import StoreFactory
@@ -94,3 +95,35 @@ def test_disk_full_is_a_storage_failure_and_leaves_nothing(
         store.commit(staged, "aa/bb/1.2.3/1.2.3.4/1.2.3.4.5.0123456789abcdef.dcm")
     assert list(store.staging.iterdir()) == []
     assert list(store.objects.rglob("*.dcm")) == []
+
+
+@pytest.mark.skipif(not writeback.available(), reason="sync_file_range is Linux's")
+def test_the_writeback_hint_reaches_the_kernel(tmp_path: Path) -> None:
+    """The C binding's argument types are right: the kernel takes the request for a file
+    just written and refuses a closed descriptor (EBADF), which the caller ignores."""
+    path = tmp_path / "piece.bin"
+    with path.open("wb") as out:
+        out.write(b"x" * (1 << 20))
+        out.flush()
+        assert writeback.start_writeback(out.fileno(), 0, 1 << 20)
+        fd = out.fileno()
+    assert not writeback.start_writeback(fd, 0, 1 << 20)
+    assert not writeback.start_writeback(fd, 0, 0)
+
+
+def test_a_staging_file_written_in_pieces_is_the_bytes_and_hash_sent(tmp_path: Path) -> None:
+    """Pieces past the writeback step ask for writeback as they go; what is staged and
+    committed is still every byte in order, durable, with the hash of all of them."""
+    store = FsBlobStore(tmp_path)
+    pieces = [bytes([n]) * (700 << 10) for n in range(12)]  # 8.2 MiB in uneven steps
+    writer = store.open_staging(b"head")
+    for piece in pieces:
+        writer.write(piece)
+    staged = writer.finish()
+    expected = b"head" + b"".join(pieces)
+    assert staged.size == len(expected)
+    assert staged.sha256 == hashlib.sha256(expected).hexdigest()
+    relative = "ab/cd/1.2.3/1.2.3.4/1.2.3.4.5.0123456789abcdef.dcm"
+    store.commit(staged, relative)
+    assert store.path(relative).read_bytes() == expected
+    assert list(store.staging.iterdir()) == []

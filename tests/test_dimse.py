@@ -7,7 +7,9 @@ import errno
 import io
 from collections import defaultdict
 from pathlib import Path
+from typing import IO, Any
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
@@ -21,6 +23,7 @@ from pydicom.uid import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs.archive import Archive
+from pacs.dimse import spool
 from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import STORAGE_SOP_CLASSES, DimseConfig, start_dimse
 from pacs.index import count_rows, instance
@@ -252,6 +255,80 @@ def test_disk_write_error(
     assert ("no space left" if folder else "object storage") in answer.ErrorComment
     monkeypatch.undo()
     _nothing_left(archive)
+
+
+class _FillingDisk:
+    """A staging file on a disk that has ``room`` bytes left: ENOSPC past them."""
+
+    def __init__(self, out: IO[Any], room: int) -> None:
+        self.out = out
+        self.room = room
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def fileno(self) -> int:
+        return self.out.fileno()
+
+    def close(self) -> None:
+        self.out.close()
+
+
+def test_disk_full_while_a_large_data_set_arrives(
+    archive: Archive, dimse_server: DimseConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data set past the spool's memory is written to staging while it arrives, on a
+    thread beside the receive. A failed write there is the request's Out of Resources
+    (PS3.4 Table B.2-1, 0xA7xx) on an association that stays usable, not an abort, and
+    leaves no staging file and no row."""
+    real_open = open
+    # Room for what the spool held in memory and the next PDU (1 MiB at most), not for
+    # the rest: the failure comes from a write behind the receive.
+    room = spool.MEMORY_LIMIT + (3 << 19)
+
+    def filling(file: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        handle = real_open(file, mode, *args, **kwargs)
+        return _FillingDisk(handle, room) if mode == "xb" else handle
+
+    large = ct_instance()
+    pixels = np.zeros((1600, 1600), dtype=np.uint16)  # 5.1 MB, past MEMORY_LIMIT
+    large.Rows, large.Columns = pixels.shape
+    large.PixelData = pixels.tobytes()
+    sop_class, sop_instance, syntax, body = _body(part10(large))
+    assert len(body) > room + (1 << 20)
+    monkeypatch.setattr("pacs.store.open", filling, raising=False)
+    assoc = associate(dimse_server, CT_CONTEXT)
+    try:
+        answer = send_raw(
+            assoc,
+            context_id=context_id(assoc, sop_class, syntax),
+            SOPClassUID=sop_class,
+            SOPInstanceUID=sop_instance,
+            data_set=body,
+        )
+        assert answer.Status == StoreStatus.OUT_OF_RESOURCES
+        assert "no space left" in answer.ErrorComment
+        assert list(archive.store.staging.iterdir()) == []
+        monkeypatch.undo()
+        assert assoc.is_established
+        again = send_raw(
+            assoc,
+            context_id=context_id(assoc, sop_class, syntax),
+            SOPClassUID=sop_class,
+            SOPInstanceUID=sop_instance,
+            data_set=body,
+        )
+        assert again.Status == StoreStatus.SUCCESS
+    finally:
+        assoc.release()
+    assert [r.SOPInstanceUID for r in archive.index.instances()] == [sop_instance]
+    assert list(archive.store.staging.iterdir()) == []
 
 
 def test_duplicates_under_reject(archive: Archive, dimse_server: DimseConfig) -> None:

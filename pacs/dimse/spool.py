@@ -9,11 +9,16 @@ associations of our servers. A spool keeps up to :data:`MEMORY_LIMIT` bytes in m
 and every following fragment into a staging file of the archive's store, hashing on
 the way, so that the archive only fsyncs and renames it. Associations not registered
 here (a test's own Storage SCP in the same process) get pynetdicom's temporary file.
+
+Once a data set goes to a staging file, its pieces are written (and hashed) on a thread
+of the spool's own while the association reads the next PDU, so the network and the
+disk work at the same time instead of in turn; at most :data:`IN_FLIGHT` pieces wait.
 """
 
 from __future__ import annotations
 
 import io
+import queue
 import struct
 import threading
 import uuid
@@ -29,12 +34,50 @@ from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
 from pacs.store import BlobStore, StagedBlob, StagingWriter
 
 MEMORY_LIMIT = 2 << 20
+# Pieces received but not yet written; receiving waits beyond this.
+IN_FLIGHT = 4
 _META_START = 132  # preamble and "DICM"
 _GROUP_LENGTH = struct.Struct("<L")
 
 _stores: weakref.WeakKeyDictionary[threading.Thread, BlobStore] = weakref.WeakKeyDictionary()
 _limits = {"max_instance_bytes": 4 << 30}
 _install_lock = threading.Lock()
+
+
+class _WriteBehind:
+    """A staging file's writes on a thread of their own, in order.
+
+    Pieces are kept by reference until written: they must not change afterwards, as
+    a received PDU's bytes do not (each PDU is read into a buffer of its own).
+    """
+
+    def __init__(self, writer: StagingWriter) -> None:
+        self.writer = writer
+        self.error: PacsError | None = None
+        self._pieces: queue.Queue[bytes | bytearray | memoryview | None] = queue.Queue(
+            maxsize=IN_FLIGHT
+        )
+        self._thread = threading.Thread(target=self._run, name="staging-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, data: bytes | bytearray | memoryview) -> None:
+        self._pieces.put(data)
+
+    def _run(self) -> None:
+        while (data := self._pieces.get()) is not None:
+            if self.error is not None:
+                continue  # the rest is drained unwritten; the sender gets the failure
+            try:
+                self.writer.write(data)
+            except PacsError as exc:
+                self.error = exc
+
+    def drain(self) -> PacsError | None:
+        """Wait until every piece is written: the first failure, if any."""
+        if self._thread.is_alive():
+            self._pieces.put(None)
+            self._thread.join()
+        return self.error
 
 
 class Spool:
@@ -50,6 +93,7 @@ class Spool:
         self.head_length = 0
         self._header = bytearray()
         self._writer: StagingWriter | None = None
+        self._behind: _WriteBehind | None = None
         self._missing = store.staging / f"{uuid.uuid4().hex}.unused"
 
     @property
@@ -96,11 +140,11 @@ class Spool:
                 f"the data set has more than max_instance_bytes {self.max_bytes} bytes"
             )
             self.discard()
-            self._writer = None
+            self._writer = self._behind = None
             self.memory = io.BytesIO()
             return
-        if self._writer is not None:
-            self._writer.write(data)
+        if self._behind is not None:
+            self._behind.put(data)
             return
         if self.memory.tell() + len(data) <= MEMORY_LIMIT:
             self.memory.write(data)
@@ -109,17 +153,18 @@ class Spool:
         head = encode_file_meta(self.meta)
         try:
             writer = self.store.open_staging(head)
-            writer.write(self.memory.getbuffer())
-            writer.write(data)
         except PacsError as exc:
             self.error = exc
             self.memory = io.BytesIO()
             return
         self._writer = writer
         self.head_length = len(head)
+        behind = self._behind = _WriteBehind(writer)
+        behind.put(self.memory.getbuffer())
+        behind.put(data)
         self.memory = io.BytesIO()
         # An association that ends mid-transfer never reaches the handler.
-        weakref.finalize(self, writer.discard)
+        weakref.finalize(self, _abandon, behind)
 
     def flush(self) -> None:
         """Nothing buffered here; :meth:`staged` fsyncs."""
@@ -128,14 +173,26 @@ class Spool:
         """The handler already took what it needed."""
 
     def staged(self) -> StagedBlob | None:
-        """The durable staging file of a large data set, or None when it is in memory."""
+        """The durable staging file of a large data set, or None when it is in memory;
+        the failure to write it, raised."""
         if self._writer is None:
             return None
+        failed = self._behind.drain() if self._behind is not None else None
+        if failed is not None:
+            self.discard()
+            raise failed
         return self._writer.finish()
 
     def discard(self) -> None:
+        if self._behind is not None:
+            self._behind.drain()
         if self._writer is not None:
             self._writer.discard()
+
+
+def _abandon(behind: _WriteBehind) -> None:
+    behind.drain()
+    behind.writer.discard()
 
 
 def register(thread: threading.Thread, store: BlobStore) -> None:

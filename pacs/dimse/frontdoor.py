@@ -31,6 +31,8 @@ from typing import Any
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
 REJECTED_PERMANENT = 1
+# How long a refused requestor is given to close its end (the ARTIM timer's role).
+REFUSAL_LINGER_S = 5.0
 REJECTED_TRANSIENT = 2
 SOURCE_SERVICE_USER = 1
 SOURCE_PROVIDER_PRESENTATION = 3
@@ -312,6 +314,7 @@ class FrontDoor:
             if refusal is not None:
                 self.on_refused(host, calling, str(refusal))
                 _answer(sock, refusal.pdu(), deadline)
+                _await_close(sock, min(deadline, time.monotonic() + REFUSAL_LINGER_S))
                 raise refusal
         except BaseException:
             _close(sock)
@@ -432,6 +435,19 @@ def _answer(sock: socket.socket, pdu: bytes, deadline: float) -> None:
                 _wait(sock, min(deadline, time.monotonic() + 1), write=True)
                 continue
             view = view[sent:]
+
+
+def _await_close(sock: socket.socket, deadline: float) -> None:
+    """After an A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.2, state
+    Sta13): wait for that, reading what still comes, so that closing first does not
+    reset the connection before the peer has read why it was refused."""
+    with contextlib.suppress(Dropped, OSError):
+        while True:
+            try:
+                if not sock.recv(4096):
+                    return
+            except (BlockingIOError, ssl.SSLWantReadError):
+                _wait(sock, deadline)
 
 
 def _close(sock: socket.socket) -> None:

@@ -26,8 +26,17 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
-from pacs.encoding import NUMBER_FORMATS
+from pacs.encoding import (
+    ITEM,
+    ITEM_DELIMITATION,
+    LONG_LENGTH_VR_CODES,
+    NUMBER_FORMATS,
+    SEQUENCE_DELIMITATION,
+    UNDEFINED_LENGTH,
+)
+from pacs.structure import MAX_SEQUENCE_DEPTH
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +58,19 @@ _STRINGS = frozenset(
 _ASCII_VRS = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})
 _MULTI_TEXT_VRS = frozenset({"LO", "SH", "UC"})
 _SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+# An empty value of these VRs is an attribute without a "Value" (F.2.2), whatever the
+# character set.
+_EMPTY_AS_NO_VALUE = frozenset(
+    {*_ASCII_VRS, *NUMBER_FORMATS, *_MULTI_TEXT_VRS, *_SINGLE_TEXT_VRS, "PN", "DS", "IS", "SQ"}
+)
 _CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _INTEGER = re.compile(r"[+-]?\d+")
 _SPECIFIC_CHARACTER_SET = 0x00080005
+# Sequence items (PS3.5 7.5), read from bytes by the fast path.
+_ITEM_HEAD = struct.Struct("<HHL")
+_ELEMENT_HEAD = struct.Struct("<HH2sH")
+_LONG_LENGTH = struct.Struct("<L")
 
 BulkPath = tuple[int, ...]
 BulkURI = Callable[[BulkPath], str]
@@ -129,11 +147,16 @@ def element_json(
 
 
 def _codec(element: Any) -> str | None:
-    """The Python codec of a Specific Character Set that needs nothing else; None."""
-    value = element.value if isinstance(element, RawDataElement) else None
-    if not isinstance(value, bytes):
+    """The Python codec of a Specific Character Set that needs nothing else; None.
+
+    Raw or already converted: pydicom converts this element as soon as anything asks a
+    data set for its encoding. Several values (ISO 2022 code extensions) give None."""
+    value = element.value if isinstance(element, RawDataElement | DataElement) else None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
         return None
-    return _CODECS.get(value.decode("latin-1").strip(" \x00"))
+    return _CODECS.get(value.strip(" \x00"))
 
 
 def _raw_json(element: RawDataElement, codec: str | None = None) -> dict[str, Any] | None:
@@ -148,7 +171,9 @@ def _raw_json(element: RawDataElement, codec: str | None = None) -> dict[str, An
     ):
         return None
     if not value:
-        return {"vr": vr} if vr in _ASCII_VRS or vr in NUMBER_FORMATS else None
+        return {"vr": vr} if vr in _EMPTY_AS_NO_VALUE else None
+    if vr == "SQ":
+        return _sequence_json(value, codec) if isinstance(value, bytes) else None
     if vr in ("DS", "IS"):
         return _number_strings(vr, value)
     if codec is not None and (vr in _MULTI_TEXT_VRS or vr in _SINGLE_TEXT_VRS or vr == "PN"):
@@ -167,6 +192,101 @@ def _raw_json(element: RawDataElement, codec: str | None = None) -> dict[str, An
         return None  # pydicom refuses it; its handling applies
     numbers = list(struct.unpack(f"<{len(value) // size}{code[1:]}", value))
     return {"vr": vr, "Value": numbers}
+
+
+def _sequence_json(value: bytes, codec: str | None) -> dict[str, Any] | None:
+    """A sequence's items read from its bytes (explicit VR little endian: the items of a
+    defined-length sequence, or of an undefined-length one without its delimiter), each
+    item as :func:`dataset_json` gives it; None when anything in them is pydicom's to
+    read: an item with a character set of its own, an element the fast path does not
+    take, a structure that is not plain."""
+    try:
+        parsed = _items(value, 0, len(value), codec, 0, delimited=False)
+    except struct.error:
+        return None
+    if parsed is None:
+        return None
+    items = parsed[0]
+    return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+
+
+def _items(
+    data: bytes, pos: int, limit: int, codec: str | None, depth: int, *, delimited: bool
+) -> tuple[list[dict[str, Any]], int] | None:
+    """The items from ``pos`` to ``limit``, or to the sequence delimiter when
+    ``delimited`` (an undefined-length sequence); with the position after them."""
+    if depth > MAX_SEQUENCE_DEPTH:
+        return None
+    items: list[dict[str, Any]] = []
+    while pos + 8 <= limit:
+        group, element, length = _ITEM_HEAD.unpack_from(data, pos)
+        pos += 8
+        if (group, element) == SEQUENCE_DELIMITATION and delimited:
+            return items, pos
+        if (group, element) != ITEM:
+            return None
+        if length == UNDEFINED_LENGTH:
+            parsed = _item(data, pos, limit, codec, depth, delimited=True)
+        elif pos + length > limit:
+            return None
+        else:
+            parsed = _item(data, pos, pos + length, codec, depth, delimited=False)
+        if parsed is None:
+            return None
+        item, pos = parsed
+        items.append(item)
+    return (items, pos) if pos == limit and not delimited else None
+
+
+def _item(
+    data: bytes, pos: int, limit: int, codec: str | None, depth: int, *, delimited: bool
+) -> tuple[dict[str, Any], int] | None:
+    """One item's elements to ``limit``, or to its delimiter when ``delimited``."""
+    out: dict[str, Any] = {}
+    while pos + 8 <= limit:
+        group, element, vr_code, length = _ELEMENT_HEAD.unpack_from(data, pos)
+        if group == 0xFFFE:
+            if delimited and element == ITEM_DELIMITATION[1]:
+                return dict(sorted(out.items())), pos + 8
+            return None
+        if vr_code in LONG_LENGTH_VR_CODES:
+            if pos + 12 > limit:
+                return None
+            (length,) = _LONG_LENGTH.unpack_from(data, pos + 8)
+            pos += 12
+        else:
+            pos += 8
+        tag = group << 16 | element
+        key = f"{tag:08X}"
+        if tag == _SPECIFIC_CHARACTER_SET or key in out:
+            return None  # its own character set, or a tag twice: pydicom reads the item
+        vr = vr_code.decode("latin-1")
+        converted: dict[str, Any] | None
+        if vr == "SQ":
+            undefined = length == UNDEFINED_LENGTH
+            if not undefined and pos + length > limit:
+                return None
+            end = limit if undefined else pos + length
+            nested = _items(data, pos, end, codec, depth + 1, delimited=undefined)
+            if nested is None:
+                return None
+            values, pos = nested
+            converted = {"vr": "SQ", "Value": values} if values else {"vr": "SQ"}
+        elif length == UNDEFINED_LENGTH or pos + length > limit:
+            return None
+        else:
+            raw = RawDataElement(
+                BaseTag(tag), vr, length, data[pos : pos + length], pos, False, True
+            )
+            pos += length
+            converted = _raw_json(raw, codec)
+        if converted is None:
+            return None
+        if element != 0:  # group lengths are never in DICOM JSON (F.2)
+            out[key] = converted
+    if delimited or pos != limit:
+        return None
+    return dict(sorted(out.items())), pos
 
 
 def _number_strings(vr: str, value: bytes) -> dict[str, Any] | None:

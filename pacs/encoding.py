@@ -30,3 +30,9 @@ NUMBER_FORMATS: dict[str, str] = {
     "FL": "<f",
     "FD": "<d",
 }
+
+# Undefined length, and the tags that frame sequence items (PS3.5 7.1.2, 7.5).
+UNDEFINED_LENGTH = 0xFFFFFFFF
+ITEM = (0xFFFE, 0xE000)
+ITEM_DELIMITATION = (0xFFFE, 0xE00D)
+SEQUENCE_DELIMITATION = (0xFFFE, 0xE0DD)

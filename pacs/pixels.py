@@ -27,7 +27,7 @@ from pydicom.uid import (
 )
 
 from pacs.codestream import dimensions
-from pacs.encoding import NATIVE_LITTLE_ENDIAN
+from pacs.encoding import NATIVE_LITTLE_ENDIAN, UNDEFINED_LENGTH
 from pacs.errors import NoSuchFrame, UndecodablePixels
 from pacs.stored import read_stored
 
@@ -35,7 +35,6 @@ PIXEL_DATA = 0x7FE00010
 # CharLS (pyjpegls) decodes JPEG-LS about five times faster than libjpeg (pylibjpeg),
 # which pydicom would otherwise try first.
 _PREFERRED_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
-_UNDEFINED = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +82,7 @@ class StoredImage:
     @property
     def encapsulated(self) -> bool:
         """PS3.5 A.4 wants undefined length; some writers give the items a defined one."""
-        return self.value_length == _UNDEFINED or self.transfer_syntax.is_encapsulated
+        return self.value_length == UNDEFINED_LENGTH or self.transfer_syntax.is_encapsulated
 
     @property
     def has_pixels(self) -> bool:

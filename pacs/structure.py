@@ -22,13 +22,15 @@ from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.filereader import ENCODED_VR
 from pydicom.tag import BaseTag
 
-from pacs.encoding import LONG_LENGTH_VR_CODES
+from pacs.encoding import (
+    ITEM,
+    ITEM_DELIMITATION,
+    LONG_LENGTH_VR_CODES,
+    SEQUENCE_DELIMITATION,
+    UNDEFINED_LENGTH,
+)
 from pacs.errors import InvalidInstance
 
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = (0xFFFE, 0xE000)
-_ITEM_DELIMITATION = (0xFFFE, 0xE00D)
-_SEQUENCE_DELIMITATION = (0xFFFE, 0xE0DD)
 MAX_SEQUENCE_DEPTH = 32
 # Where pydicom stops reading a header: Pixel Data, Float and Double Float Pixel Data.
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
@@ -59,7 +61,7 @@ class _Collector:
             self.usable = False
             return
         name = vr.decode("ascii")
-        if length == _UNDEFINED:
+        if length == UNDEFINED_LENGTH:
             if name != "SQ":
                 self.usable = False
                 return
@@ -112,7 +114,7 @@ class _Walker:
                 group, element, length = implicit_head(buf, pos)
                 vr = b""
             if group == 0xFFFE:
-                if element == _ITEM_DELIMITATION[1]:
+                if element == ITEM_DELIMITATION[1]:
                     if in_item:
                         return pos + 8
                     raise InvalidInstance(f"unexpected item delimiter at byte {pos}")
@@ -125,7 +127,7 @@ class _Walker:
             else:
                 pos += 8
             start = pos
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 # An undefined-length UN holds implicit VR items (PS3.5 6.2.2).
                 pos = self.items(pos, limit, depth + 1, explicit and vr != b"UN")
             elif pos + length > limit:
@@ -151,13 +153,13 @@ class _Walker:
             group, element, length = self._implicit.unpack_from(self.buf, pos)
             tag = (group, element)
             pos += 8
-            if tag == _SEQUENCE_DELIMITATION:
+            if tag == SEQUENCE_DELIMITATION:
                 return pos
-            if tag != _ITEM:
+            if tag != ITEM:
                 raise InvalidInstance(
                     f"expected an item or sequence delimiter, found ({group:04X},{element:04X})"
                 )
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 pos = self.elements(pos, limit, depth, in_item=True, explicit=explicit)
             elif pos + length > limit:
                 raise InvalidInstance("a sequence item runs past the end: truncated")

@@ -9,10 +9,13 @@ import pydicom
 import pydicom.data
 import pytest
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from pacs.attributes import dataset_json
+from pacs.attributes import _sequence_json, dataset_json
+from pacs.part10 import read_file_meta
+from pacs.structure import collect_header
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
@@ -73,3 +76,70 @@ def test_simple_values_from_bytes(vr: str, raw: bytes, value: list[object] | Non
     expected = {"vr": vr} if value is None else {"vr": vr, "Value": value}
     assert dataset_json(ds, None)["00091010"] == expected
     assert dataset_json(ds, None, raw=False)["00091010"] == expected  # pydicom's own
+
+
+def _with_sequences(undefined: bool) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Jörg"
+    code = Dataset()
+    code.add_new(0x00080000, "UL", 40)  # a group length inside an item
+    code.CodeValue = "T-D3000"
+    code.CodingSchemeDesignator = "SRT"
+    code.CodeMeaning = "Brustkörper"
+    code.ViewModifierCodeSequence = []
+    nested = Dataset()
+    nested.CodeValue = "R-10206"
+    nested.CodeMeaning = ""
+    nested.ReferencedFrameNumber = [1, 2]
+    code.PurposeOfReferenceCodeSequence = [nested, Dataset()]
+    ds.ViewCodeSequence = [code]
+    ds.ReferencedStudySequence = [Dataset()]
+    own = Dataset()  # an item with a character set of its own (PS3.5 6.1.2.5.1)
+    own.SpecificCharacterSet = "ISO_IR 192"
+    own.PatientID = "Ελληνικά"
+    ds.OtherPatientIDsSequence = [own]
+    for element in ds.iterall():
+        if element.VR == "SQ":
+            element.is_undefined_length = undefined
+            for item in element.value:
+                item.is_undefined_length_sequence_item = undefined
+    return ds
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_sequences_read_from_bytes_are_pydicoms(tmp_path: Path, undefined: bool) -> None:
+    """Sequences (PS3.5 7.5) of both lengths, nested, empty, with empty items, a group
+    length inside an item and text in the data set's character set are read from their
+    bytes; an item with a character set of its own is left to pydicom. Either way the
+    JSON is what pydicom converts."""
+    path = tmp_path / "sequences.dcm"
+    ds = _with_sequences(undefined)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+    with path.open("rb") as stream:
+        read_file_meta(stream)
+        offset = stream.tell()
+    elements = collect_header(path, offset, defer_size=None)
+    assert elements is not None
+    fast = dataset_json(Dataset(dict(elements)), None)
+    assert fast == dataset_json(pydicom.dcmread(path), None, raw=False)
+    assert fast["00540220"]["Value"][0]["00080104"] == {
+        "vr": "LO",
+        "Value": ["Brustkörper"],
+    }
+
+    def raw_sequence(keyword: str) -> bytes:
+        value = elements[Tag(keyword)].value
+        assert isinstance(value, bytes)
+        return value
+
+    assert _sequence_json(raw_sequence("ViewCodeSequence"), "latin-1") is not None
+    assert _sequence_json(raw_sequence("ReferencedStudySequence"), "latin-1") == {
+        "vr": "SQ",
+        "Value": [{}],
+    }
+    assert _sequence_json(raw_sequence("OtherPatientIDsSequence"), "latin-1") is None

@@ -7,7 +7,9 @@ it, the sequential write rate of the disk the archive lives on, measured with fs
 
 Orthanc 1.10 cannot bind its DICOM port to loopback, so when it takes part the whole
 benchmark runs in a private network namespace (``unshare --net``, loopback only): both
-servers and all senders see the same network and nothing listens outside.
+servers and all senders see the same network and nothing listens outside. There a third
+receiver runs too, dcmtk's ``storescp --ignore``, which takes every data set and stores
+nothing: the rate the senders themselves allow on this machine, the ceiling for both.
 
 Both servers run at their fastest safe configuration, printed with the results. Nagle's
 algorithm is off everywhere: filmless sets TCP_NODELAY on its sockets, and every dcmtk
@@ -182,6 +184,7 @@ class Server:
     name: str
     ae_title: str
     pid: int = 0  # the server's process while it runs
+    stores = True  # False for the sink, which keeps nothing to count
 
     def configuration(self) -> dict[str, object]:
         """What the run's figures depend on, printed with them."""
@@ -404,6 +407,56 @@ class OrthancServer(Server):
             return int(json.load(response)["CountInstances"])
 
 
+class SinkServer(Server):
+    """dcmtk's ``storescp --ignore``: receives every data set and keeps nothing. What it
+    reaches is the ceiling the senders, loopback and the machine's cores leave to any
+    archive before a byte is written; the report says how close each archive comes.
+    It cannot bind to loopback alone, so it runs only in the private network namespace."""
+
+    name = "dcmtk-sink"
+    ae_title = "SINK"
+    stores = False
+
+    def configuration(self) -> dict[str, object]:
+        version = subprocess.run(
+            ["storescp", "--version"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()
+        return {
+            "version": version[0] if version else "",
+            "mode": "--fork --ignore: one process per association, data sets discarded",
+            "TCP_NODELAY": DCMTK_ENV["TCP_NODELAY"],
+        }
+
+    @contextmanager
+    def running(self, folder: Path, port: int) -> Iterator[None]:
+        folder.mkdir(parents=True, exist_ok=True)
+        process = subprocess.Popen(
+            [
+                "storescp",
+                "--fork",
+                "--ignore",
+                "-aet",
+                self.ae_title,
+                "-od",
+                str(folder),
+                str(port),
+            ],
+            env={**os.environ, **DCMTK_ENV},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.pid = process.pid
+        try:
+            wait_for_port(port)
+            yield
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+    def count(self, folder: Path) -> int:
+        return 0
+
+
 def send(files: list[Path], port: int, ae_title: str, concurrency: int) -> float:
     """Seconds for C storescu processes to send ``files`` (one association each)."""
     chunks = [files[i::concurrency] for i in range(concurrency)]
@@ -477,22 +530,39 @@ def markdown(summaries: list[Summary], disk_rate: float, meta: dict[str, Any]) -
     ]
     for s in summaries:
         ips, mbs = s.instances_per_s, s.megabytes_per_s
+        # The sink's forked receivers are gone before their CPU can be read.
+        cpu = (
+            "n/a" if s.server == SinkServer.name else f"{s.cpu_user_ms:.2f} + {s.cpu_system_ms:.2f}"
+        )
         lines.append(
             f"| {s.server} | {s.workload} | {s.concurrency} | {s.instances} | {s.megabytes:.0f} "
             f"| {ips['min']:.1f} | {ips['median']:.1f} | {ips['max']:.1f} "
             f"| {mbs['median']:.1f} | {100 * mbs['median'] / disk_rate:.0f}% "
-            f"| {s.cpu_user_ms:.2f} + {s.cpu_system_ms:.2f} | {s.helpers_cpu_ms:.2f} |"
+            f"| {cpu} | {s.helpers_cpu_ms:.2f} |"
         )
     by_key = {(s.server, s.workload, s.concurrency): s for s in summaries}
     ratios = []
     for workload, concurrency in sorted({(s.workload, s.concurrency) for s in summaries}):
         ours = by_key.get(("filmless", workload, concurrency))
         theirs = by_key.get(("orthanc", workload, concurrency))
+        sink = by_key.get((SinkServer.name, workload, concurrency))
         if ours and theirs:
             ratio = ours.instances_per_s["median"] / theirs.instances_per_s["median"]
             ratios.append(
                 f"- {workload}, {concurrency} association(s): filmless / Orthanc = "
                 f"**{ratio:.2f}x** (median inst/s)"
+            )
+        if sink:
+            reached = {
+                name: 100 * one.instances_per_s["median"] / sink.instances_per_s["median"]
+                for name in ("filmless", "orthanc")
+                if (one := by_key.get((name, workload, concurrency)))
+            }
+            shares = ", ".join(f"{name} {share:.0f}%" for name, share in reached.items())
+            ratios.append(
+                f"- {workload}, {concurrency} association(s): of what the senders reach with "
+                f"nothing stored (dcmtk sink, {sink.megabytes_per_s['median']:.0f} MB/s, "
+                f"{sink.instances_per_s['median']:.0f} inst/s): {shares}"
             )
     if ratios:
         lines += ["", *ratios]
@@ -534,6 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--orthanc", choices=["auto", "no"], default="auto")
     parser.add_argument(
+        "--sink",
+        choices=["yes", "no"],
+        default="yes",
+        help="also measure dcmtk storescp --ignore, which stores nothing: the senders' ceiling",
+    )
+    parser.add_argument(
         "--setup",
         choices=["local", "postgresql", "shared"],
         default="local",
@@ -566,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[Server] = [filmless]
     if orthanc_binary:
         servers.append(OrthancServer(orthanc_binary, shared=shared))
+    if args.sink == "yes" and shutil.which("storescp") and in_private_network():
+        servers.append(SinkServer())
     work = Path(tempfile.mkdtemp(prefix="filmless-bench-", dir=args.work_dir))
     try:
         with console.status("generating workloads"):
@@ -606,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                         helpers,
                     )
                 )
-                if stored != len(workload.files):
+                if server.stores and stored != len(workload.files):
                     raise RuntimeError(f"{server.name} stored {stored} of {len(workload.files)}")
                 shutil.rmtree(folder)
                 progress.advance(task)

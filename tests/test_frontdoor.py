@@ -23,9 +23,10 @@ from pacs.dimse import spool
 from pacs.dimse.frontdoor import AssociationCounts, CallingRules, Refusal, calling_ae_title
 from pacs.dimse.reactor import MendedAE
 from pacs.dimse.server import DimseConfig, start_dimse
+from pacs.errors import StorageFailure
 from pacs.index import Index
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
-from pacs.store import FsBlobStore
+from pacs.store import FsBlobStore, StagingWriter
 from scripts.hostile import associate_rq
 from tests.conftest import free_port
 from tests.support.server import closed_by_peer
@@ -264,6 +265,32 @@ def test_aborted_transfer_leaves_no_staging_file(audited: Archive) -> None:
         assert list(store.staging.iterdir()) == []
     finally:
         server.shutdown()
+
+
+def test_a_write_that_fails_behind_the_receive_neither_blocks_it_nor_is_lost(
+    audited: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the spool's memory, pieces are written on a thread of their own: whatever
+    that write raises, receiving goes on (more pieces than may wait), and the data set
+    ends as a storage failure with no staging file left."""
+    store = audited.store
+    real_write = StagingWriter.write
+
+    def broken(self: StagingWriter, data: bytes | bytearray | memoryview) -> None:
+        if len(data) > 1024:  # the Part 10 head goes through, the data set does not
+            raise RuntimeError("controller reset")
+        real_write(self, data)
+
+    monkeypatch.setattr(StagingWriter, "write", broken)
+    spooled = spool.Spool(store)
+    spooled.meta = FileMeta(SecondaryCaptureImageStorage, generate_uid(), ExplicitVRLittleEndian)
+    piece = bytes(1 << 20)
+    for _ in range(3 + 2 * spool.IN_FLIGHT):
+        spooled.write(piece)
+    with pytest.raises(StorageFailure, match="controller reset"):
+        spooled.staged()
+    spooled.discard()
+    assert list(store.staging.iterdir()) == []
 
 
 def _answer_to(port: int, request: bytes) -> bytes:

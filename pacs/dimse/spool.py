@@ -18,6 +18,7 @@ disk work at the same time instead of in turn; at most :data:`IN_FLIGHT` pieces 
 from __future__ import annotations
 
 import io
+import logging
 import queue
 import struct
 import threading
@@ -29,9 +30,11 @@ from typing import Any
 
 from pynetdicom import _config, dimse_messages
 
-from pacs.errors import InstanceTooLarge, PacsError
+from pacs.errors import InstanceTooLarge, PacsError, StorageFailure
 from pacs.part10 import FileMeta, encode_file_meta, read_file_meta
 from pacs.store import BlobStore, StagedBlob, StagingWriter
+
+log = logging.getLogger(__name__)
 
 MEMORY_LIMIT = 2 << 20
 # Pieces received but not yet written; receiving waits beyond this.
@@ -71,6 +74,9 @@ class _WriteBehind:
                 self.writer.write(data)
             except PacsError as exc:
                 self.error = exc
+            except Exception as exc:  # the thread must go on draining, or receiving blocks
+                log.exception("writing a staging file failed")
+                self.error = StorageFailure(f"cannot write the instance: {exc}")
 
     def drain(self) -> PacsError | None:
         """Wait until every piece is written: the first failure, if any."""

@@ -197,6 +197,24 @@ class Server:
     def count(self, folder: Path) -> int:
         raise NotImplementedError
 
+    @contextmanager
+    def _dcmtk_process(self, command: list[str], *ports: int) -> Iterator[None]:
+        """``command`` as this server, with dcmtk's environment, until the block ends."""
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **DCMTK_ENV},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.pid = process.pid
+        try:
+            for port in ports:
+                wait_for_port(port)
+            yield
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
 
 class Shared:
     """A PostgreSQL server, and an S3 server with ``s3``, for the runs of ``--setup
@@ -386,20 +404,8 @@ class OrthancServer(Server):
         path = folder / "orthanc.json"
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config))
-        process = subprocess.Popen(
-            [self.binary, str(path)],
-            env={**os.environ, **DCMTK_ENV},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.pid = process.pid
-        try:
-            wait_for_port(port)
-            wait_for_port(self.http_port)
+        with self._dcmtk_process([self.binary, str(path)], port, self.http_port):
             yield
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
 
     def count(self, folder: Path) -> int:
         url = f"http://127.0.0.1:{self.http_port}/statistics"
@@ -430,28 +436,9 @@ class SinkServer(Server):
     @contextmanager
     def running(self, folder: Path, port: int) -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
-        process = subprocess.Popen(
-            [
-                "storescp",
-                "--fork",
-                "--ignore",
-                "-aet",
-                self.ae_title,
-                "-od",
-                str(folder),
-                str(port),
-            ],
-            env={**os.environ, **DCMTK_ENV},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.pid = process.pid
-        try:
-            wait_for_port(port)
+        command = ["storescp", "--fork", "--ignore", "-aet", self.ae_title, "-od", str(folder)]
+        with self._dcmtk_process([*command, str(port)], port):
             yield
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
 
     def count(self, folder: Path) -> int:
         return 0
@@ -725,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             str(s.concurrency),
             f"{s.instances_per_s['median']:.1f}",
             f"{s.megabytes_per_s['median']:.1f}",
-            f"{s.cpu_user_ms:.2f}+{s.cpu_system_ms:.2f}",
+            "n/a" if s.server == SinkServer.name else f"{s.cpu_user_ms:.2f}+{s.cpu_system_ms:.2f}",
         )
     console.print(table)
     console.print(f"disk write rate {disk_rate:.0f} MB/s; results in {args.out}")

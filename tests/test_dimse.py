@@ -20,6 +20,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     MRImageStorage,
 )
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacs.archive import Archive
@@ -54,18 +55,25 @@ def _body(data: bytes) -> tuple[str, str, str, bytes]:
     )
 
 
+def _send(
+    assoc: Association, sop_class: str, sop_instance: str, syntax: str, data_set: bytes
+) -> pydicom.Dataset:
+    """One C-STORE on an open association, on the context of its class and syntax."""
+    return send_raw(
+        assoc,
+        context_id=context_id(assoc, sop_class, syntax),
+        SOPClassUID=sop_class,
+        SOPInstanceUID=sop_instance,
+        data_set=data_set,
+    )
+
+
 def _store(config: DimseConfig, data: bytes) -> pydicom.Dataset:
     sop_class, sop_instance, syntax, body = _body(data)
     assoc = associate(config, [(sop_class, [syntax])])
     assert assoc.is_established
     try:
-        return send_raw(
-            assoc,
-            context_id=context_id(assoc, sop_class, syntax),
-            SOPClassUID=sop_class,
-            SOPInstanceUID=sop_instance,
-            data_set=body,
-        )
+        return _send(assoc, sop_class, sop_instance, syntax, body)
     finally:
         assoc.release()
 
@@ -196,13 +204,7 @@ def test_unparseable_data_set(archive: Archive, dimse_server: DimseConfig) -> No
     sop_class, sop_instance, syntax, body = _body(part10(ct_instance()))
     assoc = associate(dimse_server, CT_CONTEXT)
     for broken in (body[:-9], body[:200] + b"\xff\xff\xff\xff" * 8, b"\x00" * 3):
-        answer = send_raw(
-            assoc,
-            context_id=context_id(assoc, sop_class, syntax),
-            SOPClassUID=sop_class,
-            SOPInstanceUID=sop_instance,
-            data_set=broken,
-        )
+        answer = _send(assoc, sop_class, sop_instance, syntax, broken)
         assert answer.Status == StoreStatus.CANNOT_UNDERSTAND
     assoc.release()
     _nothing_left(archive)
@@ -211,13 +213,7 @@ def test_unparseable_data_set(archive: Archive, dimse_server: DimseConfig) -> No
 def test_malformed_affected_sop_instance_uid(archive: Archive, dimse_server: DimseConfig) -> None:
     sop_class, _, syntax, body = _body(part10(ct_instance()))
     assoc = associate(dimse_server, CT_CONTEXT)
-    answer = send_raw(
-        assoc,
-        context_id=context_id(assoc, sop_class, syntax),
-        SOPClassUID=sop_class,
-        SOPInstanceUID="1.2.3.abc",
-        data_set=body,
-    )
+    answer = _send(assoc, sop_class, "1.2.3.abc", syntax, body)
     assoc.release()
     assert answer.Status == StoreStatus.CANNOT_UNDERSTAND
     _nothing_left(archive)
@@ -305,26 +301,13 @@ def test_disk_full_while_a_large_data_set_arrives(
     monkeypatch.setattr("pacs.store.open", filling, raising=False)
     assoc = associate(dimse_server, CT_CONTEXT)
     try:
-        answer = send_raw(
-            assoc,
-            context_id=context_id(assoc, sop_class, syntax),
-            SOPClassUID=sop_class,
-            SOPInstanceUID=sop_instance,
-            data_set=body,
-        )
+        answer = _send(assoc, sop_class, sop_instance, syntax, body)
         assert answer.Status == StoreStatus.OUT_OF_RESOURCES
         assert "no space left" in answer.ErrorComment
         assert list(archive.store.staging.iterdir()) == []
         monkeypatch.undo()
         assert assoc.is_established
-        again = send_raw(
-            assoc,
-            context_id=context_id(assoc, sop_class, syntax),
-            SOPClassUID=sop_class,
-            SOPInstanceUID=sop_instance,
-            data_set=body,
-        )
-        assert again.Status == StoreStatus.SUCCESS
+        assert _send(assoc, sop_class, sop_instance, syntax, body).Status == StoreStatus.SUCCESS
     finally:
         assoc.release()
     assert [r.SOPInstanceUID for r in archive.index.instances()] == [sop_instance]

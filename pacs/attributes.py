@@ -106,16 +106,48 @@ def dataset_json(
             if fast is not None:
                 out[key] = fast
                 continue
-        try:
-            element = ds[tag]  # noqa: PLR1733 (this converts the stored element)
-        except Exception as exc:  # a raw element pydicom cannot convert at all
-            log.debug("element %s could not be read: %s", key, exc)
-            out[key] = {"vr": "UN"}
-            continue
-        converted = element_json(element, uri, (*path, int(tag)), raw=raw, codec=codec)
+        converted = _converted(ds, tag, uri, path, raw=raw, codec=codec)
         if converted is not None:
             out[key] = converted
     return dict(sorted(out.items()))
+
+
+def collected_json(
+    elements: Mapping[BaseTag, RawDataElement], data_set: Callable[[], Dataset]
+) -> dict[str, Any]:
+    """:func:`dataset_json` (without bulk data) of a data set still in the elements
+    collected on the length-checked walk (:func:`pacs.structure.collect_header`).
+
+    Each element is read from its bytes; only when one cannot be is the pydicom data
+    set built (``data_set``) to convert it, which most headers never need.
+    """
+    codec: str | None = "latin-1"
+    if _SPECIFIC_CHARACTER_SET in elements:
+        codec = _codec(elements[BaseTag(_SPECIFIC_CHARACTER_SET)])
+    out: dict[str, Any] = {}
+    ds: Dataset | None = None
+    for tag, stored in elements.items():
+        if tag.element == 0 or tag == PIXEL_DATA:
+            continue
+        converted = _raw_json(stored, codec)
+        if converted is None:
+            ds = data_set() if ds is None else ds
+            converted = _converted(ds, tag, None, (), raw=True, codec=codec)
+        if converted is not None:
+            out[f"{tag:08X}"] = converted
+    return dict(sorted(out.items()))
+
+
+def _converted(
+    ds: Dataset, tag: BaseTag, uri: BulkURI | None, path: BulkPath, *, raw: bool, codec: str | None
+) -> dict[str, Any] | None:
+    """An element of ``ds`` as pydicom converts it, then as JSON."""
+    try:
+        element = ds[tag]
+    except Exception as exc:  # a raw element pydicom cannot convert at all
+        log.debug("element %08X could not be read: %s", tag, exc)
+        return {"vr": "UN"}
+    return element_json(element, uri, (*path, int(tag)), raw=raw, codec=codec)
 
 
 def element_json(

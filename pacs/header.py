@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -25,7 +24,7 @@ from pydicom.uid import (
     MediaStorageDirectoryStorage,
 )
 
-from pacs.attributes import dataset_json, pack
+from pacs.attributes import collected_json, dataset_json, pack
 from pacs.errors import InvalidInstance, SOPClassMismatch
 from pacs.inflate import inflated
 from pacs.part10 import FileMeta
@@ -138,8 +137,18 @@ def read_header(
 
 def _parse(path: Path, offset: int, syntax: UID, elements: Elements | None) -> InstanceHeader:
     try:
-        ds = read_staged(path, offset, syntax, defer_size=_DEFER_SIZE, elements=elements)
-        header = _extract(ds)
+        if elements is None:
+            attributes = dataset_json(
+                read_staged(path, offset, syntax, defer_size=_DEFER_SIZE), None
+            )
+        else:
+            attributes = collected_json(
+                elements,
+                lambda: read_staged(
+                    path, offset, syntax, defer_size=_DEFER_SIZE, elements=elements
+                ),
+            )
+        header = _extract(attributes)
     except (InvalidInstance, SOPClassMismatch):
         raise
     except (Exception, RecursionError) as exc:  # pydicom raises many types on bad input
@@ -169,10 +178,9 @@ def _check_encoding(path: Path, offset: int, syntax: UID) -> Elements | None:
         ) from None
 
 
-def _extract(ds: Dataset) -> InstanceHeader:
+def _extract(attributes: dict[str, Any]) -> InstanceHeader:
     """What the index keeps, read from the header's DICOM JSON: the values the index
     matches are those that queries return for unindexed keys, converted once."""
-    attributes = dataset_json(ds, None)
     request = _first_item(attributes, "RequestAttributesSequence")
 
     def text(keyword: str) -> str:

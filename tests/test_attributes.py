@@ -13,9 +13,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from pacs.attributes import _sequence_json, dataset_json
+from pacs.attributes import _sequence_json, collected_json, dataset_json
 from pacs.part10 import read_file_meta
-from pacs.structure import collect_header
+from pacs.structure import Elements, collect_header
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
@@ -107,14 +107,9 @@ def _with_sequences(undefined: bool) -> Dataset:
     return ds
 
 
-@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
-def test_sequences_read_from_bytes_are_pydicoms(tmp_path: Path, undefined: bool) -> None:
-    """Sequences (PS3.5 7.5) of both lengths, nested, empty, with empty items, a group
-    length inside an item and text in the data set's character set are read from their
-    bytes; an item with a character set of its own is left to pydicom. Either way the
-    JSON is what pydicom converts."""
-    path = tmp_path / "sequences.dcm"
-    ds = _with_sequences(undefined)
+def _collected(path: Path, ds: Dataset) -> Elements:
+    """``ds`` written to ``path`` as Explicit VR Little Endian, and its elements as the
+    length-checked walk collects them."""
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -125,6 +120,17 @@ def test_sequences_read_from_bytes_are_pydicoms(tmp_path: Path, undefined: bool)
         offset = stream.tell()
     elements = collect_header(path, offset, defer_size=None)
     assert elements is not None
+    return elements
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_sequences_read_from_bytes_are_pydicoms(tmp_path: Path, undefined: bool) -> None:
+    """Sequences (PS3.5 7.5) of both lengths, nested, empty, with empty items, a group
+    length inside an item and text in the data set's character set are read from their
+    bytes; an item with a character set of its own is left to pydicom. Either way the
+    JSON is what pydicom converts."""
+    path = tmp_path / "sequences.dcm"
+    elements = _collected(path, _with_sequences(undefined))
     fast = dataset_json(Dataset(dict(elements)), None)
     assert fast == dataset_json(pydicom.dcmread(path), None, raw=False)
     assert fast["00540220"]["Value"][0]["00080104"] == {
@@ -143,3 +149,29 @@ def test_sequences_read_from_bytes_are_pydicoms(tmp_path: Path, undefined: bool)
         "Value": [{}],
     }
     assert _sequence_json(raw_sequence("OtherPatientIDsSequence"), "latin-1") is None
+
+
+def test_a_plain_header_is_converted_without_building_a_data_set(tmp_path: Path) -> None:
+    """The collected elements of a header whose every value the fast path takes give
+    pydicom's JSON without pydicom building a Dataset; one that needs pydicom (an item
+    with its own character set) has it built, once."""
+    plain = _with_sequences(undefined=True)
+    del plain.OtherPatientIDsSequence
+    elements = _collected(tmp_path / "plain.dcm", plain)
+
+    def never() -> Dataset:
+        raise AssertionError("the fast path needed a Dataset")
+
+    expected = dataset_json(pydicom.dcmread(tmp_path / "plain.dcm"), None, raw=False)
+    assert collected_json(elements, never) == expected
+
+    elements = _collected(tmp_path / "own.dcm", _with_sequences(undefined=False))
+    built: list[Dataset] = []
+
+    def build() -> Dataset:
+        built.append(Dataset(dict(elements)))
+        return built[-1]
+
+    expected = dataset_json(pydicom.dcmread(tmp_path / "own.dcm"), None, raw=False)
+    assert collected_json(elements, build) == expected
+    assert len(built) == 1

@@ -1,10 +1,12 @@
 """Read the attributes the index keeps from a staged file, without touching pixel data.
 
-The data set is first walked for structural soundness (every length inside the file),
-then parsed by pydicom up to the pixel data with large values deferred, so the cost of
-indexing a 20 MB mammogram is the cost of its header. Values are kept as the text the
-modality sent (DICOM keywords as names); only person names get an extra normalised
-form for case- and accent-insensitive matching.
+The data set is first walked for structural soundness (every length inside the file).
+For Explicit VR Little Endian the walk also collects the header's elements, which become
+DICOM JSON straight from their bytes; pydicom parses the header (up to the pixel data,
+large values deferred) only for other encodings or for an element that needs it. The
+cost of indexing a 20 MB mammogram is the cost of its header. Values are kept as the
+text the modality sent (DICOM keywords as names); only person names get an extra
+normalised form for case- and accent-insensitive matching.
 """
 
 from __future__ import annotations

@@ -31,8 +31,6 @@ from typing import Any
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
 REJECTED_PERMANENT = 1
-# How long a refused requestor is given to close its end (the ARTIM timer's role).
-REFUSAL_LINGER_S = 5.0
 REJECTED_TRANSIENT = 2
 SOURCE_SERVICE_USER = 1
 SOURCE_PROVIDER_PRESENTATION = 3
@@ -41,6 +39,8 @@ REASON_NO_REASON = 1
 REASON_CALLING_AE_NOT_RECOGNIZED = 3
 REASON_CALLED_AE_NOT_RECOGNIZED = 7
 REASON_LOCAL_LIMIT_EXCEEDED = 2
+# How long a refused requestor is given to close its end (the ARTIM timer's role).
+REFUSAL_LINGER_S = 5.0
 
 _ASSOCIATE_RQ = 0x01
 _HEADER = struct.Struct(">BBL")
